@@ -1,0 +1,81 @@
+"""Which implementation runs an op: Triton (CUDA), the C++/CUDA extension, or the plain PyTorch twin.
+
+Importing never fails for lack of a GPU, Triton or a built extension: the op falls back to its twin and
+says so once. ``UNLEARN_FAST_BACKEND=torch|triton|cext`` forces one (``torch`` is always available).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+_said = set()
+
+
+def say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@lru_cache(maxsize=None)
+def _triton_kernels():
+    try:
+        from .. import kernels
+    except Exception as e:  # a broken triton install must not break the package
+        say_once("triton-import", f"unlearn_fast: Triton kernels unavailable ({e}); using the PyTorch twin")
+        return None
+    return kernels if getattr(kernels, "TRITON_AVAILABLE", False) else None
+
+
+@lru_cache(maxsize=None)
+def _extension():
+    try:
+        from ..kernels.extension import load_extension
+    except Exception:
+        return None
+    return load_extension()
+
+
+def _extension_has_cuda() -> bool:
+    try:
+        from ..kernels.extension import extension_has_cuda
+    except Exception:
+        return False
+    return bool(extension_has_cuda())
+
+
+def choose_backend(device: torch.device, op: str) -> str:
+    """'triton', 'cext' or 'torch' for ``op`` on ``device``."""
+    forced = os.environ.get("UNLEARN_FAST_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in ("torch", "triton", "cext"):
+            raise ValueError(f"UNLEARN_FAST_BACKEND={forced!r}; valid: torch, triton, cext")
+        if forced == "triton" and _triton_kernels() is None:
+            raise RuntimeError("UNLEARN_FAST_BACKEND=triton but Triton kernels cannot be imported")
+        if forced == "cext" and _extension() is None:
+            raise RuntimeError("UNLEARN_FAST_BACKEND=cext but the extension unlearn_fast._C is not built "
+                               "(pip install --no-build-isolation -e .)")
+        return forced
+    if device.type == "cuda":
+        if _triton_kernels() is not None:
+            return "triton"
+        if _extension() is not None and _extension_has_cuda():
+            return "cext"
+        say_once(f"{op}-cuda", f"unlearn_fast: no fused CUDA kernel for {op}; using the PyTorch twin")
+        return "torch"
+    if _extension() is not None:
+        return "cext"
+    say_once(f"{op}-cpu", f"unlearn_fast: extension unlearn_fast._C not built; {op} uses the PyTorch twin "
+                          "(build it with `pip install --no-build-isolation -e .`)")
+    return "torch"
+
+
+def triton_kernels():
+    return _triton_kernels()
+
+
+def extension():
+    return _extension()

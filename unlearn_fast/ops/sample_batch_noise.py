@@ -1,0 +1,90 @@
+"""The forget target's input: noise with the batch's statistics (REFERENCE.md §1.2 step 4).
+
+- ``normal``:   clamp(randn * std + mean, low, high); one *unbiased* std and one mean over every element
+                of the whole batch (two scalars that mix forget and retain images and all channels).
+- ``uniform``:  U[0, 1), no clamp.
+- ``constant``: the batch mean everywhere.
+
+Two ways to draw:
+
+- ``generator=`` (or nothing): the reference semantics with a ``torch.Generator`` (the test oracle, and
+  what the eager reference-semantics step uses).
+- ``seed=, step=``: counter-based Philox draws keyed by (seed, step, element index), fused (moments,
+  draws, affine and clamp in two passes) on CUDA; the noise of step k does not depend on what ran before,
+  and ``step`` may be a device tensor so a captured CUDA graph replays with a new step. On the CPU the
+  same keying is done with a ``torch.Generator`` seeded from (seed, step): reproducible, but not the
+  same numbers as the GPU stream.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .backend import choose_backend, triton_kernels
+
+NOISE_KINDS = ("normal", "uniform", "constant")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
+
+
+def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std over all elements, as fp32 0-d tensors (fp64 accumulation on CPU)."""
+    x = images.detach()
+    if x.device.type == "cuda" and choose_backend(x.device, "batch_mean_std") == "triton":
+        return triton_kernels().batch_mean_std(x)
+    acc = x.double() if x.device.type == "cpu" else x.float()
+    return acc.mean().float(), acc.std().float()
+
+
+def sample_batch_noise_reference(images: torch.Tensor, kind: str = "normal",
+                                 generator: Optional[torch.Generator] = None,
+                                 low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """The reference formulas with torch's generator."""
+    _check_kind(kind)
+    x = images.detach()
+    if kind == "uniform":
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    mean = x.mean()
+    if kind == "constant":
+        return torch.zeros_like(x) + mean
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.clamp(z * x.std() + mean, low, high)
+
+
+def _cpu_generator(seed: int, step: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    # splitmix-style mixing so that nearby (seed, step) pairs give unrelated streams
+    g.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63))
+    return g
+
+
+def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Optional[torch.Generator] = None,
+                       *, seed: Optional[int] = None, step: Union[int, torch.Tensor, None] = None,
+                       low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Noise shaped like ``images [N, C, H, W]`` with the batch's statistics (see module docstring).
+
+    ``low/high``: the image range the normal noise is clamped to ([0, 1] for MAE/MAGE inputs).
+    """
+    _check_kind(kind)
+    if not torch.is_tensor(images) or images.numel() == 0:
+        raise ValueError("images must be a non-empty tensor")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point, got {images.dtype}")
+    if seed is None:
+        if step is not None:
+            raise ValueError("step= needs seed=")
+        return sample_batch_noise_reference(images, kind, generator, low, high)
+    if generator is not None:
+        raise ValueError("pass either generator= or seed=/step=, not both")
+    step = 0 if step is None else step
+    x = images.detach()
+    if x.device.type == "cuda" and choose_backend(x.device, "sample_batch_noise") == "triton":
+        return triton_kernels().philox_batch_noise(x, seed, step, kind=kind, low=low, high=high)
+    if torch.is_tensor(step):
+        step = int(step.item())  # CPU path only: the sync is harmless there
+    g = _cpu_generator(seed, step, x.device)
+    return sample_batch_noise_reference(x, kind, g, low, high)

@@ -1,0 +1,36 @@
+"""AdamW(0.9, 0.95) with weight decay only on >=2-D non-bias params (timm 0.3.2 ``add_weight_decay``)."""
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+from torch import nn
+
+BETAS = (0.9, 0.95)
+
+
+def param_groups_weight_decay(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_adamw(named_params, lr: float, weight_decay: float, device: torch.device, fast: bool = False,
+                capturable: bool = False) -> torch.optim.AdamW:
+    """The reference optimizer. ``fast`` uses the fused CUDA kernel (one launch for all params);
+    ``capturable`` keeps lr and step on the device so the update can live in a CUDA graph."""
+    groups = param_groups_weight_decay(named_params, weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters: nothing to unlearn")
+    kwargs = {}
+    if fast and device.type == "cuda":
+        kwargs["fused"] = True
+        if capturable:
+            kwargs["capturable"] = True
+            lr = torch.tensor(lr, dtype=torch.float32, device=device)
+    elif device.type == "cuda":
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, **kwargs)
