@@ -27,16 +27,17 @@ def student_dtype(precision: str, device: torch.device):
     return torch.bfloat16
 
 
-def student_autocast(precision: str, device: torch.device):
+def student_autocast(precision: str, device: torch.device, cache_enabled: bool = True):
+    """``cache_enabled=False`` inside CUDA-graph capture (autocast's weight-cast cache is not capturable)."""
     dt = student_dtype(precision, device)
     if dt is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)
+    return torch.autocast(device_type=device.type, dtype=dt, cache_enabled=cache_enabled)
 
 
-def teacher_autocast(precision: str, device: torch.device):
+def teacher_autocast(precision: str, device: torch.device, cache_enabled: bool = True):
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return torch.autocast(device_type=device.type, enabled=False)  # fp32 teacher, as the reference
 
 

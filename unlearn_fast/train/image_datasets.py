@@ -1,0 +1,174 @@
+"""Image dataset and transforms of the reference trainer, with per-item seeded randomness (REFERENCE.md §4.1).
+
+The reference draws its crops and flips from the global RNG of each DataLoader worker, which is
+time-seeded after step 0 (§1.4), so no run can be repeated. Here every item's transform draws from a
+torch.Generator seeded by (seed, epoch, index): the same item in the same epoch is transformed the same
+way whatever the number of workers, the rank or whether the run was resumed.
+
+    ds = UnlearnImageDataset(items, reference_train_transform(256), seed=0)
+    ds.set_epoch(epoch)   # before creating the epoch's DataLoader iterator (not with persistent_workers)
+    image, label = ds[0]  # [3, 256, 256] float32 in [0, 1], -100.0 (forget) or 100.0 (retain)
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .seeding import derive_seed
+
+
+class BadImageError(ValueError):
+    """An image file that is missing, unreadable or corrupt; the message names the file."""
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Open and fully decode `path` as RGB (decoding here, so a truncated file fails now, by name)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def verify_images(items: Sequence, num_threads: int = 8) -> None:
+    """Decode every distinct file of `items` ([(path, label)] or [path]) once; raise BadImageError
+    listing the bad ones. Optional up-front check, so a bad file fails before training, not mid-epoch."""
+    paths = sorted({item[0] if isinstance(item, (tuple, list)) else item for item in items})
+    bad: list[str] = []
+
+    def check(path):
+        try:
+            load_rgb_image(path)
+        except BadImageError as exc:
+            bad.append(str(exc))
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:  # PIL decodes without the GIL
+        list(pool.map(check, paths))
+    if bad:
+        bad.sort()
+        more = f"\n... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise BadImageError(f"{len(bad)} of {len(paths)} images cannot be read:\n" + "\n".join(bad[:10]) + more)
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The CPU generator that drives the transform of item `index` in `epoch`."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, "data_transform", epoch, index))
+    return g
+
+
+def random_resized_crop_params(width: int, height: int, scale, ratio, generator: torch.Generator):
+    """(top, left, h, w) of a random crop: area fraction ~ U(scale), log aspect ~ U(log ratio), 10 tries,
+    then a centred crop clamped to `ratio`. torchvision's RandomResizedCrop rule, drawn from `generator`
+    in the same order, so with equal seeds it picks the same box."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class SeededTrainTransform:
+    """RandomResizedCrop(size, scale, bicubic) -> RandomHorizontalFlip(p) -> ToTensor, no normalisation.
+    Called as transform(image, generator); returns float32 [3, size, size] in [0, 1]."""
+
+    takes_generator = True
+
+    def __init__(self, input_size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
+        if not isinstance(input_size, int) or input_size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
+        self.input_size, self.scale, self.ratio, self.flip_p = input_size, tuple(scale), tuple(ratio), flip_p
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        top, left, h, w = random_resized_crop_params(image.width, image.height, self.scale, self.ratio,
+                                                     generator)
+        image = TF.resized_crop(image, top, left, h, w, [self.input_size, self.input_size],
+                                interpolation=InterpolationMode.BICUBIC)
+        if torch.rand(1, generator=generator).item() < self.flip_p:
+            image = TF.hflip(image)
+        return TF.to_tensor(image)  # [3, S, S]
+
+    def __repr__(self):
+        return (f"SeededTrainTransform(size={self.input_size}, scale={self.scale}, bicubic, "
+                f"hflip p={self.flip_p})")
+
+
+class EvalTransform:
+    """Resize(shorter side -> size, bicubic) -> CenterCrop(size) -> ToTensor. Deterministic."""
+
+    takes_generator = True
+
+    def __init__(self, input_size: int):
+        if not isinstance(input_size, int) or input_size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+        self.input_size = input_size
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
+        return TF.to_tensor(TF.center_crop(image, [self.input_size, self.input_size]))  # [3, S, S]
+
+
+def reference_train_transform(input_size: int, use_coco: bool = False) -> SeededTrainTransform:
+    """The reference's training transform; with --use_coco the crop scale is (0.2, 0.5) for all images."""
+    return SeededTrainTransform(input_size, scale=(0.2, 0.5) if use_coco else (0.2, 1.0))
+
+
+def eval_transform(input_size: int) -> EvalTransform:
+    return EvalTransform(input_size)
+
+
+class UnlearnImageDataset(Dataset):
+    """[(path, label)] -> (image [3, H, W] float32 in [0, 1], label float). Labels: -100.0 forget,
+    +100.0 retain/proxy. A transform with `takes_generator` gets the item's seeded generator; any
+    other callable gets the PIL image alone; None means ToTensor only."""
+
+    def __init__(self, items: Sequence, transform=None, seed: int = 0):
+        items = [(str(path), float(label)) for path, label in items]
+        if not items:
+            raise ValueError("UnlearnImageDataset needs at least one (path, label) item")
+        self.items, self.transform, self.seed, self.epoch = items, transform, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's crops/flips. DataLoader workers copy the dataset when an iterator is created,
+        so call this before iterating, and do not use persistent_workers=True."""
+        self.epoch = int(epoch)
+
+    @property
+    def labels(self) -> list[float]:
+        return [label for _, label in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        index = range(len(self.items))[index]  # negative -> positive, so both draw the same crop
+        path, label = self.items[index]
+        image = load_rgb_image(path)
+        if self.transform is None:
+            return TF.to_tensor(image), label
+        if getattr(self.transform, "takes_generator", False):
+            return self.transform(image, item_generator(self.seed, self.epoch, index)), label
+        return self.transform(image), label
