@@ -1,0 +1,88 @@
+"""Whole unlearning step: reference-semantics eager vs fast (equal numerics) vs fast bf16.
+
+    pytest benchmarks -k cpu            # small CPU configurations (CI-sized)
+    pytest benchmarks -k gpu            # MAE-B, MAE-L, MAGE-B at batch 64 on a CUDA GPU
+
+Each benchmark times its own variant with pytest-benchmark; the reference-semantics step of the same
+configuration is timed once in the same process, and ``extra_info["speedup_vs_reference"]`` is the ratio
+of the two medians. Random weights (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, make_runner, peak_memory_mb,
+                          reference_seconds, sync)
+
+CPU_STEPS, CPU_WARMUP = 3, 1
+GPU_STEPS, GPU_WARMUP = 10, 5
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _bench(benchmark, cfg, variant, steps, warmup):
+    if cfg.model.startswith("mage"):
+        pytest.importorskip("unlearn_fast.models.mage")
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ref = reference_seconds(cfg, steps, warmup)
+    run = make_runner(cfg, variant)
+    counter = iter(range(10 ** 9))
+    for _ in range(warmup):
+        run(next(counter))
+    sync(cfg.device)
+
+    def one_step():
+        run(next(counter))
+        sync(cfg.device)
+
+    benchmark.pedantic(one_step, rounds=steps, iterations=1, warmup_rounds=0)
+    med = benchmark.stats.stats.median
+    batch = batch_for(cfg, base_model(cfg))[0].shape[0]
+    benchmark.extra_info.update({
+        "config": cfg.name, "model": cfg.model, "batch": batch, "variant": variant,
+        "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
+        "reference_step_s": ref, "step_s": med, "steps_per_s": 1.0 / med, "images_per_s": batch / med,
+        "speedup_vs_reference": ref / med, "peak_memory_mb": peak_memory_mb(cfg.device),
+    })
+
+
+@pytest.mark.parametrize("cfg", list(CPU_CONFIGS.values()), ids=list(CPU_CONFIGS))
+def test_cpu_step_reference(benchmark, cfg):
+    _bench(benchmark, cfg, "reference", CPU_STEPS, CPU_WARMUP)
+
+
+@pytest.mark.parametrize("cfg", list(CPU_CONFIGS.values()), ids=list(CPU_CONFIGS))
+def test_cpu_step_fast(benchmark, cfg):
+    _bench(benchmark, cfg, "fast", CPU_STEPS, CPU_WARMUP)
+
+
+@pytest.mark.parametrize("cfg", list(CPU_CONFIGS.values()), ids=list(CPU_CONFIGS))
+def test_cpu_step_fast_bf16(benchmark, cfg):
+    _bench(benchmark, cfg, "fast_bf16", CPU_STEPS, CPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS.values()), ids=list(GPU_CONFIGS))
+def test_gpu_step_reference(benchmark, cfg):
+    _bench(benchmark, cfg, "reference", GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS.values()), ids=list(GPU_CONFIGS))
+def test_gpu_step_fast(benchmark, cfg):
+    _bench(benchmark, cfg, "fast", GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS.values()), ids=list(GPU_CONFIGS))
+def test_gpu_step_fast_bf16(benchmark, cfg):
+    _bench(benchmark, cfg, "fast_bf16", GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mage_base"], GPU_CONFIGS["gpu_mae_large"]],
+                         ids=["gpu_mage_base", "gpu_mae_large"])
+def test_gpu_step_compiled_reference(benchmark, cfg):
+    _bench(benchmark, cfg, "compiled_reference", GPU_STEPS, GPU_WARMUP)

@@ -1,0 +1,112 @@
+"""Shared harness for the step benchmarks: build a configuration, time a step variant, keep the
+reference-semantics baseline of each configuration measured once per process (same machine, same run)."""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+import unlearn_fast
+from unlearn_fast.train.lr_schedule import set_lr
+from unlearn_fast.train.step_fast import fast_step
+from unlearn_fast.train.step_graphed import GraphedUnlearnStep
+from unlearn_fast.train.step_reference import reference_step
+from unlearn_fast.train.unlearn_setup import build_setup
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    name: str
+    model: str
+    batch: int
+    device: str
+    model_kwargs: tuple = ()
+    forget_alpha: float = 0.2
+
+
+CPU_CONFIGS = {
+    "cpu_mae_micro": StepConfig("cpu_mae_micro", "mae_micro", 32, "cpu"),
+    "cpu_mae_small": StepConfig("cpu_mae_small", "mae_micro", 16, "cpu",
+                                (("img_size", 64), ("embed_dim", 256), ("depth", 4), ("num_heads", 4))),
+}
+GPU_CONFIGS = {
+    "gpu_mae_base": StepConfig("gpu_mae_base", "mae_vit_base_patch16", 64, "cuda"),
+    "gpu_mae_large": StepConfig("gpu_mae_large", "mae_vit_large_patch16", 64, "cuda"),
+    "gpu_mage_base": StepConfig("gpu_mage_base", "mage_vit_base_patch16", 64, "cuda"),
+}
+
+_models: Dict[str, torch.nn.Module] = {}
+_reference_seconds: Dict[str, float] = {}
+
+
+def base_model(cfg: StepConfig):
+    if cfg.name not in _models:
+        torch.manual_seed(0)
+        _models[cfg.name] = unlearn_fast.create_model(cfg.model, **dict(cfg.model_kwargs))
+    return _models[cfg.name]
+
+
+def batch_for(cfg: StepConfig, model):
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.config.get("img_size", 256)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(cfg.batch, 3, size, size, generator=g)
+    is_forget = torch.arange(cfg.batch) % 2 == 0  # 50/50, fixed count per batch
+    return images, is_forget
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
+    """``run(step)`` performs one training step of ``variant``: reference | fast | fast_bf16 | compiled_reference."""
+    dev = torch.device(cfg.device)
+    precision = "bf16" if variant.endswith("bf16") else "reference"
+    fast = variant.startswith("fast")
+    graph = fast and dev.type == "cuda"
+    setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
+                        forget_alpha=cfg.forget_alpha, fast=fast, capturable=graph)
+    images, is_forget = batch_for(cfg, setup.student)
+    if dev.type == "cuda":
+        images = images.pin_memory()
+    if graph:
+        stepper = GraphedUnlearnStep(setup, cfg.batch, int(is_forget.sum()), images.shape[1:], noise_seed=0)
+        return lambda step: stepper(images, is_forget, step, 1e-5)
+    if fast:
+        return lambda step: fast_step(setup, images, is_forget, step)
+    if variant == "compiled_reference":
+        setup.student.forward_encoder_task = torch.compile(setup.student.forward_encoder_task)
+        setup.teacher.forward_encoder_task = torch.compile(setup.teacher.forward_encoder_task)
+    set_lr(setup.optimizer, 1e-5)
+    return lambda step: reference_step(setup, images, is_forget, step)
+
+
+def time_steps(run: Callable[[int], None], device: str, steps: int, warmup: int, start: int = 0) -> float:
+    """Median seconds per step over ``steps`` timed steps after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        run(start + i)
+    sync(device)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        run(start + warmup + i)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def reference_seconds(cfg: StepConfig, steps: int, warmup: int) -> float:
+    if cfg.name not in _reference_seconds:
+        _reference_seconds[cfg.name] = time_steps(make_runner(cfg, "reference"), cfg.device, steps, warmup)
+    return _reference_seconds[cfg.name]
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return float("nan")
