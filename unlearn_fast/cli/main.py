@@ -1,0 +1,74 @@
+"""The ``unlearn-fast`` command (also ``python -m unlearn_fast``).
+
+    unlearn-fast demo                                   # the embedded default: forget digits 0-4 of MNIST
+    unlearn-fast unlearn --model mae_micro --input_size 32 --data_path DIR --forget_classes a --retain_classes b
+    unlearn-fast baseline --loss_type encoder_noise ... # the paper's baselines (main_baseline.py flags)
+    unlearn-fast list-models
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = """usage: unlearn-fast <command> [flags]
+
+commands:
+  demo         the embedded default: pretrain a small MAE on bundled MNIST digits, forget some digits, report
+  unlearn      encoder unlearning with the flags of the reference main_unlearn.py
+  baseline     the paper's baselines with the flags of the reference main_baseline.py (--loss_type ...)
+  generate     MAGE inpaint/outpaint generation in the reference layout (testpaint.py)
+  eval         FID / IS / CLIP cosine of generated folders (eval.py, clip_embed.py)
+  tsne         T-SNE figure of CLIP embeddings (tsne_visual.py)
+  report       one self-contained HTML page for a run directory
+  list-models  registered model names
+
+'unlearn-fast <command> --help' shows each command's flags.
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _run(command: str, argv: List[str]) -> int:
+    if command in ("unlearn", "baseline"):
+        from .unlearn_args import build_parser
+        from .unlearn_command import run_unlearn
+        args = build_parser(baseline=command == "baseline", prog=f"unlearn-fast {command}").parse_args(argv)
+        run_unlearn(args, baseline=command == "baseline")
+        return 0
+    if command == "demo":
+        from .demo import main as demo_main
+        return demo_main(argv)
+    if command == "list-models":
+        from ..models import list_models
+        print("\n".join(list_models()))
+        return 0
+    if command in ("generate", "eval", "tsne", "report"):
+        from . import tools
+        return getattr(tools, f"{command}_main")(argv)
+    raise UsageError(f"unknown command {command!r}\n\n{USAGE}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    from ..train.checkpoint import CheckpointError
+    from ..train.step_reference import NonFiniteLossError
+    try:
+        return _run(argv[0], argv[1:])
+    except NonFiniteLossError as e:
+        print(f"unlearn-fast: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"unlearn-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unlearn-fast: interrupted; checkpoints written so far are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

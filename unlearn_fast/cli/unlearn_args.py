@@ -1,0 +1,120 @@
+"""The reference trainer's flags (``main_unlearn.py`` / ``main_baseline.py``, REFERENCE.md §1.6, §2) with the
+same names, defaults and meanings, plus unlearn_fast's own (grouped at the end, each saying why)."""
+from __future__ import annotations
+
+import argparse
+
+from ..objective import LOSS_TYPES, WEIGHTINGS
+from ..ops import NOISE_KINDS
+from ..train.precision import PRECISIONS
+from ..train.trainer import STEP_MODES
+
+
+def _none_or_float(text: str):
+    return None if text in ("None", "none", "") else float(text)
+
+
+def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
+    g = p.add_argument_group("reference flags (main_unlearn.py / main_baseline.py)")
+    g.add_argument("--batch_size", default=16 if baseline else 32, type=int,
+                   help="images per GPU per micro-step; effective batch size is batch_size * accum_iter * #gpus")
+    g.add_argument("--epochs", default=6, type=int)
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="accumulate gradients over this many micro-steps before an optimizer step")
+    g.add_argument("--model", default="mage_vit_base_patch16", type=str, metavar="MODEL",
+                   help="registered model name (unlearn_fast.list_models()); e.g. mage_vit_base_patch16, "
+                        "mae_vit_large_patch16, mae_micro")
+    g.add_argument("--input_size", default=256, type=int, help="image size in pixels")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on >=2-D non-bias params")
+    g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr; default blr * eff_batch / 256")
+    g.add_argument("--blr", type=float, default=1e-4, metavar="LR",
+                   help="base lr: absolute_lr = base_lr * total_batch_size / 256")
+    g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
+    g.add_argument("--warmup_epochs", type=float, default=5, metavar="N",
+                   help="epochs of linear warmup from 0 (per iteration), then a half-cosine to min_lr")
+    g.add_argument("--forget_alpha", type=float, default=0.0,
+                   help="weight of the forget term (reference default 0.0 forgets nothing; the README uses 0.2)")
+    g.add_argument("--retain_alpha", type=float, default=1.0, help="weight of the retain term")
+    if baseline:
+        g.add_argument("--loss_type", type=str, required=True, choices=LOSS_TYPES,
+                       help="max_full_model_loss (MAX LOSS), full_model_noise (NOISY LABEL), "
+                            "encoder_noise (RANDOM ENCODER), learn_others (RETAIN LABEL)")
+        g.add_argument("--forget_num", type=int, default=None, help="parsed, unused (as the reference)")
+        g.add_argument("--learn_others", type=int, default=0, help="parsed, unused (as the reference)")
+    else:
+        g.add_argument("--noise_type", type=str, default="normal",
+                       help=f"forget target input: {', '.join(NOISE_KINDS)}")
+    g.add_argument("--mask_ratio_min", type=float, default=0.5, help="MAGE: fraction of tokens dropped")
+    g.add_argument("--mask_ratio_max", type=float, default=1.0, help="MAGE: truncated-normal mask rate max")
+    g.add_argument("--mask_ratio_mu", type=float, default=0.55, help="MAGE: truncated-normal mask rate mean")
+    g.add_argument("--mask_ratio_std", type=float, default=0.25, help="MAGE: truncated-normal mask rate std")
+    g.add_argument("--grad_clip", type=float, default=3.0, help="global L2 norm clip after unscaling")
+    g.add_argument("--data_path", default="../dataset/imagenet1k/train/", type=str,
+                   help="class-folder image tree (ImageNet layout: <data_path>/<wnid>/*.JPEG)")
+    g.add_argument("--use_coco", action="store_true",
+                   help="proxy retain images from a COCO-style folder (see --proxy_path); crop scale (0.2, 0.5)")
+    g.add_argument("--opendata_to_forget_ratio", type=_none_or_float, default=None,
+                   help="proxy images relative to the forget set; None = no proxy")
+    g.add_argument("--num_image_per_class", type=int, default=120, help="forget images per forget class")
+    g.add_argument("--retainset_ratio", type=float, default=1.0,
+                   help="retain images per retain class = ceil(num_image_per_class * ratio); 0 = proxy only")
+    g.add_argument("--output_dir", default="./output_dir", help="the run directory is created inside it")
+    g.add_argument("--log_dir", default=None, help="overwritten with the run directory (as the reference)")
+    g.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto (cuda when available)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="pretrained checkpoint to unlearn, or an unlearning checkpoint "
+                                                "(with optimizer+epoch) to continue")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    g.add_argument("--local_rank", default=-1, type=int)
+    g.add_argument("--dist_on_itp", action="store_true")
+    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    g.add_argument("--use_sagemaker", default=0, type=int, help="unused (as the reference)")
+
+
+def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
+    g = p.add_argument_group("unlearn_fast flags")
+    g.add_argument("--precision", default="reference", choices=PRECISIONS,
+                   help="reference: fp16 autocast student (bf16 on CPU) + fp32 teacher, as the official code; "
+                        "bf16: student and teacher in bf16 (faster, opt-in); fp32: no autocast")
+    g.add_argument("--step", default="auto", choices=STEP_MODES,
+                   help="reference: the official step's semantics, eager; fast: pruned teacher + fused ops; "
+                        "graphed: fast + CUDA graph (needs --forget_per_batch and --accum_iter 1); "
+                        "auto: graphed on CUDA when possible, else fast")
+    g.add_argument("--forget_per_batch", type=int, default=None,
+                   help="balanced batches with exactly this many forget rows (static shapes for CUDA graphs); "
+                        "default: the reference's random batch composition")
+    g.add_argument("--forget_classes", type=str, default=None,
+                   help="comma-separated class-folder names to forget (default: the reference ImageNet split)")
+    g.add_argument("--retain_classes", type=str, default=None, help="comma-separated class-folder names to retain")
+    g.add_argument("--proxy_path", type=str, default=None,
+                   help="external proxy folder for --use_coco (default: <data_path>/../../coco/train2017)")
+    g.add_argument("--vqgan_ckpt", type=str, default=None,
+                   help="MAGE: the VQGAN tokenizer checkpoint (vqgan_jax_strongaug.ckpt)")
+    g.add_argument("--teacher", type=str, default=None,
+                   help="checkpoint of the model before unlearning (default: --resume when it is a pretrained "
+                        "checkpoint; the original pretrained file recorded in an unlearning checkpoint otherwise)")
+    g.add_argument("--share_tokenizer", action="store_true",
+                   help="MAGE: reuse the student's tokenisation for the teacher even at reference precision "
+                        "(fp16 vs fp32 ids can differ on near-ties)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches hidden")
+    g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
+    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")
+    g.add_argument("--verify_images", action="store_true", help="open every selected image before training")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    if baseline:
+        g.add_argument("--baseline_weighting", default="reference", choices=WEIGHTINGS,
+                       help="reference: the official (1+s) weighting of encoder_noise / learn_others (forget term "
+                            "on retain rows); corrected: forget term on forget rows")
+
+
+def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
+                                                        else "Encoder unlearning (main_unlearn.py flags)"))
+    add_reference_flags(p, baseline)
+    add_fast_flags(p, baseline)
+    return p
