@@ -2,7 +2,7 @@
 
 Reference semantics of `dataset_class_img1k_only` / `dataset_class_img1k_coco`, with one deliberate change
 (§11): the per-class shuffle is seeded from (seed, class name), so every run and every DDP rank builds the
-same subsets. Pure Python; nothing here touches torch.
+same subsets. Plain Python lists of paths; no tensors.
 
     from unlearn_fast.train.data_split import default_class_split, select_unlearning_files
     forget, retain = default_class_split("../dataset/imagenet1k/train")
