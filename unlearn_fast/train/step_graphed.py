@@ -85,8 +85,10 @@ class GraphedUnlearnStep:
 
     def _load_batch(self, images_cpu: torch.Tensor, is_forget_cpu: torch.Tensor, step: int) -> None:
         f = is_forget_cpu.to("cpu", torch.bool)
-        order = torch.cat([f.nonzero().squeeze(1), (~f).nonzero().squeeze(1)]).to(images_cpu.device)
-        self.x.copy_(images_cpu.index_select(0, order), non_blocking=True)
+        order = torch.cat([f.nonzero().squeeze(1), (~f).nonzero().squeeze(1)])  # forget rows first
+        dev = self.x.device
+        staged = images_cpu.to(dev, non_blocking=True)  # pinned host memory -> async copy
+        torch.index_select(staged, 0, order.to(dev, non_blocking=True), out=self.x)
         s = self.setup
         seed_step_globals(s.seed, s.rank, step)
         task = s.student.sample_task(self.x, step_generator(s.seed, s.rank, step, "task", s.device))
