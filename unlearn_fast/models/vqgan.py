@@ -1,0 +1,291 @@
+"""The frozen VQGAN tokenizer of MAGE (``vqgan_jax_strongaug.ckpt``): a PyTorch port of the JAX (MaskGIT)
+tokenizer with taming-transformers parameter names (REFERENCE.md §1.1, reference-keys/vqgan_jax_strongaug.txt).
+
+Layout facts that differ from taming's VQGAN and that the official weights depend on:
+- no attention anywhere, although the config sets ``attn_resolutions: [16]`` (the key is accepted, ignored);
+- encoder downsampling is a 2x2 average pool (no parameters); the decoder upsamples nearest x2 + 3x3 conv;
+- encoder and decoder ResBlock convs have no bias; GroupNorm(32, eps 1e-6); swish activations;
+- when a ResBlock changes width, ``nin_shortcut`` (1x1, out -> out) is applied to the block's output ``h``
+  and added to it: ``out = nin_shortcut(h) + h`` (the JAX code's quirk, kept: the weights expect it);
+- the encoder's ``conv_out`` is 1x1; there is no quant_conv / post_quant_conv; the mid stage always holds
+  ``block_1`` and ``block_2``.
+
+Token ids are row-major over the latent grid: ``ids[n, i * w + j]`` is the code at latent row i, column j.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: ddconfig of the official tokenizer (MAGE's config/vqgan.yaml)
+VQGAN_F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
+                          ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
+_DDCONFIG_KEYS = set(VQGAN_F16_DDCONFIG)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        # the JAX port's shortcut maps h (out channels), not x: see the module docstring
+        self.nin_shortcut = (nn.Conv2d(out_channels, out_channels, 1, bias=False)
+                             if in_channels != out_channels else None)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            return self.nin_shortcut(h) + h
+        return x + h
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block`` (ResnetBlocks) and, in the decoder, ``upsample``."""
+
+    def __init__(self, blocks, upsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        if upsample is not None:
+            self.upsample = upsample
+
+    def forward(self, x):
+        for blk in self.block:
+            x = blk(x)
+        up = getattr(self, "upsample", None)
+        return up(x) if up is not None else x
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, groups: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups, dropout)
+        self.block_2 = ResnetBlock(channels, channels, groups, dropout)
+
+    def forward(self, x):
+        return self.block_2(self.block_1(x))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Encoder(nn.Module):
+    """[N, in_channels, R, R] -> [N, z_channels, R / 2^(levels-1), ...]."""
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, in_channels, z_channels, double_z=False, dropout=0.0,
+                 norm_groups=32, **_ignored):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1, bias=False)
+        widths = [ch * m for m in ch_mult]
+        levels, block_in = [], ch
+        for w in widths:
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, w, norm_groups, dropout))
+                block_in = w
+            levels.append(_Level(blocks))
+        self.down = nn.ModuleList(levels)
+        self.mid = _Mid(block_in, norm_groups, dropout)
+        self.norm_out = _group_norm(block_in, norm_groups)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        last = len(self.down) - 1
+        for i, level in enumerate(self.down):
+            h = level(h)
+            if i < last:
+                h = F.avg_pool2d(h, 2, 2)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """[N, z_channels, r, r] -> [N, out_ch, r * 2^(levels-1), ...] (unclamped, about [0, 1] for MAGE)."""
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, out_ch, z_channels, dropout=0.0, norm_groups=32,
+                 **_ignored):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        block_in = widths[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, norm_groups, dropout)
+        levels = [None] * len(widths)
+        for i in reversed(range(len(widths))):  # built top-down, stored by level index (taming's order)
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, widths[i], norm_groups, dropout))
+                block_in = widths[i]
+            levels[i] = _Level(blocks, Upsample(block_in) if i > 0 else None)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(block_in, norm_groups)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook lookup (``quantize.embedding``), taming's distance formula."""
+
+    def __init__(self, n_embed: int, embed_dim: int):
+        super().__init__()
+        self.n_embed, self.embed_dim = n_embed, embed_dim
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def nearest_ids(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, C, h, w] -> ids [N, h*w] int64 (row-major), argmin of |z|^2 + |e|^2 - 2 z.e.
+
+        Written with the reference's ops so autocast treats it the same way (the einsum runs in the
+        autocast dtype, the squares and sums in fp32).
+        """
+        n, c, h, w = z.shape
+        zf = z.permute(0, 2, 3, 1).reshape(-1, c)  # [N*h*w, C]
+        e = self.embedding.weight  # [K, C]
+        d = (torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1)
+             - 2 * torch.einsum("bd,dn->bn", zf, e.t()))  # [N*h*w, K]
+        return torch.argmin(d, dim=1).view(n, h * w)
+
+    def codes(self, ids: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """ids [N, h*w] -> z_q [N, C, h, w]."""
+        h, w = grid
+        return self.embedding(ids).view(ids.shape[0], h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
+
+
+class VQGAN(nn.Module):
+    """Encoder + quantizer + decoder; state-dict keys as the official ``.ckpt`` (encoder, decoder, quantize)."""
+
+    def __init__(self, ddconfig: Optional[Mapping] = None, n_embed: int = 1024, embed_dim: int = 256,
+                 norm_groups: int = 32):
+        super().__init__()
+        cfg = dict(VQGAN_F16_DDCONFIG if ddconfig is None else ddconfig)
+        unknown = set(cfg) - _DDCONFIG_KEYS
+        if unknown:
+            raise ValueError(f"unknown ddconfig keys: {sorted(unknown)} (expected a subset of {sorted(_DDCONFIG_KEYS)})")
+        missing = {"ch", "ch_mult", "num_res_blocks", "z_channels", "resolution"} - set(cfg)
+        if missing:
+            raise ValueError(f"ddconfig lacks {sorted(missing)}")
+        cfg.setdefault("in_channels", 3)
+        cfg.setdefault("out_ch", 3)
+        cfg["ch_mult"] = tuple(cfg["ch_mult"])
+        if cfg.get("double_z", False):
+            raise ValueError("double_z=True is not supported: the VQ tokenizer quantizes z directly")
+        if embed_dim != cfg["z_channels"]:
+            raise ValueError(f"codebook width embed_dim={embed_dim} must equal z_channels={cfg['z_channels']} "
+                             "(this VQGAN has no quant_conv)")
+        down = 2 ** (len(cfg["ch_mult"]) - 1)
+        if cfg["resolution"] % down:
+            raise ValueError(f"resolution {cfg['resolution']} is not divisible by the downsampling factor {down}")
+        self.ddconfig = cfg
+        self.grid_size = cfg["resolution"] // down
+        self.encoder = Encoder(**cfg, norm_groups=norm_groups)
+        self.decoder = Decoder(**cfg, norm_groups=norm_groups)
+        self.quantize = VectorQuantizer(n_embed, embed_dim)
+
+    @property
+    def n_embed(self) -> int:
+        return self.quantize.n_embed
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size ** 2
+
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, C, R, R] in [0, 1] -> code ids [N, (R/f)^2] int64."""
+        res = self.ddconfig["resolution"]
+        if images.dim() != 4 or images.shape[1] != self.ddconfig["in_channels"] or images.shape[-2:] != (res, res):
+            raise ValueError(f"expected images [N, {self.ddconfig['in_channels']}, {res}, {res}], "
+                             f"got {tuple(images.shape)}")
+        return self.quantize.nearest_ids(self.encoder(images))
+
+    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """code ids [N, h*w] -> images [N, out_ch, R, R] (unclamped)."""
+        if ids.dim() != 2 or ids.shape[1] != self.num_tokens:
+            raise ValueError(f"expected ids [N, {self.num_tokens}], got {tuple(ids.shape)}")
+        return self.decoder(self.quantize.codes(ids, (self.grid_size, self.grid_size)))
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, ids): tokenize then decode."""
+        ids = self.tokenize(images)
+        return self.decode_ids(ids), ids
+
+
+def _torch_load_trusted(path: str):
+    """torch.load with weights_only=True; ``argparse.Namespace`` (pickled by official MAGE checkpoints)
+    is allow-listed. On a torch without allow-lists (< 2.4) the file is loaded with weights_only=False:
+    only do that for files you trust (the official releases)."""
+    import argparse
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    ser = torch.serialization
+    try:
+        if hasattr(ser, "safe_globals"):
+            with ser.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        if hasattr(ser, "add_safe_globals"):
+            ser.add_safe_globals([argparse.Namespace])
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=False)  # trusted official file, old torch
+    except Exception as e:  # truncated file, not a torch file, a disallowed pickled global, ...
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {msg}") from None
+
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with one error listing missing, unexpected and mis-shaped keys.
+    A module on the meta device (``with torch.device("meta"): create_model(...)``) is loaded with
+    ``assign=True``: it ends up holding the file's tensors, with its own ``requires_grad`` flags."""
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{what}: not a state dict of tensors")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def head(xs):
+            return ", ".join(xs[:8]) + (f", ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+        parts = [f"{len(xs)} {label} ({head(xs)})" for label, xs in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs]
+        raise ValueError(f"{what} does not fit {type(module).__name__}: " + "; ".join(parts))
+    # a model built on the meta device takes the file's tensors (assign) instead of copying into nothing
+    module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
+
+
+def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
+    """Load ``vqgan_jax_strongaug.ckpt`` (or any file in its layout) strictly into a :class:`VQGAN`, or into
+    the ``.vqgan`` of a MAGE model. The file is either ``{'state_dict': sd, ...}`` (Lightning) or ``sd``."""
+    vqgan = getattr(model_or_vqgan, "vqgan", model_or_vqgan)
+    if not isinstance(vqgan, VQGAN):
+        raise TypeError(f"expected a VQGAN or a model with a .vqgan, got {type(model_or_vqgan).__name__}")
+    ckpt = _torch_load_trusted(path)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, expected a dict")
+    state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt
+    load_state_dict_strict(vqgan, state, f"VQGAN checkpoint {path!r}")
+    return model_or_vqgan
+
+
+__all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG",
+           "load_vqgan_checkpoint", "load_state_dict_strict"]
