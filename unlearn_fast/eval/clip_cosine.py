@@ -1,0 +1,124 @@
+"""CLIP cosine between each generated image and its original (§5.3).
+
+score = mean_i < g_i / |g_i| , o_i / |o_i| >   over pairs (generated_i, original_i) matched by file name.
+
+Embedding follows ``clip_embed.py``: the open_clip eval preprocess on the PIL image as read, then, for
+BGR-on-disk generated files, a channel flip *after* the preprocess (so CLIP's per-channel normalisation was
+applied in BGR order: a reference quirk kept for comparable numbers; ``flip_after_preprocess=False``
+flips before instead). Embeddings are L2-normalised in float32 (as the reference), and the cosine is
+accumulated in float64 (the reference reads them back from text files as float64).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .layout import ImagePair
+
+__all__ = ["paired_cosine_mean", "embed_images", "clip_cosine_for_pairs", "save_embeddings", "load_embeddings"]
+
+
+def _as_2d_float64(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be [N, D], got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr
+
+
+def paired_cosine_mean(generated: Any, original: Any, *, normalize: bool = True) -> float:
+    """Mean over rows of the cosine between generated[i] and original[i]; both [N, D], numpy or torch."""
+    g = _as_2d_float64(generated, "generated")
+    o = _as_2d_float64(original, "original")
+    if g.shape != o.shape:
+        raise ValueError(f"generated and original embeddings must have one shape, got {g.shape} and {o.shape}")
+    if g.shape[0] == 0:
+        raise ValueError("no embedding pairs")
+    if normalize:
+        gn, on = np.linalg.norm(g, axis=1, keepdims=True), np.linalg.norm(o, axis=1, keepdims=True)
+        if np.any(gn == 0) or np.any(on == 0):
+            raise ValueError("an embedding is all zeros; its cosine is undefined")
+        g, o = g / gn, o / on
+    return float(np.mean(np.sum(g * o, axis=1)))
+
+
+def _load_batch(paths: Sequence[str], preprocess: Callable, bgr_on_disk: bool,
+                flip_after_preprocess: bool) -> torch.Tensor:
+    batch = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        if bgr_on_disk and not flip_after_preprocess:
+            img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., ::-1]))
+        x = preprocess(img)  # [3, 224, 224]
+        if bgr_on_disk and flip_after_preprocess:
+            x = x[[2, 1, 0]]
+        batch.append(x)
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def embed_images(paths: Sequence[str], model: torch.nn.Module, preprocess: Callable, *, bgr_on_disk: bool,
+                 flip_after_preprocess: bool = True, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """L2-normalised embeddings float32 [N, D] of the image files ``paths`` (``model``: CLIP visual tower)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images to embed are missing, e.g. {missing[:3]}")
+    out = []
+    for start in range(0, len(paths), batch_size):
+        x = _load_batch(paths[start:start + batch_size], preprocess, bgr_on_disk, flip_after_preprocess)
+        feats = model(x.to(device)).float()  # [B, D]
+        out.append((feats / feats.norm(dim=-1, keepdim=True)).cpu())
+    if not out:
+        raise ValueError("no images to embed")
+    return torch.cat(out).numpy()
+
+
+def clip_cosine_for_pairs(pairs: Sequence[ImagePair], model: torch.nn.Module, preprocess: Callable, *,
+                          generated_bgr: bool = True, batch_size: int = 64, device: str | torch.device = "cpu",
+                          original_embeddings: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean cosine, generated embeddings [N, D], original embeddings [N, D]) for name-matched pairs.
+
+    ``original_embeddings`` (rows in the order of ``pairs``) skips re-embedding the originals.
+    """
+    if not pairs:
+        raise ValueError("no image pairs to compare")
+    gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
+                       batch_size=batch_size, device=device)
+    if original_embeddings is None:
+        original_embeddings = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
+                                           batch_size=batch_size, device=device)
+    return paired_cosine_mean(gen, original_embeddings), gen, np.asarray(original_embeddings)
+
+
+def save_embeddings(path: str, embeddings: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """Save [N, D] embeddings: ``.txt`` as the reference's ``np.savetxt``, else ``.npy`` (+ names in ``.names``)."""
+    embeddings = np.asarray(embeddings)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".txt"):
+        np.savetxt(path, embeddings)
+    else:
+        np.save(path, embeddings)
+    if names is not None:
+        if len(names) != embeddings.shape[0]:
+            raise ValueError(f"{len(names)} names for {embeddings.shape[0]} embeddings")
+        with open(path + ".names", "w") as f:
+            f.write("".join(n + "\n" for n in names))
+
+
+def load_embeddings(path: str) -> np.ndarray:
+    """[N, D] float64 embeddings from a reference ``.txt`` (np.savetxt) or a ``.npy`` file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"embedding file not found: {path}")
+    arr = np.loadtxt(path) if path.endswith(".txt") else np.load(path)
+    return np.atleast_2d(np.asarray(arr, dtype=np.float64))

@@ -1,0 +1,244 @@
+"""End-to-end metric runs over generated folders, writing the reference CSV rows (§5.2, §5.3, §5.5).
+
+    from unlearn_fast.eval import run_eval, run_clip_eval
+    run_eval("out/checkpoint-5-inpaint/", "inpaint", "../dataset/imagenet1k/val/")        # fid_is_eval_inpaint.csv
+    run_clip_eval("out/checkpoint-5-inpaint/", "inpaint", "../dataset/imagenet1k/val/")   # clip_cosine_inpaint.csv
+
+Deliberate differences from the reference scripts (numbers are the same up to float round-off):
+- images are paired with their originals by file name and visited in sorted order (the reference used
+  glob order; FID does not depend on order, the IS splits do);
+- the original images' features are computed once per run, not once per (mode, ratio);
+- batch sizes are free (reference: IS batch 2, FID batch 32); CLIP embeddings go to ``.npy`` (or ``.txt``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import csv_rows, layout
+from .clip_cosine import embed_images, paired_cosine_mean, save_embeddings
+from .feature_extractors import (load_cleanfid_inception, load_clip_visual, load_places365_resnet50,
+                                 load_torchvision_inception)
+from .frechet import fid_from_features
+from .inception_score import inception_score_from_probs
+from .preprocess import cleanfid_input, mage_is_input, places365_is_input, upsample_for_inception
+
+__all__ = ["cleanfid_features", "classifier_probs", "run_eval", "run_clip_eval", "run_palette_eval",
+           "run_palette_clip_eval"]
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str], load: Callable[[str], torch.Tensor]):
+        self.paths, self.load = list(paths), load
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.load(self.paths[i])
+
+
+def _batches(paths, load, batch_size: int, num_workers: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not paths:
+        raise ValueError("no images to evaluate")
+    return DataLoader(_ImageFiles(paths, load), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+class _BgrLoader:  # a picklable partial, so DataLoader workers can use it
+    def __init__(self, fn, bgr_on_disk: bool):
+        self.fn, self.bgr_on_disk = fn, bgr_on_disk
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.fn(path, bgr_on_disk=self.bgr_on_disk)
+
+
+@torch.no_grad()
+def cleanfid_features(paths: Sequence[str], extractor: torch.nn.Module, *, bgr_on_disk: bool,
+                      batch_size: int = 32, num_workers: int = 0, device=None) -> np.ndarray:
+    """clean-fid features float32 [N, D] of image files (clean resize to 299, then the torchscript Inception)."""
+    dev = _device(device)
+    load = _BgrLoader(cleanfid_input, bgr_on_disk)
+    return np.concatenate([extractor(x.to(dev)).float().cpu().numpy()
+                           for x in _batches(paths, load, batch_size, num_workers)])
+
+
+@torch.no_grad()
+def classifier_probs(paths: Sequence[str], model: torch.nn.Module, load: Callable[[str], torch.Tensor], *,
+                     upsample_to_299: bool, batch_size: int = 32, num_workers: int = 0, device=None) -> np.ndarray:
+    """Softmax class probabilities float64 [N, K] of image files (the Inception Score's p(y|x))."""
+    dev = _device(device)
+    out = []
+    for x in _batches(paths, load, batch_size, num_workers):
+        x = x.to(dev)
+        if upsample_to_299:
+            x = upsample_for_inception(x)
+        logits = model(x)
+        logits = logits.logits if hasattr(logits, "logits") else logits  # InceptionOutputs in train mode
+        out.append(torch.softmax(logits.float(), dim=-1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _fid_is(pairs, *, fid_model, is_model, is_load, is_upsample: bool, generated_bgr: bool, splits: int,
+            original_cache: dict, batch_size: int, num_workers: int, device, fid_method: str) -> dict:
+    gen_paths = [p.generated for p in pairs]
+    todo = [p.original for p in pairs if p.original not in original_cache]
+    if todo:
+        feats = cleanfid_features(todo, fid_model, bgr_on_disk=False, batch_size=batch_size,
+                                  num_workers=num_workers, device=device)
+        original_cache.update(zip(todo, feats))
+    orig_feats = np.stack([original_cache[p.original] for p in pairs])
+    gen_feats = cleanfid_features(gen_paths, fid_model, bgr_on_disk=generated_bgr, batch_size=batch_size,
+                                  num_workers=num_workers, device=device)
+    probs = classifier_probs(gen_paths, is_model, is_load, upsample_to_299=is_upsample, batch_size=batch_size,
+                             num_workers=num_workers, device=device)
+    is_mean, is_std = inception_score_from_probs(probs, splits=splits)
+    return {"fid": fid_from_features(orig_feats, gen_feats, method=fid_method), "is_mean": is_mean,
+            "is_std": is_std, "n": len(pairs)}
+
+
+def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | None = None,
+             inception_weights: str | None = None, csv_dir: str = ".", device=None, batch_size: int = 32,
+             num_workers: int = 0, splits: int = 10, generated_bgr: bool = True, fid_method: str = "auto",
+             modes: Sequence[tuple[str, int]] | None = None, allow_pickle: bool = False) -> list[dict]:
+    """FID and IS of a MAGE generation folder, one ``fid_is_eval_{task}.csv`` row per (mode, ratio).
+
+    dst: the ``<ckpt>-<task>/`` folder with ``retain/`` and ``forget/``; data_root: the ImageNet ``val/``
+    folder with the uncropped originals (``<data_root>/<wnid>/<name>``). FID compares the generated images
+    (BGR on disk unless ``generated_bgr=False``) with the originals, clean-fid style; IS is the torchvision
+    Inception-v3 score of the generated images. Weights come from local files (see feature_extractors).
+    ``allow_pickle`` lets the Inception state dict be unpickled in full (trusted files only).
+    Rows are appended to ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio). Returns the rows as
+    dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
+    """
+    modes = list(modes) if modes is not None else layout.eval_modes(task)
+    dev = _device(device)
+    fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
+    is_model = load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle)
+    is_load = _BgrLoader(mage_is_input, generated_bgr)
+    cache: dict = {}
+    results = []
+    for mode, k in modes:
+        prefix = layout.generated_prefix(mode, k)
+        row = {"name": csv_rows.fid_is_row_name(dst, mode, k)}
+        for split in layout.SPLITS:
+            pairs = layout.collect_mage_pairs(dst, split, prefix, data_root)
+            if not pairs:
+                raise FileNotFoundError(f"no generated {split} images with prefix {prefix!r} under {dst}")
+            row[split] = _fid_is(pairs, fid_model=fid_model, is_model=is_model, is_load=is_load, is_upsample=True,
+                                 generated_bgr=generated_bgr, splits=splits, original_cache=cache,
+                                 batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
+        r, f = row["retain"], row["forget"]
+        csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(task)), [csv_rows.fid_is_row(
+            row["name"], r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
+        results.append(row)
+    return results
+
+
+def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: str | None = None,
+                  csv_dir: str = ".", device=None, batch_size: int = 64, generated_bgr: bool = True,
+                  embeddings_format: str = "npy", modes: Sequence[tuple[str, int]] | None = None) -> list[dict]:
+    """CLIP cosine of a MAGE generation folder, one ``clip_cosine_{task}.csv`` row per (mode, k in {4, 8}).
+
+    Embeddings are written for the T-SNE: ``<img_folder>/<mode>_<k>_{retain,forget}_clip_norm_5k.<fmt>``
+    and the originals' ``<img_folder>/original_{retain,forget}_clip_norm_5k.<fmt>`` (fmt ``npy`` or ``txt``).
+    Returns rows {"name", "retain": cosine, "forget": cosine}.
+    """
+    if embeddings_format not in ("npy", "txt"):
+        raise ValueError(f"embeddings_format must be 'npy' or 'txt', got {embeddings_format!r}")
+    modes = list(modes) if modes is not None else layout.clip_modes(task)
+    dev = _device(device)
+    model, preprocess = load_clip_visual(clip_weights, device=dev)
+    cache: dict[str, np.ndarray] = {}  # original path -> embedding
+    results = []
+    for mode, k in modes:
+        row = {"name": csv_rows.clip_row_name(img_folder, mode, k)}
+        for split in layout.SPLITS:
+            pairs = layout.collect_mage_pairs(img_folder, split, layout.generated_prefix(mode, k), data_root)
+            if not pairs:
+                raise FileNotFoundError(f"no generated {split} images for ({mode}, {k}) under {img_folder}")
+            todo = [p.original for p in pairs if p.original not in cache]
+            if todo:
+                cache.update(zip(todo, embed_images(todo, model, preprocess, bgr_on_disk=False,
+                                                    batch_size=batch_size, device=dev)))
+            orig = np.stack([cache[p.original] for p in pairs])
+            gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
+                               batch_size=batch_size, device=dev)
+            row[split] = paired_cosine_mean(gen, orig)
+            names = [f"{p.folder}/{p.name}" for p in pairs]
+            save_embeddings(os.path.join(img_folder, f"{mode}_{k}_{split}_clip_norm_5k.{embeddings_format}"),
+                            gen, names)
+            save_embeddings(os.path.join(img_folder, f"original_{split}_clip_norm_5k.{embeddings_format}"),
+                            orig, names)
+        csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(task)),
+                                    [csv_rows.clip_cosine_row(row["name"], row["retain"], row["forget"])])
+        results.append(row)
+    return results
+
+
+def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, cleanfid_weights: str | None = None,
+                     places365_weights: str | None = None, inception_weights: str | None = None,
+                     is_model: str = "places365", csv_dir: str = ".", device=None, batch_size: int = 32,
+                     num_workers: int = 0, splits: int = 10, fid_method: str = "auto",
+                     allow_pickle: bool = False) -> dict:
+    """FID (Out_ vs GT_) and IS of a Palette test folder; appends one row to ``<csv_dir>/fid_is_eval.csv``.
+
+    class_list: the path of ``class.txt`` (lines 0-49 retain, 50-99 forget). ``is_model="places365"`` is the
+    reference's ResNet-50 Places365 IS; ``"inception"`` is its fallback (torchvision Inception on the same
+    224 crops); the reference fell back silently on any error, here the choice is explicit.
+    ``allow_pickle`` lets the classifier checkpoint be unpickled in full (trusted files only; the original
+    ``resnet50_places365.pth.tar`` may need it if it is in torch's legacy format).
+    """
+    if is_model not in ("places365", "inception"):
+        raise ValueError(f"is_model must be 'places365' or 'inception', got {is_model!r}")
+    dev = _device(device)
+    fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
+    classifier = (load_places365_resnet50(places365_weights, device=dev, allow_pickle=allow_pickle)
+                  if is_model == "places365"
+                  else load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle))
+    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
+    row = {"name": dst}
+    for split in layout.SPLITS:
+        pairs = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio)
+        if not pairs:
+            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
+        row[split] = _fid_is(pairs, fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
+                             is_upsample=False, generated_bgr=False, splits=splits, original_cache={},
+                             batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
+    r, f = row["retain"], row["forget"]
+    csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(None)), [csv_rows.fid_is_row(
+        dst, r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
+    return row
+
+
+def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_ratio: float = 0.5,
+                          clip_weights: str | None = None, csv_dir: str = ".", device=None,
+                          batch_size: int = 64) -> dict:
+    """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row."""
+    dev = _device(device)
+    model, preprocess = load_clip_visual(clip_weights, device=dev)
+    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
+    row = {"name": dst}
+    for split in layout.SPLITS:
+        pairs = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio,
+                                             original_root=os.path.join(data_root, "val_256"))
+        if not pairs:
+            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
+        gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=False,
+                           batch_size=batch_size, device=dev)
+        orig = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
+                            batch_size=batch_size, device=dev)
+        row[split] = paired_cosine_mean(gen, orig)
+        save_embeddings(os.path.join(dst, f"{split}_clip_norm.npy"), gen, [p.name for p in pairs])
+    csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(None)),
+                                [csv_rows.clip_cosine_row(dst, row["retain"], row["forget"])])
+    return row

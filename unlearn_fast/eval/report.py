@@ -1,0 +1,251 @@
+"""One self-contained HTML page for a run directory: metrics, sample grids, loss curves.
+
+    from unlearn_fast.eval import write_report
+    write_report("output_dir/my_run")            # -> output_dir/my_run/report.html
+
+Reads, all optional:
+- ``<run_dir>/metrics.json``: {"before": {"retain": {...}, "forget": {...}}, "after": {...}, "config": {...}};
+- ``<run_dir>/*.png``: embedded as base64 data URIs (sample grids, the T-SNE figure, ...);
+- ``<run_dir>/log.txt``: one JSON object per line (the trainer's log, keys like ``train_loss``,
+  ``train_lr``, ``epoch``), drawn as inline SVG line charts made here (no matplotlib).
+Every piece of text from those files is HTML-escaped. The page needs no network and no scripts.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+
+__all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number"]
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;padding:0 1.5em;
+     max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+th{background:#f3f3f3}td.k,th.k{text-align:left;font-family:ui-monospace,monospace}
+figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:.85em;color:#555}
+img{max-width:100%;border:1px solid #ddd}.note{color:#777;font-size:.9em}svg{background:#fff}
+"""
+
+
+def format_number(value) -> str:
+    """How a metric value is shown: ints as is, floats with 4 decimals (or 4 significant digits if tiny/huge)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.4g}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def read_log_lines(path: str) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines) of a JSON-lines log; non-object lines count as unreadable."""
+    records, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+    return records, bad
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 x 10^k) inside [lo, hi], about n of them."""
+    if hi <= lo:
+        return [lo]
+    mag = 10.0 ** math.floor(math.log10((hi - lo) / (n - 1)))
+
+    def ticks(step):
+        return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+    candidates = [ticks(m * mag) for m in (0.5, 1, 2, 2.5, 5, 10)]
+    return min(candidates, key=lambda t: (abs(len(t) - n), -len(t) if len(t) < n else len(t)))
+
+
+def _tick_label(t: float, ticks: list[float]) -> str:
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    if t != 0 and (abs(t) < 1e-3 or abs(t) >= 1e6):
+        return f"{t:.4g}"
+    decimals = max(0, -math.floor(math.log10(step)) + 1)
+    return f"{t + 0.0:.{decimals}f}".rstrip("0").rstrip(".") if decimals else f"{t:.0f}"
+
+
+def svg_line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str,
+                   width: int = 640, height: int = 300) -> str:
+    """An inline ``<svg>`` with one polyline per named series of (x, y) points; non-finite points are dropped."""
+    clean = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+             for name, pts in series.items()}
+    clean = {k: v for k, v in clean.items() if v}
+    left, right, top, bottom = 70, 160, 30, 45
+    pw, ph = width - left - right, height - top - bottom
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
+             f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14">{_esc(title)}</text>']
+    if not clean:
+        parts.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle">no data</text></svg>')
+        return "".join(parts)
+    xs = [x for pts in clean.values() for x, _ in pts]
+    ys = [y for pts in clean.values() for _, y in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    if y1 == y0:
+        pad = abs(y0) * 0.05 or 0.5
+        y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    y_ticks, x_ticks = _nice_ticks(y0, y1), _nice_ticks(x0, x1)
+    for t in y_ticks:
+        parts.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11">'
+                     f'{_esc(_tick_label(t, y_ticks))}</text>')
+    for t in x_ticks:
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">'
+                     f'{_esc(_tick_label(t, x_ticks))}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="12">'
+                 f'{_esc(x_label)}</text>')
+    for i, (name, pts) in enumerate(clean.items()):
+        color = _COLORS[i % len(_COLORS)]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
+        if len(pts) == 1:
+            parts.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
+        ly = top + 14 + 18 * i
+        parts.append(f'<line x1="{left + pw + 10}" y1="{ly - 4}" x2="{left + pw + 28}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="3"/><text x="{left + pw + 32}" y="{ly}" font-size="11">'
+                     f'{_esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _metrics_section(metrics: dict) -> str:
+    phases = [p for p in ("before", "after") if isinstance(metrics.get(p), dict)]
+    cols = [(p, s) for p in phases for s in ("retain", "forget") if isinstance(metrics[p].get(s), dict)]
+    out = ["<h2>Metrics</h2>"]
+    if cols:
+        names: list[str] = []
+        for p, s in cols:
+            names += [k for k in metrics[p][s] if k not in names]
+        head = "".join(f"<th>{_esc(p)} / {_esc(s)}</th>" for p, s in cols)
+        out.append(f'<table><thead><tr><th class="k">metric</th>{head}</tr></thead><tbody>')
+        for name in names:
+            cells = "".join(f"<td>{_esc(format_number(metrics[p][s].get(name, '—')))}</td>" for p, s in cols)
+            out.append(f'<tr><td class="k">{_esc(name)}</td>{cells}</tr>')
+        out.append("</tbody></table>")
+    else:
+        out.append('<p class="note">metrics.json has no before/after retain/forget tables.</p>')
+    config = metrics.get("config")
+    if isinstance(config, dict) and config:
+        out.append('<h2>Config</h2><table><tbody>')
+        for k, v in config.items():
+            shown = format_number(v) if isinstance(v, (int, float)) else json.dumps(v) if not isinstance(v, str) else v
+            out.append(f'<tr><td class="k">{_esc(k)}</td><td class="k">{_esc(shown)}</td></tr>')
+        out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _curves_section(records: list[dict], bad: int) -> str:
+    numeric = {}
+    for i, rec in enumerate(records):
+        x = rec.get("epoch", i)
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            x = i
+        for k, v in rec.items():
+            if k == "epoch" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            numeric.setdefault(k, []).append((x, v))
+    x_label = "epoch" if records and all("epoch" in r for r in records) else "log line"
+    groups = {"Losses": {k: v for k, v in numeric.items() if "loss" in k},
+              "Learning rate": {k: v for k, v in numeric.items() if k.endswith("lr") or "_lr" in k}}
+    used = set(groups["Losses"]) | set(groups["Learning rate"])
+    groups["Other logged values"] = {k: v for k, v in numeric.items() if k not in used}
+    out = ["<h2>Training curves</h2>"]
+    for title, series in groups.items():
+        if series:
+            out.append(f"<div>{svg_line_chart(series, title=title, x_label=x_label)}</div>")
+    if bad:
+        out.append(f'<p class="note">{bad} unreadable line(s) in log.txt were skipped.</p>')
+    return "".join(out)
+
+
+def _images_section(pngs: list[str]) -> str:
+    out = ["<h2>Images</h2>"]
+    for path in pngs:
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+        name = os.path.basename(path)
+        out.append(f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{data}">'
+                   f"<figcaption>{_esc(name)}</figcaption></figure>")
+    return "".join(out)
+
+
+def render_report(run_dir: str, *, title: str | None = None) -> str:
+    """The report page of ``run_dir`` as an HTML string (see module docstring)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    title = title or f"unlearn_fast run: {os.path.basename(os.path.normpath(run_dir))}"
+    body = [f"<h1>{_esc(title)}</h1>", f'<p class="note">{_esc(os.path.abspath(run_dir))}</p>']
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(metrics_path):
+        try:
+            with open(metrics_path, encoding="utf-8") as f:
+                metrics = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{metrics_path} is not valid JSON: {e}") from e
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{metrics_path} must hold a JSON object")
+        body.append(_metrics_section(metrics))
+    log_path = os.path.join(run_dir, "log.txt")
+    if os.path.isfile(log_path):
+        body.append(_curves_section(*read_log_lines(log_path)))
+    pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.lower().endswith(".png"))
+    if pngs:
+        body.append(_images_section(pngs))
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>" + "".join(body) + "</body></html>\n")
+
+
+def write_report(run_dir: str, out_html: str | None = None, *, title: str | None = None) -> str:
+    """Write the report of ``run_dir`` to ``out_html`` (default ``<run_dir>/report.html``); returns the path."""
+    page = render_report(run_dir, title=title)
+    out_html = out_html or os.path.join(run_dir, "report.html")
+    folder = os.path.dirname(os.path.abspath(out_html))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_html)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_html

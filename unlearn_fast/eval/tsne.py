@@ -1,0 +1,210 @@
+"""T-SNE of CLIP embeddings: unlearned vs original, forget vs retain (§5.4, the paper's Figure 4).
+
+Two backends, both with the reference settings (perplexity 20, 1000 iterations, learning rate 500,
+early exaggeration 4, random init, no PCA):
+
+- ``"reference"``: this module's own exact-gradient t-SNE in float64 numpy, the algorithm of
+  ``tsne_visual.py``: per-point binary search of the Gaussian precision to the target perplexity
+  (tolerance 1e-5, 50 tries), P symmetrised and clamped at 1e-21, Student-t Q clamped at 1e-12,
+  gradient without the constant factor 4, momentum 0.5 then 0.8 after 20 iterations, adaptive gains
+  (+0.2 / x0.8, min 0.01), exaggeration x4 until iteration 100, init ``randn`` (seeded here).
+- ``"sklearn"``: ``sklearn.manifold.TSNE(method="exact", init="random")``. sklearn's gradient carries the
+  constant factor 4 that the reference's omits, so the reference step size 500 is passed as
+  ``learning_rate=500 / 4``. Its exaggeration phase lasts 250 iterations and its init is scaled by 1e-4,
+  so pictures differ in detail. The iteration argument is
+  ``max_iter`` (sklearn >= 1.5) or ``n_iter`` (older); the installed version is checked.
+
+``"auto"`` uses sklearn when installed, else the reference backend. matplotlib is imported only by
+:func:`plot_tsne` (a clear ImportError if it is missing).
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .clip_cosine import load_embeddings
+
+__all__ = ["tsne_embed", "tsne_reference", "conditional_probabilities", "plot_tsne", "run_tsne", "TSNE_LABELS"]
+
+TSNE_LABELS = ("Unlearn-Forget Set", "Unlearn-Retain Set", "Original-Forget Set", "Original-Retain Set")
+
+
+def _squared_distances(x: np.ndarray) -> np.ndarray:
+    sq = np.sum(x * x, axis=1)
+    return np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)  # [N, N]
+
+
+def _entropy_and_p(d: np.ndarray, beta: float) -> tuple[float, np.ndarray]:
+    p = np.exp(-(d - d.min()) * beta)  # shifting by min(d) leaves P and H unchanged, avoids underflow
+    s = p.sum()
+    h = np.log(s) + beta * np.sum((d - d.min()) * p) / s
+    return float(h), p / s
+
+
+def conditional_probabilities(x: np.ndarray, perplexity: float = 20.0, tol: float = 1e-5,
+                              max_tries: int = 50) -> np.ndarray:
+    """P[i, j] = p(j | i) [N, N], each row's Gaussian precision found by bisection to ``perplexity``."""
+    n = x.shape[0]
+    d = _squared_distances(x)
+    target = np.log(perplexity)
+    p = np.zeros((n, n))
+    for i in range(n):
+        di = np.delete(d[i], i)
+        beta, beta_min, beta_max = 1.0, None, None
+        h, pi = _entropy_and_p(di, beta)
+        tries = 0
+        while abs(h - target) > tol and tries < max_tries:
+            if h > target:  # too flat: raise the precision
+                beta_min = beta
+                beta = beta * 2.0 if beta_max is None else (beta + beta_max) / 2.0
+            else:
+                beta_max = beta
+                beta = beta / 2.0 if beta_min is None else (beta + beta_min) / 2.0
+            h, pi = _entropy_and_p(di, beta)
+            tries += 1
+        p[i, np.arange(n) != i] = pi
+    return p
+
+
+def tsne_reference(x: np.ndarray, *, n_components: int = 2, perplexity: float = 20.0, n_iter: int = 1000,
+                   learning_rate: float = 500.0, early_exaggeration: float = 4.0, exaggeration_iters: int = 100,
+                   seed: int = 0) -> np.ndarray:
+    """The reference t-SNE (see module docstring) of x [N, D]; returns float64 [N, n_components]."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((n, n_components))
+    update = np.zeros_like(y)
+    gains = np.ones_like(y)
+    p = conditional_probabilities(x, perplexity)
+    p = p + p.T
+    p = np.maximum(p / p.sum() * early_exaggeration, 1e-21)
+    for it in range(n_iter):
+        num = 1.0 / (1.0 + _squared_distances(y))  # [N, N] Student-t kernel
+        np.fill_diagonal(num, 0.0)
+        q = np.maximum(num / num.sum(), 1e-12)
+        w = (p - q) * num  # [N, N], symmetric
+        grad = w.sum(axis=1)[:, None] * y - w @ y  # sum_j w_ij (y_i - y_j)
+        momentum = 0.5 if it < 20 else 0.8
+        same_sign = (grad > 0) == (update > 0)
+        gains = np.maximum(np.where(same_sign, gains * 0.8, gains + 0.2), 0.01)
+        update = momentum * update - learning_rate * gains * grad
+        y = y + update
+        y = y - y.mean(axis=0)
+        if it == exaggeration_iters:
+            p = p / early_exaggeration
+    return y
+
+
+def _sklearn_tsne(x: np.ndarray, *, perplexity, n_iter, learning_rate, early_exaggeration, seed) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    params = inspect.signature(TSNE).parameters
+    iter_kw = {"max_iter": n_iter} if "max_iter" in params else {"n_iter": n_iter}
+    # learning_rate is in the reference's convention (gradient without the factor 4); sklearn's has it.
+    return TSNE(n_components=2, perplexity=perplexity, learning_rate=learning_rate / 4.0,
+                early_exaggeration=early_exaggeration, init="random", method="exact",
+                random_state=seed, **iter_kw).fit_transform(x)
+
+
+def _sklearn_available() -> bool:
+    try:
+        import sklearn.manifold  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tsne_embed(x, *, perplexity: float = 20.0, n_iter: int = 1000, learning_rate: float = 500.0,
+               early_exaggeration: float = 4.0, seed: int = 0, backend: str = "auto") -> np.ndarray:
+    """2-D t-SNE of x [N, D] (numpy or torch); backend "auto" | "sklearn" | "reference"."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be [N, D], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x contains NaN or inf")
+    if x.shape[0] <= perplexity:
+        raise ValueError(f"t-SNE needs more points than the perplexity: N={x.shape[0]}, perplexity={perplexity}")
+    if backend not in ("auto", "sklearn", "reference"):
+        raise ValueError(f"backend must be 'auto', 'sklearn' or 'reference', got {backend!r}")
+    if backend == "auto":
+        backend = "sklearn" if _sklearn_available() else "reference"
+    kw = dict(perplexity=perplexity, n_iter=n_iter, learning_rate=learning_rate,
+              early_exaggeration=early_exaggeration, seed=seed)
+    if backend == "sklearn":
+        if not _sklearn_available():
+            raise ImportError("backend='sklearn' needs scikit-learn (pip install scikit-learn); "
+                              "backend='reference' needs nothing")
+        return _sklearn_tsne(x, **kw)
+    return tsne_reference(x, **kw)
+
+
+def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
+              label_names: Sequence[str] = TSNE_LABELS, title: str = "(b) VQ-GAN") -> tuple[str, str]:
+    """Scatter plot of 2-D points coloured by integer labels; writes ``<out_stem>.png`` and ``.pdf``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting the T-SNE needs matplotlib: pip install matplotlib") from e
+    points = np.asarray(points)
+    labels = np.asarray(labels)
+    if points.ndim != 2 or points.shape[1] != 2 or labels.shape != (points.shape[0],):
+        raise ValueError(f"need points [N, 2] and labels [N], got {points.shape} and {labels.shape}")
+    markers, colors = ["s", "s", "x", "x"], ["red", "blue", "green", "#ED7D31"]
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for i, name in enumerate(label_names):
+        sel = labels == i
+        if sel.any():
+            ax.scatter(points[sel, 0], points[sel, 1], s=160, marker=markers[i % 4], color=colors[i % 4],
+                       label=name, linewidths=4 if markers[i % 4] == "x" else 1)
+    ax.legend()
+    ax.grid(True)
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_stem)), exist_ok=True)
+    png, pdf = out_stem + ".png", out_stem + ".pdf"
+    fig.savefig(png)
+    fig.savefig(pdf)
+    plt.close(fig)
+    return png, pdf
+
+
+def _find_one(folder: str, stem_pattern: str) -> str:
+    for ext in (".npy", ".txt"):
+        hits = sorted(glob.glob(os.path.join(folder, stem_pattern + ext)))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"no embedding file {stem_pattern}.npy or .txt in {folder}")
+
+
+def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size: int = 8, stride: int = 100,
+             out_stem: str = "vqgan_mask_ratio_tsne", title: str = "(b) VQ-GAN", seed: int = 0,
+             backend: str = "auto") -> tuple[str, str]:
+    """T-SNE figure from the CLIP embeddings that :func:`run_clip_eval` (or the reference) wrote.
+
+    Reads ``<ckpt_folder>/*_<crop_size>_{forget,retain}_clip_norm_5k.{npy,txt}`` and the originals'
+    ``{original_}{forget,retain}_clip_norm_5k.*`` (from ``original_folder``, default ``ckpt_folder``), keeps
+    every ``stride``-th row, and writes ``<out_stem>.png`` and ``.pdf``. Returns the two paths.
+    """
+    original_folder = original_folder or ckpt_folder
+    sets = [load_embeddings(_find_one(ckpt_folder, f"*_{crop_size}_{split}_clip_norm_5k"))
+            for split in ("forget", "retain")]
+    for split in ("forget", "retain"):
+        try:
+            path = _find_one(original_folder, f"original_{split}_clip_norm_5k")
+        except FileNotFoundError:
+            path = _find_one(original_folder, f"{split}_clip_norm_5k")  # the reference's pretrained/ name
+        sets.append(load_embeddings(path))
+    sets = [s[::stride] for s in sets]
+    x = np.concatenate(sets)  # [4 * n, D]
+    labels = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])
+    y = tsne_embed(x, seed=seed, backend=backend)
+    return plot_tsne(y, labels, out_stem, title=title)
