@@ -106,10 +106,12 @@ class RetainForgetL2Function(torch.autograd.Function):
     def forward(ctx, latent3, retain_table, forget_table, is_forget, row_index, norm_weight, norm_bias, eps):
         n, t, d = latent3.shape
         norm = (norm_weight, norm_bias, eps) if norm_weight is not None else None
-        grad_scale = 4.0 / (n * t * d)  # d/dx of (2/N)·mean over T·D of (x-y)^2
+        # The kernel stores 2·(x - y), the derivative of (x - y)^2; the 2/(N·T·D) factor is applied in fp32 in
+        # backward, because folding it in here would push fp16 gradients into the subnormal range.
         row_sq, grad = _fused_row_sq_and_grad(latent3, retain_table, forget_table, is_forget, row_index, norm,
-                                              grad_scale, latent3.requires_grad)
+                                              2.0, latent3.requires_grad)
         scale = 2.0 / (n * t * d)
+        ctx.loss_scale = scale
         zero = row_sq.new_zeros(())
         retain_loss = torch.where(is_forget, zero, row_sq).sum() * scale
         forget_loss = torch.where(is_forget, row_sq, zero).sum() * scale
@@ -121,8 +123,8 @@ class RetainForgetL2Function(torch.autograd.Function):
         grad, is_forget = ctx.saved_tensors
         if grad is None or not ctx.needs_input_grad[0]:
             return (None,) * 8
-        per_row = torch.where(is_forget, grad_forget, grad_retain).to(grad.dtype)  # [N]
-        return grad * per_row.view(-1, 1, 1), None, None, None, None, None, None, None
+        per_row = torch.where(is_forget, grad_forget, grad_retain).float() * ctx.loss_scale  # [N] fp32
+        return (grad * per_row.view(-1, 1, 1)).to(grad.dtype), None, None, None, None, None, None, None
 
 
 def _check(latent: torch.Tensor, is_forget: torch.Tensor) -> torch.Tensor:
@@ -143,6 +145,20 @@ def _check_table(name, table, latent, rows_expected=None):
     if table.device != latent.device:
         raise ValueError(f"{name} is on {table.device}, latent on {latent.device}")
     return _as_3d(table.detach()).contiguous()
+
+
+def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_table, forget_table,
+                      names=("guide_rows", "noise_guide_rows")) -> None:
+    """Each class's table must hold a row for every row of that class. Checked only when the labels live
+    on the host (a check on device tensors would cost a sync per step)."""
+    if is_forget.device.type != "cpu" or row_index.device.type != "cpu":
+        return
+    for name, table, rows in ((names[0], retain_table, ~is_forget), (names[1], forget_table, is_forget)):
+        needed = int(row_index[rows].max()) + 1 if bool(rows.any()) else 0
+        have = 0 if table is None else table.shape[0]
+        if needed > have:
+            raise ValueError(f"{name} has {have} rows but the batch needs {needed} "
+                             f"({int(rows.sum())} rows of that class)")
 
 
 def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
@@ -172,6 +188,7 @@ def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[tor
     """
     is_forget = _check(latent, is_forget)
     idx = _row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    _check_table_rows(is_forget, idx, guide_rows, noise_guide_rows)
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), _check_table("guide_rows", guide_rows, latent),
                                         _check_table("noise_guide_rows", noise_guide_rows, latent), is_forget, idx,
                                         None, None, 1e-6)
@@ -189,6 +206,7 @@ def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optio
         raise ValueError(f"norm weight/bias must have shape ({d},), got {tuple(norm_weight.shape)}, "
                          f"{tuple(norm_bias.shape)}")
     idx = _row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    _check_table_rows(is_forget, idx, guide_hidden_rows, noise_hidden_rows, ("guide_hidden_rows", "noise_hidden_rows"))
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(),
                                         _check_table("guide_hidden_rows", guide_hidden_rows, latent),
                                         _check_table("noise_hidden_rows", noise_hidden_rows, latent), is_forget, idx,

@@ -6,6 +6,7 @@ reproducible and a resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import torch
 
@@ -14,7 +15,9 @@ PURPOSES = ("task", "noise", "dropout", "baseline", "data")
 
 def derive_seed(seed: int, *parts) -> int:
     """A 63-bit seed from the base seed and any labels (stable across processes and Python versions)."""
-    h = hashlib.blake2b(repr((int(seed),) + tuple(parts)).encode(), digest_size=8).digest()
+    # integers of any type (numpy ints included) hash like python ints
+    parts = tuple(int(p) if isinstance(p, numbers.Integral) and not isinstance(p, bool) else p for p in parts)
+    h = hashlib.blake2b(repr((int(seed),) + parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 

@@ -1,0 +1,172 @@
+// unlearn_fast._C: argument checks, CPU/CUDA dispatch and the Python module.
+//
+// Every check lives here, so the CPU and CUDA implementations share one contract and one set of error
+// messages: shapes and values -> ValueError, dtypes -> TypeError (c10's typed errors, which torch
+// translates for extensions).
+#include <torch/extension.h>
+
+#include <cmath>
+#include <optional>
+
+#include "unlearn_fast_ops.h"
+
+namespace unlearn_fast {
+namespace {
+
+#ifdef UNLEARN_FAST_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+bool is_half_single(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_device_supported(const char* op, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), op, ": tensors must be on the CPU or a CUDA "
+                    "device, got ", t.device());
+  TORCH_CHECK_VALUE(!t.device().is_cuda() || kWithCuda, op, ": got a CUDA tensor but unlearn_fast._C was built "
+                    "without CUDA kernels; rebuild with UNLEARN_FAST_CUDA=1 pip install --no-build-isolation -e .");
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& latent) {
+  TORCH_CHECK_VALUE(t.device() == latent.device(), op, ": ", name, " is on ", t.device(), " but latent is on ",
+                    latent.device());
+}
+
+// A target table [rows, T, D]; None or any tensor with no elements means "no rows".
+at::Tensor checked_table(const char* name, const std::optional<at::Tensor>& table, const at::Tensor& latent) {
+  constexpr const char* op = "retain_forget_l2_forward";
+  if (!table.has_value() || !table->defined() || table->numel() == 0) {
+    return at::Tensor();
+  }
+  const at::Tensor& t = *table;
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == latent.size(1) && t.size(2) == latent.size(2), op, ": ", name,
+                    " must be [rows, T, D] with T, D = ", latent.size(1), ", ", latent.size(2), " (the latent's), "
+                    "got ", t.sizes());
+  TORCH_CHECK_TYPE(is_half_single(t.scalar_type()), op, ": ", name, " dtype must be float32, float16 or bfloat16, "
+                   "got ", t.scalar_type());
+  check_same_device(op, name, t, latent);
+  return t.detach().contiguous();
+}
+
+at::Tensor checked_norm_param(const char* name, const at::Tensor& p, const at::Tensor& latent) {
+  constexpr const char* op = "retain_forget_l2_forward";
+  const int64_t d = latent.size(2);
+  TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == d, op, ": ", name, " must be [D] with D = ", d, ", got ",
+                    p.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                   p.scalar_type());
+  check_same_device(op, name, p, latent);
+  return p.detach().to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward(
+    const at::Tensor& latent, const std::optional<at::Tensor>& retain_table,
+    const std::optional<at::Tensor>& forget_table, const at::Tensor& row_is_forget, const at::Tensor& row_index,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias, double eps,
+    double grad_scale, bool compute_grad) {
+  constexpr const char* op = "retain_forget_l2_forward";
+  TORCH_CHECK_VALUE(latent.dim() == 3, op, ": latent must be [N, T, D], got ", latent.sizes());
+  TORCH_CHECK_TYPE(is_half_single(latent.scalar_type()), op, ": latent dtype must be float32, float16 or "
+                   "bfloat16, got ", latent.scalar_type());
+  check_device_supported(op, latent);
+  const int64_t n = latent.size(0);
+
+  TORCH_CHECK_VALUE(row_is_forget.dim() == 1 && row_is_forget.size(0) == n, op, ": row_is_forget must be [N] "
+                    "with N = ", n, ", got ", row_is_forget.sizes());
+  TORCH_CHECK_TYPE(row_is_forget.scalar_type() == at::kBool, op, ": row_is_forget must be bool, got ",
+                   row_is_forget.scalar_type());
+  check_same_device(op, "row_is_forget", row_is_forget, latent);
+  TORCH_CHECK_VALUE(row_index.dim() == 1 && row_index.size(0) == n, op, ": row_index must be [N] with N = ", n,
+                    ", got ", row_index.sizes());
+  TORCH_CHECK_TYPE(row_index.scalar_type() == at::kLong || row_index.scalar_type() == at::kInt, op,
+                   ": row_index must be int64 (or int32), got ", row_index.scalar_type());
+  check_same_device(op, "row_index", row_index, latent);
+
+  const bool has_weight = norm_weight.has_value() && norm_weight->defined();
+  const bool has_bias = norm_bias.has_value() && norm_bias->defined();
+  TORCH_CHECK_VALUE(has_weight || !has_bias, op, ": norm_bias given without norm_weight (the LayerNorm on the "
+                    "targets is on exactly when norm_weight is given)");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+
+  RetainForgetL2Args args;
+  args.latent = latent.detach().contiguous();
+  args.row_is_forget = row_is_forget.contiguous();
+  args.row_index = row_index.to(at::kLong).contiguous();
+  args.eps = eps;
+  args.grad_scale = grad_scale;
+  args.compute_grad = compute_grad;
+  if (has_weight) {
+    args.norm_weight = checked_norm_param("norm_weight", *norm_weight, latent);
+    args.norm_bias = has_bias ? checked_norm_param("norm_bias", *norm_bias, latent)
+                              : at::zeros_like(args.norm_weight);
+  }
+
+  // One table dtype for the kernels: an absent table takes the other's; two present tables of
+  // different dtypes are both read as fp32 (a copy).
+  at::Tensor retain = checked_table("retain_table", retain_table, latent);
+  at::Tensor forget = checked_table("forget_table", forget_table, latent);
+  if (retain.defined() && forget.defined() && retain.scalar_type() != forget.scalar_type()) {
+    retain = retain.to(at::kFloat);
+    forget = forget.to(at::kFloat);
+  }
+  const at::TensorOptions table_options =
+      retain.defined() ? retain.options() : (forget.defined() ? forget.options() : latent.options());
+  const std::vector<int64_t> no_rows{0, latent.size(1), latent.size(2)};
+  args.retain_table = retain.defined() ? retain : at::empty(no_rows, table_options);
+  args.forget_table = forget.defined() ? forget : at::empty(no_rows, table_options);
+
+#ifdef UNLEARN_FAST_WITH_CUDA
+  if (latent.device().is_cuda()) {
+    return retain_forget_l2_forward_cuda(args);
+  }
+#endif
+  return retain_forget_l2_forward_cpu(args);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_mean_std(const at::Tensor& x) {
+  constexpr const char* op = "batch_mean_std";
+  TORCH_CHECK_VALUE(x.defined(), op, ": x is undefined");
+  TORCH_CHECK_TYPE(is_half_single(x.scalar_type()) || x.scalar_type() == at::kDouble, op, ": x dtype must be "
+                   "float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  check_device_supported(op, x);
+  const at::Tensor xc = x.detach().contiguous();
+#ifdef UNLEARN_FAST_WITH_CUDA
+  if (xc.device().is_cuda()) {
+    return batch_mean_std_cuda(xc);
+  }
+#endif
+  return batch_mean_std_cpu(xc);
+}
+
+}  // namespace unlearn_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "unlearn_fast._C: fused CPU (and, when built with CUDA, GPU) kernels for unlearn_fast.";
+  m.def("retain_forget_l2_forward", &unlearn_fast::retain_forget_l2_forward, py::arg("latent"),
+        py::arg("retain_table"), py::arg("forget_table"), py::arg("row_is_forget"), py::arg("row_index"),
+        py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(), py::arg("eps") = 1e-6,
+        py::arg("grad_scale") = 1.0, py::arg("compute_grad") = true,
+        R"doc(Per-row squared distance of latent to its target row, and the scaled difference.
+
+latent [N, T, D] (fp32/fp16/bf16); retain_table [R, T, D], forget_table [F, T, D] (None or empty when
+absent); row_is_forget [N] bool; row_index [N] int64: row i's target is forget_table[row_index[i]] if
+row_is_forget[i] else retain_table[row_index[i]]. With norm_weight [D] (and optional norm_bias [D]) the
+target is LayerNorm over D (fp32, biased variance, eps) of that row, times weight plus bias.
+
+Returns (row_sq [N] fp32 = sum over T, D of (x - y)^2, grad [N, T, D] latent dtype = grad_scale * (x - y),
+or None when compute_grad is False). A row whose table is empty (absent) has target 0 (norm_bias after the
+norm), as in the Triton kernel. An out-of-range row_index into a non-empty table raises on CPU; on CUDA
+(which cannot raise without a host sync) it is clamped into the table.)doc");
+  m.def("batch_mean_std", &unlearn_fast::batch_mean_std, py::arg("x"),
+        "(mean, std) of all elements of x as 0-d fp32 tensors; std is unbiased (NaN for one element). "
+        "Chan's parallel combination of per-chunk moments; the CUDA path does not sync the host.");
+  m.def("has_cuda", [] { return unlearn_fast::kWithCuda; },
+        "True when the extension was built with its CUDA kernels (UNLEARN_FAST_WITH_CUDA).");
+}

@@ -1,0 +1,77 @@
+"""Shared fixtures for the whole suite.
+
+On a machine without a GPU, Triton kernels can only run in its interpreter, and triton fixes that mode when
+it is first imported: so TRITON_INTERPRET=1 is set here, before any test module imports it. Ops choose
+Triton only for CUDA tensors, so CPU tests still run on the machine's real default backend.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere, without an install
+    sys.path.insert(0, REPO_ROOT)
+
+
+@pytest.fixture(params=["torch", "default"])
+def op_backend(request, monkeypatch):
+    """Run the test once with ``UNLEARN_FAST_BACKEND=torch`` and once with the machine's default choice.
+
+    backend.py caches the *lookup* of the kernels/extension with lru_cache, but reads the env var on
+    every call, so setting it per test is enough.
+    """
+    if request.param == "torch":
+        monkeypatch.setenv("UNLEARN_FAST_BACKEND", "torch")
+    else:
+        monkeypatch.delenv("UNLEARN_FAST_BACKEND", raising=False)
+    return request.param
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (restored after). Tiny models gain nothing from more threads, and
+    on a loaded 2-core machine OpenMP spin-waiting makes them several times slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def gen():
+    """A fresh CPU generator seeded with 0."""
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def make_mae_micro():
+    """``make_mae_micro(seed=0, **kwargs)`` -> a freshly initialised ``mae_micro`` (same seed, same weights)."""
+    from unlearn_fast.models import create_model
+
+    def make(seed: int = 0, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model("mae_micro", **kwargs)
+    return make
+
+
+@pytest.fixture
+def reference_keys_dir():
+    """The official key listings: $UNLEARN_FAST_REFERENCE_KEYS or ../shared/reference-keys of the repo root.
+    Skips the test when neither exists."""
+    candidates = [os.environ.get("UNLEARN_FAST_REFERENCE_KEYS", ""),
+                  os.path.join(REPO_ROOT, "..", "shared", "reference-keys")]
+    for c in candidates:
+        if c and os.path.isfile(c):  # the variable may name one listing file
+            c = os.path.dirname(c)
+        if c and os.path.isdir(c):
+            return os.path.abspath(c)
+    pytest.skip("reference key listings not found (set UNLEARN_FAST_REFERENCE_KEYS)")

@@ -1,0 +1,81 @@
+"""Shared test helpers: tolerances per dtype and an allclose that prints the worst mismatches.
+
+Tolerances (``rtol``, ``atol``) are for comparing a fused/fast result with its plain-PyTorch twin when both
+start from the same inputs of that dtype:
+
+- fp32: only the reduction order differs -> 1e-5 relative.
+- fp16 / bf16 *inputs*: losses are accumulated in fp32 from the same low-precision values, so they match
+  to fp32 accuracy; values *stored* in the low-precision dtype (gradients, outputs) may differ by an ulp
+  (fp16: 2^-10 ~ 1e-3, bf16: 2^-7 ~ 8e-3).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+
+
+def tol(dtype: torch.dtype) -> Dict[str, float]:
+    """``dict(rtol=..., atol=...)`` for values stored in ``dtype`` (see the module docstring)."""
+    if dtype not in TOLERANCES:
+        raise KeyError(f"no tolerance for {dtype}")
+    return dict(TOLERANCES[dtype])
+
+
+def assert_close_report(actual, expected, rtol: float, atol: float, name: str = "", top: int = 5) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (compared in fp64).
+
+    On failure the message lists the ``top`` worst elements (index, actual, expected, error) and the
+    max absolute / relative error, so a failing CI log says *where* and *by how much*.
+    """
+    a = torch.as_tensor(actual).detach().to("cpu", torch.float64)
+    e = torch.as_tensor(expected).detach().to("cpu", torch.float64)
+    label = f"{name}: " if name else ""
+    if a.shape != e.shape:
+        raise AssertionError(f"{label}shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
+    if not torch.equal(a_nan, e_nan):
+        raise AssertionError(f"{label}NaN pattern differs: {int(a_nan.sum())} NaNs in actual, "
+                             f"{int(e_nan.sum())} in expected")
+    a, e = torch.where(a_nan, 0.0, a), torch.where(e_nan, 0.0, e)
+    err = (a - e).abs()
+    excess = err - (atol + rtol * e.abs())
+    bad = excess > 0
+    if not bool(bad.any()):
+        return
+    flat_excess = excess.reshape(-1)
+    k = min(top, int(bad.sum()))
+    worst = torch.topk(flat_excess, k).indices
+    lines = []
+    for i in worst.tolist():
+        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), a.shape)) if a.dim() else ()
+        av, ev = a.reshape(-1)[i].item(), e.reshape(-1)[i].item()
+        lines.append(f"  at {idx}: actual {av:.9g}, expected {ev:.9g}, |err| {abs(av - ev):.3g}")
+    rel = (err / e.abs().clamp_min(1e-30)).max().item()
+    raise AssertionError(f"{label}{int(bad.sum())}/{a.numel()} elements outside rtol={rtol:g}, atol={atol:g} "
+                         f"(max abs err {err.max().item():.3g}, max rel err {rel:.3g}); worst:\n" + "\n".join(lines))
+
+
+def max_param_diff(model_a: torch.nn.Module, model_b: torch.nn.Module) -> float:
+    """Largest absolute elementwise difference between the parameters of two same-architecture models."""
+    worst = 0.0
+    for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert na == nb, f"parameter order differs: {na} vs {nb}"
+        worst = max(worst, (pa.detach().double() - pb.detach().double()).abs().max().item())
+    return worst
+
+
+def running_as_root() -> bool:
+    """Root ignores file permissions: chmod-based read-only tests must skip."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+__all__ = ["TOLERANCES", "tol", "assert_close_report", "max_param_diff", "running_as_root"]

@@ -1,0 +1,28 @@
+"""Triton kernels (the lowest layer: they know no models). See each module's docstring for the math.
+
+Importing this package never fails: without a usable Triton, ``TRITON_AVAILABLE`` is False, the reason is in
+``TRITON_IMPORT_ERROR`` and the functions raise RuntimeError when called. The kernels run on CUDA tensors, or
+on CPU tensors under ``TRITON_INTERPRET=1`` (which must be set before this package is imported: Triton picks
+compiled or interpreted kernels when they are defined).
+"""
+from __future__ import annotations
+
+TRITON_IMPORT_ERROR = None
+
+try:
+    from .batch_noise import NOISE_KINDS, batch_mean_std, philox_batch_noise, philox_standard_normal
+    from .retain_forget_l2 import MAX_NORM_D, retain_forget_l2_forward
+    TRITON_AVAILABLE = True
+except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
+    TRITON_AVAILABLE = False
+    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    NOISE_KINDS = ("normal", "uniform", "constant")
+    MAX_NORM_D = 0
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError(f"unlearn_fast.kernels: Triton is unavailable ({TRITON_IMPORT_ERROR})")
+
+    batch_mean_std = philox_batch_noise = philox_standard_normal = retain_forget_l2_forward = _unavailable
+
+__all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "batch_mean_std",
+           "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward"]
