@@ -1,0 +1,157 @@
+"""``unlearn-fast generate | eval | tsne | report``: the reference's evaluation scripts as subcommands.
+
+    unlearn-fast generate --task inpaint --ckpt_path out/run/checkpoint-5.pth --vqgan_ckpt pretrained/vqgan_jax_strongaug.ckpt
+    unlearn-fast eval --dst out/run/checkpoint-5-inpaint/ --task inpaint --data_root ../dataset/imagenet1k/val/
+    unlearn-fast eval --dst out/run/checkpoint-5-inpaint/ --task inpaint --clip     # clip_cosine_inpaint.csv
+    unlearn-fast tsne --ckpt_folder out/run/checkpoint-5-inpaint/ --crop_size 8
+    unlearn-fast report out/run/
+Weights are read from local files only (flags, environment variables or ./pretrained/); a missing file
+is named with the flag that points to it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List
+
+import torch
+
+
+def _device(spec: str) -> torch.device:
+    from .unlearn_command import resolve_device
+    return resolve_device(spec)
+
+
+def _test_items(data_root: str, forget, retain, per_class: int):
+    """(path, split, wnid, name) for the reference test set: every val image of the forget and retain classes
+    (``full_test.csv`` = 50 per class of the 200 ImageNet-R classes), sorted."""
+    from ..train.data_split import list_images
+    val = os.path.join(data_root, "val") if os.path.isdir(os.path.join(data_root, "val")) else data_root
+    items = []
+    for split, classes in (("forget", forget), ("retain", retain)):
+        for wnid in classes:
+            folder = os.path.join(val, wnid)
+            if not os.path.isdir(folder):
+                raise ValueError(f"test class folder not found: {folder}")
+            files = list_images(folder)
+            if not files:
+                raise ValueError(f"test class folder has no images: {folder}")
+            items += [(p, split, wnid, os.path.basename(p)) for p in files[:per_class]]
+    return items
+
+
+def generate_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="unlearn-fast generate",
+                                description="MAGE inpaint/outpaint of the test set (reference testpaint.py), batched")
+    p.add_argument("--task", required=True, choices=("inpaint", "outpaint"))
+    p.add_argument("--ckpt_path", required=True, help="checkpoint-{epoch}.pth (or a pretrained MAGE checkpoint)")
+    p.add_argument("--model", default="mage_vit_base_patch16")
+    p.add_argument("--vqgan_ckpt", default=None, help="VQGAN tokenizer checkpoint, if the model checkpoint lacks it")
+    p.add_argument("--dataset", default="img", choices=("img",), help="as the reference (ImageNet)")
+    p.add_argument("--data_root", default="../dataset/imagenet1k/")
+    p.add_argument("--input_size", type=int, default=256)
+    p.add_argument("--forget_classes", default=None, help="comma-separated (default: the reference split)")
+    p.add_argument("--retain_classes", default=None)
+    p.add_argument("--per_class", type=int, default=50, help="test images per class (reference: all 50)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--channel_order", default="bgr", choices=("bgr", "rgb"),
+                   help="bgr reproduces the reference's R/B-swapped files (RGB arrays written through cv2)")
+    p.add_argument("--output", default=None, help="default: <ckpt without .pth>-<task> (as the reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    from ..models import create_model
+    from ..models.mage_generate import run_paint
+    from ..train.checkpoint import load_checkpoint_file, load_model_state, model_state_from
+    from ..train.data_split import parse_class_list, reference_class_split
+    from ..train.image_datasets import eval_transform, load_rgb_image
+    if not os.path.isfile(a.ckpt_path):
+        raise ValueError(f"--ckpt_path not found: {a.ckpt_path}")
+    if a.forget_classes or a.retain_classes:
+        forget, retain = parse_class_list(a.forget_classes or ""), parse_class_list(a.retain_classes or "")
+    else:
+        forget, retain = reference_class_split()
+    items = _test_items(a.data_root, forget, retain, a.per_class)
+    dev = _device(a.device)
+    model = create_model(a.model, img_size=a.input_size)
+    if a.vqgan_ckpt:
+        from ..models.vqgan import load_vqgan_checkpoint
+        load_vqgan_checkpoint(model, a.vqgan_ckpt)
+    load_model_state(model, model_state_from(load_checkpoint_file(a.ckpt_path), a.ckpt_path), a.ckpt_path)
+    model.to(dev).eval()
+    tf = eval_transform(a.input_size)
+    batches = []
+    for i in range(0, len(items), a.batch_size):
+        chunk = items[i:i + a.batch_size]
+        images = torch.stack([tf(load_rgb_image(path)) for path, *_ in chunk])
+        batches.append((images, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk]))
+    out = a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}"
+    paths = run_paint(model, batches, out, a.task, seed=a.seed, channel_order=a.channel_order)
+    print(f"unlearn-fast generate: wrote {len(paths)} images under {out}")
+    return 0
+
+
+def eval_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="unlearn-fast eval", description="FID/IS (eval.py) or CLIP cosine "
+                                                                       "(clip_embed.py) of a generated folder")
+    p.add_argument("--dst", required=True, help="generated folder (<ckpt>-<task>/ for MAGE, results/test/0/0.50 "
+                                                 "for Palette)")
+    p.add_argument("--task", default="inpaint", choices=("inpaint", "outpaint"))
+    p.add_argument("--data_root", default="../dataset/imagenet1k/val/", help="original (uncropped) val images")
+    p.add_argument("--clip", action="store_true", help="CLIP cosine instead of FID/IS")
+    p.add_argument("--palette_class_list", default=None, help="Places-365 class.txt: evaluate a Palette folder")
+    p.add_argument("--mask_ratio", type=float, default=0.5)
+    p.add_argument("--cleanfid_inception", default=None, help="clean-fid inception-2015-12-05.pt")
+    p.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state dict (IS)")
+    p.add_argument("--clip_weights", default=None, help="open_clip ViT-H-14 laion2b weights")
+    p.add_argument("--places365_weights", default=None, help="resnet50_places365.pth.tar (Palette IS)")
+    p.add_argument("--csv_dir", default=".", help="where the reference CSVs are appended")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    from ..eval import pipeline
+    dev = _device(a.device)
+    if not os.path.isdir(a.dst):
+        raise ValueError(f"--dst is not a folder: {a.dst}")
+    if a.palette_class_list:
+        pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
+                                  cleanfid_weights=a.cleanfid_inception, places365_weights=a.places365_weights,
+                                  inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
+                                  batch_size=a.batch_size, num_workers=a.num_workers)
+    elif a.clip:
+        pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights, csv_dir=a.csv_dir,
+                               device=dev, batch_size=a.batch_size)
+    else:
+        pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
+                          inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
+                          batch_size=a.batch_size, num_workers=a.num_workers)
+    return 0
+
+
+def tsne_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="unlearn-fast tsne", description="T-SNE of CLIP embeddings (tsne_visual.py)")
+    p.add_argument("--ckpt_folder", required=True)
+    p.add_argument("--original_folder", default=None, help="where {forget,retain}_clip_norm_5k.* of the originals are")
+    p.add_argument("--crop_size", type=int, default=8)
+    p.add_argument("--stride", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from ..eval.tsne import run_tsne
+    png, pdf = run_tsne(a.ckpt_folder, original_folder=a.original_folder, crop_size=a.crop_size, stride=a.stride,
+                        seed=a.seed)
+    print(f"unlearn-fast tsne: wrote {png} and {pdf}")
+    return 0
+
+
+def report_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="unlearn-fast report", description="one self-contained HTML page for a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: <run_dir>/report.html")
+    a = p.parse_args(argv)
+    from ..eval.report import write_report
+    if not os.path.isdir(a.run_dir):
+        raise ValueError(f"not a run directory: {a.run_dir}")
+    path = write_report(a.run_dir, a.out)
+    print(f"unlearn-fast report: wrote {path}")
+    return 0
