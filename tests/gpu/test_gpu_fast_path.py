@@ -99,6 +99,18 @@ def test_philox_noise_on_gpu_reproducible_and_normal():
     assert abs(z.std().item() / wide.std().item() - 1) < 1e-2
 
 
+def _comparable(model):
+    """Parameters to compare between trajectories. The key third of each qkv bias has an exactly zero true
+    gradient (softmax is invariant to a per-query constant), so its gradient is pure rounding noise that
+    AdamW normalises into lr-sized steps: it is left out."""
+    for name, p in model.named_parameters():
+        if name.endswith("attn.qkv.bias"):
+            d = p.shape[0] // 3
+            yield torch.cat([p[:d], p[2 * d:]])
+        else:
+            yield p
+
+
 def _mae_setups(precision, fast=True, capturable=True):
     torch.manual_seed(0)
     m = unlearn_fast.create_model("mae_micro")
@@ -119,7 +131,7 @@ def test_graphed_step_matches_eager_fast_step(precision, tol):
         fast_step(a, images, is_forget, step, noise_seed=7)
         graphed(images, is_forget, step, 1e-3)
     assert graphed.graph is not None
-    diffs = [_rel(p, q) for p, q in zip(a.student.parameters(), b.student.parameters())]
+    diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b.student))]
     assert max(diffs) <= tol, max(diffs)
 
 
@@ -134,5 +146,5 @@ def test_fast_step_matches_reference_step_20_steps(precision, tol):
         is_forget = torch.rand(16, generator=g) < 0.5
         reference_step(a, images, is_forget, step)
         fast_step(b2, images, is_forget, step)
-    diffs = [_rel(p, q) for p, q in zip(a.student.parameters(), b2.student.parameters())]
+    diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b2.student))]
     assert max(diffs) <= tol, max(diffs)
