@@ -16,6 +16,8 @@ commands:
   demo         the embedded default: pretrain a small MAE on bundled MNIST digits, forget some digits, report
   unlearn      encoder unlearning with the flags of the reference main_unlearn.py
   baseline     the paper's baselines with the flags of the reference main_baseline.py (--loss_type ...)
+  palette-unlearn  Palette (diffusion) unlearning: the reference unlearn.py flags and JSON config (-c)
+  palette-test     sample the Palette test set with --ckpt (run.py -p test output layout)
   generate     MAGE inpaint/outpaint generation in the reference layout (testpaint.py)
   eval         FID / IS / CLIP cosine of generated folders (eval.py, clip_embed.py)
   tsne         T-SNE figure of CLIP embeddings (tsne_visual.py)
@@ -44,6 +46,9 @@ def _run(command: str, argv: List[str]) -> int:
         from ..models import list_models
         print("\n".join(list_models()))
         return 0
+    if command in ("palette-unlearn", "palette-test"):
+        from .palette_command import palette_test_main, palette_unlearn_main
+        return palette_unlearn_main(argv) if command == "palette-unlearn" else palette_test_main(argv)
     if command in ("generate", "eval", "tsne", "report"):
         from . import tools
         return getattr(tools, f"{command}_main")(argv)

@@ -33,7 +33,8 @@ from .adapter import I2IModel, TaskDraw
 from .mage_masking import sample_mage_masks
 from .registry import register_model
 from .vit_blocks import Mlp, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
-from .vqgan import VQGAN, VQGAN_F16_DDCONFIG, _torch_load_trusted, load_state_dict_strict, load_vqgan_checkpoint
+from .state_dict_io import load_state_dict_strict, read_checkpoint
+from .vqgan import VQGAN, VQGAN_F16_DDCONFIG, load_vqgan_checkpoint
 
 LABEL_SMOOTHING = 0.1
 
@@ -311,7 +312,7 @@ def load_mage_checkpoint(model: MaskedGenerativeEncoderViT, path: str) -> Masked
     """Strictly load an official MAGE checkpoint (``{'model': sd, ...}``, e.g. ``mage-vitb-1600.pth`` or a
     ``checkpoint-N.pth`` whose ``args`` is a pickled ``argparse.Namespace``, allow-listed for
     ``weights_only=True``), or a bare state dict. Raises ValueError listing missing/unexpected/mis-shaped keys."""
-    ckpt = _torch_load_trusted(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, expected a dict")
     state = ckpt["model"] if "model" in ckpt else ckpt

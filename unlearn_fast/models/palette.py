@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapter import I2IModel, TaskDraw
 from .registry import register_model
+from .state_dict_io import state_dict_mismatch
 from .palette_unet import UNet, init_palette_weights
 
 SCHEDULE_BUFFERS = ("gammas", "sqrt_recip_gammas", "sqrt_recipm1_gammas", "posterior_log_variance_clipped",
@@ -308,18 +309,11 @@ def load_palette_checkpoint(model: Network, path_or_state: Union[str, os.PathLik
     else:
         state = dict(state, **{k: model._buffers[k] for k in SCHEDULE_BUFFERS})
 
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        def show(xs):
-            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "") if xs else "none"
+    parts = state_dict_mismatch(model.state_dict(), state)
+    if parts:
         hint = (" (the model has a teacher the file lacks: load first, then attach_teacher())"
-                if any(k.startswith("teacher_denoise_fn.") for k in missing) else "")
-        raise ValueError(f"{where} does not match the model{hint}.\n  missing: {show(missing)}\n"
-                         f"  unexpected: {show(unexpected)}\n  shape mismatch: {show(mismatched)}")
+                if any(k.startswith("teacher_denoise_fn.") for k in model.state_dict() if k not in state) else "")
+        raise ValueError(f"{where} does not match the model{hint}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model
 

@@ -14,12 +14,13 @@ Token ids are row-major over the latent grid: ``ids[n, i * w + j]`` is the code 
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .state_dict_io import load_state_dict_strict, read_checkpoint
 
 #: ddconfig of the official tokenizer (MAGE's config/vqgan.yaml)
 VQGAN_F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
@@ -232,54 +233,13 @@ class VQGAN(nn.Module):
         return self.decode_ids(ids), ids
 
 
-def _torch_load_trusted(path: str):
-    """torch.load with weights_only=True; ``argparse.Namespace`` (pickled by official MAGE checkpoints)
-    is allow-listed. On a torch without allow-lists (< 2.4) the file is loaded with weights_only=False:
-    only do that for files you trust (the official releases)."""
-    import argparse
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    ser = torch.serialization
-    try:
-        if hasattr(ser, "safe_globals"):
-            with ser.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        if hasattr(ser, "add_safe_globals"):
-            ser.add_safe_globals([argparse.Namespace])
-            return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=False)  # trusted official file, old torch
-    except Exception as e:  # truncated file, not a torch file, a disallowed pickled global, ...
-        msg = str(e).splitlines()[0][:300] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {msg}") from None
-
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` with one error listing missing, unexpected and mis-shaped keys.
-    A module on the meta device (``with torch.device("meta"): create_model(...)``) is loaded with
-    ``assign=True``: it ends up holding the file's tensors, with its own ``requires_grad`` flags."""
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{what}: not a state dict of tensors")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def head(xs):
-            return ", ".join(xs[:8]) + (f", ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
-        parts = [f"{len(xs)} {label} ({head(xs)})" for label, xs in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs]
-        raise ValueError(f"{what} does not fit {type(module).__name__}: " + "; ".join(parts))
-    # a model built on the meta device takes the file's tensors (assign) instead of copying into nothing
-    module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
-
-
 def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
     """Load ``vqgan_jax_strongaug.ckpt`` (or any file in its layout) strictly into a :class:`VQGAN`, or into
     the ``.vqgan`` of a MAGE model. The file is either ``{'state_dict': sd, ...}`` (Lightning) or ``sd``."""
     vqgan = getattr(model_or_vqgan, "vqgan", model_or_vqgan)
     if not isinstance(vqgan, VQGAN):
         raise TypeError(f"expected a VQGAN or a model with a .vqgan, got {type(model_or_vqgan).__name__}")
-    ckpt = _torch_load_trusted(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, expected a dict")
     state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt

@@ -1,0 +1,258 @@
+"""``unlearn-fast palette-unlearn`` / ``palette-test``: the reference ``unlearn.py`` and ``run.py -p test`` for
+Palette (REFERENCE.md §3, §4.3, §5.5), with the same flags and JSON configs.
+
+    unlearn-fast palette-unlearn -c config/inpainting_places2_unlearn.json -p train --fix_decoder 1 \\
+        --forget_alpha 0.1 --ckpt 16_Network.pth --class_list datasets/place365/flist/class.txt
+    unlearn-fast palette-test -c config/inpainting_places2_unlearn_test.json \\
+        --ckpt experiments/<run>/checkpoint/2_Network.pth --class_list datasets/place365/flist/class.txt
+
+The flags pick the approach (``--fix_decoder 1``: Ours; see unlearn_fast.train.palette_steps for the table).
+Which config keys are read, and their defaults: unlearn_fast.cli.palette_config. Everything that can be
+checked is checked before the run directory is created.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+import torch
+
+from ..models.palette import SCHEDULE_BUFFERS, Network, load_palette_checkpoint
+from ..models.palette_sampler import palette_restore, palette_test_result_dir, write_restoration_images
+from ..train.balanced_sampler import ReferenceShuffleBatchSampler
+from ..train.palette_data import (PaletteInpaintDataset, read_class_list, select_places365_test,
+                                  select_places365_train)
+from ..train.palette_steps import PALETTE_PRECISIONS, approach_from_flags, build_palette_setup
+from ..train.palette_trainer import PALETTE_STEP_MODES, palette_run_dir_name, palette_train_loop, write_config_json
+from ..train.run_outputs import check_output_dir
+from ..train.seeding import step_generator
+from .palette_config import load_palette_config, resolve_palette_job
+from .unlearn_command import resolve_device
+
+REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")
+
+
+def build_palette_parser(prog: Optional[str] = None, default_phase: str = "train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Palette unlearning / test (the reference unlearn.py flags)")
+    g = p.add_argument_group("reference flags (unlearn.py)")
+    g.add_argument("-c", "--config", type=str, default=None, help="JSON file for configuration (// comments allowed)")
+    g.add_argument("-p", "--phase", type=str, choices=["train", "test"], default=default_phase,
+                   help="train: unlearn; test: sample the test set with --ckpt")
+    g.add_argument("-b", "--batch", type=int, default=None, help="batch size (overrides the config's dataloader)")
+    g.add_argument("-gpu", "--gpu_ids", type=str, default=None, help="accepted and ignored: one process; use --device")
+    g.add_argument("-d", "--debug", action="store_true", help="name the run debug_<name>; the config's debug keys "
+                                                               "replace its train keys")
+    g.add_argument("-P", "--port", default="21012", type=str, help="accepted and ignored (no DDP)")
+    g.add_argument("--fix_decoder", default=0, type=int, help="1: train the encoder only against a frozen teacher")
+    g.add_argument("--forget_alpha", default=0.1, type=float, help="weight of the forget term")
+    g.add_argument("--max_loss", default=0, type=int, help="1: MAX LOSS baseline (forget term weighted -alpha)")
+    g.add_argument("--learn_noise", default=0, type=int,
+                   help="1: NOISY LABEL baseline; with --fix_decoder 1: RANDOM ENCODER")
+    g.add_argument("--learn_others", default=0, type=int, help="1: RETAIN LABEL baseline")
+    g.add_argument("--ckpt", type=str, default=None,
+                   help="train: the pretrained {epoch}_Network.pth to unlearn; test: the checkpoint to sample")
+    f = p.add_argument_group("unlearn_fast flags")
+    f.add_argument("--data_root", type=str, default=None, help="Places-365 root with train_256/ and val_256/ "
+                                                                "(default: the config's data_root)")
+    f.add_argument("--class_list", type=str, default=None,
+                   help=f"the class list (default: {REFERENCE_CLASS_LIST} from the working directory, as the "
+                        "reference, else <data_root>/flist/class.txt)")
+    f.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda when available)")
+    f.add_argument("--seed", type=int, default=None,
+                   help="seed for every draw (default: the config's seed if >= 0, else 0)")
+    f.add_argument("--output_dir", type=str, default=None, help="where run directories go (default: path.base_dir)")
+    f.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")
+    f.add_argument("--no_progress", action="store_true", help="no progress bar")
+    f.add_argument("--step", default="fast", choices=PALETTE_STEP_MODES,
+                   help="fast: fused loss, no per-step host sync, foreach EMA; reference: the official step's costs")
+    f.add_argument("--precision", default="fp32", choices=PALETTE_PRECISIONS,
+                   help="fp32: as the reference; bf16: both UNets under bf16 autocast (opt-in, faster on GPUs)")
+    f.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
+    f.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: the config's)")
+    f.add_argument("--steps", type=int, default=None,
+                   help="test: stop the sampler after this many steps (timing/smoke only: not finished samples)")
+    f.add_argument("--max_images", type=int, default=None, help="test: sample only the first N test images")
+    return p
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def find_class_list(explicit: Optional[str], data_root: str) -> str:
+    if explicit:
+        _need(os.path.isfile(explicit), f"--class_list not found: {explicit}")
+        return explicit
+    tried = [REFERENCE_CLASS_LIST, os.path.join(data_root, "flist", "class.txt")]
+    for path in tried:
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"no class list found (tried {', '.join(tried)}); pass --class_list "
+                     "(the reference's datasets/place365/flist/class.txt)")
+
+
+def _check_common(args) -> None:
+    _need(args.ckpt is not None, "--ckpt is required (the Palette {epoch}_Network.pth to start from)")
+    _need(os.path.isfile(args.ckpt), f"--ckpt not found: {args.ckpt}")
+    _need(args.batch is None or args.batch >= 1, f"-b/--batch must be >= 1, got {args.batch}")
+    _need(args.num_workers is None or args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.gpu_ids is not None:
+        print("unlearn_fast: -gpu is ignored (one process); choose the GPU with --device cuda:N")
+
+
+def _build_network(job, phase: str) -> Network:
+    factor = 2 ** (len(job.unet.get("channel_mults", [1, 2, 4, 8])) - 1)
+    _need(job.image_size[0] % factor == 0 and job.image_size[1] % factor == 0,
+          f"image_size {list(job.image_size)} must be a multiple of {factor} for this UNet")
+    try:
+        return Network(job.unet, job.beta_schedule, phase=phase, module_name=job.module_name, init_weights=False)
+    except TypeError as e:  # an unknown UNet argument in the config
+        raise ValueError(f"model.which_networks[0].args.unet: {e}") from None
+
+
+def run_palette_unlearn(args) -> str:
+    """Unlearn; returns the run directory. ``-p test`` runs :func:`run_palette_test` instead (as unlearn.py)."""
+    if args.phase == "test":
+        return run_palette_test(args)
+    approach = approach_from_flags(args.fix_decoder, args.max_loss, args.learn_noise, args.learn_others)
+    cfg = load_palette_config(args.config)
+    job = resolve_palette_job(cfg, "train", source=args.config, batch=args.batch, data_root=args.data_root,
+                              num_workers=args.num_workers, seed=args.seed, debug=args.debug)
+    _check_common(args)
+    _need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+          f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
+    _need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
+    device = resolve_device(args.device)
+    classes = read_class_list(find_class_list(args.class_list, job.data_root))
+    items = select_places365_train(job.data_root, classes, job.number_img_per_class, job.seed,
+                                   open_proxy=job.dataset == "OpenForgetInpaintDataset")
+    dataset = PaletteInpaintDataset(items, job.image_size, seed=job.seed, mask_mode="hybrid")
+    sampler = ReferenceShuffleBatchSampler(len(items), job.batch_size, seed=job.seed)
+    steps = min(sampler.steps_per_epoch, args.max_steps_per_epoch or sampler.steps_per_epoch)
+
+    network = _build_network(job, "train")
+    load_network_file(network, args.ckpt)
+    setup = build_palette_setup(network, device, approach, args.forget_alpha, lr=job.lr,
+                                weight_decay=job.weight_decay, ema_decay=job.ema_decay, seed=job.seed,
+                                fast=args.step == "fast", precision=args.precision)
+
+    base = args.output_dir or job.base_dir
+    run_dir = os.path.join(base, palette_run_dir_name(job.opt_name, args.learn_others, args.fix_decoder,
+                                                      args.forget_alpha, args.max_loss, args.learn_noise))
+    _need(not (os.path.isdir(run_dir) and os.listdir(run_dir)),
+          f"run directory {run_dir} already exists and is not empty (runs are named by the second they start)")
+    check_output_dir(run_dir)
+    n_forget = sum(1 for _, lab in items if lab < 0)
+    written = dict(cfg, name=job.opt_name, phase="train", distributed=False)
+    written["unlearn_fast"] = dict(
+        approach=approach, fix_decoder=args.fix_decoder, forget_alpha=args.forget_alpha, max_loss=args.max_loss,
+        learn_noise=args.learn_noise, learn_others=args.learn_others, ckpt=os.path.abspath(args.ckpt),
+        seed=job.seed, device=str(device), step=args.step, precision=args.precision, batch_size=job.batch_size,
+        n_epoch=job.n_epoch,
+        steps_per_epoch=steps, images=len(items), forget_images=n_forget, data_root=job.data_root)
+    write_config_json(run_dir, written)
+    print(f"unlearn_fast: Palette '{approach}', {len(items)} images ({n_forget} forget), {steps} steps/epoch x "
+          f"{job.n_epoch} epochs, batch {job.batch_size}, step '{args.step}', {args.precision}, device {device}")
+    print(f"unlearn_fast: writing to {run_dir}")
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=job.num_workers,
+                                         pin_memory=device.type == "cuda")
+
+    def epoch_batches(epoch):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        return iter(loader)
+
+    palette_train_loop(setup, epoch_batches, steps, n_epoch=job.n_epoch, run_dir=run_dir,
+                       checkpoint_subdir=job.checkpoint_subdir, step_mode=args.step,
+                       readback_every=args.readback_every, progress=not args.no_progress, log_iter=job.log_iter,
+                       save_checkpoint_epoch=job.save_checkpoint_epoch)
+    return run_dir
+
+
+def read_palette_state(path: str) -> dict:
+    """The plain state dict of a ``{epoch}_Network.pth``; a ValueError naming the file if it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects, ...
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    _need(isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()),
+          f"{path}: expected a plain state dict of tensors (an official {{epoch}}_Network.pth)")
+    return state
+
+
+def load_network_file(network: Network, path: str, test: bool = False) -> None:
+    """Load ``path`` into ``network`` as unlearn.py (train) / run.py -p test (test) do; errors name the file."""
+    state = read_palette_state(path)
+    has_schedule = any(k.split("module.", 1)[-1] in SCHEDULE_BUFFERS for k in state)
+    if test and not has_schedule:
+        print(f"unlearn_fast: {path} holds no noise schedule (an _ema.pth file?); sampling with the config's "
+              "test beta_schedule")
+    try:  # teacher keys in the file are dropped: unlearn.py attaches a fresh teacher after loading
+        load_palette_checkpoint(network, state, ignore_teacher_keys=True, require_schedule=has_schedule or not test)
+    except ValueError as e:
+        raise ValueError(f"--ckpt {path}: {e}") from None
+
+
+def run_palette_test(args) -> str:
+    """Sample the test set with ``--ckpt``; returns ``<ckpt without .pth>/results/test/0/<mask_ratio>``."""
+    cfg = load_palette_config(args.config)
+    job = resolve_palette_job(cfg, "test", source=args.config, batch=args.batch, data_root=args.data_root,
+                              num_workers=args.num_workers, seed=args.seed, debug=args.debug)
+    _check_common(args)
+    _need(args.max_images is None or args.max_images >= 1, f"--max_images must be >= 1, got {args.max_images}")
+    device = resolve_device(args.device)
+    classes = read_class_list(find_class_list(args.class_list, job.data_root))
+    items = select_places365_test(job.data_root, classes, job.number_img_per_class)[:args.max_images]
+    network = _build_network(job, "test")
+    load_network_file(network, args.ckpt, test=True)
+    network.to(device).eval()
+    _need(job.sample_num < network.num_timesteps,
+          f"sample_num {job.sample_num} must be smaller than the number of timesteps {network.num_timesteps}")
+    _need(args.steps is None or 1 <= args.steps <= network.num_timesteps,
+          f"--steps must be in [1, {network.num_timesteps}], got {args.steps}")
+    dataset = PaletteInpaintDataset(items, job.image_size, seed=job.seed, mask_mode="center",
+                                    mask_ratio=job.mask_ratio)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=job.batch_size, shuffle=False,
+                                         num_workers=job.num_workers, pin_memory=device.type == "cuda")
+    result_dir = palette_test_result_dir(args.ckpt, job.mask_ratio, epoch=0)
+    print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, "
+          f"{args.steps or network.num_timesteps} steps, device {device} -> {result_dir}")
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(items), desc="palette-test", dynamic_ncols=True, leave=False)
+        except ImportError:
+            pass
+    for i, (sample, _labels) in enumerate(loader):
+        gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
+        g = step_generator(job.seed, 0, i, "noise", device)
+        _, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,
+                                     steps=args.steps)
+        write_restoration_images(result_dir, list(sample["path"]), gt.cpu(), visuals.cpu(), mask.cpu())
+        if bar is not None:
+            bar.update(gt.shape[0])
+    if bar is not None:
+        bar.close()
+    return result_dir
+
+
+def palette_unlearn_main(argv: Optional[List[str]] = None) -> int:
+    args = build_palette_parser("unlearn-fast palette-unlearn").parse_args(argv)
+    run_palette_unlearn(args)
+    return 0
+
+
+def palette_test_main(argv: Optional[List[str]] = None) -> int:
+    args = build_palette_parser("unlearn-fast palette-test", default_phase="test").parse_args(argv)
+    _need(args.phase == "test", "palette-test samples the test set; use palette-unlearn -p train to unlearn")
+    run_palette_test(args)
+    return 0
+
+
+__all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
+           "palette_test_main", "find_class_list", "read_palette_state", "load_network_file"]

@@ -1,0 +1,210 @@
+"""The reference's Palette JSON configs (``config/inpainting_places2_unlearn[_open|_test].json``), read as
+``core/praser.py`` reads them: ``//`` starts a comment on any line (so a ``//`` inside a string is cut too).
+
+Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or ``test``; ``NET`` is
+``model.which_networks[0].args``, ``MODEL`` is ``model.which_model.args``, ``DS`` is
+``datasets.<phase>.which_dataset`` and ``DL`` is ``datasets.<phase>.dataloader.args``.
+
+    name                              run-dir name part; "inpainting_places2"
+    seed                              used when --seed is not given and it is >= 0; else 0
+    path.base_dir, path.checkpoint    "experiments", "checkpoint" (--output_dir overrides base_dir)
+    NET.unet                          REQUIRED: the UNet arguments
+    NET.beta_schedule                 REQUIRED: {"train": {...}, "test": {...}} (or one flat dict)
+    NET.module_name                   "guided_diffusion" (the only one implemented)
+    MODEL.optimizers[0].lr            5e-5
+    MODEL.optimizers[0].weight_decay  0
+    MODEL.ema_scheduler.ema_decay     0.9999; without ema_scheduler (or null): no EMA, no _ema.pth (as the reference)
+    MODEL.sample_num                  8 (test)
+    DS.name                           train: ForgetInpaintDataset | OpenForgetInpaintDataset;
+                                      test: TestForgetInpaintDataset ("name" or ["data.dataset", "name"])
+    DS.args.data_root                 REQUIRED unless --data_root
+    DS.args.number_img_per_class      5000 / 200 / 100 (the datasets' defaults)
+    DS.args.image_size                [unet.image_size, unet.image_size]
+    DS.args.mask_config               train {"mask_mode": "hybrid"};
+                                      test {"mask_mode": "center", "mask_ratio": 0.5}
+    DL.batch_size                     REQUIRED unless -b
+    DL.num_workers                    4 (--num_workers overrides)
+    train.n_epoch                     REQUIRED for training (exactly this many epochs run)
+    train.log_iter                    1e4 (a train/mse_loss line each time this many more images were seen)
+    train.save_checkpoint_epoch       1
+    debug                             with -d its keys replace those of "train" (as the reference)
+
+Read but ignored, as the reference ignores them or because unlearn_fast does them differently: gpu_ids (one
+process; --device), finetune_norm, path.code/tb_logger/results/resume_state, dataloader validation_split and
+val_args (no per-epoch validation), shuffle/drop_last/pin_memory (always shuffle and drop_last), data_len,
+init_type (weights come from --ckpt), train.n_iter/val_epoch/tensorboard, which_losses, which_metrics.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+from ..train.palette_data import DEFAULT_IMAGES_PER_CLASS
+
+REQUIRED = object()
+TRAIN_DATASETS = ("ForgetInpaintDataset", "OpenForgetInpaintDataset")
+TEST_DATASETS = ("TestForgetInpaintDataset",)
+
+
+def load_palette_config(path: Optional[str]) -> dict:
+    """The config as a dict (``//`` comments removed line by line, as the reference's parser)."""
+    if not path:
+        raise ValueError("-c/--config is required (a Palette JSON config, e.g. config/inpainting_places2_unlearn.json)")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
+    with open(path) as fh:
+        text = "".join(line.split("//")[0] + "\n" for line in fh)
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON once // comments are removed: {e.msg} "
+                         f"(line {e.lineno}, column {e.colno})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def config_value(cfg: dict, dotted: str, default: Any = REQUIRED, source: str = "config", hint: str = "") -> Any:
+    """``cfg`` at ``a.b.0.c`` (integers index lists). A missing key (or null) gives ``default``, or a
+    ValueError naming the key when it is required."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            node = None
+            break
+    if node is None:
+        if default is REQUIRED:
+            raise ValueError(f"{source}: missing key {dotted}{hint}")
+        return default
+    return node
+
+
+def _int(value: Any, key: str, minimum: int = 1) -> int:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value).is_integer() and value >= minimum
+    if not ok:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(value: Any, key: str, minimum: float = 0.0) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{key} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def dataset_class_name(cfg: dict, phase: str, source: str) -> str:
+    name = config_value(cfg, f"datasets.{phase}.which_dataset.name", source=source)
+    if isinstance(name, list) and name:
+        name = name[-1]
+    if not isinstance(name, str):
+        raise ValueError(f"{source}: datasets.{phase}.which_dataset.name must be a string or [module, class]")
+    return name
+
+
+@dataclass
+class PaletteJob:
+    """Everything a Palette run takes from the config (after command-line overrides)."""
+    opt_name: str
+    phase: str
+    unet: dict
+    beta_schedule: dict
+    module_name: str
+    lr: float
+    weight_decay: float
+    ema_decay: Optional[float]
+    sample_num: int
+    dataset: str
+    data_root: str
+    number_img_per_class: int
+    image_size: Tuple[int, int]
+    mask_mode: str
+    mask_ratio: float
+    batch_size: int
+    num_workers: int
+    n_epoch: int
+    log_iter: float
+    save_checkpoint_epoch: int
+    base_dir: str
+    checkpoint_subdir: str
+    seed: int
+
+
+def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Optional[int] = None,
+                        data_root: Optional[str] = None, num_workers: Optional[int] = None,
+                        seed: Optional[int] = None, debug: bool = False) -> PaletteJob:
+    """Read and check the keys of the module docstring for ``phase`` ('train' or 'test')."""
+    if phase not in ("train", "test"):
+        raise ValueError(f"phase must be train or test, got {phase!r}")
+
+    def get(key, default=REQUIRED, hint=""):
+        return config_value(cfg, key, default, source, hint)
+
+    net = "model.which_networks.0.args"
+    unet = get(f"{net}.unet")
+    schedule = get(f"{net}.beta_schedule")
+    if not isinstance(unet, dict) or not isinstance(schedule, dict):
+        raise ValueError(f"{source}: {net}.unet and {net}.beta_schedule must be JSON objects")
+    dataset = dataset_class_name(cfg, phase, source)
+    allowed = TRAIN_DATASETS if phase == "train" else TEST_DATASETS
+    if dataset not in allowed:
+        raise ValueError(f"{source}: datasets.{phase}.which_dataset.name is {dataset!r}; "
+                         f"palette-{'unlearn' if phase == 'train' else 'test'} supports {', '.join(allowed)}"
+                         + (" (use the _test.json config)" if phase == "test" else ""))
+    ds_args = f"datasets.{phase}.which_dataset.args"
+    root = data_root or get(f"{ds_args}.data_root", hint=" (or pass --data_root)")
+    size = get(f"{ds_args}.image_size", None) or [unet.get("image_size", 256)] * 2
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise ValueError(f"{source}: {ds_args}.image_size must be [H, W], got {size!r}")
+    mask_cfg = get(f"{ds_args}.mask_config", {}) or {}
+    mask_mode = mask_cfg.get("mask_mode", "hybrid" if phase == "train" else "center")
+    wanted_mode = "hybrid" if phase == "train" else "center"
+    if mask_mode != wanted_mode:
+        raise ValueError(f"{source}: {ds_args}.mask_config.mask_mode {mask_mode!r} is not supported for "
+                         f"{phase}; use {wanted_mode!r} (the reference's Places-365 setting)")
+    batch_size = batch if batch is not None else get(f"datasets.{phase}.dataloader.args.batch_size",
+                                                     hint=" (or pass -b)")
+    workers = num_workers if num_workers is not None else get(f"datasets.{phase}.dataloader.args.num_workers", 4)
+    train_cfg = dict(get("train", {}) or {})
+    if debug:
+        train_cfg.update(get("debug", {}) or {})
+    if phase == "train" and train_cfg.get("n_epoch") is None:
+        raise ValueError(f"{source}: missing key train.n_epoch")
+    cfg_seed = get("seed", -1)
+    ema_decay = get("model.which_model.args.ema_scheduler.ema_decay", None)
+    if get("model.which_model.args.ema_scheduler", None) is not None and ema_decay is None:
+        ema_decay = 0.9999
+    name = str(get("name", "inpainting_places2"))
+    return PaletteJob(
+        opt_name=f"debug_{name}" if debug else f"{phase}_{name}", phase=phase,
+        unet=dict(unet), beta_schedule=copy.deepcopy(schedule), module_name=str(get(f"{net}.module_name",
+                                                                                    "guided_diffusion")),
+        lr=_float(get("model.which_model.args.optimizers.0.lr", 5e-5), "optimizers[0].lr", 1e-12),
+        weight_decay=_float(get("model.which_model.args.optimizers.0.weight_decay", 0.0), "optimizers[0].weight_decay"),
+        ema_decay=None if ema_decay is None else _float(ema_decay, "ema_scheduler.ema_decay"),
+        sample_num=_int(get("model.which_model.args.sample_num", 8), "model.which_model.args.sample_num"),
+        dataset=dataset, data_root=str(root),
+        number_img_per_class=_int(get(f"{ds_args}.number_img_per_class", DEFAULT_IMAGES_PER_CLASS[dataset]),
+                                  "number_img_per_class"),
+        image_size=(_int(size[0], "image_size[0]", 8), _int(size[1], "image_size[1]", 8)),
+        mask_mode=mask_mode, mask_ratio=_float(mask_cfg.get("mask_ratio", 0.5), "mask_config.mask_ratio", 1e-6),
+        batch_size=_int(batch_size, "batch size (-b or dataloader.args.batch_size)"),
+        num_workers=_int(workers, "num_workers", 0),
+        n_epoch=_int(train_cfg.get("n_epoch", 1), "train.n_epoch"),
+        log_iter=_float(train_cfg.get("log_iter", 1e4), "train.log_iter", 1.0),
+        save_checkpoint_epoch=_int(train_cfg.get("save_checkpoint_epoch", 1), "train.save_checkpoint_epoch"),
+        base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=str(get("path.checkpoint", "checkpoint")),
+        seed=int(seed) if seed is not None else (int(cfg_seed) if isinstance(cfg_seed, int) and cfg_seed >= 0 else 0),
+    )
+
+
+__all__ = ["load_palette_config", "config_value", "resolve_palette_job", "PaletteJob", "dataset_class_name",
+           "TRAIN_DATASETS", "TEST_DATASETS"]
