@@ -17,7 +17,8 @@ def _none_or_float(text: str):
 def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g = p.add_argument_group("reference flags (main_unlearn.py / main_baseline.py)")
     g.add_argument("--batch_size", default=16 if baseline else 32, type=int,
-                   help="images per GPU per micro-step; effective batch size is batch_size * accum_iter * #gpus")
+                   help="images per GPU (per process) per micro-step; effective batch size is "
+                        "batch_size * accum_iter * #gpus (torchrun processes)")
     g.add_argument("--epochs", default=6, type=int)
     g.add_argument("--accum_iter", default=1, type=int,
                    help="accumulate gradients over this many micro-steps before an optimizer step")
@@ -69,8 +70,9 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     p.set_defaults(pin_mem=True)
-    g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    g.add_argument("--local_rank", default=-1, type=int)
+    g.add_argument("--world_size", default=1, type=int,
+                   help="number of distributed processes (taken from torchrun's WORLD_SIZE when launched by it)")
+    g.add_argument("--local_rank", default=-1, type=int, help="unused: torchrun's LOCAL_RANK is read instead")
     g.add_argument("--dist_on_itp", action="store_true")
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     g.add_argument("--use_sagemaker", default=0, type=int, help="unused (as the reference)")
@@ -105,6 +107,9 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")
     g.add_argument("--verify_images", action="store_true", help="open every selected image before training")
+    g.add_argument("--save_every_steps", type=int, default=None, metavar="N",
+                   help="also keep RUN_DIR/checkpoint-last.pth = the state after every N-th step (a multiple of "
+                        "--accum_iter) and after every epoch; --resume it to continue exactly from that step")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     if baseline:
         g.add_argument("--baseline_weighting", default="reference", choices=WEIGHTINGS,

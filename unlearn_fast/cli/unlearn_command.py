@@ -1,37 +1,46 @@
 """``unlearn-fast unlearn`` / ``unlearn-fast baseline``: the reference trainer's job, end to end.
 
+    unlearn-fast unlearn --model mae_micro --input_size 32 --data_path DIR --forget_classes a \
+        --retain_classes b --resume pretrained.pth --save_every_steps 200
+    unlearn-fast unlearn ... --resume RUN_DIR/checkpoint-last.pth       # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node 4 -m unlearn_fast unlearn ...  # DDP (see train/distributed.py)
+
 Everything that can be checked is checked before the run directory is created, so bad input leaves
-nothing half-written.
+nothing half-written. A failure after that and before the first checkpoint (a corrupt image found in
+epoch 0, a full disk, a NaN loss, Ctrl-C) removes the run directory again: a run directory without a
+checkpoint is never left behind (except after a SIGKILL, which no process can handle). Only rank 0
+writes; it chooses the run directory name (a timestamp) and sends it to the other ranks.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import re
+import shutil
 
 import torch
 
 from ..models import create_model, list_models
+from ..objective import TRAINS_ENCODER_ONLY
 from ..ops import NOISE_KINDS
 from ..train.balanced_sampler import BalancedUnlearnSampler, ReferenceShuffleBatchSampler
-from ..train.checkpoint import CheckpointError, args_as_dict, load_checkpoint_file, load_model_state, model_state_from
+from ..train.checkpoint import (CheckpointError, args_as_dict, atomic_append_text, load_checkpoint_file,
+                                load_model_state, model_state_from, restore_accumulated_grads, resume_position)
 from ..train.data_split import (default_class_split, parse_class_list, reference_coco_root,
                                 select_unlearning_files)
-from ..train.image_datasets import UnlearnImageDataset, reference_train_transform, verify_images
+from ..train.distributed import (DDPStudent, broadcast_object, cleanup_distributed, env_ranks, init_distributed,
+                                 rank_device)
+from ..train.image_datasets import BadImageError, UnlearnImageDataset, reference_train_transform, verify_images
 from ..train.lr_schedule import base_lr, effective_batch_size
-from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
+from ..train.run_outputs import check_output_dir, run_dir_name
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a device (use cuda, cuda:N, cpu or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: no CUDA GPU is visible here (use --device cpu or auto)")
-    return dev
+    return rank_device(spec, 0, 1)
 
 
 def validate_args(args, baseline: bool) -> None:
@@ -56,6 +65,13 @@ def validate_args(args, baseline: bool) -> None:
     need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
     need(0.0 <= args.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
+    need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+         f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
+    if args.save_every_steps is not None:
+        need(args.save_every_steps >= 1, f"--save_every_steps must be >= 1, got {args.save_every_steps}")
+        need(args.save_every_steps % args.accum_iter == 0,
+             f"--save_every_steps ({args.save_every_steps}) must be a multiple of --accum_iter ({args.accum_iter}): "
+             "a checkpoint is taken right after an optimizer update")
     if not baseline:
         need(args.noise_type in NOISE_KINDS,
              f"unknown --noise_type {args.noise_type!r}; valid: {', '.join(NOISE_KINDS)}")
@@ -109,6 +125,101 @@ def load_training_state(args, model):
     return ckpt, teacher
 
 
+def restore_optimizer(setup, ckpt: dict, path: str) -> None:
+    """Optimizer and scaler states of an unlearning checkpoint (the lr keeps the type the fresh optimizer
+    uses: a device tensor for the CUDA-graph step, a float otherwise; it is set every step anyway)."""
+    lr_was = [g["lr"] for g in setup.optimizer.param_groups]
+    try:
+        setup.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this run ({e}); was it saved with "
+                              "another --model or loss type?") from None
+    for group, before in zip(setup.optimizer.param_groups, lr_was):
+        if torch.is_tensor(before):
+            before.fill_(float(group["lr"]))
+            group["lr"] = before
+        else:
+            group["lr"] = float(group["lr"])
+    if ckpt.get("scaler"):
+        setup.scaler.load_state_dict(ckpt["scaler"])
+    restore_accumulated_grads(setup.student, ckpt)
+
+
+def resume_point(args, ckpt: dict, steps: int):
+    """(start_epoch, start_step_in_epoch, epoch_progress) of a resumed unlearning run."""
+    pos = resume_position(ckpt)
+    start_epoch, start_step = pos["start_epoch"], pos["start_step_in_epoch"]
+    if start_step:
+        saved = pos.get("steps_per_epoch")
+        if saved is not None and int(saved) != steps:
+            raise ValueError(f"{args.resume} was saved mid-epoch at step {start_step} of {saved} per epoch, but this "
+                             f"run has {steps} steps per epoch: --batch_size x processes, --max_steps_per_epoch "
+                             "and the data flags must be those of the interrupted run")
+        if pos.get("seed") is not None and int(pos["seed"]) != args.seed:
+            print(f"unlearn_fast: warning: {args.resume} was trained with --seed {pos['seed']}, continuing with "
+                  f"--seed {args.seed} (data, masks and noise differ from the interrupted run)")
+    if start_epoch >= args.epochs:
+        raise ValueError(f"{args.resume} already finished epoch {start_epoch - 1} of --epochs {args.epochs}")
+    progress = ({k: pos[k] for k in ("epoch_sums", "epoch_steps", "epoch_lr_sum")}
+                if start_step and "epoch_sums" in pos else None)
+    return start_epoch, start_step, progress
+
+
+def _worker_error_cleaned(exc: Exception):
+    """A DataLoader worker's exception arrives with the worker's whole traceback in its message; keep the
+    exception's own last line (e.g. "cannot read image PATH: ...") so the CLI prints one clear error."""
+    text = str(exc)
+    if "Original Traceback" not in text or not isinstance(exc, BadImageError):
+        return None
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return BadImageError(re.sub(r"^[\w.]*BadImageError: ", "", last.strip()))
+
+
+def _batches(loader):
+    """Iterate the loader; a worker's BadImageError is re-raised with the worker's traceback stripped."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except BadImageError as e:
+            cleaned = _worker_error_cleaned(e)
+            if cleaned is None:
+                raise
+            raise cleaned from None
+        yield batch
+
+
+def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
+    """Rank 0 picks the run directory (its name holds a timestamp), checks that it can write there and
+    writes opt.yaml; every rank gets the same (path, created by this run), or the same error."""
+    outcome = None
+    if ctx.is_main:
+        run_dir = os.path.join(args.output_dir, run_dir_name(args, baseline))
+        existed = os.path.isdir(run_dir)
+        try:
+            check_output_dir(run_dir)
+            args_dict["log_dir"] = run_dir
+            # appended, as the reference does (a second run started in the same second shares the folder)
+            atomic_append_text(os.path.join(run_dir, "opt.yaml"),
+                               json.dumps(args_dict, indent=2, sort_keys=False, default=str) + "\n")
+            outcome = ("ok", run_dir, not existed)
+        except ValueError as e:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            outcome = ("error", str(e))
+    outcome = broadcast_object(outcome, ctx)
+    if outcome[0] == "error":
+        raise ValueError(outcome[1])
+    return outcome[1], outcome[2]
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    return os.path.isdir(run_dir) and any(n.startswith("checkpoint-") and n.endswith(".pth")
+                                          for n in os.listdir(run_dir))
+
+
 def select_data(args):
     if args.forget_classes or args.retain_classes:
         if not (args.forget_classes and args.retain_classes):
@@ -127,23 +238,36 @@ def select_data(args):
 
 
 def run_unlearn(args, baseline: bool = False) -> str:
-    """Run the job; returns the run directory."""
+    """Run the job (one process, or one rank of a torchrun job); returns the run directory."""
     validate_args(args, baseline)
-    device = resolve_device(args.device)
+    rank, world, local_rank = env_ranks()
+    device = rank_device(args.device, local_rank, world)
+    ctx = init_distributed(device)
+    try:
+        return _run_unlearn(args, baseline, ctx, device)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     items = select_data(args)
     labels = torch.tensor([lab for _, lab in items])
     dataset = UnlearnImageDataset(items, reference_train_transform(args.input_size, args.use_coco), seed=args.seed)
-    world = max(args.world_size, 1)
+    world, rank = ctx.world_size, ctx.rank
+    args.world_size = world  # as the reference: the launcher's world size wins
     if args.forget_per_batch is not None:
-        sampler = BalancedUnlearnSampler(labels, args.batch_size, args.forget_per_batch, seed=args.seed)
+        sampler = BalancedUnlearnSampler(labels, args.batch_size, args.forget_per_batch, seed=args.seed, rank=rank,
+                                         world_size=world)
     else:
-        sampler = ReferenceShuffleBatchSampler(len(items), args.batch_size, seed=args.seed)
+        sampler = ReferenceShuffleBatchSampler(len(items), args.batch_size, seed=args.seed, rank=rank,
+                                               world_size=world)
     steps = sampler.steps_per_epoch
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
 
     model = build_model(args)
-    resume_ckpt, teacher_source = load_training_state(args, model)
+    with _silenced(not ctx.is_main):  # only rank 0 prints notices
+        resume_ckpt, teacher_source = load_training_state(args, model)
     teacher = None
     if teacher_source and resume_ckpt is not None:
         teacher = build_model(args)
@@ -156,49 +280,66 @@ def run_unlearn(args, baseline: bool = False) -> str:
     eff = effective_batch_size(args.batch_size, args.accum_iter, world)
     lr = base_lr(args.lr, args.blr, eff)
     loss_type = getattr(args, "loss_type", None)
-    mode = resolve_step_mode(args.step, device, loss_type, args.accum_iter, args.forget_per_batch is not None)
+    with _silenced(not ctx.is_main):  # only rank 0 prints notices
+        mode = resolve_step_mode(args.step, device, loss_type, args.accum_iter, args.forget_per_batch is not None,
+                                 world_size=world)
     setup = build_setup(model, device, lr=lr, weight_decay=args.weight_decay, precision=args.precision,
                         retain_alpha=args.retain_alpha, forget_alpha=args.forget_alpha,
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,
-                        accum_iter=args.accum_iter, seed=args.seed, loss_type=loss_type,
+                        accum_iter=args.accum_iter, seed=args.seed, rank=rank, loss_type=loss_type,
                         baseline_weighting=getattr(args, "baseline_weighting", "reference"),
                         share_tokenizer=args.share_tokenizer, fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
-    start_epoch = args.start_epoch
+    start_epoch, start_step, epoch_progress = args.start_epoch, 0, None
     if resume_ckpt is not None:
-        setup.optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if "scaler" in resume_ckpt and resume_ckpt["scaler"]:
-            setup.scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        if start_epoch >= args.epochs:
-            raise ValueError(f"{args.resume} already finished epoch {resume_ckpt['epoch']} of --epochs {args.epochs}")
+        restore_optimizer(setup, resume_ckpt, args.resume)
+        with _silenced(not ctx.is_main):
+            start_epoch, start_step, epoch_progress = resume_point(args, resume_ckpt, steps)
+    if ctx.enabled:
+        # whole-model baselines may leave trainable parameters unused in a step (e.g. MAGE's cls_token)
+        whole_model = loss_type is not None and not TRAINS_ENCODER_ONLY[loss_type]
+        setup.student = DDPStudent(model, ctx, args.seed, find_unused_parameters=whole_model)
 
-    run_dir = os.path.join(args.output_dir, run_dir_name(args, baseline))
-    check_output_dir(run_dir)
-    args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
     args_dict = args_as_dict(args)
     args_dict.update(teacher_checkpoint=os.path.abspath(teacher_source) if teacher_source else None,
-                     lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device))
-    write_opt_yaml(run_dir, args_dict)
-    print(f"unlearn_fast: {len(items)} images ({int((labels < 100).sum())} forget), {steps} steps/epoch, "
-          f"lr {lr:.3g} (eff. batch {eff}), step '{mode}', precision '{args.precision}', device {device}")
-    print(f"unlearn_fast: writing to {run_dir}")
+                     lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
+                     world_size=world)
+    run_dir, created = prepare_run_dir(args, baseline, ctx, args_dict)
+    args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
+    if ctx.is_main:
+        where = f" at epoch {start_epoch} step {start_step}" if resume_ckpt is not None else ""
+        print(f"unlearn_fast: {len(items)} images ({int((labels < 100).sum())} forget), {steps} steps/epoch, "
+              f"lr {lr:.3g} (eff. batch {eff}), step '{mode}', precision '{args.precision}', device {device}"
+              + (f", {world} processes" if world > 1 else ""))
+        print(f"unlearn_fast: writing to {run_dir}{where}")
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and device.type == "cuda",
                                          persistent_workers=False)
 
     def epoch_batches(epoch):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_step=start_step if epoch == start_epoch else 0)
         dataset.set_epoch(epoch)
-        return iter(loader)
+        return _batches(loader)
 
     image_shape = (3, args.input_size, args.input_size)
-    train_loop(setup, epoch_batches, steps, epochs=args.epochs, lr=lr, min_lr=args.min_lr,
-               warmup_epochs=args.warmup_epochs, start_epoch=start_epoch, output_dir=run_dir, args_dict=args_dict,
-               step_mode=mode, readback_every=args.readback_every, progress=not args.no_progress,
-               forget_per_batch=args.forget_per_batch, batch_size=args.batch_size, image_shape=image_shape)
+    try:
+        train_loop(setup, epoch_batches, steps, epochs=args.epochs, lr=lr, min_lr=args.min_lr,
+                   warmup_epochs=args.warmup_epochs, start_epoch=start_epoch, start_step_in_epoch=start_step,
+                   output_dir=run_dir, args_dict=args_dict, step_mode=mode, readback_every=args.readback_every,
+                   progress=not args.no_progress and ctx.is_main, forget_per_batch=args.forget_per_batch,
+                   batch_size=args.batch_size, image_shape=image_shape, save_every_steps=args.save_every_steps,
+                   epoch_progress=epoch_progress, dist=ctx)
+    except BaseException:
+        if ctx.is_main and created and not _has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
+            print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
+        raise
     return run_dir
+
+
+def _silenced(yes: bool):
+    return contextlib.redirect_stdout(io.StringIO()) if yes else contextlib.nullcontext()
 
 
 __all__ = ["run_unlearn", "validate_args", "resolve_device"]

@@ -4,6 +4,16 @@
 trainer, with ``args`` a plain dict so ``torch.load(weights_only=True)`` works, plus ``'unlearn_fast'``
 (step position for exact resume). Beside it, the trained parameters alone as safetensors. Official
 checkpoints that pickle an ``argparse.Namespace`` still load (allow-listed).
+
+``checkpoint-last.pth`` (``--save_every_steps``) is the newest state, mid-epoch or at an epoch end; its
+top-level ``epoch`` is the last *finished* epoch (-1 for none) so a reference-style loader restarts the
+unfinished epoch, while ``'unlearn_fast'`` holds the exact position (see ``train_loop``).
+
+Every file is written whole to a temporary file in the same folder, fsync'd and renamed over the target
+(``os.replace`` is atomic on POSIX), so a crash or a kill leaves either the old or the new file, never a
+torn one. Text files that grow (``log.txt``, ``opt.yaml``) are rewritten the same way: old content plus
+the new lines, to a temporary file, then renamed. A write that fails (disk full, ...) raises
+:class:`OutputWriteError` naming the file.
 """
 from __future__ import annotations
 
@@ -20,34 +30,91 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, truncated or does not fit the model."""
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+class OutputWriteError(ValueError):
+    """An output file could not be written (disk full, read-only folder, ...); the message names it.
+    The previous version of the file, if any, is intact."""
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename durable (best effort: some file systems cannot fsync a folder)."""
     try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. On any failure the
+    temporary file is removed and ``path`` is untouched; an OSError becomes an OutputWriteError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _fsync_dir(folder)
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    _write_atomically(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8) atomically."""
+    _write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_append_text(path: str, text: str) -> None:
+    """Append ``text`` by rewriting the whole file atomically (for small files such as log.txt): a kill
+    leaves the file as it was before or after the append, never with half a line."""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as fh:
+            old = fh.read()
+    _write_atomically(path, lambda fh: fh.write(old + text.encode("utf-8")))
+
+
+def atomic_link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` an atomic replica of ``src``: a hard link when the file system allows one (no copy),
+    else a full copy; either way through a temporary name and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".tmp-link-{os.getpid()}-{os.path.basename(dst)}")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as fh:
+            data = fh.read()
+        _write_atomically(dst, lambda out: out.write(data))
+        return
+    try:
+        os.replace(tmp, dst)
+    except OSError as e:
+        os.unlink(tmp)
+        raise OutputWriteError(f"cannot write {dst}: {e.strerror or e}") from None
 
 
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from safetensors.torch import save
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})  # bytes
+    _write_atomically(path, lambda fh: fh.write(data))
 
 
 def load_checkpoint_file(path: str) -> dict:
@@ -61,8 +128,9 @@ def load_checkpoint_file(path: str) -> dict:
         else:  # torch < 2.5
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        detail = (str(e).strip().splitlines() or ["(no detail)"])[0][:300]  # EOFError of an empty file has none
+        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
+                              f"{type(e).__name__}: {detail}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
@@ -108,15 +176,44 @@ def args_as_dict(args) -> dict:
 
 
 def save_unlearn_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer, scaler, args,
-                            trainable_names, position: Optional[dict] = None, tag: Optional[str] = None) -> str:
-    """``checkpoint-{tag or epoch}.pth`` + ``.safetensors`` of the trained parameters. Returns the .pth path."""
+                            trainable_names, position: Optional[dict] = None, tag: Optional[str] = None,
+                            safetensors: bool = True) -> str:
+    """``checkpoint-{tag or epoch}.pth`` (+ ``.safetensors`` of the trained parameters unless
+    ``safetensors=False``). Returns the .pth path."""
     name = f"checkpoint-{tag if tag is not None else epoch}"
     path = os.path.join(output_dir, name + ".pth")
     obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
            "scaler": scaler.state_dict(), "args": args_as_dict(args),
            "unlearn_fast": dict(position or {})}
     atomic_save(obj, path)
-    params = dict(model.named_parameters())
-    atomic_save_safetensors({n: params[n] for n in trainable_names if n in params},
-                            os.path.join(output_dir, name + ".safetensors"))
+    if safetensors:
+        params = dict(model.named_parameters())
+        atomic_save_safetensors({n: params[n] for n in trainable_names if n in params},
+                                os.path.join(output_dir, name + ".safetensors"))
     return path
+
+
+def accumulated_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Gradients summed but not yet applied (an epoch whose length is not a multiple of --accum_iter
+    carries its last micro-steps into the next epoch, as the reference does): saved so a resume is exact."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def restore_accumulated_grads(model: nn.Module, ckpt: dict) -> None:
+    grads = (ckpt.get("unlearn_fast") or {}).get("accumulated_grads") or {}
+    params = dict(model.named_parameters())
+    for name, g in grads.items():
+        if name not in params or params[name].shape != g.shape:
+            raise CheckpointError(f"accumulated gradient {name!r} in the checkpoint does not fit the model")
+        params[name].grad = g.to(params[name].device, params[name].dtype).clone()
+
+
+def resume_position(ckpt: dict) -> dict:
+    """Where a checkpoint continues: its saved ``'unlearn_fast'`` position plus ``start_epoch`` and
+    ``start_step_in_epoch`` (an official or epoch-end file: the start of the epoch after ``ckpt['epoch']``)."""
+    pos = ckpt.get("unlearn_fast")
+    pos = dict(pos) if isinstance(pos, dict) else {}
+    pos["start_epoch"] = int(pos.get("next_epoch", int(ckpt.get("epoch", -1)) + 1))
+    pos["start_step_in_epoch"] = int(pos.get("step_in_epoch", 0))
+    return pos

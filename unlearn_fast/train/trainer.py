@@ -1,15 +1,25 @@
-"""The epoch loop: lr schedule per iteration, the chosen step, progress bar, log.txt, checkpoints."""
+"""The epoch loop: lr schedule per iteration, the chosen step, progress bar, log.txt, checkpoints.
+
+Exact resume: nothing in a step depends on generator state carried from earlier steps. Task draws,
+noise and dropout come from generators seeded by (seed, rank, step) at every step, the lr is a function
+of the position, and each item's crop/flip is seeded by (seed, epoch, index). A checkpoint therefore
+only needs the model, optimizer and scaler states, the position (epoch, step in epoch) and the running
+sums of the epoch's log line; the sampler skips the batches already done (``start_step``).
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import time
 from typing import Callable, Iterable, List, Optional
 
 import torch
 
-from .checkpoint import save_unlearn_checkpoint
+from .checkpoint import accumulated_grads, atomic_append_text, atomic_link_or_copy, save_unlearn_checkpoint
+from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .lr_schedule import lr_at, set_lr
-from .run_outputs import append_log_line
 from .step_baseline import baseline_step
 from .step_fast import fast_step
 from .step_graphed import GraphedUnlearnStep
@@ -19,20 +29,24 @@ from .unlearn_setup import UnlearnSetup
 STEP_MODES = ("auto", "reference", "fast", "graphed")
 
 
-def resolve_step_mode(mode: str, setup_device: torch.device, loss_type, accum_iter: int, balanced: bool) -> str:
+def resolve_step_mode(mode: str, setup_device: torch.device, loss_type, accum_iter: int, balanced: bool,
+                      world_size: int = 1) -> str:
     if mode not in STEP_MODES:
         raise ValueError(f"unknown --step {mode!r}; valid: {', '.join(STEP_MODES)}")
     if loss_type is not None:
         if mode in ("fast", "graphed"):
             print(f"unlearn_fast: baselines run the reference-semantics step (--step {mode} ignored)")
         return "reference"
-    if mode == "graphed" and (setup_device.type != "cuda" or accum_iter != 1 or not balanced):
+    graph_ok = setup_device.type == "cuda" and accum_iter == 1 and balanced and world_size == 1
+    if mode == "graphed" and not graph_ok:
         why = ("no CUDA device" if setup_device.type != "cuda" else
-               "--accum_iter > 1" if accum_iter != 1 else "batches are not balanced (use --forget_per_batch)")
+               "--accum_iter > 1" if accum_iter != 1 else
+               "batches are not balanced (use --forget_per_batch)" if not balanced else
+               "several processes (DDP all-reduce is not captured)")
         print(f"unlearn_fast: CUDA-graph step unavailable ({why}); using the fast eager step")
         return "fast"
     if mode == "auto":
-        return "graphed" if setup_device.type == "cuda" and accum_iter == 1 and balanced else "fast"
+        return "graphed" if graph_ok else "fast"
     return mode
 
 
@@ -46,31 +60,113 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
 
+class _EpochMeter:
+    """Loss sums of one epoch: per-step values stay on the device and are read back (and, with several
+    ranks, averaged over ranks) every ``readback_every`` steps, at save points and at the epoch end."""
+
+    def __init__(self, device, graphed, dist: Optional[DistContext], progress: Optional[dict] = None):
+        self.pending = torch.zeros(3, device=device)
+        self.graphed, self.dist = graphed, dist
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.n_pending = self.n_steps = 0
+        self.lr_sum = 0.0
+        if progress:  # resumed mid-epoch: the sums so far, so the epoch's log line is the uninterrupted one
+            self.sums = torch.tensor(progress["epoch_sums"], dtype=torch.float64)
+            self.n_steps, self.lr_sum = int(progress["epoch_steps"]), float(progress["epoch_lr_sum"])
+
+    def add(self, out, lr: float) -> None:
+        if out is not None:
+            self.pending += torch.stack(list(out)).to(self.pending.device)
+        self.n_pending += 1
+        self.n_steps += 1
+        self.lr_sum += lr
+
+    def flush(self, step: int, epoch: int) -> Optional[torch.Tensor]:
+        """Read back; raise NonFiniteLossError if a loss since the last flush was NaN/inf."""
+        if self.n_pending == 0:
+            return None
+        if self.graphed is not None:
+            vals = self.graphed.read_and_reset()
+        else:
+            if self.dist is not None:
+                all_reduce_mean_(self.pending, self.dist)
+            vals = self.pending.to("cpu", copy=True)
+            self.pending.zero_()
+        n = self.n_pending
+        self.n_pending = 0
+        if not all(math.isfinite(v) for v in vals.tolist()):
+            raise NonFiniteLossError(f"loss became non-finite within steps {step - n + 1}..{step} (epoch {epoch}); "
+                                     "stopping. The last saved checkpoint is intact.")
+        self.sums += vals.double()
+        return vals / n
+
+    def position(self) -> dict:
+        return {"epoch_sums": self.sums.tolist(), "epoch_steps": self.n_steps, "epoch_lr_sum": self.lr_sum}
+
+
+def _weights_finite(setup: UnlearnSetup) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in setup.trainable]).all())
+
+
 def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int, *,
                epochs: int, lr: float, min_lr: float = 0.0, warmup_epochs: float = 0.0, start_epoch: int = 0,
                start_step_in_epoch: int = 0, output_dir: Optional[str] = None, args_dict: Optional[dict] = None,
                step_mode: str = "fast", readback_every: int = 20, progress: bool = True,
                save_every_epoch: bool = True, noise_seed: Optional[int] = None, forget_per_batch: Optional[int] = None,
-               batch_size: Optional[int] = None, image_shape=None, on_epoch_end: Optional[Callable] = None
-               ) -> List[dict]:
+               batch_size: Optional[int] = None, image_shape=None, on_epoch_end: Optional[Callable] = None,
+               save_every_steps: Optional[int] = None, epoch_progress: Optional[dict] = None,
+               dist: Optional[DistContext] = None) -> List[dict]:
     """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
-    ±100 (forget < 100, as the reference). Returns the per-epoch stats written to ``log.txt``."""
+    ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
+    batches. Returns the per-epoch stats written to ``log.txt``.
+
+    ``save_every_steps``: also keep ``checkpoint-last.pth`` = the state after every N-th step (at an
+    optimizer update) and after every epoch, with the position and ``epoch_progress`` (the running log
+    sums) that a resumed run passes back in. ``dist``: several ranks (the student a :class:`DDPStudent`);
+    only rank 0 writes and prints.
+    """
     if steps_per_epoch < 1:
         raise ValueError("the data gives no full batch: lower --batch_size or add images")
+    if save_every_steps is not None and save_every_steps < 1:
+        raise ValueError(f"--save_every_steps must be >= 1, got {save_every_steps}")
+    if not 0 <= start_step_in_epoch < steps_per_epoch:
+        raise ValueError(f"start_step_in_epoch must be in [0, {steps_per_epoch}), got {start_step_in_epoch}")
+    dist = dist if dist is not None and dist.enabled else None
+    is_main = dist is None or dist.is_main
+    ddp = setup.student if isinstance(setup.student, DDPStudent) else None
+    if dist is not None and ddp is None:
+        raise ValueError("a multi-rank run needs the student wrapped in DDPStudent")
+    if dist is not None and step_mode == "graphed":
+        raise ValueError("the CUDA-graph step runs on one process only (use --step fast with torchrun)")
+    writes = output_dir is not None and is_main
     graphed = None
     if step_mode == "graphed":
         graphed = GraphedUnlearnStep(setup, batch_size, forget_per_batch, image_shape,
                                      noise_seed=setup.seed if noise_seed is None else noise_seed)
+    trainable_names = [n for n, p in setup.student.named_parameters() if p.requires_grad]
+
+    def check_weights(global_step: int) -> None:
+        # on every rank (their weights are equal), so all ranks stop together
+        if output_dir is not None and not _weights_finite(setup):
+            raise NonFiniteLossError(f"the weights became non-finite before the checkpoint at global step "
+                                     f"{global_step}; stopping. The last saved checkpoint is intact.")
+
+    def save(tag, epoch_done: int, position: dict, safetensors: bool) -> str:
+        position = dict(position, steps_per_epoch=steps_per_epoch, seed=setup.seed,
+                        world_size=1 if dist is None else dist.world_size)
+        grads = accumulated_grads(setup.student)
+        if grads:  # only at an epoch end that is not an update (mid-epoch saves follow an update)
+            position["accumulated_grads"] = grads
+        return save_unlearn_checkpoint(output_dir, epoch_done, setup.student, setup.optimizer, setup.scaler,
+                                       args_dict, trainable_names, position, tag=tag, safetensors=safetensors)
+
     history = []
     accum = setup.accum_iter
     for epoch in range(start_epoch, epochs):
-        bar = _progress(steps_per_epoch, progress, f"epoch {epoch + 1}/{epochs}")
-        sums = torch.zeros(3, dtype=torch.float64)
-        pending = torch.zeros(3, device=setup.device)
-        n_pending = n_steps = 0
-        lr_sum = 0.0
-        t0, images_seen = time.perf_counter(), 0
+        bar = _progress(steps_per_epoch, progress and is_main, f"epoch {epoch + 1}/{epochs}")
         first = start_step_in_epoch if epoch == start_epoch else 0
+        meter = _EpochMeter(setup.device, graphed, dist, epoch_progress if first else None)
+        t0, images_seen = time.perf_counter(), 0
         for it, (images, labels) in enumerate(epoch_batches(epoch), start=first):
             if it >= steps_per_epoch:
                 break
@@ -80,54 +176,63 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                 set_lr(setup.optimizer, cur_lr)
             is_forget = labels < 100  # s = +1 iff label >= 100 (reference)
             update = (it + 1) % accum == 0
-            if graphed is not None:
-                graphed(images, is_forget, step, cur_lr)
-            elif step_mode == "reference":
-                fn = baseline_step if setup.loss_type is not None else reference_step
-                out = fn(setup, images, is_forget, step, update)
-                pending += torch.stack(list(out)).to(pending.device)
-            else:
-                out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_seed)
-                pending += torch.stack(list(out))
-            n_pending += 1
-            n_steps += 1
-            lr_sum += cur_lr
+            if ddp is not None:
+                ddp.begin_step(step)
+            sync = ddp.no_sync() if ddp is not None and not update else contextlib.nullcontext()
+            with sync:
+                if graphed is not None:
+                    graphed(images, is_forget, step, cur_lr)
+                    out = None
+                elif step_mode == "reference":
+                    fn = baseline_step if setup.loss_type is not None else reference_step
+                    out = fn(setup, images, is_forget, step, update)
+                else:
+                    out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_seed)
+            meter.add(out, cur_lr)
             images_seen += images.shape[0]
             last = it == steps_per_epoch - 1
-            if n_pending >= readback_every or last:
-                vals = graphed.read_and_reset() if graphed is not None else pending.to("cpu", copy=True)
-                pending.zero_()
-                if not all(math.isfinite(v) for v in vals.tolist()):
-                    raise NonFiniteLossError(f"loss became non-finite within steps {step - n_pending + 1}..{step} "
-                                             f"(epoch {epoch}); stopping. The last saved checkpoint is intact.")
-                sums += vals.double()
-                if bar is not None:
+            mid_save = (save_every_steps is not None and update and not last
+                        and (step + 1) % save_every_steps == 0)
+            if meter.n_pending >= readback_every or last or mid_save:
+                vals = meter.flush(step, epoch)
+                if bar is not None and vals is not None:
                     rate = images_seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{vals[0].item() / n_pending:.4f}", lr=f"{cur_lr:.2e}",
-                                    img_s=f"{rate:.1f}")
-                n_pending = 0
+                    bar.set_postfix(loss=f"{vals[0].item():.4f}", lr=f"{cur_lr:.2e}", img_s=f"{rate:.1f}")
+            if mid_save and output_dir is not None:
+                check_weights(step + 1)
+                if writes:  # the epoch in progress is unfinished: the reference 'epoch' is the one before
+                    save("last", epoch - 1, dict(meter.position(), global_step=step + 1, epoch=epoch,
+                                                 next_epoch=epoch, step_in_epoch=it + 1), safetensors=False)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        if n_steps == 0:
+        if meter.n_steps == 0:
             raise ValueError(f"epoch {epoch} produced no batches")
-        stats = {"train_lr": lr_sum / n_steps, "train_retain_l2_loss": sums[1].item() / n_steps,
+        n_steps, sums = meter.n_steps, meter.sums
+        stats = {"train_lr": meter.lr_sum / n_steps, "train_retain_l2_loss": sums[1].item() / n_steps,
                  "train_forget_l2_loss": sums[2].item() / n_steps, "train_loss": sums[0].item() / n_steps,
                  "epoch": epoch}
         history.append(stats)
-        if output_dir is not None:
+        check_weights((epoch + 1) * steps_per_epoch)
+        if writes:
+            position = {"global_step": (epoch + 1) * steps_per_epoch, "epoch": epoch, "next_epoch": epoch + 1,
+                        "step_in_epoch": 0}
+            path = None
             if save_every_epoch:
-                position = {"global_step": (epoch + 1) * steps_per_epoch, "epoch": epoch,
-                            "next_epoch": epoch + 1, "step_in_epoch": 0}
-                save_unlearn_checkpoint(output_dir, epoch, setup.student, setup.optimizer, setup.scaler,
-                                        args_dict, [n for n, p in setup.student.named_parameters()
-                                                    if p.requires_grad], position)
-            append_log_line(output_dir, stats)
+                path = save(None, epoch, position, safetensors=True)
+            if save_every_steps is not None:
+                last_path = os.path.join(output_dir, "checkpoint-last.pth")
+                if path is not None:
+                    atomic_link_or_copy(path, last_path)
+                else:
+                    save("last", epoch, position, safetensors=False)
+            atomic_append_text(os.path.join(output_dir, "log.txt"), json.dumps(stats) + "\n")
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
-        print(f"epoch {epoch}: loss {stats['train_loss']:.5f} retain {stats['train_retain_l2_loss']:.5f} "
-              f"forget {stats['train_forget_l2_loss']:.5f} lr {stats['train_lr']:.3e}", flush=True)
+        if is_main:
+            print(f"epoch {epoch}: loss {stats['train_loss']:.5f} retain {stats['train_retain_l2_loss']:.5f} "
+                  f"forget {stats['train_forget_l2_loss']:.5f} lr {stats['train_lr']:.3e}", flush=True)
     return history
 
 

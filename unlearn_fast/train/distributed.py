@@ -1,0 +1,205 @@
+"""Multi-process training launched by torchrun (``env://``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    torchrun --standalone --nproc_per_node 4 -m unlearn_fast unlearn --batch_size 32 ...     # one node
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+        -m unlearn_fast unlearn ...                                                           # node 0 of 2
+
+What each rank does:
+- builds the same forget/retain/proxy subsets (seeded, rank-independent) and takes its slice of every
+  global batch (the samplers are sharded by rank and world size);
+- runs the student's trainable forward passes through one ``DistributedDataParallel`` module that
+  registers only the trainable parameters: the frozen ones are put on DDP's ignore list, so they are
+  neither broadcast nor all-reduced. Gradients are all-reduced (averaged) only on the micro-step that
+  updates (``no_sync`` on accumulation micro-steps). The teacher is a plain frozen module, never wrapped;
+- draws the task randomness (masks) for the whole global batch from the rank-independent (seed, step)
+  stream and keeps its own rows, so row i of a global batch is masked the same way whatever the number
+  of ranks. The noise images and dropout are drawn per (seed, rank, step) and the noise takes the
+  rank's own batch statistics, as the reference computes them per GPU;
+- only rank 0 writes the run directory, checkpoints and logs; logged losses are the mean over ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .seeding import step_generator
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job. ``backend`` None: a single process, no process group."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "")
+    if text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def env_ranks() -> tuple:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not launched by it."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
+    return rank, world, local
+
+
+def rank_device(spec: str, local_rank: int, world_size: int) -> torch.device:
+    """The device of this rank. With several ranks, 'auto'/'cuda' mean cuda:LOCAL_RANK (one GPU per process)."""
+    if world_size > 1 and spec in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible "
+                             "(--nproc_per_node must not exceed the GPUs per node)")
+        return torch.device("cuda", local_rank)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a device (use cuda, cuda:N, cpu or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA GPU is visible here (use --device cpu or auto)")
+    if dev.type == "cuda" and world_size > 1:
+        raise ValueError(f"--device {spec} with {world_size} processes: use --device cuda or auto "
+                         "(each process takes cuda:LOCAL_RANK)")
+    return dev
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the torchrun job (``env://``): nccl on CUDA, gloo on CPU. A single process needs no group."""
+    rank, world, local = env_ranks()
+    if world == 1:
+        return DistContext()
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def cleanup_distributed(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, ctx: DistContext):
+    """Rank 0's ``obj`` on every rank (e.g. the run directory name, which holds a timestamp)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In place: the mean of ``tensor`` over ranks (on the rank's device: nccl needs CUDA tensors)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(ctx.world_size)
+    return tensor
+
+
+class _StudentForward(nn.Module):
+    """The student's trainable forward passes as one ``forward(method, *args)``, so DDP sees each of them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+class DDPStudent:
+    """Stands in for the student in :class:`UnlearnSetup` on a multi-rank run.
+
+    The trainable passes (``forward_encoder_task``, ``task_loss_terms``, ``forward_outputs``) go through
+    DDP; ``sample_task`` draws the global batch's task (see the module docstring) for the step set with
+    :meth:`begin_step`; everything else (``prepare_inputs``, ``state_dict``, ``named_parameters``, ...)
+    is the plain model's.
+    """
+
+    _WRAPPED = ("forward_encoder_task", "task_loss_terms", "forward_outputs")
+
+    def __init__(self, model: nn.Module, ctx: DistContext, seed: int, find_unused_parameters: bool = False):
+        if not ctx.enabled:
+            raise ValueError("DDPStudent needs an initialised process group (DistContext.enabled)")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        forward = _StudentForward(model)
+        # frozen weights and the buffers (constants such as input mean/std) are neither DDP parameters nor
+        # broadcast: every rank loaded the same checkpoint
+        ignored = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+        ignored += [f"model.{n}" for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(forward, ignored)
+        self.module = model
+        self.ddp = DDP(forward, device_ids=None, find_unused_parameters=find_unused_parameters)
+        self.rank, self.world_size, self.seed = ctx.rank, ctx.world_size, int(seed)
+        self._step: Optional[int] = None
+
+    def __getattr__(self, name):
+        if name in ("module", "ddp") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def ddp_parameter_names(self) -> list:
+        """Names (in the plain model) of the parameters DDP synchronises."""
+        ignored = self.ddp.parameters_to_ignore
+        return [n for n, p in self.module.named_parameters()
+                if p.requires_grad and f"model.{n}" not in ignored]
+
+    def begin_step(self, step: int) -> None:
+        self._step = int(step)
+
+    def no_sync(self):
+        """Skip the gradient all-reduce (accumulation micro-steps); the next synced backward sends the sum."""
+        return self.ddp.no_sync()
+
+    def sample_task(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """This rank's rows of the global batch's task draw (``generator`` is ignored: the draw comes from
+        the rank-independent (seed, step) stream, the one a 1-rank run uses)."""
+        if self._step is None:
+            raise RuntimeError("DDPStudent.begin_step(step) must be called before each step")
+        n = images.shape[0]
+        g = step_generator(self.seed, 0, self._step, "task", images.device)
+        whole = images[:1].expand(n * self.world_size, *images.shape[1:])  # shape only: no copy
+        task = self.module.sample_task(whole, g)
+        rows = torch.arange(self.rank * n, (self.rank + 1) * n, device=images.device)
+        return task.select(rows)
+
+    def forward_encoder_task(self, inputs, task, prenorm: bool = False):
+        return self.ddp("forward_encoder_task", inputs, task, prenorm=prenorm)
+
+    def task_loss_terms(self, inputs, task, target=None):
+        return self.ddp("task_loss_terms", inputs, task, target)
+
+    def forward_outputs(self, inputs, task):
+        return self.ddp("forward_outputs", inputs, task)
+
+
+__all__ = ["DistContext", "DDPStudent", "env_ranks", "rank_device", "init_distributed", "cleanup_distributed",
+           "broadcast_object", "all_reduce_mean_"]
