@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from ..models import create_model, list_models
 from ..objective import TRAINS_ENCODER_ONLY
 from ..ops import NOISE_KINDS
 from ..train.balanced_sampler import BalancedUnlearnSampler, ReferenceShuffleBatchSampler
-from ..train.checkpoint import (CheckpointError, args_as_dict, atomic_append_text, load_checkpoint_file,
+from ..train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_file,
                                 load_model_state, model_state_from, restore_accumulated_grads, resume_position)
 from ..train.data_split import (default_class_split, parse_class_list, reference_coco_root,
                                 select_unlearning_files)
@@ -34,7 +33,7 @@ from ..train.distributed import (DDPStudent, broadcast_object, cleanup_distribut
                                  rank_device)
 from ..train.image_datasets import BadImageError, UnlearnImageDataset, reference_train_transform, verify_images
 from ..train.lr_schedule import base_lr, effective_batch_size
-from ..train.run_outputs import check_output_dir, run_dir_name
+from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
 
@@ -202,8 +201,7 @@ def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
             check_output_dir(run_dir)
             args_dict["log_dir"] = run_dir
             # appended, as the reference does (a second run started in the same second shares the folder)
-            atomic_append_text(os.path.join(run_dir, "opt.yaml"),
-                               json.dumps(args_dict, indent=2, sort_keys=False, default=str) + "\n")
+            write_opt_yaml(run_dir, args_dict)
             outcome = ("ok", run_dir, not existed)
         except ValueError as e:
             if not existed:

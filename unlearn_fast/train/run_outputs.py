@@ -5,6 +5,8 @@ import json
 import os
 import time
 
+from .checkpoint import atomic_append_text
+
 
 def run_dir_name(args, baseline: bool = False) -> str:
     """``class_img1k_{coco_|}_numimg_…`` exactly as the reference composes it (double underscore included)."""
@@ -39,14 +41,11 @@ def check_output_dir(path: str) -> None:
 
 
 def write_opt_yaml(output_dir: str, args_dict: dict) -> None:
-    """``opt.yaml``: a JSON dump of the arguments, appended (as the reference does)."""
-    with open(os.path.join(output_dir, "opt.yaml"), "a") as fh:
-        json.dump(args_dict, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
+    """``opt.yaml``: a JSON dump of the arguments, appended (as the reference does), atomically."""
+    atomic_append_text(os.path.join(output_dir, "opt.yaml"),
+                       json.dumps(args_dict, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def append_log_line(output_dir: str, stats: dict) -> None:
-    """One JSON line per epoch in ``log.txt``."""
-    with open(os.path.join(output_dir, "log.txt"), "a") as fh:
-        fh.write(json.dumps(stats) + "\n")
-        fh.flush()
+    """One JSON line per epoch in ``log.txt``, appended atomically."""
+    atomic_append_text(os.path.join(output_dir, "log.txt"), json.dumps(stats) + "\n")

@@ -9,7 +9,6 @@ sums of the epoch's log line; the sampler skips the batches already done (``star
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -17,9 +16,10 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 
-from .checkpoint import accumulated_grads, atomic_append_text, atomic_link_or_copy, save_unlearn_checkpoint
+from .checkpoint import accumulated_grads, atomic_link_or_copy, save_unlearn_checkpoint
 from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .lr_schedule import lr_at, set_lr
+from .run_outputs import append_log_line
 from .step_baseline import baseline_step
 from .step_fast import fast_step
 from .step_graphed import GraphedUnlearnStep
@@ -227,7 +227,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                     atomic_link_or_copy(path, last_path)
                 else:
                     save("last", epoch, position, safetensors=False)
-            atomic_append_text(os.path.join(output_dir, "log.txt"), json.dumps(stats) + "\n")
+            append_log_line(output_dir, stats)
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
         if is_main:
