@@ -163,7 +163,8 @@ def test_cli_reports_bad_flags_with_exit_code_2(capsys, tmp_path):
 
 # ---- the demo, end to end, on a reduced budget --------------------------------------------------------
 
-REDUCED = ["--pretrain_steps", "1500", "--unlearn_steps", "150", "--holdout_per_class", "20", "--no_progress"]
+REDUCED = ["--pretrain_steps", "1500", "--unlearn_steps", "150", "--holdout_per_class", "20", "--forget_alpha", "0.5",
+           "--no_progress"]
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +183,15 @@ def test_demo_writes_the_documented_metrics(reduced_run):
     root, metrics = reduced_run
     with open(root / "out" / "metrics.json") as f:
         on_disk = json.load(f)
-    assert set(on_disk) == {"before", "after", "config"}
+    assert set(on_disk) == {"before", "after", "config", "domain_metrics_note", "domain_classifier"}
     for when in ("before", "after"):
         assert set(on_disk[when]) == {"retain", "forget"}
         for name in ("retain", "forget"):
-            assert set(on_disk[when][name]) == {"inpaint_mse", "noise_ceiling_mse"}
+            assert set(on_disk[when][name]) == {"inpaint_mse", "noise_ceiling_mse", "domain"}
             assert 0.0 < on_disk[when][name]["inpaint_mse"] < 1.0
+            dom = on_disk[when][name]["domain"]
+            assert 0.0 <= dom["recognition_rate"] <= 1.0 and dom["n"] == 100 and dom["domain_fid"] >= 0.0
+    assert on_disk["domain_classifier"]["heldout_accuracy"] >= 0.95
     # the ceiling uses the original model only: identical before and after
     for name in ("retain", "forget"):
         assert on_disk["before"][name]["noise_ceiling_mse"] == on_disk["after"][name]["noise_ceiling_mse"]
