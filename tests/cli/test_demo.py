@@ -61,7 +61,7 @@ def test_inpaint_from_own_latent_equals_reconstruct(make_mae_micro):
                         name="inpaint_from_latent")
 
 
-@pytest.mark.parametrize("n", [1, 5, 300])  # 300 > EVAL_CHUNK: chunked evaluation must equal one pass
+@pytest.mark.parametrize("n", [1, 5, 260])  # 260 > EVAL_CHUNK: chunked evaluation must equal one pass
 def test_inpaint_mse_matches_plain_restatement(make_mae_micro, n):
     model = make_mae_micro().eval()
     g = torch.Generator().manual_seed(n)
@@ -146,6 +146,7 @@ def test_cache_is_written_reused_and_keyed_by_config(tmp_path):
     (["--unlearn_steps", "0"], "unlearn_steps"),
     (["--holdout_per_class", "0"], "holdout_per_class"),
     (["--forget_per_batch", "32"], "forget_per_batch"),
+    (["--batch_size", "1"], "batch_size must be >= 2"),
     (["--lr", "0"], "--lr"),
 ])
 def test_bad_flags_give_one_clear_error(flags, message, tmp_path):
@@ -163,7 +164,10 @@ def test_cli_reports_bad_flags_with_exit_code_2(capsys, tmp_path):
 
 # ---- the demo, end to end, on a reduced budget --------------------------------------------------------
 
-REDUCED = ["--pretrain_steps", "1500", "--unlearn_steps", "150", "--holdout_per_class", "20", "--forget_alpha", "0.5",
+# ~70 s on 2 CPU cores, most of it pretraining. Fewer pretraining steps leave a model close to the mean image
+# whose inpainting barely depends on the encoder (1500 steps: forget x1.14 vs retain x1.04, too close to test);
+# forget_alpha 0.5 forgets faster than the default 0.3 in the few unlearning steps.
+REDUCED = ["--pretrain_steps", "2000", "--unlearn_steps", "300", "--holdout_per_class", "20", "--forget_alpha", "0.5",
            "--no_progress"]
 
 
@@ -198,7 +202,7 @@ def test_demo_writes_the_documented_metrics(reduced_run):
     cfg = on_disk["config"]
     assert cfg["forget_digits"] == [0, 1, 2, 3, 4] and cfg["retain_digits"] == [5, 6, 7, 8, 9]
     assert cfg["holdout_images"] == {"forget": 100, "retain": 100}
-    assert cfg["unlearn_steps"] == 150 and cfg["pretrain_steps"] == 1500
+    assert cfg["unlearn_steps"] == 300 and cfg["pretrain_steps"] == 2000
     assert on_disk == json.loads(json.dumps(metrics))
     # the pretrained model went to the given cache, named by its config hash
     assert [p.suffix for p in (root / "cache").glob("pretrain_mae_micro_*")] == [".pth"]
@@ -222,6 +226,7 @@ def test_demo_forgets_the_forget_digits_and_keeps_the_rest(reduced_run):
     assert b["retain"]["inpaint_mse"] < 0.8 * b["retain"]["noise_ceiling_mse"]
     forget_ratio = a["forget"]["inpaint_mse"] / b["forget"]["inpaint_mse"]
     retain_ratio = a["retain"]["inpaint_mse"] / b["retain"]["inpaint_mse"]
-    assert forget_ratio > 1.2, (forget_ratio, retain_ratio)
-    assert forget_ratio > retain_ratio + 0.15, (forget_ratio, retain_ratio)
-    assert retain_ratio < 1.15, (forget_ratio, retain_ratio)
+    # measured: forget x1.24, retain x1.05 (the full default budget gives x1.97 / x1.08)
+    assert forget_ratio > 1.15, (forget_ratio, retain_ratio)
+    assert forget_ratio > retain_ratio + 0.1, (forget_ratio, retain_ratio)
+    assert retain_ratio < 1.12, (forget_ratio, retain_ratio)

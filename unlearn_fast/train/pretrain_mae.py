@@ -36,6 +36,8 @@ _CACHE_FORMAT = 1  # bump when the loop changes what a given config trains
 class PretrainConfig:
     """Everything that decides the pretrained weights (the cache key hashes all of it plus the data)."""
     model: str = "mae_micro"
+    # 8000 steps of batch 32 (~57 passes over 4,500 digits, ~6 min on 2 CPU cores) reach a held-out inpainting
+    # error of ~0.025 (the mean image: ~0.05); 4000 steps stop at ~0.033, 1500 at ~0.046
     steps: int = 8000
     batch_size: int = 32
     lr: float = 1.5e-3
@@ -43,7 +45,9 @@ class PretrainConfig:
     warmup_steps: int = 300
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
-    decoder_embed_dim: Optional[int] = None  # None: the model's default width
+    # half the encoder width, as MAE's decoders are narrower than their encoders: ~35-45 vs ~62-68 ms per step
+    # of batch 32 on 2 CPU cores; 8000 steps at width 64 reconstruct as well as 6000 at width 128
+    decoder_embed_dim: Optional[int] = 64    # None: the model's default width
     decoder_depth: Optional[int] = None      # None: the model's default depth
     seed: int = 0
 
