@@ -187,7 +187,7 @@ def test_demo_writes_the_documented_metrics(reduced_run):
     root, metrics = reduced_run
     with open(root / "out" / "metrics.json") as f:
         on_disk = json.load(f)
-    assert set(on_disk) == {"before", "after", "config", "domain_metrics_note", "domain_classifier"}
+    assert set(on_disk) == {"before", "after", "config", "domain_metrics_note", "domain_classifier", "forget_audit"}
     for when in ("before", "after"):
         assert set(on_disk[when]) == {"retain", "forget"}
         for name in ("retain", "forget"):
@@ -204,6 +204,14 @@ def test_demo_writes_the_documented_metrics(reduced_run):
     assert cfg["holdout_images"] == {"forget": 100, "retain": 100}
     assert cfg["unlearn_steps"] == 300 and cfg["pretrain_steps"] == 2000
     assert on_disk == json.loads(json.dumps(metrics))
+    # the forget audit: as many trained forget digits as held-out ones, AUCs in [0, 1] before and after
+    audit = on_disk["forget_audit"]
+    for when in ("before", "after"):
+        assert audit[when]["n_forget_train"] == audit[when]["n_unseen"] == 100
+        assert 0.0 <= audit[when]["auc"] <= 1.0
+    assert audit["auc_change"] == pytest.approx(audit["after"]["auc"] - audit["before"]["auc"])
+    # after unlearning both groups of forget digits are inpainted worse
+    assert audit["after"]["mean_error_unseen"] > audit["before"]["mean_error_unseen"]
     # the pretrained model went to the given cache, named by its config hash
     assert [p.suffix for p in (root / "cache").glob("pretrain_mae_micro_*")] == [".pth"]
 

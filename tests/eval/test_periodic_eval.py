@@ -179,3 +179,38 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a best.pth"):
         torch.save([1, 2], tmp_path / "x.pth")
         load_best_weights(model, str(tmp_path / "x.pth"))
+
+
+# ---- other families and the reference model ----------------------------------------------------------
+def test_mage_default_score_is_the_hidden_token_cross_entropy():
+    from unlearn_fast import create_model
+    from unlearn_fast.eval.periodic_eval import family_task_errors
+    torch.manual_seed(0)
+    model = create_model("mage_micro").eval()
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    is_forget = torch.tensor([True, False, True, False, False])
+    ev = PeriodicEvaluator(model, images, is_forget, mask_seed=3, every=1)
+    assert ev.score_fn is family_task_errors
+    # restated: label-smoothed CE of the true ids over the masked positions, per image, under the fixed draws
+    images_f, task = ev.sets["forget"]
+    ids = model.prepare_inputs(images_f)
+    logits = model.forward_outputs(ids, task)[:, 1:, :model.codebook_size]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1),
+                                           label_smoothing=0.1, reduction="none").view(ids.shape)
+    w = task["token_all_mask"].float()
+    expected = ((ce * w).sum(1) / w.sum(1)).mean().item()
+    assert ev.before["forget_mse"] == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+
+def test_before_is_measured_on_the_reference_model_when_given():
+    trained, original = StubModel(), StubModel()
+    trained.set_scales(3.0, 1.5)  # a resumed, partly unlearned student
+    images, is_forget = _holdout()
+    ev = PeriodicEvaluator(trained, images, is_forget, mask_seed=0, every=1, score_fn=stub_score,
+                           reference_model=original)
+    plain = PeriodicEvaluator(original, images, is_forget, mask_seed=0, every=1, score_fn=stub_score)
+    assert ev.before == plain.before
+    rec = ev(0)
+    assert rec["forget_ratio"] == pytest.approx(3.0) and rec["retain_ratio"] == pytest.approx(1.5)
+    assert trained.training and original.training  # modes restored

@@ -26,14 +26,18 @@ import os
 import time
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from ..eval.digit_classifier import load_or_train_digit_classifier
 from ..eval.domain_metrics import NOTE, domain_metrics_of_model
+from ..eval.forget_audit import forget_audit_summary
+from ..eval.periodic_eval import per_image_errors
 from ..train.balanced_sampler import BalancedUnlearnSampler
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import digits_as_images, load_digits_5k, split_digits, unlearn_labels
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
+from ..train.seeding import derive_seed
 from ..train.trainer import STEP_MODES, resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
 from .demo_metrics import eval_noise_images, fixed_mask_draw, hidden_pixel_mask, set_metrics
@@ -167,6 +171,23 @@ def print_table(metrics: dict) -> None:
                   f"{(fb if fb is not None else float('nan')):>19.1f}{(fa if fa is not None else float('nan')):>18.1f}")
 
 
+def _forget_audit(teacher, student, images, split, digits_np, forget, held_forget, seed) -> dict:
+    """Membership AUC (unlearn_fast.eval.forget_audit) of forget digits the model trained on against the held-out
+    forget digits, as many of each, same fixed masks, before (teacher) and after (student)."""
+    train_forget = split.train[np.isin(digits_np[split.train], forget)]
+    pick = torch.from_numpy(train_forget)[torch.randperm(len(train_forget), generator=torch.Generator().manual_seed(
+        derive_seed(seed, "demo_audit")))[: len(held_forget)]]
+    x = torch.cat([images.index_select(0, pick), held_forget])
+    task = fixed_mask_draw(teacher, len(x), seed, "audit")
+    errs = {w: per_image_errors(m, x, task) for w, m in (("before", teacher), ("after", student))}
+    n = len(pick)
+    out = forget_audit_summary({"forget_train": errs["before"][:n], "unseen": errs["before"][n:]},
+                               {"forget_train": errs["after"][:n], "unseen": errs["after"][n:]})
+    out["note"] = ("AUC = P(a forget digit the model trained on has a lower inpainting error than a held-out one); "
+                   "0.5 = no membership signal")
+    return out
+
+
 def run_demo(args) -> dict:
     """The whole demo; returns the metrics dict written to ``<output_dir>/metrics.json``."""
     t_start = time.perf_counter()
@@ -241,12 +262,17 @@ def run_demo(args) -> dict:
         for k in sets:
             table[k]["domain"] = domain_metrics_of_model(m, held[k], tasks[k], digits[sets[k]], clf, forget)[k]
     metrics = {"before": before, "after": after, "domain_metrics_note": NOTE,
-               "domain_classifier": clf.train_info, "config": config}
+               "domain_classifier": clf.train_info, "config": config,
+               "forget_audit": _forget_audit(teacher, student, images, split, digits_np, forget, held["forget"],
+                                             args.seed)}
     config["total_seconds"] = time.perf_counter() - t_start  # everything but writing the files
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     _write_grid(args.output_dir, held, tasks, grid_idx, recon_before, recon_after, model)
     print_table(metrics)
+    audit = metrics["forget_audit"]
+    print(f"\nforget audit (membership AUC, trained vs held-out forget digits; 0.5 = no signal): "
+          f"before {audit['before']['auc']:.3f}, after {audit['after']['auc']:.3f}")
     print(f"\nunlearn_fast demo: wrote {os.path.join(args.output_dir, 'metrics.json')} and grid.png "
           f"in {config['total_seconds']:.0f} s")
     return metrics

@@ -22,6 +22,7 @@ commands:
   eval         FID / IS / CLIP cosine of generated folders (eval.py, clip_embed.py)
   tsne         T-SNE figure of CLIP embeddings (tsne_visual.py)
   report       one self-contained HTML page for a run directory
+  audit        forget audit of a run: membership AUC of forget-class images, before vs after unlearning
   list-models  registered model names
 
 'unlearn-fast <command> --help' shows each command's flags.
@@ -49,6 +50,9 @@ def _run(command: str, argv: List[str]) -> int:
     if command in ("palette-unlearn", "palette-test"):
         from .palette_command import palette_test_main, palette_unlearn_main
         return palette_unlearn_main(argv) if command == "palette-unlearn" else palette_test_main(argv)
+    if command == "audit":
+        from .audit_command import audit_main
+        return audit_main(argv)
     if command in ("generate", "eval", "tsne", "report"):
         from . import tools
         return getattr(tools, f"{command}_main")(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..eval.periodic_eval import CRITERIA as EVAL_CRITERIA
 from ..objective import LOSS_TYPES, WEIGHTINGS
 from ..ops import NOISE_KINDS
 from ..train.precision import PRECISIONS
@@ -111,6 +112,16 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="also keep RUN_DIR/checkpoint-last.pth = the state after every N-th step (a multiple of "
                         "--accum_iter) and after every epoch; --resume it to continue exactly from that step")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--eval_every", type=int, default=None, metavar="N",
+                   help="after every N-th epoch (and the last), evaluate on held-out images of the forget and "
+                        "retain classes (files of those folders not used for training), log to RUN_DIR/eval_log.txt "
+                        "and keep the best encoder in RUN_DIR/best.pth (see --eval_criterion)")
+    g.add_argument("--eval_images", type=int, default=32, metavar="K",
+                   help="held-out images per set (forget, retain) for --eval_every, spread over the classes")
+    g.add_argument("--eval_criterion", default="forget_gap", choices=EVAL_CRITERIA,
+                   help="keep-best criterion, higher is better. forget_gap = forget_err/forget_err_before - "
+                        "retain_err/retain_err_before, errors under fixed masks (MAE: inpainting MSE of the hidden "
+                        "pixels; MAGE: cross-entropy of the hidden tokens), 'before' = the original model")
     if baseline:
         g.add_argument("--baseline_weighting", default="reference", choices=WEIGHTINGS,
                        help="reference: the official (1+s) weighting of encoder_noise / learn_others (forget term "

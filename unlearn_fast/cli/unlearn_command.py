@@ -21,6 +21,7 @@ import shutil
 
 import torch
 
+from ..eval.periodic_eval import PeriodicEvaluator
 from ..models import create_model, list_models
 from ..objective import TRAINS_ENCODER_ONLY
 from ..ops import NOISE_KINDS
@@ -31,7 +32,9 @@ from ..train.data_split import (default_class_split, parse_class_list, reference
                                 select_unlearning_files)
 from ..train.distributed import (DDPStudent, broadcast_object, cleanup_distributed, env_ranks, init_distributed,
                                  rank_device)
-from ..train.image_datasets import BadImageError, UnlearnImageDataset, reference_train_transform, verify_images
+from ..train.holdout_split import select_holdout_files
+from ..train.image_datasets import (BadImageError, UnlearnImageDataset, load_eval_images, reference_train_transform,
+                                    verify_images)
 from ..train.lr_schedule import base_lr, effective_batch_size
 from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
 from ..train.trainer import resolve_step_mode, train_loop
@@ -77,6 +80,9 @@ def validate_args(args, baseline: bool) -> None:
     if args.forget_per_batch is not None:
         need(0 <= args.forget_per_batch <= args.batch_size,
              f"--forget_per_batch must be in [0, batch_size={args.batch_size}], got {args.forget_per_batch}")
+    if args.eval_every is not None:
+        need(args.eval_every >= 1, f"--eval_every must be >= 1 (epochs), got {args.eval_every}")
+    need(args.eval_images >= 1, f"--eval_images must be >= 1, got {args.eval_images}")
     if args.resume:
         need(os.path.isfile(args.resume), f"--resume checkpoint not found: {args.resume}")
     if args.teacher:
@@ -218,13 +224,17 @@ def _has_checkpoint(run_dir: str) -> bool:
                                           for n in os.listdir(run_dir))
 
 
-def select_data(args):
+def class_lists(args):
+    """(forget classes, retain classes) from the flags, or the reference split of --data_path."""
     if args.forget_classes or args.retain_classes:
         if not (args.forget_classes and args.retain_classes):
             raise ValueError("give both --forget_classes and --retain_classes")
-        forget, retain = parse_class_list(args.forget_classes), parse_class_list(args.retain_classes)
-    else:
-        forget, retain = default_class_split(args.data_path)
+        return parse_class_list(args.forget_classes), parse_class_list(args.retain_classes)
+    return default_class_split(args.data_path)
+
+
+def select_data(args):
+    forget, retain = class_lists(args)
     proxy_root = None
     if args.use_coco:
         proxy_root = args.proxy_path or reference_coco_root(args.data_path)
@@ -250,6 +260,12 @@ def run_unlearn(args, baseline: bool = False) -> str:
 def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     items = select_data(args)
     labels = torch.tensor([lab for _, lab in items])
+    held = None
+    if args.eval_every is not None and ctx.is_main:  # read now: a bad held-out file fails before any writing
+        held = select_holdout_files(args.data_path, *class_lists(args), exclude=[p for p, _ in items],
+                                    per_set=args.eval_images, seed=args.seed)
+        held = (load_eval_images(held.forget + held.retain, args.input_size),
+                torch.arange(len(held.forget) + len(held.retain)) < len(held.forget))
     dataset = UnlearnImageDataset(items, reference_train_transform(args.input_size, args.use_coco), seed=args.seed)
     world, rank = ctx.world_size, ctx.rank
     args.world_size = world  # as the reference: the launcher's world size wins
@@ -322,12 +338,19 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
 
     image_shape = (3, args.input_size, args.input_size)
     try:
+        evaluator = None
+        if held is not None:
+            evaluator = PeriodicEvaluator(model, held[0], held[1], mask_seed=args.seed, every=args.eval_every,
+                                          criterion=args.eval_criterion, output_dir=run_dir, epochs=args.epochs,
+                                          reference_model=setup.teacher)
+            print(f"unlearn_fast: evaluating every {args.eval_every} epoch(s) on {int(held[1].sum())} forget + "
+                  f"{int((~held[1]).sum())} retain held-out images -> {run_dir}/eval_log.txt, best.pth")
         train_loop(setup, epoch_batches, steps, epochs=args.epochs, lr=lr, min_lr=args.min_lr,
                    warmup_epochs=args.warmup_epochs, start_epoch=start_epoch, start_step_in_epoch=start_step,
                    output_dir=run_dir, args_dict=args_dict, step_mode=mode, readback_every=args.readback_every,
                    progress=not args.no_progress and ctx.is_main, forget_per_batch=args.forget_per_batch,
                    batch_size=args.batch_size, image_shape=image_shape, save_every_steps=args.save_every_steps,
-                   epoch_progress=epoch_progress, dist=ctx)
+                   epoch_progress=epoch_progress, dist=ctx, on_epoch_end=evaluator)
     except BaseException:
         if ctx.is_main and created and not _has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
@@ -340,4 +363,4 @@ def _silenced(yes: bool):
     return contextlib.redirect_stdout(io.StringIO()) if yes else contextlib.nullcontext()
 
 
-__all__ = ["run_unlearn", "validate_args", "resolve_device"]
+__all__ = ["run_unlearn", "validate_args", "resolve_device", "class_lists", "select_data", "build_model"]

@@ -12,10 +12,14 @@ the family's ``sample_task`` and a CPU generator, so every evaluation sees the s
 
 - MAE (default ``score_fn``): the inpainting MSE over the hidden pixels (all channels) of ``reconstruct``,
   pixels in [0, 1].
-- Any other family: pass ``score_fn(model, images, task) -> per-image error [n]``.
+- Any other family with ``task_loss_terms`` (MAGE: the label-smoothed cross-entropy of the true VQ token ids
+  at the masked positions, i.e. how well the model predicts the hidden content): :func:`family_task_errors`.
+- Or pass ``score_fn(model, images, task) -> per-image error [n]``.
 
-``retain_mse`` / ``forget_mse`` are the means over each set; ``*_before`` are measured when the evaluator
-is built (so build it before training starts). Criterion ``forget_gap`` (higher is better):
+``retain_mse`` / ``forget_mse`` are the means over each set (named ``mse`` for every family; for MAGE they
+hold the token cross-entropy); ``*_before`` are measured when the evaluator is built, on
+``reference_model`` when given (the frozen teacher, so a resumed run compares with the original model), else
+on ``model`` (then build the evaluator before training starts). Criterion ``forget_gap`` (higher is better):
 
     forget_gap = forget_mse / forget_mse_before - retain_mse / retain_mse_before
 
@@ -58,11 +62,43 @@ def mae_inpaint_errors(model: nn.Module, images: torch.Tensor, task) -> torch.Te
     return sq.flatten(1).sum(1) / hidden.flatten(1).sum(1).clamp_min(1.0)  # [n]
 
 
+@torch.no_grad()
+def family_task_errors(model: nn.Module, images: torch.Tensor, task) -> torch.Tensor:
+    """Per-image [n] mean of the family's own training loss over its weighted (hidden) positions."""
+    loss, weight = model.task_loss_terms(model.prepare_inputs(images), task)  # [n, L'], [n, L']
+    weight = weight.float()
+    return (loss.float() * weight).sum(1) / weight.sum(1).clamp_min(1e-12)
+
+
 def _default_score_fn(model: nn.Module) -> Callable:
     if all(hasattr(model, a) for a in ("reconstruct", "mask_from_task", "unpatchify", "patch_embed")):
         return mae_inpaint_errors
+    if all(hasattr(model, a) for a in ("task_loss_terms", "prepare_inputs")):
+        return family_task_errors
     raise TypeError(f"no default evaluation for {type(model).__name__}: pass score_fn(model, images, task) "
                     f"-> per-image error [n]")
+
+
+@torch.no_grad()
+def per_image_errors(model: nn.Module, images: torch.Tensor, task, score_fn: Optional[Callable] = None,
+                     chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """Per-image errors [n] (fp64, CPU) of ``model`` in eval mode on CPU ``images`` under the draw ``task``,
+    ``chunk`` images at a time on the model's device. ``score_fn``: default by family (module docstring)."""
+    score_fn = _default_score_fn(model) if score_fn is None else score_fn
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        errs = []
+        for lo in range(0, images.shape[0], chunk):
+            rows = torch.arange(lo, min(lo + chunk, images.shape[0]))
+            e = torch.as_tensor(score_fn(model, images[rows].to(dev), task.select(rows).to(dev)))
+            if e.shape != (len(rows),):
+                raise ValueError(f"score_fn must return one error per image [{len(rows)}], got shape {tuple(e.shape)}")
+            errs.append(e.detach().double().cpu())
+        return torch.cat(errs)
+    finally:
+        model.train(was_training)
 
 
 class PeriodicEvaluator:
@@ -71,7 +107,7 @@ class PeriodicEvaluator:
     def __init__(self, model: nn.Module, holdout_images: torch.Tensor, holdout_is_forget, mask_seed: int,
                  every: int, criterion: str = "forget_gap", output_dir: Optional[str] = None, *,
                  score_fn: Optional[Callable] = None, epochs: Optional[int] = None,
-                 max_per_set: Optional[int] = None):
+                 max_per_set: Optional[int] = None, reference_model: Optional[nn.Module] = None):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every (--eval_every) must be an integer >= 1 epochs, got {every!r}")
         if criterion not in CRITERIA:
@@ -99,7 +135,7 @@ class PeriodicEvaluator:
             os.makedirs(output_dir, exist_ok=True)
         self.history: List[dict] = []
         self.best: Optional[dict] = None
-        self.before = self.evaluate()
+        self.before = self.evaluate(reference_model)
         for name in ("retain", "forget"):
             if not self.before[f"{name}_mse"] > 0:
                 raise ValueError(f"the model's {name} error before training is {self.before[f'{name}_mse']}; "
@@ -114,29 +150,17 @@ class PeriodicEvaluator:
         return (epoch + 1) % self.every == 0 or (self.epochs is not None and epoch == self.epochs - 1)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """{"retain_mse", "forget_mse"}: mean per-image error of each held-out set under the fixed draws."""
-        dev = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = {}
-            for name, (images, task) in self.sets.items():
-                errs = []
-                for lo in range(0, images.shape[0], EVAL_CHUNK):
-                    rows = torch.arange(lo, min(lo + EVAL_CHUNK, images.shape[0]))
-                    e = torch.as_tensor(self.score_fn(self.model, images[rows].to(dev), task.select(rows).to(dev)))
-                    if e.shape != (len(rows),):
-                        raise ValueError(f"score_fn must return one error per image [{len(rows)}], "
-                                         f"got shape {tuple(e.shape)}")
-                    errs.append(e.detach().double().cpu())
-                value = torch.cat(errs).mean().item()
-                if not math.isfinite(value):
-                    raise ValueError(f"the {name} error is not finite ({value})")
-                out[f"{name}_mse"] = value
-            return out
-        finally:
-            self.model.train(was_training)
+    def evaluate(self, model: Optional[nn.Module] = None) -> dict:
+        """{"retain_mse", "forget_mse"}: mean per-image error of each held-out set under the fixed draws, of
+        ``model`` (default: the model being trained)."""
+        model = self.model if model is None else model
+        out = {}
+        for name, (images, task) in self.sets.items():
+            value = per_image_errors(model, images, task, self.score_fn).mean().item()
+            if not math.isfinite(value):
+                raise ValueError(f"the {name} error is not finite ({value})")
+            out[f"{name}_mse"] = value
+        return out
 
     def score(self, metrics: dict) -> float:
         """The criterion's value (higher is better) for metrics from :meth:`evaluate`."""
@@ -190,4 +214,4 @@ def load_best_weights(model: nn.Module, path: str) -> dict:
     return blob
 
 
-__all__ = ["PeriodicEvaluator", "mae_inpaint_errors", "load_best_weights", "CRITERIA"]
+__all__ = ["PeriodicEvaluator", "mae_inpaint_errors", "family_task_errors", "per_image_errors", "load_best_weights", "CRITERIA"]

@@ -8,6 +8,9 @@ Reads, all optional:
 - ``<run_dir>/*.png``: embedded as base64 data URIs (sample grids, the T-SNE figure, ...);
 - ``<run_dir>/log.txt``: one JSON object per line (the trainer's log, keys like ``train_loss``,
   ``train_lr``, ``epoch``), drawn as inline SVG line charts made here (no matplotlib).
+- ``<run_dir>/eval_log.txt``: the ``--eval_every`` records (held-out errors, their ratios to before, the
+  keep-best criterion), as a table;
+- ``<run_dir>/forget_audit.json``: ``unlearn-fast audit``'s membership AUCs before/after, as a table.
 Every piece of text from those files is HTML-escaped. The page needs no network and no scripts.
 """
 from __future__ import annotations
@@ -195,6 +198,40 @@ def _curves_section(records: list[dict], bad: int) -> str:
     return "".join(out)
 
 
+def _table(head: list[str], rows: list[list]) -> str:
+    cells = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(format_number(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _eval_section(records: list[dict], bad: int) -> str:
+    keys = ["epoch", "retain_mse", "forget_mse", "retain_ratio", "forget_ratio", "forget_gap", "best"]
+    rows = [[("before" if r.get("phase") == "before" else r.get(k, "—")) if k == "epoch" else r.get(k, "—")
+             for k in keys] for r in records]
+    out = ["<h2>Held-out evaluation (--eval_every)</h2>", _table(keys, rows)]
+    if bad:
+        out.append(f'<p class="note">{bad} unreadable line(s) in eval_log.txt were skipped.</p>')
+    return "".join(out)
+
+
+def _audit_section(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            audit = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return f'<h2>Forget audit</h2><p class="note">{_esc(path)} is unreadable: {_esc(e)}</p>'
+    rows = []
+    for key, label in (("forget", "forget classes"), ("retain_control", "retain classes (control)")):
+        part = audit.get(key) if isinstance(audit, dict) else None
+        if isinstance(part, dict) and isinstance(part.get("before"), dict) and isinstance(part.get("after"), dict):
+            b, a = part["before"], part["after"]
+            rows.append([label, b.get("auc", "—"), a.get("auc", "—"), b.get("n_forget_train", "—"),
+                         b.get("n_unseen", "—")])
+    note = ('<p class="note">AUC = P(a training image has a lower task error than an unseen image of the same '
+            'classes); 0.5 means the model no longer tells them apart.</p>')
+    return "<h2>Forget audit</h2>" + _table(["set", "AUC before", "AUC after", "n train", "n unseen"], rows) + note
+
+
 def _images_section(pngs: list[str]) -> str:
     out = ["<h2>Images</h2>"]
     for path in pngs:
@@ -225,6 +262,12 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
     log_path = os.path.join(run_dir, "log.txt")
     if os.path.isfile(log_path):
         body.append(_curves_section(*read_log_lines(log_path)))
+    eval_path = os.path.join(run_dir, "eval_log.txt")
+    if os.path.isfile(eval_path):
+        body.append(_eval_section(*read_log_lines(eval_path)))
+    audit_path = os.path.join(run_dir, "forget_audit.json")
+    if os.path.isfile(audit_path):
+        body.append(_audit_section(audit_path))
     pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.lower().endswith(".png"))
     if pngs:
         body.append(_images_section(pngs))

@@ -140,6 +140,15 @@ def eval_transform(input_size: int) -> EvalTransform:
     return EvalTransform(input_size)
 
 
+def load_eval_images(paths: Sequence[str], input_size: int) -> torch.Tensor:
+    """[N, 3, S, S] float32 in [0, 1]: each file through :class:`EvalTransform` (a bad file: BadImageError
+    naming it)."""
+    if not paths:
+        raise ValueError("no image files to load")
+    tf = EvalTransform(input_size)
+    return torch.stack([tf(load_rgb_image(p)) for p in paths])
+
+
 class UnlearnImageDataset(Dataset):
     """[(path, label)] -> (image [3, H, W] float32 in [0, 1], label float). Labels: -100.0 forget,
     +100.0 retain/proxy. A transform with `takes_generator` gets the item's seeded generator; any

@@ -1,0 +1,102 @@
+"""``unlearn-fast audit RUN_DIR``: membership AUC of forget-class images, before vs after, from the run dir."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import unlearn_fast
+from unlearn_fast.cli.audit_command import read_run_args, run_audit
+from unlearn_fast.cli.main import main
+from unlearn_fast.eval.forget_audit import membership_auc
+from unlearn_fast.eval.periodic_eval import mae_inpaint_errors
+from unlearn_fast.eval.report import render_report
+from unlearn_fast.train.data_split import seeded_shuffle, select_unlearning_files
+from unlearn_fast.train.holdout_split import select_holdout_files
+from unlearn_fast.train.image_datasets import load_eval_images
+from unlearn_fast.train.seeding import derive_seed
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch unlearning run on random images (5 per class trained, 3 unseen)."""
+    root = tmp_path_factory.mktemp("data") / "train"
+    rng = np.random.default_rng(2)
+    for c in ("cat", "dog", "bird"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    torch.manual_seed(0)
+    pre = tmp_path_factory.mktemp("ckpt") / "pretrained.pth"
+    torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, pre)
+    out = tmp_path_factory.mktemp("out")
+    assert main(["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(root),
+                 "--forget_classes", "cat,dog", "--retain_classes", "bird", "--num_image_per_class", "5",
+                 "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
+                 "--output_dir", str(out), "--no_progress", "--device", "cpu", "--forget_alpha", "1.0",
+                 "--lr", "3e-3", "--resume", str(pre)]) == 0
+    (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
+    return dict(root=str(root), pretrained=str(pre), run_dir=run_dir)
+
+
+def test_audit_matches_a_plain_restatement(run, capsys):
+    assert main(["audit", run["run_dir"], "--images", "4", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "forget classes" in printed and "retain classes" in printed
+    result = json.load(open(os.path.join(run["run_dir"], "forget_audit.json")))
+    assert result["config"]["checkpoint"].endswith("checkpoint-1.pth")
+    assert result["config"]["teacher"] == os.path.abspath(run["pretrained"])
+    # restated: seen = 4 of the run's forget training files, unseen = 4 held-out forget files; fixed masks
+    items = select_unlearning_files(run["root"], ["cat", "dog"], ["bird"], 5, seed=0)
+    seen = seeded_shuffle(sorted({p for p, lab in items if lab < 0}), 0, "audit", "forget")[:4]
+    unseen = select_holdout_files(run["root"], ["cat", "dog"], ["bird"], [p for p, _ in items], 4, 0).forget
+    assert len(unseen) == 4 and not set(seen) & set(unseen)
+    x = load_eval_images(seen + unseen, 32)
+    for when, path in (("before", run["pretrained"]), ("after", os.path.join(run["run_dir"], "checkpoint-1.pth"))):
+        model = unlearn_fast.create_model("mae_micro")
+        model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        model.eval()
+        task = model.sample_task(x, torch.Generator().manual_seed(derive_seed(0, "audit", "forget")))
+        e = mae_inpaint_errors(model, x, task).double()
+        assert result["forget"][when]["auc"] == pytest.approx(membership_auc(e[:4], e[4:]), abs=1e-12)
+        assert result["forget"][when]["mean_error_unseen"] == pytest.approx(e[4:].mean().item(), rel=1e-6)
+    assert result["forget"]["after"]["mean_error_forget_train"] != result["forget"]["before"]["mean_error_forget_train"]
+    # the retain control: bird has 3 unseen files
+    assert result["retain_control"]["before"]["n_unseen"] == 3
+    # the report shows the audit table
+    page = render_report(run["run_dir"])
+    assert "Forget audit" in page and f"{result['forget']['after']['auc']:.4f}" in page
+
+
+def test_opt_yaml_appended_twice_reads_the_last(tmp_path):
+    (tmp_path / "opt.yaml").write_text(json.dumps({"seed": 1}, indent=2) + "\n" + json.dumps({"seed": 2}) + "\n")
+    assert read_run_args(str(tmp_path)) == {"seed": 2}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_run_dir", "not a run directory"),
+    ("no_opt", "no opt.yaml"),
+    ("bad_checkpoint", "checkpoint file not found"),
+    ("moved_data", "does not exist"),
+    ("images_0", "--images must be >= 1"),
+])
+def test_audit_bad_input_one_clear_error(run, tmp_path, capsys, case, message):
+    argv = ["audit", run["run_dir"], "--device", "cpu"]
+    if case == "no_run_dir":
+        argv[1] = str(tmp_path / "nope")
+    elif case == "no_opt":
+        argv[1] = str(tmp_path)
+    elif case == "bad_checkpoint":
+        argv += ["--checkpoint", str(tmp_path / "missing.pth")]
+    elif case == "moved_data":
+        argv += ["--data_path", str(tmp_path / "gone")]
+    elif case == "images_0":
+        argv += ["--images", "0"]
+    before = sorted(os.listdir(run["run_dir"]))
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(os.listdir(run["run_dir"])) == before  # nothing written

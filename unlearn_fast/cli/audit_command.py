@@ -1,0 +1,164 @@
+"""``unlearn-fast audit RUN_DIR``: the forget audit of an unlearning run, before and after.
+
+    unlearn-fast audit output_dir/class_img1k__numimg_120_..._normal_20261127-101500
+    unlearn-fast audit RUN_DIR --checkpoint RUN_DIR/checkpoint-3.pth --images 256 --device cuda
+
+A membership-style test (:mod:`unlearn_fast.eval.forget_audit`): per-image task error of the model on
+forget-class images it was unlearned on ("forget_train": the run's own training files of the forget classes)
+against forget-class images it never saw ("unseen": the other files of the same class folders). The AUC is
+P(a training image has the lower error); 0.5 = no membership signal. It is measured on the original model
+(the run's teacher checkpoint, "before") and on the unlearned one (default: the run's last
+``checkpoint-{epoch}.pth``, "after"), with the same images and the same fixed task draws (seeded). The retain
+classes give the same numbers as a control (unlearning should leave them alone). Errors: MAE, the inpainting
+MSE of the hidden pixels; MAGE, the cross-entropy of the hidden tokens (as ``--eval_every``).
+
+Everything comes from the run directory: ``opt.yaml`` (the run's flags, data split and teacher path) and its
+checkpoints; ``--data_path`` / ``--teacher`` override moved files. Writes ``RUN_DIR/forget_audit.json``
+(atomically) and prints a short table; ``unlearn-fast report`` shows it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+
+from ..eval.forget_audit import forget_audit_summary
+from ..eval.periodic_eval import per_image_errors
+from ..train.checkpoint import atomic_write_text, load_checkpoint_file, load_model_state, model_state_from
+from ..train.data_split import FORGET_LABEL, seeded_shuffle
+from ..train.holdout_split import select_holdout_files
+from ..train.image_datasets import load_eval_images
+from ..train.seeding import derive_seed
+from .unlearn_command import build_model, class_lists, resolve_device, select_data
+
+AUDIT_FILE = "forget_audit.json"
+
+
+def read_run_args(run_dir: str) -> dict:
+    """The last JSON object of ``RUN_DIR/opt.yaml`` (the file is appended once per start of the run)."""
+    path = os.path.join(run_dir, "opt.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir} is not an unlearning run directory (no opt.yaml)")
+    text, dec, pos, last = open(path, encoding="utf-8").read(), json.JSONDecoder(), 0, None
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            last, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not readable ({e})") from None
+    if not isinstance(last, dict):
+        raise ValueError(f"{path} holds no argument dictionary")
+    return last
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    found = [(int(m.group(1)), n) for n in os.listdir(run_dir) if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", n))]
+    if not found:
+        raise ValueError(f"{run_dir} has no checkpoint-<epoch>.pth yet; pass --checkpoint")
+    return os.path.join(run_dir, max(found)[1])
+
+
+def _load_model(args: SimpleNamespace, path: str, device: torch.device):
+    model = build_model(args)
+    load_model_state(model, model_state_from(load_checkpoint_file(path), path), path)
+    return model.to(device).eval()
+
+
+def _pick(paths: List[str], count: int, seed: int, what: str) -> List[str]:
+    return seeded_shuffle(sorted(set(paths)), seed, "audit", what)[:count]
+
+
+def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, device: str = "auto",
+              data_path: Optional[str] = None, teacher: Optional[str] = None) -> dict:
+    """Audit ``run_dir`` (see the module docstring); returns what it writes to ``forget_audit.json``."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"not a run directory: {run_dir}")
+    if images < 1:
+        raise ValueError(f"--images must be >= 1, got {images}")
+    saved = read_run_args(run_dir)
+    needed = ("model", "input_size", "data_path", "seed", "num_image_per_class", "retainset_ratio")
+    missing = [k for k in needed if k not in saved]
+    if missing:
+        raise ValueError(f"{run_dir}/opt.yaml lacks {', '.join(missing)}; was it written by unlearn-fast?")
+    args = SimpleNamespace(**{"forget_classes": None, "retain_classes": None, "use_coco": False, "proxy_path": None,
+                              "opendata_to_forget_ratio": None, "verify_images": False, "vqgan_ckpt": None,
+                              "mask_ratio": 0.75, **saved})
+    if data_path:
+        args.data_path = data_path
+    teacher = teacher or saved.get("teacher_checkpoint")
+    if not teacher:
+        raise ValueError(f"{run_dir}/opt.yaml records no teacher checkpoint (the run started from random "
+                         "weights?); pass --teacher")
+    checkpoint = checkpoint or latest_checkpoint(run_dir)
+    for what, path in (("teacher", teacher), ("checkpoint", checkpoint)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{what} file not found: {path} (pass --{what})")
+
+    items = select_data(args)  # the run's training list, rebuilt from its flags and seed
+    train = {"forget": [p for p, lab in items if lab == FORGET_LABEL]}
+    forget_classes, retain_classes = class_lists(args)
+    retain_dirs = {os.path.abspath(os.path.join(args.data_path, c)) for c in retain_classes}
+    train["retain"] = [p for p, lab in items if lab != FORGET_LABEL
+                       and os.path.dirname(os.path.abspath(p)) in retain_dirs]  # not the proxy
+    held = select_holdout_files(args.data_path, forget_classes, retain_classes, exclude=[p for p, _ in items],
+                                per_set=images, seed=args.seed, need=("forget",))
+    sets = {"forget": (_pick(train["forget"], images, args.seed, "forget"), held.forget),
+            "retain": (_pick(train["retain"], images, args.seed, "retain"), held.retain)}
+
+    dev = resolve_device(device)
+    models = {"before": _load_model(args, teacher, dev), "after": _load_model(args, checkpoint, dev)}
+    errors = {w: {} for w in models}
+    for name, (seen, unseen) in sets.items():
+        if not seen or not unseen:
+            continue  # the retain control needs both (proxy-only runs have no retain files)
+        x = load_eval_images(seen + unseen, args.input_size)
+        task = models["before"].sample_task(x, torch.Generator().manual_seed(derive_seed(args.seed, "audit", name)))
+        for when, model in models.items():
+            e = per_image_errors(model, x, task)
+            errors[when][name] = {"forget_train": e[: len(seen)], "unseen": e[len(seen):]}
+    result = {"forget": forget_audit_summary(errors["before"]["forget"], errors["after"]["forget"])}
+    if "retain" in errors["before"]:
+        result["retain_control"] = forget_audit_summary(errors["before"]["retain"], errors["after"]["retain"])
+    result["config"] = {"run_dir": os.path.abspath(run_dir), "teacher": os.path.abspath(teacher),
+                        "checkpoint": os.path.abspath(checkpoint), "model": args.model, "images_per_set": images,
+                        "seed": args.seed, "error": "per-image task error under fixed masks (MAE: hidden-pixel "
+                                                    "MSE; MAGE: hidden-token cross-entropy)",
+                        "auc": "P(a training image has a lower error than an unseen one); 0.5 = no signal"}
+    atomic_write_text(os.path.join(run_dir, AUDIT_FILE), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_audit(result: dict) -> str:
+    rows = [f"{'set':<16}{'AUC before':>12}{'AUC after':>12}{'n train':>9}{'n unseen':>10}"]
+    for key, label in (("forget", "forget classes"), ("retain_control", "retain classes")):
+        if key in result:
+            b, a = result[key]["before"], result[key]["after"]
+            rows.append(f"{label:<16}{b['auc']:>12.3f}{a['auc']:>12.3f}{b['n_forget_train']:>9}{b['n_unseen']:>10}")
+    return "\n".join(rows)
+
+
+def audit_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="unlearn-fast audit", description="forget audit (membership AUC) of a run, "
+                                                                       "before and after unlearning")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default=None, help="the unlearned model (default: the last checkpoint-<e>.pth)")
+    p.add_argument("--teacher", default=None, help="the original model (default: the run's teacher checkpoint)")
+    p.add_argument("--images", type=int, default=64, help="images per group (seen / unseen) and per set")
+    p.add_argument("--data_path", default=None, help="the run's data folder, if it moved")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    result = run_audit(a.run_dir, a.checkpoint, a.images, a.device, a.data_path, a.teacher)
+    print(format_audit(result))
+    print(f"unlearn-fast audit: wrote {os.path.join(a.run_dir, AUDIT_FILE)}")
+    return 0
+
+
+__all__ = ["run_audit", "audit_main", "read_run_args", "format_audit", "AUDIT_FILE"]
