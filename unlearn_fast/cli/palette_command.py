@@ -3,8 +3,16 @@ Palette (REFERENCE.md §3, §4.3, §5.5), with the same flags and JSON configs.
 
     unlearn-fast palette-unlearn -c config/inpainting_places2_unlearn.json -p train --fix_decoder 1 \\
         --forget_alpha 0.1 --ckpt 16_Network.pth --class_list datasets/place365/flist/class.txt
+    unlearn-fast palette-unlearn -c config/inpainting_places2_unlearn.json --fix_decoder 1 \\
+        --resume_state experiments/<run>/checkpoint/1 --class_list datasets/place365/flist/class.txt
     unlearn-fast palette-test -c config/inpainting_places2_unlearn_test.json \\
         --ckpt experiments/<run>/checkpoint/2_Network.pth --class_list datasets/place365/flist/class.txt
+
+Resuming (second line; or the config's ``path.resume_state``, which the flag overrides) continues the run saved
+in ``1_Network.pth``, ``1_Network_ema.pth`` and ``1.state`` with epoch 2 up to ``train.n_epoch``, in a new run
+directory, with the same flags. The teacher is the original model stored in ``1_Network.pth``; ``--ckpt`` is not
+needed (given, it must be that original model). A state that already finished ``train.n_epoch`` is an error
+(nothing to do, exit code 2). See unlearn_fast.train.palette_trainer for what makes the resume exact.
 
 The flags pick the approach (``--fix_decoder 1``: Ours; see unlearn_fast.train.palette_steps for the table).
 Which config keys are read, and their defaults: unlearn_fast.cli.palette_config. Everything that can be
@@ -23,8 +31,10 @@ from ..models.palette_sampler import palette_restore, palette_test_result_dir, w
 from ..train.balanced_sampler import ReferenceShuffleBatchSampler
 from ..train.palette_data import (PaletteInpaintDataset, read_class_list, select_places365_test,
                                   select_places365_train)
-from ..train.palette_steps import PALETTE_PRECISIONS, approach_from_flags, build_palette_setup
-from ..train.palette_trainer import PALETTE_STEP_MODES, palette_run_dir_name, palette_train_loop, write_config_json
+from ..train.palette_steps import PALETTE_PRECISIONS, WITH_TEACHER, approach_from_flags, build_palette_setup
+from ..train.palette_trainer import (PALETTE_STEP_MODES, check_palette_resume_fits, load_resumed_network,
+                                     palette_resume_start, palette_run_dir_name, palette_train_loop,
+                                     read_palette_resume, restore_palette_training, write_config_json)
 from ..train.run_outputs import check_output_dir
 from ..train.seeding import step_generator
 from .palette_config import load_palette_config, resolve_palette_job
@@ -51,7 +61,12 @@ def build_palette_parser(prog: Optional[str] = None, default_phase: str = "train
                    help="1: NOISY LABEL baseline; with --fix_decoder 1: RANDOM ENCODER")
     g.add_argument("--learn_others", default=0, type=int, help="1: RETAIN LABEL baseline")
     g.add_argument("--ckpt", type=str, default=None,
-                   help="train: the pretrained {epoch}_Network.pth to unlearn; test: the checkpoint to sample")
+                   help="train: the pretrained {epoch}_Network.pth to unlearn (optional with --resume_state); "
+                        "test: the checkpoint to sample")
+    g.add_argument("--resume_state", type=str, default=None, metavar="PATH_PREFIX",
+                   help="continue an unlearning run from PATH_PREFIX_Network.pth, PATH_PREFIX_Network_ema.pth and "
+                        "PATH_PREFIX.state (e.g. experiments/<run>/checkpoint/3: epochs 4..n_epoch); overrides the "
+                        "config's path.resume_state ('none' ignores that key). Use the flags the run was saved with")
     f = p.add_argument_group("unlearn_fast flags")
     f.add_argument("--data_root", type=str, default=None, help="Places-365 root with train_256/ and val_256/ "
                                                                 "(default: the config's data_root)")
@@ -93,9 +108,9 @@ def find_class_list(explicit: Optional[str], data_root: str) -> str:
                      "(the reference's datasets/place365/flist/class.txt)")
 
 
-def _check_common(args) -> None:
-    _need(args.ckpt is not None, "--ckpt is required (the Palette {epoch}_Network.pth to start from)")
-    _need(os.path.isfile(args.ckpt), f"--ckpt not found: {args.ckpt}")
+def _check_common(args, need_ckpt: bool = True) -> None:
+    _need(args.ckpt is not None or not need_ckpt, "--ckpt is required (the Palette {epoch}_Network.pth to start from)")
+    _need(args.ckpt is None or os.path.isfile(args.ckpt), f"--ckpt not found: {args.ckpt}")
     _need(args.batch is None or args.batch >= 1, f"-b/--batch must be >= 1, got {args.batch}")
     _need(args.num_workers is None or args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
     if args.gpu_ids is not None:
@@ -120,7 +135,8 @@ def run_palette_unlearn(args) -> str:
     cfg = load_palette_config(args.config)
     job = resolve_palette_job(cfg, "train", source=args.config, batch=args.batch, data_root=args.data_root,
                               num_workers=args.num_workers, seed=args.seed, debug=args.debug)
-    _check_common(args)
+    resume_prefix = resume_prefix_of(args, job)
+    _check_common(args, need_ckpt=resume_prefix is None)
     _need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
           f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
     _need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
@@ -133,10 +149,25 @@ def run_palette_unlearn(args) -> str:
     steps = min(sampler.steps_per_epoch, args.max_steps_per_epoch or sampler.steps_per_epoch)
 
     network = _build_network(job, "train")
-    load_network_file(network, args.ckpt)
+    resume, teacher_state, start_epoch = None, None, 1
+    if resume_prefix is None:
+        load_network_file(network, args.ckpt)
+    else:
+        resume = read_palette_resume(resume_prefix, with_ema=job.ema_decay is not None)
+        start_epoch = palette_resume_start(resume, job.n_epoch, job.seed, steps)
+        check_palette_resume_fits(resume, approach)
+        load_resumed_network(network, resume)
+        teacher_state = resume.teacher if approach in WITH_TEACHER else None
+        if args.ckpt and teacher_state is not None:
+            check_ckpt_is_teacher(args.ckpt, resume)
+        elif args.ckpt:
+            print(f"unlearn_fast: --ckpt {args.ckpt} is not used: '{approach}' has no teacher and the weights come "
+                  f"from {resume.network_path}")
     setup = build_palette_setup(network, device, approach, args.forget_alpha, lr=job.lr,
                                 weight_decay=job.weight_decay, ema_decay=job.ema_decay, seed=job.seed,
-                                fast=args.step == "fast", precision=args.precision)
+                                fast=args.step == "fast", precision=args.precision, teacher_state=teacher_state)
+    if resume is not None:
+        restore_palette_training(setup, resume)
 
     base = args.output_dir or job.base_dir
     run_dir = os.path.join(base, palette_run_dir_name(job.opt_name, args.learn_others, args.fix_decoder,
@@ -148,7 +179,9 @@ def run_palette_unlearn(args) -> str:
     written = dict(cfg, name=job.opt_name, phase="train", distributed=False)
     written["unlearn_fast"] = dict(
         approach=approach, fix_decoder=args.fix_decoder, forget_alpha=args.forget_alpha, max_loss=args.max_loss,
-        learn_noise=args.learn_noise, learn_others=args.learn_others, ckpt=os.path.abspath(args.ckpt),
+        learn_noise=args.learn_noise, learn_others=args.learn_others,
+        ckpt=os.path.abspath(args.ckpt) if args.ckpt else None,
+        resume_state=os.path.abspath(resume.prefix) if resume else None, start_epoch=start_epoch,
         seed=job.seed, device=str(device), step=args.step, precision=args.precision, batch_size=job.batch_size,
         n_epoch=job.n_epoch,
         steps_per_epoch=steps, images=len(items), forget_images=n_forget, data_root=job.data_root)
@@ -156,6 +189,8 @@ def run_palette_unlearn(args) -> str:
     print(f"unlearn_fast: Palette '{approach}', {len(items)} images ({n_forget} forget), {steps} steps/epoch x "
           f"{job.n_epoch} epochs, batch {job.batch_size}, step '{args.step}', {args.precision}, device {device}")
     print(f"unlearn_fast: writing to {run_dir}")
+    if resume is not None:
+        print(f"unlearn_fast: resuming {resume.prefix} at epoch {start_epoch} ({resume.iters} images seen)")
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=job.num_workers,
                                          pin_memory=device.type == "cuda")
@@ -168,8 +203,27 @@ def run_palette_unlearn(args) -> str:
     palette_train_loop(setup, epoch_batches, steps, n_epoch=job.n_epoch, run_dir=run_dir,
                        checkpoint_subdir=job.checkpoint_subdir, step_mode=args.step,
                        readback_every=args.readback_every, progress=not args.no_progress, log_iter=job.log_iter,
-                       save_checkpoint_epoch=job.save_checkpoint_epoch)
+                       save_checkpoint_epoch=job.save_checkpoint_epoch, start_epoch=start_epoch,
+                       start_iters=resume.iters if resume else 0, save_position=True)
     return run_dir
+
+
+def resume_prefix_of(args, job) -> Optional[str]:
+    """--resume_state, else the config's path.resume_state; 'none' (or '') on the command line ignores the key."""
+    if args.resume_state is not None:
+        return None if args.resume_state.strip().lower() in ("", "none", "null") else args.resume_state
+    return job.resume_state
+
+
+def check_ckpt_is_teacher(ckpt: str, resume) -> None:
+    """--ckpt given with a resume: it must be the original model, i.e. the teacher stored in the resume state."""
+    state = read_palette_state(ckpt)
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    weights = {k[len("denoise_fn."):]: v for k, v in state.items() if k.startswith("denoise_fn.")}
+    same = weights.keys() == resume.teacher.keys() and all(
+        v.shape == resume.teacher[k].shape and torch.equal(v, resume.teacher[k]) for k, v in weights.items())
+    _need(same, f"--ckpt {ckpt} is not the teacher stored in {resume.network_path} (the original model of the run "
+                "being resumed): drop --ckpt to keep the stored teacher")
 
 
 def read_palette_state(path: str) -> dict:
@@ -255,4 +309,5 @@ def palette_test_main(argv: Optional[List[str]] = None) -> int:
 
 
 __all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
-           "palette_test_main", "find_class_list", "read_palette_state", "load_network_file"]
+           "palette_test_main", "find_class_list", "read_palette_state", "load_network_file", "resume_prefix_of",
+           "check_ckpt_is_teacher"]

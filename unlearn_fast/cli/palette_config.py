@@ -8,6 +8,8 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     name                              run-dir name part; "inpainting_places2"
     seed                              used when --seed is not given and it is >= 0; else 0
     path.base_dir, path.checkpoint    "experiments", "checkpoint" (--output_dir overrides base_dir)
+    path.resume_state                 train: null; "RUN/checkpoint/3" resumes from 3_Network.pth, 3_Network_ema.pth
+                                      and 3.state (--resume_state overrides; see palette_command)
     NET.unet                          REQUIRED: the UNet arguments
     NET.beta_schedule                 REQUIRED: {"train": {...}, "test": {...}} (or one flat dict)
     NET.module_name                   "guided_diffusion" (the only one implemented)
@@ -30,7 +32,7 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     debug                             with -d its keys replace those of "train" (as the reference)
 
 Read but ignored, as the reference ignores them or because unlearn_fast does them differently: gpu_ids (one
-process; --device), finetune_norm, path.code/tb_logger/results/resume_state, dataloader validation_split and
+process; --device), finetune_norm, path.code/tb_logger/results, dataloader validation_split and
 val_args (no per-epoch validation), shuffle/drop_last/pin_memory (always shuffle and drop_last), data_len,
 init_type (weights come from --ckpt), train.n_iter/val_epoch/tensorboard, which_losses, which_metrics.
 """
@@ -136,6 +138,7 @@ class PaletteJob:
     base_dir: str
     checkpoint_subdir: str
     seed: int
+    resume_state: Optional[str] = None
 
 
 def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Optional[int] = None,
@@ -183,6 +186,10 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     if get("model.which_model.args.ema_scheduler", None) is not None and ema_decay is None:
         ema_decay = 0.9999
     name = str(get("name", "inpainting_places2"))
+    resume_state = get("path.resume_state", None) if phase == "train" else None
+    if resume_state is not None and not (isinstance(resume_state, str) and resume_state.strip()):
+        raise ValueError(f"{source}: path.resume_state must be null or a checkpoint prefix such as "
+                         f"\"experiments/<run>/checkpoint/3\", got {resume_state!r}")
     return PaletteJob(
         opt_name=f"debug_{name}" if debug else f"{phase}_{name}", phase=phase,
         unet=dict(unet), beta_schedule=copy.deepcopy(schedule), module_name=str(get(f"{net}.module_name",
@@ -203,6 +210,7 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         save_checkpoint_epoch=_int(train_cfg.get("save_checkpoint_epoch", 1), "train.save_checkpoint_epoch"),
         base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=str(get("path.checkpoint", "checkpoint")),
         seed=int(seed) if seed is not None else (int(cfg_seed) if isinstance(cfg_seed, int) and cfg_seed >= 0 else 0),
+        resume_state=resume_state,
     )
 
 

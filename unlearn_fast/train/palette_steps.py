@@ -37,7 +37,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..models.palette import Network, as_palette_batch
+from ..models.palette import SCHEDULE_BUFFERS, Network, as_palette_batch
+from ..models.state_dict_io import load_state_dict_strict
 from ..objective.palette_loss import (palette_max_loss, palette_noisy_label_loss, palette_random_encoder_loss,
                                       palette_retain_label_loss, palette_unlearn_loss_terms,
                                       palette_unlearn_loss_terms_reference)
@@ -53,6 +54,13 @@ _FLAG_TABLE = {  # (fix_decoder, max_loss, learn_noise, learn_others) -> approac
     (1, 0, 0, 0): "ours", (1, 0, 1, 0): "random_encoder", (0, 0, 0, 1): "retain_label",
     (0, 0, 1, 0): "noisy_label", (0, 0, 0, 0): "noisy_label", (0, 1, 0, 0): "max_loss",
 }
+
+
+def approach_flags(approach: str) -> str:
+    """The reference flags that select ``approach`` (``--fix_decoder 1 --learn_noise 1``; ``no flags`` for none)."""
+    names = ("fix_decoder", "max_loss", "learn_noise", "learn_others")
+    key = next(k for k, v in _FLAG_TABLE.items() if v == approach and any(k))
+    return " ".join(f"--{n} 1" for n, v in zip(names, key) if v)
 
 
 def approach_from_flags(fix_decoder: int = 0, max_loss: int = 0, learn_noise: int = 0, learn_others: int = 0) -> str:
@@ -107,6 +115,19 @@ class PaletteEMA:
         """``{epoch}_Network_ema.pth``: ``denoise_fn.*`` only, on CPU (the reference's EMA has no buffers)."""
         return {f"denoise_fn.{k}": v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def load_state_dict(self, state: Dict[str, torch.Tensor], what: str = "EMA state") -> None:
+        """Copy a ``{epoch}_Network_ema.pth`` into the EMA in place (the tracked Parameter objects stay valid).
+        A ``module.`` prefix is stripped and schedule buffers are ignored; any other mismatch is a ValueError."""
+        inner = {}
+        for k, v in state.items():
+            k = k[len("module."):] if k.startswith("module.") else k
+            if k in SCHEDULE_BUFFERS:
+                continue
+            if not k.startswith("denoise_fn."):
+                raise ValueError(f"{what}: unexpected key {k!r} (an EMA file holds denoise_fn.* only)")
+            inner[k[len("denoise_fn."):]] = v
+        load_state_dict_strict(self.module, inner, what)
+
 
 # ---- setup -------------------------------------------------------------------------------------------
 @dataclass
@@ -125,11 +146,14 @@ class PaletteSetup:
 
 def build_palette_setup(network: Network, device, approach: str = "ours", forget_alpha: float = 0.1,
                         lr: float = 5e-5, weight_decay: float = 0.0, ema_decay: Optional[float] = 0.9999,
-                        seed: int = 0, rank: int = 0, fast: bool = True, precision: str = "fp32") -> PaletteSetup:
+                        seed: int = 0, rank: int = 0, fast: bool = True, precision: str = "fp32",
+                        teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> PaletteSetup:
     """Move ``network`` (already loaded) to ``device``, attach the teacher the approach needs, build Adam over
     the ``denoise_fn`` parameters (the reference's optimizer is made before the teacher exists) and the EMA.
     ``fast`` picks a fused (CUDA) / foreach (CPU) Adam; otherwise the single-tensor Adam of torch 1.13.
-    ``precision``: ``fp32`` (the reference) or ``bf16`` (opt-in: both UNets under bf16 autocast)."""
+    ``precision``: ``fp32`` (the reference) or ``bf16`` (opt-in: both UNets under bf16 autocast).
+    ``teacher_state``: the teacher's weights (``denoise_fn`` keys, no prefix) when resuming: the original model
+    stored in the checkpoint, never a copy of the partly unlearned ``network`` (§11)."""
     if precision not in PALETTE_PRECISIONS:
         raise ValueError(f"unknown Palette precision {precision!r}; valid: {', '.join(PALETTE_PRECISIONS)}")
     if approach not in APPROACHES:
@@ -140,10 +164,14 @@ def build_palette_setup(network: Network, device, approach: str = "ours", forget
         raise ValueError(f"--forget_alpha must be finite and >= 0, got {forget_alpha}")
     if not lr > 0 or weight_decay < 0:
         raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+    if teacher_state is not None and approach not in WITH_TEACHER:
+        raise ValueError(f"teacher weights were given, but the approach {approach!r} uses no teacher")
     device = torch.device(device)
     network = network.to(device)
     if approach in WITH_TEACHER and not network.has_teacher:
         network.attach_teacher()
+    if teacher_state is not None:
+        load_state_dict_strict(network.teacher_denoise_fn, teacher_state, "teacher weights")
     network.train()
     params = [p for p in network.denoise_fn.parameters() if p.requires_grad]
     kind = dict(fused=True) if fast and device.type == "cuda" else dict(foreach=bool(fast))
@@ -223,5 +251,6 @@ def palette_fast_step(setup: PaletteSetup, batch: Any, is_forget_cpu: torch.Tens
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 
 
-__all__ = ["PALETTE_PRECISIONS", "APPROACHES", "ENCODER_ONLY", "WITH_TEACHER", "approach_from_flags", "PaletteEMA",
+__all__ = ["PALETTE_PRECISIONS", "APPROACHES", "ENCODER_ONLY", "WITH_TEACHER", "approach_from_flags", "approach_flags",
+           "PaletteEMA",
            "PaletteSetup", "build_palette_setup", "palette_step_loss", "palette_reference_step", "palette_fast_step"]
