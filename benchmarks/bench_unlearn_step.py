@@ -82,6 +82,14 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 
 @needs_gpu
-@pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mage_base"]], ids=["gpu_mage_base"])
+@pytest.mark.parametrize("variant", ["fast_shared", "fast_bf16_cl"])
+def test_gpu_step_mage_variants(benchmark, variant):
+    """MAGE only: the opt-in shared tokenisation at reference precision, and the VQGAN in channels_last (bf16)."""
+    _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mage_base"]],
+                         ids=["gpu_mae_base", "gpu_mage_base"])
 def test_gpu_step_compiled_reference(benchmark, cfg):
     _bench(benchmark, cfg, "compiled_reference", GPU_STEPS, GPU_WARMUP)

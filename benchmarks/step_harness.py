@@ -39,6 +39,9 @@ GPU_CONFIGS = {
     "gpu_mage_base": StepConfig("gpu_mage_base", "mage_vit_base_patch16", 64, "cuda"),
 }
 
+if torch.cuda.is_available():
+    torch.backends.cudnn.benchmark = True  # as the reference trainer (REFERENCE.md §1.4), for every variant
+
 _models: Dict[str, torch.nn.Module] = {}
 _reference_seconds: Dict[str, float] = {}
 
@@ -64,13 +67,19 @@ def sync(device: str) -> None:
 
 
 def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
-    """``run(step)`` performs one training step of ``variant``: reference | fast | fast_bf16 | compiled_reference."""
+    """``run(step)`` performs one training step of ``variant``: reference | fast | fast_bf16 | compiled_reference,
+    and for MAGE fast_shared (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in
+    channels_last)."""
     dev = torch.device(cfg.device)
-    precision = "bf16" if variant.endswith("bf16") else "reference"
+    precision = "bf16" if "bf16" in variant else "reference"
     fast = variant.startswith("fast")
     graph = fast and dev.type == "cuda"
     setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
-                        forget_alpha=cfg.forget_alpha, fast=fast, capturable=graph)
+                        forget_alpha=cfg.forget_alpha, fast=fast, capturable=graph,
+                        share_tokenizer=variant == "fast_shared")
+    if variant.endswith("_cl"):
+        for m in (setup.student, setup.teacher):
+            m.vqgan.to(memory_format=torch.channels_last)
     images, is_forget = batch_for(cfg, setup.student)
     if dev.type == "cuda":
         images = images.pin_memory()
@@ -79,9 +88,11 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
         return lambda step: stepper(images, is_forget, step, 1e-5)
     if fast:
         return lambda step: fast_step(setup, images, is_forget, step)
-    if variant == "compiled_reference":
-        setup.student.forward_encoder_task = torch.compile(setup.student.forward_encoder_task)
-        setup.teacher.forward_encoder_task = torch.compile(setup.teacher.forward_encoder_task)
+    if variant == "compiled_reference":  # the frozen front end and the encoders of both models compiled
+        for m in (setup.student, setup.teacher):
+            m.forward_encoder_task = torch.compile(m.forward_encoder_task)
+            if hasattr(m, "vqgan"):
+                m.prepare_inputs = torch.compile(m.prepare_inputs)
     set_lr(setup.optimizer, 1e-5)
     return lambda step: reference_step(setup, images, is_forget, step)
 

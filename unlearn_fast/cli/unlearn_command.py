@@ -279,6 +279,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the reference (§1.4): the VQGAN's convolutions pick fast algorithms
     model = build_model(args)
     with _silenced(not ctx.is_main):  # only rank 0 prints notices
         resume_ckpt, teacher_source = load_training_state(args, model)
