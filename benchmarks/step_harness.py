@@ -32,6 +32,7 @@ CPU_CONFIGS = {
     "cpu_mae_micro": StepConfig("cpu_mae_micro", "mae_micro", 32, "cpu"),
     "cpu_mae_small": StepConfig("cpu_mae_small", "mae_micro", 16, "cpu",
                                 (("img_size", 64), ("embed_dim", 256), ("depth", 4), ("num_heads", 4))),
+    "cpu_mage_micro": StepConfig("cpu_mage_micro", "mage_micro", 16, "cpu"),  # VQGAN tokenizer + MAGE encoder
 }
 GPU_CONFIGS = {
     "gpu_mae_base": StepConfig("gpu_mae_base", "mae_vit_base_patch16", 64, "cuda"),
