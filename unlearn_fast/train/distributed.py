@@ -16,9 +16,15 @@ What each rank does:
   of ranks. The noise images and dropout are drawn per (seed, rank, step) and the noise takes the
   rank's own batch statistics, as the reference computes them per GPU;
 - only rank 0 writes the run directory, checkpoints and logs; logged losses are the mean over ranks.
+
+The CUDA-graph step cannot capture DDP's reducer (autograd hooks). For it, ``DDPStudent.use_flat_grads()``
+runs without a reducer (DDP is built lazily, so it is then never built): the trainable weights are broadcast
+from rank 0 as DDP's constructor would, and the step all-reduces one flat gradient buffer itself
+(:mod:`flat_grads`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -124,6 +130,33 @@ def all_reduce_mean_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def broadcast_parameters_(named_params, ctx: DistContext) -> None:
+    """In place: rank 0's values of ``named_params`` (``[(name, tensor)]``) on every rank, as DDP's constructor
+    does for the parameters it registers. First checks that all ranks hold the same number of parameters and
+    elements (a mismatch would otherwise hang or fail deep inside the collective)."""
+    if not ctx.enabled:
+        return
+    named = list(named_params)
+    if not named:
+        raise ValueError("broadcast_parameters_: no parameters")
+    dev = named[0][1].device
+    sizes = torch.tensor([len(named), sum(p.numel() for _, p in named)], dtype=torch.int64, device=dev)
+    lo, hi = sizes.clone(), sizes.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise ValueError(f"ranks hold different trainable parameters (count, elements) from {lo.tolist()} to "
+                         f"{hi.tolist()}: every rank must build the same model")
+    with torch.no_grad():
+        for _, p in named:
+            if p.is_contiguous():
+                dist.broadcast(p.detach(), src=0)
+            else:
+                tmp = p.detach().contiguous()
+                dist.broadcast(tmp, src=0)
+                p.copy_(tmp)
+
+
 class _StudentForward(nn.Module):
     """The student's trainable forward passes as one ``forward(method, *args)``, so DDP sees each of them."""
 
@@ -142,6 +175,10 @@ class DDPStudent:
     DDP; ``sample_task`` draws the global batch's task (see the module docstring) for the step set with
     :meth:`begin_step`; everything else (``prepare_inputs``, ``state_dict``, ``named_parameters``, ...)
     is the plain model's.
+
+    The DDP module is built on first use (a trainable pass, :meth:`no_sync` or :attr:`ddp`): its constructor
+    is collective, and every rank reaches that point at the same step. :meth:`use_flat_grads`, called before
+    that, keeps it unbuilt (no reducer hooks) for steps that all-reduce the gradients themselves.
     """
 
     _WRAPPED = ("forward_encoder_task", "task_loss_terms", "forward_outputs")
@@ -149,22 +186,54 @@ class DDPStudent:
     def __init__(self, model: nn.Module, ctx: DistContext, seed: int, find_unused_parameters: bool = False):
         if not ctx.enabled:
             raise ValueError("DDPStudent needs an initialised process group (DistContext.enabled)")
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        forward = _StudentForward(model)
-        # frozen weights and the buffers (constants such as input mean/std) are neither DDP parameters nor
-        # broadcast: every rank loaded the same checkpoint
-        ignored = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
-        ignored += [f"model.{n}" for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(forward, ignored)
         self.module = model
-        self.ddp = DDP(forward, device_ids=None, find_unused_parameters=find_unused_parameters)
+        self.ctx = ctx
+        self.find_unused_parameters = find_unused_parameters
+        self._ddp = None
+        self._flat_grads = False
         self.rank, self.world_size, self.seed = ctx.rank, ctx.world_size, int(seed)
         self._step: Optional[int] = None
 
     def __getattr__(self, name):
-        if name in ("module", "ddp") or name.startswith("__"):
+        if name in ("module", "ddp", "_ddp", "_flat_grads") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.module, name)
+
+    @property
+    def ddp(self):
+        """The ``DistributedDataParallel`` module (built now if not yet: a collective call)."""
+        if self._flat_grads:
+            raise RuntimeError("this DDPStudent runs without DDP's reducer (use_flat_grads() was called): the step "
+                               "all-reduces its flat gradient buffer itself")
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = self.module
+            forward = _StudentForward(model)
+            # frozen weights and the buffers (constants such as input mean/std) are neither DDP parameters
+            # nor broadcast: every rank loaded the same checkpoint
+            ignored = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+            ignored += [f"model.{n}" for n, _ in model.named_buffers()]
+            DDP._set_params_and_buffers_to_ignore_for_model(forward, ignored)
+            self._ddp = DDP(forward, device_ids=None, find_unused_parameters=self.find_unused_parameters)
+        return self._ddp
+
+    @property
+    def reducer_active(self) -> bool:
+        """True while gradients are all-reduced by DDP's hooks during backward (not after use_flat_grads)."""
+        return not self._flat_grads
+
+    def use_flat_grads(self) -> None:
+        """Run without DDP: the trainable passes call the plain model and the caller all-reduces the
+        gradients (:class:`~unlearn_fast.train.flat_grads.FlatGrads`). Broadcasts the trainable weights from
+        rank 0, as DDP's constructor does; buffers and frozen weights are left as they are (as under DDP:
+        every rank loaded the same checkpoint). Collective: every rank calls it at the same point."""
+        if self._flat_grads:
+            return
+        if self._ddp is not None:
+            raise RuntimeError("use_flat_grads() after DDP was built: its reducer hooks are registered on the "
+                               "parameters; call it before the first step")
+        self._flat_grads = True
+        broadcast_parameters_([(n, p) for n, p in self.module.named_parameters() if p.requires_grad], self.ctx)
 
     def ddp_parameter_names(self) -> list:
         """Names (in the plain model) of the parameters DDP synchronises."""
@@ -176,7 +245,10 @@ class DDPStudent:
         self._step = int(step)
 
     def no_sync(self):
-        """Skip the gradient all-reduce (accumulation micro-steps); the next synced backward sends the sum."""
+        """Skip the gradient all-reduce (accumulation micro-steps); the next synced backward sends the sum.
+        Without a reducer (use_flat_grads) there is nothing to skip: the step all-reduces on updates only."""
+        if self._flat_grads:
+            return contextlib.nullcontext()
         return self.ddp.no_sync()
 
     def sample_task(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
@@ -191,15 +263,20 @@ class DDPStudent:
         rows = torch.arange(self.rank * n, (self.rank + 1) * n, device=images.device)
         return task.select(rows)
 
+    def _trainable_pass(self, method: str, *args, **kwargs):
+        if self._flat_grads:
+            return getattr(self.module, method)(*args, **kwargs)
+        return self.ddp(method, *args, **kwargs)
+
     def forward_encoder_task(self, inputs, task, prenorm: bool = False):
-        return self.ddp("forward_encoder_task", inputs, task, prenorm=prenorm)
+        return self._trainable_pass("forward_encoder_task", inputs, task, prenorm=prenorm)
 
     def task_loss_terms(self, inputs, task, target=None):
-        return self.ddp("task_loss_terms", inputs, task, target)
+        return self._trainable_pass("task_loss_terms", inputs, task, target)
 
     def forward_outputs(self, inputs, task):
-        return self.ddp("forward_outputs", inputs, task)
+        return self._trainable_pass("forward_outputs", inputs, task)
 
 
 __all__ = ["DistContext", "DDPStudent", "env_ranks", "rank_device", "init_distributed", "cleanup_distributed",
-           "broadcast_object", "all_reduce_mean_"]
+           "broadcast_object", "all_reduce_mean_", "broadcast_parameters_"]

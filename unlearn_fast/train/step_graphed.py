@@ -11,6 +11,13 @@ grads), scaler update, and the loss sums the trainer reads back every N steps. N
 The first ``warmup`` steps run the same body eagerly on a side stream (real training steps; CUDA needs
 them before capture), so the trajectory is that of the fast eager step. Batches that do not have
 exactly F forget rows run the eager fast step instead, with a one-time notice.
+
+Several ranks (``dist``): DDP's reducer hooks cannot be captured, so the student runs without them
+(``DDPStudent.use_flat_grads()``) and the gradients live in one flat buffer (:mod:`flat_grads`). The step
+is two graphs: A = forward + backward into the buffer, B = unscale, clip, fused AdamW, scaler update, zero
+the buffer; between them one all-reduce (mean over ranks) of the buffer, eager by default or captured at the
+end of A (``all_reduce_in_graph``: NCCL >= 2.9.6, and every rank must replay the graph, so a batch that does
+not fit is an error there instead of an eager fallback). Same arithmetic as the eager DDP fast step.
 """
 from __future__ import annotations
 
@@ -20,21 +27,33 @@ import torch
 
 from ..objective import unlearn_loss_pruned
 from ..ops import sample_batch_noise
+from .distributed import DistContext, all_reduce_mean_
+from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
 from .lr_schedule import set_lr
 from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, tokenizer_shared_exactly
-from .step_reference import StepOutput, optimizer_update
+from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
 
 class GraphedUnlearnStep:
-    """Callable ``(images_cpu, is_forget_cpu, step, lr) -> None``; sums in :attr:`loss_sums`."""
+    """Callable ``(images_cpu, is_forget_cpu, step, lr) -> None``; sums in :attr:`loss_sums`.
+
+    ``dist``: several ranks (the student a ``DDPStudent`` after ``use_flat_grads()``, nccl): :attr:`graph` is
+    then graph A and :attr:`graph_update` graph B, the gradients are :attr:`flat` (a :class:`FlatGrads`).
+    ``all_reduce_in_graph``: capture the all-reduce at the end of A instead of running it between A and B.
+    """
 
     def __init__(self, setup: UnlearnSetup, batch_size: int, num_forget: int, image_shape, noise_seed: int,
-                 warmup: int = 3):
+                 warmup: int = 3, dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False):
         if setup.device.type != "cuda":
             raise ValueError("CUDA-graph steps need a CUDA device")
+        dist = dist if dist is not None and dist.enabled else None
+        if all_reduce_in_graph and dist is None:
+            raise ValueError("all_reduce_in_graph needs a process group (dist): a single process has no all-reduce")
+        if dist is not None:
+            _check_graph_ddp(setup, dist, all_reduce_in_graph)
         if setup.accum_iter != 1:
             raise ValueError("CUDA-graph steps need --accum_iter 1 (gradient accumulation runs eagerly)")
         if setup.loss_type is not None:
@@ -56,9 +75,17 @@ class GraphedUnlearnStep:
         self.warmup, self.done_warmup = warmup, 0
         self.side = torch.cuda.Stream(device=dev)
         self.eager_fallbacks = 0
+        # several ranks: graph A (forward + backward) and graph B (update) around the gradient all-reduce
+        self.dist, self.all_reduce_in_graph = dist, bool(all_reduce_in_graph)
+        self.flat = FlatGrads(trainable_named_parameters(setup.student)) if dist is not None else None
+        self.graph_update: Optional[torch.cuda.CUDAGraph] = None
 
-    # the body that is run eagerly during warmup and captured afterwards
+    # the body that is run eagerly during warmup and captured afterwards (one graph on a single process)
     def _body(self, capturing: bool):
+        self._forward_backward(capturing)
+        optimizer_update(self.setup)
+
+    def _forward_backward(self, capturing: bool):
         s = self.setup
         student, teacher, dev = s.student, s.teacher, s.device
         with student_autocast(s.precision, dev, cache_enabled=not capturing):
@@ -80,8 +107,26 @@ class GraphedUnlearnStep:
         out = unlearn_loss_pruned(latent, hidden_r, hidden_f, self.is_forget, s.retain_alpha, s.forget_alpha,
                                   final_norm=teacher.encoder_final_norm())
         s.scaler.scale(out.loss).backward()
-        optimizer_update(s)
         self.loss_sums.add_(torch.stack([out.loss.detach(), out.retain.detach(), out.forget.detach()]))
+        if capturing and self.all_reduce_in_graph:
+            self.flat.all_reduce_mean_(self.dist)
+
+    def _split_body(self) -> None:
+        """Several ranks, eagerly (warmup): A, the all-reduce, B; the first backward checks for unused params."""
+        first = not self.flat.checked
+        if first:
+            self.flat.detach_for_check()
+        self._forward_backward(capturing=False)
+        if first:
+            self.flat.attach_checked()
+        self.flat.all_reduce_mean_(self.dist)
+        flat_grads_update(self.setup, self.flat)
+
+    def _replay_split(self) -> None:
+        self.graph.replay()
+        if not self.all_reduce_in_graph:
+            self.flat.all_reduce_mean_(self.dist)
+        self.graph_update.replay()
 
     def _load_batch(self, images_cpu: torch.Tensor, is_forget_cpu: torch.Tensor, step: int) -> None:
         f = is_forget_cpu.to("cpu", torch.bool)
@@ -103,34 +148,84 @@ class GraphedUnlearnStep:
     def __call__(self, images_cpu: torch.Tensor, is_forget_cpu: torch.Tensor, step: int, lr: float) -> None:
         s = self.setup
         if images_cpu.shape[0] != self.n or int(is_forget_cpu.sum()) != self.f:
-            if not self.eager_fallbacks:
-                print(f"unlearn_fast: batch of {images_cpu.shape[0]} rows / {int(is_forget_cpu.sum())} forget "
-                      f"does not fit the captured graph ({self.n}/{self.f}); running it eagerly")
-            self.eager_fallbacks += 1
-            set_lr(s.optimizer, lr)
-            out = fast_step(s, images_cpu, is_forget_cpu, step, noise_seed=self.noise_seed)
-            self.loss_sums.add_(torch.stack(list(out)))
+            self._eager_fallback(images_cpu, is_forget_cpu, step, lr)
             return
         set_lr(s.optimizer, lr)
         self._load_batch(images_cpu, is_forget_cpu, step)
         if self.graph is not None:
-            self.graph.replay()
+            if self.flat is None:
+                self.graph.replay()
+            else:
+                self._replay_split()
             return
         if self.done_warmup < self.warmup:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                self._body(capturing=False)
+                if self.flat is None:
+                    self._body(capturing=False)
+                else:
+                    self._split_body()
             torch.cuda.current_stream().wait_stream(self.side)
             self.done_warmup += 1
             return
-        s.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body(capturing=True)
-        self.graph.replay()  # capture records only: run this step for real
+        if self.flat is None:
+            s.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body(capturing=True)
+            self.graph.replay()  # capture records only: run this step for real
+            return
+        # several ranks: the grads stay the flat buffer's views (zeroed by the last update)
+        torch.cuda.synchronize()  # no collective in flight while capturing
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward_backward(capturing=True)
+        graph_update = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph_update, pool=graph.pool()):  # replayed after A, never concurrently
+            flat_grads_update(s, self.flat)
+        self.graph, self.graph_update = graph, graph_update
+        self._replay_split()  # capture records only: run this step for real
+
+    def _eager_fallback(self, images_cpu, is_forget_cpu, step: int, lr: float) -> None:
+        s = self.setup
+        if self.all_reduce_in_graph:
+            raise ValueError(f"batch of {images_cpu.shape[0]} rows / {int(is_forget_cpu.sum())} forget does not fit "
+                             f"the captured graph ({self.n}/{self.f}); with the all-reduce inside the graph every "
+                             "rank must replay it (use a balanced sampler, --forget_per_batch)")
+        if not self.eager_fallbacks:
+            print(f"unlearn_fast: batch of {images_cpu.shape[0]} rows / {int(is_forget_cpu.sum())} forget "
+                  f"does not fit the captured graph ({self.n}/{self.f}); running it eagerly")
+        self.eager_fallbacks += 1
+        set_lr(s.optimizer, lr)
+        if self.flat is None:
+            out = fast_step(s, images_cpu, is_forget_cpu, step, noise_seed=self.noise_seed)
+        else:
+            out = split_fast_step(s, self.flat, self.dist, images_cpu, is_forget_cpu, step,
+                                  noise_seed=self.noise_seed)
+        self.loss_sums.add_(torch.stack(list(out)))
 
     def read_and_reset(self) -> torch.Tensor:
-        """Summed (loss, retain, forget) since the last call, on the host (one sync)."""
-        out = self.loss_sums.to("cpu", copy=True)
+        """Summed (loss, retain, forget) since the last call, on the host (one sync); the mean over ranks
+        with several (a collective: every rank calls it at the same step)."""
+        out = self.loss_sums.clone()
         self.loss_sums.zero_()
-        return out
+        if self.dist is not None:
+            all_reduce_mean_(out, self.dist)
+        return out.to("cpu")
+
+
+def _check_graph_ddp(setup: UnlearnSetup, dist: DistContext, all_reduce_in_graph: bool) -> None:
+    if getattr(setup.student, "reducer_active", False):
+        raise ValueError("the multi-rank CUDA-graph step needs the student without DDP's reducer (its hooks cannot "
+                         "be captured): call DDPStudent.use_flat_grads() first")
+    if dist.backend != "nccl":
+        raise ValueError(f"the multi-rank CUDA-graph step needs the nccl backend, not {dist.backend!r}")
+    if all_reduce_in_graph:
+        version = torch.cuda.nccl.version()
+        if isinstance(version, int):  # old encodings: 2.8.3 -> 2803, 2.9.6 -> 20906
+            version = (version // 10000, version // 100 % 100, version % 100) if version >= 10000 else \
+                (version // 1000, version // 100 % 10, version % 100)
+        version = tuple(int(v) for v in version[:3])
+        if version < (2, 9, 6):
+            raise ValueError(f"capturing the all-reduce in a CUDA graph needs NCCL >= 2.9.6, this torch has "
+                             f"{'.'.join(map(str, version))} (use all_reduce_in_graph=False)")

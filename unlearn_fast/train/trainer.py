@@ -31,18 +31,20 @@ STEP_MODES = ("auto", "reference", "fast", "graphed")
 
 def resolve_step_mode(mode: str, setup_device: torch.device, loss_type, accum_iter: int, balanced: bool,
                       world_size: int = 1) -> str:
+    """The step a run uses. CUDA graphs need a GPU, --accum_iter 1 and balanced batches; any ``world_size``
+    (several ranks run two graphs around an explicit gradient all-reduce, see step_graphed)."""
     if mode not in STEP_MODES:
         raise ValueError(f"unknown --step {mode!r}; valid: {', '.join(STEP_MODES)}")
     if loss_type is not None:
         if mode in ("fast", "graphed"):
             print(f"unlearn_fast: baselines run the reference-semantics step (--step {mode} ignored)")
         return "reference"
-    graph_ok = setup_device.type == "cuda" and accum_iter == 1 and balanced and world_size == 1
+    # several ranks (world_size > 1) graph too: two graphs around an all-reduce of one flat gradient buffer
+    graph_ok = setup_device.type == "cuda" and accum_iter == 1 and balanced
     if mode == "graphed" and not graph_ok:
         why = ("no CUDA device" if setup_device.type != "cuda" else
                "--accum_iter > 1" if accum_iter != 1 else
-               "batches are not balanced (use --forget_per_batch)" if not balanced else
-               "several processes (DDP all-reduce is not captured)")
+               "batches are not balanced (use --forget_per_batch)")
         print(f"unlearn_fast: CUDA-graph step unavailable ({why}); using the fast eager step")
         return "fast"
     if mode == "auto":
@@ -115,7 +117,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                save_every_epoch: bool = True, noise_seed: Optional[int] = None, forget_per_batch: Optional[int] = None,
                batch_size: Optional[int] = None, image_shape=None, on_epoch_end: Optional[Callable] = None,
                save_every_steps: Optional[int] = None, epoch_progress: Optional[dict] = None,
-               dist: Optional[DistContext] = None) -> List[dict]:
+               dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False) -> List[dict]:
     """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
     ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
     batches. Returns the per-epoch stats written to ``log.txt``.
@@ -123,7 +125,9 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     ``save_every_steps``: also keep ``checkpoint-last.pth`` = the state after every N-th step (at an
     optimizer update) and after every epoch, with the position and ``epoch_progress`` (the running log
     sums) that a resumed run passes back in. ``dist``: several ranks (the student a :class:`DDPStudent`);
-    only rank 0 writes and prints.
+    only rank 0 writes and prints. With ``step_mode='graphed'`` the student runs without DDP's reducer and
+    the graphed step all-reduces a flat gradient buffer between its two graphs (or, ``all_reduce_in_graph``,
+    inside the first one).
     """
     if steps_per_epoch < 1:
         raise ValueError("the data gives no full batch: lower --batch_size or add images")
@@ -136,13 +140,14 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     ddp = setup.student if isinstance(setup.student, DDPStudent) else None
     if dist is not None and ddp is None:
         raise ValueError("a multi-rank run needs the student wrapped in DDPStudent")
-    if dist is not None and step_mode == "graphed":
-        raise ValueError("the CUDA-graph step runs on one process only (use --step fast with torchrun)")
     writes = output_dir is not None and is_main
     graphed = None
     if step_mode == "graphed":
+        if dist is not None:  # DDP's reducer hooks cannot be captured: the step all-reduces the gradients itself
+            ddp.use_flat_grads()
         graphed = GraphedUnlearnStep(setup, batch_size, forget_per_batch, image_shape,
-                                     noise_seed=setup.seed if noise_seed is None else noise_seed)
+                                     noise_seed=setup.seed if noise_seed is None else noise_seed, dist=dist,
+                                     all_reduce_in_graph=all_reduce_in_graph)
     trainable_names = [n for n, p in setup.student.named_parameters() if p.requires_grad]
 
     def check_weights(global_step: int) -> None:
@@ -154,7 +159,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     def save(tag, epoch_done: int, position: dict, safetensors: bool) -> str:
         position = dict(position, steps_per_epoch=steps_per_epoch, seed=setup.seed,
                         world_size=1 if dist is None else dist.world_size)
-        grads = accumulated_grads(setup.student)
+        # graphed: no accumulation, and with several ranks .grad are views of the (zeroed) flat buffer
+        grads = accumulated_grads(setup.student) if graphed is None else {}
         if grads:  # only at an epoch end that is not an update (mid-epoch saves follow an update)
             position["accumulated_grads"] = grads
         return save_unlearn_checkpoint(output_dir, epoch_done, setup.student, setup.optimizer, setup.scaler,
