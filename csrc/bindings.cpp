@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "unlearn_fast_ops.h"
 
@@ -144,6 +145,48 @@ std::tuple<at::Tensor, at::Tensor> batch_mean_std(const at::Tensor& x) {
   return batch_mean_std_cpu(xc);
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward(const std::vector<at::Tensor>& students,
+                                                                     const std::vector<at::Tensor>& teachers,
+                                                                     double grad_scale, bool compute_grad) {
+  constexpr const char* op = "multi_map_l2_forward";
+  TORCH_CHECK_VALUE(!students.empty() && students.size() == teachers.size(), op, ": need the same non-zero number "
+                    "of student and teacher maps, got ", students.size(), " and ", teachers.size());
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+  const at::Tensor& first = students[0];
+  TORCH_CHECK_VALUE(first.defined() && first.dim() >= 1, op, ": map 0 must be a tensor [N, ...]");
+  check_device_supported(op, first);
+  MultiMapL2Args args;
+  args.n = first.size(0);
+  args.grad_scale = grad_scale;
+  args.compute_grad = compute_grad;
+  for (size_t k = 0; k < students.size(); ++k) {
+    const at::Tensor& s = students[k];
+    const at::Tensor& t = teachers[k];
+    TORCH_CHECK_VALUE(s.defined() && t.defined(), op, ": map ", k, " is undefined");
+    TORCH_CHECK_VALUE(s.sizes() == t.sizes() && s.dim() >= 1, op, ": map ", k, ": student ", s.sizes(),
+                      " and teacher ", t.sizes(), " must have the same shape [N, ...]");
+    TORCH_CHECK_VALUE(s.size(0) == args.n, op, ": map ", k, " has N = ", s.size(0), ", map 0 has N = ", args.n);
+    TORCH_CHECK_VALUE(s.numel() > 0, op, ": map ", k, " has no elements: ", s.sizes());
+    TORCH_CHECK_TYPE(s.scalar_type() == first.scalar_type() && t.scalar_type() == teachers[0].scalar_type(), op,
+                     ": map ", k, ": all student maps must share one dtype, and all teacher maps one dtype; got ",
+                     s.scalar_type(), "/", t.scalar_type(), " vs map 0's ", first.scalar_type(), "/",
+                     teachers[0].scalar_type());
+    TORCH_CHECK_TYPE(is_half_single(s.scalar_type()) && is_half_single(t.scalar_type()), op, ": map ", k,
+                     ": dtypes must be float32, float16 or bfloat16, got ", s.scalar_type(), " and ", t.scalar_type());
+    TORCH_CHECK_VALUE(s.device() == first.device() && t.device() == first.device(), op, ": map ", k,
+                      ": all maps must be on ", first.device(), ", got ", s.device(), " and ", t.device());
+    args.students.push_back(s.detach().contiguous());
+    args.teachers.push_back(t.detach().contiguous());
+    args.row_elems.push_back(s.numel() / args.n);
+  }
+#ifdef UNLEARN_FAST_WITH_CUDA
+  if (first.device().is_cuda()) {
+    return multi_map_l2_forward_cuda(args);
+  }
+#endif
+  return multi_map_l2_forward_cpu(args);
+}
+
 }  // namespace unlearn_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -167,6 +210,15 @@ norm), as in the Triton kernel. An out-of-range row_index into a non-empty table
   m.def("batch_mean_std", &unlearn_fast::batch_mean_std, py::arg("x"),
         "(mean, std) of all elements of x as 0-d fp32 tensors; std is unbiased (NaN for one element). "
         "Chan's parallel combination of per-chunk moments; the CUDA path does not sync the host.");
+  m.def("multi_map_l2_forward", &unlearn_fast::multi_map_l2_forward, py::arg("students"), py::arg("teachers"),
+        py::arg("grad_scale") = 2.0, py::arg("compute_grad") = true,
+        R"doc(Squared distances and student gradients of K feature maps in one call.
+
+students, teachers: lists of K tensors; map k is [N, ...] (the same N for all maps, student and teacher of
+the same shape), all students one dtype and all teachers one dtype (fp32/fp16/bf16). Returns
+(row_sq [K, N] fp32 with row_sq[k, i] = sum over map k's row i of (s - t)^2, grads = [grad_scale * (s - t)]
+in the students' dtype, or [] when compute_grad is False). CPU: fixed-size chunks over all maps and rows,
+deterministic. CUDA: one launch for up to 32 maps plus one per-row reduction, no host sync.)doc");
   m.def("has_cuda", [] { return unlearn_fast::kWithCuda; },
         "True when the extension was built with its CUDA kernels (UNLEARN_FAST_WITH_CUDA).");
 }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace unlearn_fast {
 
@@ -25,6 +26,16 @@ struct RetainForgetL2Args {
   at::Tensor norm_bias;      // [D] fp32 contiguous; defined exactly when norm_weight is
   double eps = 1e-6;
   double grad_scale = 1.0;
+  bool compute_grad = true;
+};
+
+// Arguments of multi_map_l2_forward after validation: K maps, map k a contiguous [N, M_k] slab.
+struct MultiMapL2Args {
+  std::vector<at::Tensor> students;  // K contiguous [N, ...], one dtype (fp32 / fp16 / bf16)
+  std::vector<at::Tensor> teachers;  // K contiguous, students[k]'s shape, one dtype
+  std::vector<int64_t> row_elems;    // [K] M_k = numel_k / N (>= 1)
+  int64_t n = 0;                     // rows, shared by all maps (>= 1)
+  double grad_scale = 2.0;
   bool compute_grad = true;
 };
 
@@ -51,10 +62,13 @@ void dispatch_float_types(at::ScalarType t, const char* what, F&& f) {
 std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward_cpu(const RetainForgetL2Args& args);
 // -> (mean, std) 0-d fp32; x contiguous, fp32 / fp64 / fp16 / bf16
 std::tuple<at::Tensor, at::Tensor> batch_mean_std_cpu(const at::Tensor& x);
+// -> (row_sq [K, N] fp32, grads: K tensors like students[k] = grad_scale * (s - t), or empty)
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward_cpu(const MultiMapL2Args& args);
 
 #ifdef UNLEARN_FAST_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward_cuda(const RetainForgetL2Args& args);
 std::tuple<at::Tensor, at::Tensor> batch_mean_std_cuda(const at::Tensor& x);
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward_cuda(const MultiMapL2Args& args);
 #endif
 
 }  // namespace unlearn_fast

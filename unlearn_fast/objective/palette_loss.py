@@ -7,9 +7,11 @@ w_r = (1+s)/2, w_f = (1−s)/2 and ``mse`` the mean over ALL elements of the bat
                        = Σ_{retain rows} Σ (a−b)² / numel + α·Σ_{forget rows} Σ (a−b)² / numel
 
 "Ours" sums it over the 13 feature maps (each map with its own element count). The reference builds four
-masked full-size copies per map; the fast path reads each map once through the fused
-``retain_forget_l2_loss`` op, whose (retain, forget) are (2/N)·Σ_rows mean((a−b)²), i.e. twice the
-terms above. ``is_forget`` is a bool ``[N]`` (True = forget, the reference's s = −1).
+masked full-size copies per map; the fast path makes ONE call of the fused ``multi_map_retain_forget_l2_loss``
+op, which reads every student and teacher map once in a single kernel launch and returns exactly the two
+sums above (REFERENCE.md §7 item 12). The one-tensor losses of the baselines use ``retain_forget_l2_loss``,
+whose (retain, forget) are (2/N)·Σ_rows mean((a−b)²), i.e. twice the terms above. ``is_forget`` is a bool
+``[N]`` (True = forget, the reference's s = −1).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..ops import retain_forget_l2_loss
+from ..ops import multi_map_retain_forget_l2_loss, retain_forget_l2_loss
 from .baselines import tile_retain_rows
 from .unlearn_objective import UnlearnLoss
 
@@ -83,8 +85,12 @@ def palette_unlearn_loss_terms_reference(features_student, features_teacher, is_
 
 
 def palette_unlearn_loss_terms(features_student, features_teacher, is_forget, forget_alpha=0.1) -> UnlearnLoss:
-    """(loss, Σ_k retain_k, Σ_k forget_k), fused: one read of each student/teacher map."""
-    return _sum_over_maps(weighted_mse_loss, features_student, features_teacher, is_forget, forget_alpha)
+    """(loss, Σ_k retain_k, Σ_k forget_k), fused: one op call (one kernel launch) over all maps, one read of
+    each student/teacher map."""
+    _check_maps(features_student, features_teacher)
+    is_forget = _check_is_forget(is_forget, features_student[0].shape[0], features_student[0].device)
+    r, f = multi_map_retain_forget_l2_loss(features_student, features_teacher, is_forget)
+    return UnlearnLoss(r + forget_alpha * f, r, f)
 
 
 def palette_unlearn_loss_reference(features_student: Sequence[torch.Tensor], features_teacher: Sequence[torch.Tensor],
