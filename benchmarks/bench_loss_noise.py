@@ -10,11 +10,9 @@ read the images once for the moments, write the noise once = 8 B per element).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
+from step_harness import median_seconds, sync
 
 from unlearn_fast.ops import (retain_forget_l2_loss, retain_forget_l2_loss_reference, sample_batch_noise,
                               sample_batch_noise_reference)
@@ -23,24 +21,6 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 LOSS_SHAPES = {"cpu": (16, 65, 256), "gpu": (64, 129, 768)}
 NOISE_SHAPES = {"cpu": (16, 3, 64, 64), "gpu": (64, 3, 256, 256)}
-
-
-def _sync(dev):
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, dev, reps):
-    for _ in range(3):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _loss_fns(dev):
@@ -71,11 +51,11 @@ def _noise_fns(dev):
 def _bench(benchmark, dev, which):
     fused, eager, nbytes = (_loss_fns if which == "loss" else _noise_fns)(dev)
     reps = 50 if dev == "cuda" else 10
-    ref = _median_seconds(eager, dev, reps)
+    ref = median_seconds(eager, dev, reps, warmup=3)
 
     def one():
         fused()
-        _sync(dev)
+        sync(dev)
     benchmark.pedantic(one, rounds=reps, iterations=1, warmup_rounds=3)
     med = benchmark.stats.stats.median
     benchmark.extra_info.update({"op": which, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",

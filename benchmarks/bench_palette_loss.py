@@ -11,11 +11,9 @@ and writes 2(s−t), backward reads it and writes the student gradient = 20 B pe
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
+from step_harness import median_seconds, sync
 
 from unlearn_fast.objective.palette_loss import (palette_unlearn_loss_terms, palette_unlearn_loss_terms_reference,
                                                  weighted_mse_loss)
@@ -27,24 +25,6 @@ PLACES2_13 = ([(64, 256, 256)] * 3 + [(64, 128, 128)] + [(128, 128, 128)] * 2 + 
               + [(256, 64, 64)] * 2 + [(256, 32, 32)] + [(512, 32, 32)] * 3)
 CONFIGS = {"cpu": dict(batch=4, shrink=4, reps=20), "gpu": dict(batch=8, shrink=1, reps=30)}
 ALPHA = 0.1
-
-
-def _sync(dev):
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, dev, reps):
-    for _ in range(2):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _per_map_fused(fs, ft, is_forget, alpha):
@@ -75,12 +55,12 @@ def _loss_fns(dev, batch, shrink):
 def _bench(benchmark, dev, which):
     cfg = CONFIGS[which]
     fused, reference, per_map, elements = _loss_fns(dev, cfg["batch"], cfg["shrink"])
-    ref_s = _median_seconds(reference, dev, cfg["reps"])
-    per_map_s = _median_seconds(per_map, dev, cfg["reps"])
+    ref_s = median_seconds(reference, dev, cfg["reps"], warmup=2)
+    per_map_s = median_seconds(per_map, dev, cfg["reps"], warmup=2)
 
     def one():
         fused()
-        _sync(dev)
+        sync(dev)
     benchmark.pedantic(one, rounds=cfg["reps"], iterations=1, warmup_rounds=2)
     med = benchmark.stats.stats.median
     benchmark.extra_info.update({

@@ -98,6 +98,20 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
     return lambda step: reference_step(setup, images, is_forget, step)
 
 
+def median_seconds(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> float:
+    """Median wall seconds of one synchronised call of ``fn`` over ``reps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def time_steps(run: Callable[[int], None], device: str, steps: int, warmup: int, start: int = 0) -> float:
     """Median seconds per step over ``steps`` timed steps after ``warmup`` untimed ones."""
     for i in range(warmup):

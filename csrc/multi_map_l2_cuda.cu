@@ -14,12 +14,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda_vector_access.cuh"
 #include "unlearn_fast_ops.h"
 
 namespace unlearn_fast {
 namespace {
 
-constexpr int kWarp = 32;
+using cuda_detail::kWarp;
+using cuda_detail::load_floats;
+using cuda_detail::store_floats;
+using cuda_detail::warp_sum;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kTile = 4096;  // elements of one row per block
@@ -34,44 +38,6 @@ struct MapTable {
   int64_t first_tile[kMaxMaps + 1];  // map k owns blocks [first_tile[k], first_tile[k + 1]), row-major
   int count;
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    out[j] = static_cast<float>(pk.v[j]);
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    pk.v[j] = static_cast<T>(in[j]);
-  }
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
 
 // Block b = one tile (map k, row, chunk): partial[(k_global * N + row) * max_chunks + chunk] = sum (s - t)^2
 // over the tile; grad = grad_scale * (s - t). V > 1 only when every row length is a multiple of V and every

@@ -14,46 +14,18 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda_vector_access.cuh"
 #include "unlearn_fast_ops.h"
 
 namespace unlearn_fast {
 namespace {
 
-constexpr int kWarp = 32;
+using cuda_detail::kWarp;
+using cuda_detail::load_floats;
+using cuda_detail::store_floats;
+using cuda_detail::warp_sum;
 constexpr int kRowsPerBlock = 8;  // one warp per token row
 constexpr int kThreads = kWarp * kRowsPerBlock;
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);  // butterfly: the same order on every run
-  }
-  return v;
-}
-
-// V consecutive elements moved as one (16-byte or narrower) access.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    out[j] = static_cast<float>(pk.v[j]);
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    pk.v[j] = static_cast<T>(in[j]);
-  }
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
 
 // One warp per token row r = i * T + t: target row y (optionally LayerNormed), token_sq[r] = sum (x - y)^2,
 // grad[r] = grad_scale * (x - y). Each lane walks the row V elements at a time.

@@ -79,3 +79,24 @@ def running_as_root() -> bool:
 
 
 __all__ = ["TOLERANCES", "tol", "assert_close_report", "max_param_diff", "running_as_root"]
+
+
+def make_class_tree(root, classes, per_class: int, seed: int, size=(36, 40)):
+    """``root/<class>/<i>.png`` random RGB images; returns ``str(root)``."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{i}.png"))
+    return str(root)
+
+
+def save_random_pretrained(path, model_name: str = "mae_micro", seed: int = 0):
+    """A ``{"model": state_dict}`` file of a randomly initialised model (global RNG untouched); returns ``str(path)``."""
+    import unlearn_fast
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.save({"model": unlearn_fast.create_model(model_name).state_dict()}, path)
+    return str(path)

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import unlearn_fast
-from unlearn_fast.cli.audit_command import read_run_args, run_audit
+from unlearn_fast.cli.audit_command import read_run_args
 from unlearn_fast.cli.main import main
 from unlearn_fast.eval.forget_audit import membership_auc
 from unlearn_fast.eval.periodic_eval import mae_inpaint_errors
@@ -20,19 +18,14 @@ from unlearn_fast.train.holdout_split import select_holdout_files
 from unlearn_fast.train.image_datasets import load_eval_images
 from unlearn_fast.train.seeding import derive_seed
 
+from tests.helpers import make_class_tree, save_random_pretrained
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-epoch unlearning run on random images (5 per class trained, 3 unseen)."""
-    root = tmp_path_factory.mktemp("data") / "train"
-    rng = np.random.default_rng(2)
-    for c in ("cat", "dog", "bird"):
-        (root / c).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    torch.manual_seed(0)
-    pre = tmp_path_factory.mktemp("ckpt") / "pretrained.pth"
-    torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, pre)
+    root = make_class_tree(tmp_path_factory.mktemp("data") / "train", ("cat", "dog", "bird"), 8, seed=2)
+    pre = save_random_pretrained(tmp_path_factory.mktemp("ckpt") / "pretrained.pth")
     out = tmp_path_factory.mktemp("out")
     assert main(["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(root),
                  "--forget_classes", "cat,dog", "--retain_classes", "bird", "--num_image_per_class", "5",

@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import unlearn_fast
 from unlearn_fast.cli.main import main
@@ -16,24 +14,17 @@ from unlearn_fast.train.data_split import select_unlearning_files
 from unlearn_fast.train.holdout_split import select_holdout_files
 from unlearn_fast.train.image_datasets import load_eval_images
 
+from tests.helpers import make_class_tree, save_random_pretrained
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "train"
-    rng = np.random.default_rng(1)
-    for c in ("cat", "dog", "bird"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return str(root)
+    return make_class_tree(tmp_path_factory.mktemp("data") / "train", ("cat", "dog", "bird"), 6, seed=1)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "pretrained.pth"
-    torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, path)
-    return str(path)
+    return save_random_pretrained(tmp_path_factory.mktemp("ckpt") / "pretrained.pth")
 
 
 def _args(data_dir, out, *extra):

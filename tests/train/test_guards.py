@@ -9,11 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import unlearn_fast
 import unlearn_fast.train.trainer as trainer_mod
-from tests.helpers import max_param_diff
+from tests.helpers import make_class_tree, max_param_diff, save_random_pretrained
 from unlearn_fast.cli.main import main
 from unlearn_fast.train.checkpoint import load_checkpoint_file, resume_position
 from unlearn_fast.train.step_reference import StepOutput
@@ -25,17 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def data_and_weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guard_data") / "train"
-    rng = np.random.default_rng(2)
-    for c in ("cat", "dog", "bird"):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    path = tmp_path_factory.mktemp("guard_ckpt") / "pretrained.pth"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, path)
-    return str(root), str(path)
+    root = make_class_tree(tmp_path_factory.mktemp("guard_data") / "train", ("cat", "dog", "bird"), 4, seed=2)
+    return root, save_random_pretrained(tmp_path_factory.mktemp("guard_ckpt") / "pretrained.pth")
 
 
 def _args(data, pretrained, out, *extra):

@@ -16,17 +16,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import unlearn_fast
 from unlearn_fast.cli.main import main
 from unlearn_fast.train.checkpoint import (OutputWriteError, load_checkpoint_file, restore_accumulated_grads,
                                            resume_position)
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
+
+from tests.helpers import make_class_tree, save_random_pretrained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,17 +35,8 @@ EPOCHS, SAVE_EVERY = 3, 4  # 6 steps per epoch: checkpoint-last after steps 4, 6
 
 @pytest.fixture(scope="module")
 def data_and_weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_data") / "train"
-    rng = np.random.default_rng(1)
-    for c in ("cat", "dog", "bird"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    path = tmp_path_factory.mktemp("resume_ckpt") / "pretrained.pth"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, path)
-    return str(root), str(path)
+    root = make_class_tree(tmp_path_factory.mktemp("resume_data") / "train", ("cat", "dog", "bird"), 6, seed=1)
+    return root, save_random_pretrained(tmp_path_factory.mktemp("resume_ckpt") / "pretrained.pth")
 
 
 def _args(data, pretrained, out, *extra):

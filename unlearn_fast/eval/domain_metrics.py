@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .chunked import apply_in_chunks
 from .clip_cosine import paired_cosine_mean
 from .frechet import fid_from_features
 from .inception_score import inception_score_from_probs
@@ -112,16 +113,7 @@ def reconstruct_in_chunks(model, images: torch.Tensor, task, chunk: int = RECONS
     if not hasattr(model, "reconstruct"):
         raise TypeError(f"{type(model).__name__} has no reconstruct(images, task); domain metrics of a model "
                         f"need one (MAE has it)")
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        parts = []
-        for lo in range(0, images.shape[0], chunk):
-            rows = torch.arange(lo, min(lo + chunk, images.shape[0]))
-            parts.append(model.reconstruct(images[rows].to(dev), task.select(rows).to(dev)).float().cpu())
-    finally:
-        model.train(was_training)
+    parts = apply_in_chunks(model, images, task, lambda m, x, t: m.reconstruct(x, t).float().cpu(), chunk)
     return torch.cat(parts)
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..train.checkpoint import atomic_save, load_model_state
+from .chunked import apply_in_chunks
 from ..train.seeding import derive_seed
 
 CRITERIA = ("forget_gap",)  # all higher-is-better
@@ -85,20 +86,15 @@ def per_image_errors(model: nn.Module, images: torch.Tensor, task, score_fn: Opt
     """Per-image errors [n] (fp64, CPU) of ``model`` in eval mode on CPU ``images`` under the draw ``task``,
     ``chunk`` images at a time on the model's device. ``score_fn``: default by family (module docstring)."""
     score_fn = _default_score_fn(model) if score_fn is None else score_fn
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        errs = []
-        for lo in range(0, images.shape[0], chunk):
-            rows = torch.arange(lo, min(lo + chunk, images.shape[0]))
-            e = torch.as_tensor(score_fn(model, images[rows].to(dev), task.select(rows).to(dev)))
-            if e.shape != (len(rows),):
-                raise ValueError(f"score_fn must return one error per image [{len(rows)}], got shape {tuple(e.shape)}")
-            errs.append(e.detach().double().cpu())
-        return torch.cat(errs)
-    finally:
-        model.train(was_training)
+    n = images.shape[0]
+    errs = []
+    sizes = [min(chunk, n - lo) for lo in range(0, n, chunk)]
+    for e, size in zip(apply_in_chunks(model, images, task, score_fn, chunk), sizes):
+        e = torch.as_tensor(e)
+        if e.shape != (size,):
+            raise ValueError(f"score_fn must return one error per image [{size}], got shape {tuple(e.shape)}")
+        errs.append(e.detach().double().cpu())
+    return torch.cat(errs)
 
 
 class PeriodicEvaluator:
