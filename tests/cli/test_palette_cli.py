@@ -234,3 +234,17 @@ def test_bad_inputs_give_one_clear_error(places, tmp_path):
         places, **{"datasets.test.which_dataset.name": "ForgetInpaintDataset"}), main=palette_test_main)
     with pytest.raises(SystemExit):  # an unknown flag: argparse's usage error
         palette_unlearn_main(["--no_such_flag"])
+
+
+def test_unlearn_with_model_palette_is_the_palette_command(places, tmp_path):
+    """`unlearn-fast unlearn --model palette ...` runs palette-unlearn with the remaining flags."""
+    from unlearn_fast.cli.main import main
+    out = tmp_path / "out"
+    argv = _argv(places, _write(tmp_path, _config(places)), out, "-p", "train", "--fix_decoder", "1",
+                 "--max_steps_per_epoch", "1")
+    assert main(["unlearn", "--model", "palette", *argv]) == 0
+    run = _only_run(out)
+    assert sorted(os.listdir(os.path.join(run, "checkpoint")))[:3] == ["1.state", "1_Network.pth", "1_Network_ema.pth"]
+    with pytest.raises(SystemExit) as e:  # palette-unlearn's own argparse usage error
+        main(["unlearn", "--model=palette", "--no_such_flag"])
+    assert e.value.code == 2

@@ -15,6 +15,7 @@ USAGE = """usage: unlearn-fast <command> [flags]
 commands:
   demo         the embedded default: pretrain a small MAE on bundled MNIST digits, forget some digits, report
   unlearn      encoder unlearning with the flags of the reference main_unlearn.py
+               (--model palette: the same as palette-unlearn)
   baseline     the paper's baselines with the flags of the reference main_baseline.py (--loss_type ...)
   palette-unlearn  Palette (diffusion) unlearning: the reference unlearn.py flags and JSON config (-c)
   palette-test     sample the Palette test set with --ckpt (run.py -p test output layout)
@@ -33,7 +34,21 @@ class UsageError(ValueError):
     pass
 
 
+def _palette_model_flag(argv: List[str]) -> Optional[List[str]]:
+    """``argv`` without its ``--model palette`` when it names the Palette family, else None."""
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv) and argv[i + 1] == "palette":
+            return argv[:i] + argv[i + 2:]
+        if a == "--model=palette":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 def _run(command: str, argv: List[str]) -> int:
+    if command == "unlearn" and _palette_model_flag(argv) is not None:
+        # Palette takes the reference unlearn.py flags and its JSON config: the palette-unlearn command
+        from .palette_command import palette_unlearn_main
+        return palette_unlearn_main(_palette_model_flag(argv))
     if command in ("unlearn", "baseline"):
         from .unlearn_args import build_parser
         from .unlearn_command import run_unlearn
