@@ -15,7 +15,7 @@ import torch
 from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, make_runner, peak_memory_mb,
                           reference_seconds, sync)
 
-CPU_STEPS, CPU_WARMUP = 3, 1
+CPU_STEPS, CPU_WARMUP = 9, 2  # medians of 9: 3 steps gave ratios that moved by 0.3 between runs
 GPU_STEPS, GPU_WARMUP = 8, 4
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
