@@ -42,3 +42,18 @@ def unlearn_loss_pruned(latent: torch.Tensor, guide_rows: Optional[torch.Tensor]
         r, f = retain_forget_l2_loss_prenorm(latent, guide_rows, noise_guide_rows, is_forget,
                                              final_norm.weight, final_norm.bias, final_norm.eps)
     return combine(r, f, retain_alpha, forget_alpha)
+
+
+def unlearn_loss_merged_guide(latent: torch.Tensor, teacher_out: torch.Tensor, is_forget: torch.Tensor,
+                              retain_alpha: float = 1.0, forget_alpha: float = 0.0,
+                              final_norm: Optional[torch.nn.LayerNorm] = None) -> UnlearnLoss:
+    """One teacher output ``[N, L, D]`` for the whole batch, in batch order: the guide on retain rows and the
+    noise guide on forget rows (the teacher ran once, on images for retain rows and noise for forget rows).
+    With ``final_norm`` it is the teacher's pre-norm hidden state and the norm is applied inside the fused loss."""
+    rows = torch.arange(latent.shape[0], device=latent.device)  # row i reads row i of either table
+    if final_norm is None:
+        r, f = retain_forget_l2_loss_compact(latent, teacher_out, teacher_out, is_forget, row_index=rows)
+    else:
+        r, f = retain_forget_l2_loss_prenorm(latent, teacher_out, teacher_out, is_forget, final_norm.weight,
+                                             final_norm.bias, final_norm.eps, row_index=rows)
+    return combine(r, f, retain_alpha, forget_alpha)

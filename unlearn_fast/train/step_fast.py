@@ -1,8 +1,10 @@
 """The fast eager step: same objective, pruned teacher, fused loss, no host syncs.
 
 Differences from :mod:`step_reference` (all equal up to floating-point reduction order):
-- the teacher computes the guide only for retain rows and the noise guide only for forget rows, so it
-  does one batch of work instead of two; its final LayerNorm is applied inside the fused loss;
+- the teacher computes the guide only for retain rows and the noise guide only for forget rows, in one
+  pass over a batch that holds the images of the retain rows and the noise of the forget rows (see
+  :mod:`.teacher_guides`), so it does one batch of work instead of two; its final LayerNorm is applied
+  inside the fused loss;
 - the frozen front end (MAGE's tokenizer) is shared between student and teacher only where that is
   exact (same precision) or when asked (``share_tokenizer``);
 - no ``.item()`` per step: losses stay on the device and the trainer reads them back every N steps;
@@ -14,11 +16,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..objective import unlearn_loss_pruned
+from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_reference import StepOutput, optimizer_update
+from .teacher_guides import teacher_hidden
 from .unlearn_setup import UnlearnSetup
 
 
@@ -44,7 +47,7 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     """
     student, teacher, dev = setup.student, setup.teacher, setup.device
     images = images.to(dev, non_blocking=True)
-    retain_rows, forget_rows = split_rows(is_forget_cpu, dev)
+    _, forget_rows = split_rows(is_forget_cpu, dev)
     is_forget = is_forget_cpu.to(dev, torch.bool, non_blocking=True)
     seed_step_globals(setup.seed, setup.rank, step)
     task = student.sample_task(images, step_generator(setup.seed, setup.rank, step, "task", dev))
@@ -59,25 +62,12 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
         inputs = student.prepare_inputs(images)
         latent = student.forward_encoder_task(inputs, task)  # [N, L, D]
     share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
-    n_retain, n_forget = retain_rows.shape[0], forget_rows.shape[0]  # host ints: no sync
     with torch.no_grad(), teacher_autocast(setup.precision, dev):
-        hidden_r = hidden_f = None
-        if n_retain:
-            t_in = (_select(inputs, retain_rows) if share
-                    else teacher.prepare_inputs(images.index_select(0, retain_rows)))
-            hidden_r = teacher.forward_encoder_task(t_in, task.select(retain_rows), prenorm=True)
-        if n_forget:
-            t_in = teacher.prepare_inputs(noise.index_select(0, forget_rows))
-            hidden_f = teacher.forward_encoder_task(t_in, task.select(forget_rows), prenorm=True)
-    out = unlearn_loss_pruned(latent, hidden_r, hidden_f, is_forget, setup.retain_alpha, setup.forget_alpha,
-                              final_norm=teacher.encoder_final_norm())
+        hidden = teacher_hidden(teacher, images, noise, inputs, task, is_forget, forget_rows, share)  # [N, L, D]
+    out = unlearn_loss_merged_guide(latent, hidden, is_forget, setup.retain_alpha, setup.forget_alpha,
+                                    final_norm=teacher.encoder_final_norm())
     setup.scaler.scale(out.loss / setup.accum_iter).backward()
     if update:
         optimizer_update(setup)
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 
-
-def _select(inputs, rows):
-    if torch.is_tensor(inputs):
-        return inputs.index_select(0, rows)
-    raise TypeError(f"cannot share front-end output of type {type(inputs).__name__}")

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..objective import unlearn_loss_pruned
+from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
@@ -33,6 +33,7 @@ from .lr_schedule import set_lr
 from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, tokenizer_shared_exactly
+from .teacher_guides import teacher_hidden
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
@@ -65,7 +66,6 @@ class GraphedUnlearnStep:
         dev = setup.device
         self.x = torch.zeros((batch_size,) + tuple(image_shape), device=dev)  # [N, C, H, W], forget rows first
         self.is_forget = torch.arange(batch_size, device=dev) < num_forget
-        self.retain_rows = torch.arange(num_forget, batch_size, device=dev)
         self.forget_rows = torch.arange(num_forget, device=dev)
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self.noise_seed = int(noise_seed)
@@ -94,18 +94,11 @@ class GraphedUnlearnStep:
         share = s.share_tokenizer or tokenizer_shared_exactly(s)
         lo, hi = student.image_range
         with torch.no_grad(), teacher_autocast(s.precision, dev, cache_enabled=not capturing):
-            hidden_r = hidden_f = None
-            if self.f < self.n:
-                t_in = inputs.index_select(0, self.retain_rows) if share and torch.is_tensor(inputs) \
-                    else teacher.prepare_inputs(self.x.index_select(0, self.retain_rows))
-                hidden_r = teacher.forward_encoder_task(t_in, self.task.select(self.retain_rows), prenorm=True)
-            if self.f > 0:
-                noise = sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t, low=lo,
-                                           high=hi)
-                t_in = teacher.prepare_inputs(noise.index_select(0, self.forget_rows))
-                hidden_f = teacher.forward_encoder_task(t_in, self.task.select(self.forget_rows), prenorm=True)
-        out = unlearn_loss_pruned(latent, hidden_r, hidden_f, self.is_forget, s.retain_alpha, s.forget_alpha,
-                                  final_norm=teacher.encoder_final_norm())
+            noise = sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t, low=lo, high=hi)
+            hidden = teacher_hidden(teacher, self.x, noise, inputs, self.task, self.is_forget, self.forget_rows,
+                                    share)  # [N, L, D]
+        out = unlearn_loss_merged_guide(latent, hidden, self.is_forget, s.retain_alpha, s.forget_alpha,
+                                        final_norm=teacher.encoder_final_norm())
         s.scaler.scale(out.loss).backward()
         self.loss_sums.add_(torch.stack([out.loss.detach(), out.retain.detach(), out.forget.detach()]))
         if capturing and self.all_reduce_in_graph:
