@@ -51,7 +51,8 @@ def _cli_args(data, weights, out, batch, *extra):
 
 
 CONFIGS = {  # name: (per-rank batch, extra flags); the 1-rank run uses 2x the batch
-    "A": (4, ["--step", "reference", "--forget_alpha", "0"]),
+    # A also evaluates every epoch on held-out files (4 of the 6 per class train): rank 0 alone evaluates
+    "A": (4, ["--step", "reference", "--forget_alpha", "0", "--num_image_per_class", "4", "--eval_every", "1"]),
     "B": (2, ["--step", "fast", "--forget_alpha", "0", "--accum_iter", "2"]),
     "C": (4, ["--step", "reference", "--forget_alpha", "0.5"]),
 }
@@ -178,6 +179,15 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_rank_runs, data
     for a, b in zip(log1, log2):
         assert b["train_retain_l2_loss"] == pytest.approx(a["train_retain_l2_loss"], rel=1e-4, abs=1e-9)
         assert b["train_lr"] == pytest.approx(a["train_lr"], rel=1e-12)
+    if name == "A":  # --eval_every under DDP: one log (rank 0), the same held-out numbers as the 1-rank run
+        ev1 = [json.loads(x) for x in open(os.path.join(one_run, "eval_log.txt"))]
+        ev2 = [json.loads(x) for x in open(os.path.join(two_run, "eval_log.txt"))]
+        assert [x["epoch"] for x in ev2] == [None] + list(range(EPOCHS))
+        assert ev2[0] == ev1[0]  # before: the same teacher, files and masks
+        for a, b in zip(ev1[1:], ev2[1:]):
+            assert b["forget_mse"] == pytest.approx(a["forget_mse"], rel=1e-4)
+            assert b["retain_mse"] == pytest.approx(a["retain_mse"], rel=1e-4)
+        assert os.path.isfile(os.path.join(two_run, "best.pth"))
     args = torch.load(os.path.join(two_run, f"checkpoint-{EPOCHS - 1}.pth"), weights_only=True)["args"]
     assert args["world_size"] == 2 and args["eff_batch_size"] == 2 * batch * (2 if name == "B" else 1)
 
