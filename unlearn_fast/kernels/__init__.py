@@ -11,7 +11,8 @@ TRITON_IMPORT_ERROR = None
 
 try:
     from .batch_noise import NOISE_KINDS, batch_mean_std, philox_batch_noise, philox_standard_normal
-    from .retain_forget_l2 import MAX_NORM_D, retain_forget_l2_forward
+    from .retain_forget_l2 import (MAX_NORM_D, rank_within_class, retain_forget_l2_backward, retain_forget_l2_forward,
+                                   retain_forget_l2_loss_forward)
     from .multi_map_l2 import multi_map_l2_forward, multi_map_l2_scale
     TRITON_AVAILABLE = True
 except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
@@ -24,8 +25,10 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
         raise RuntimeError(f"unlearn_fast.kernels: Triton is unavailable ({TRITON_IMPORT_ERROR})")
 
     batch_mean_std = philox_batch_noise = philox_standard_normal = retain_forget_l2_forward = _unavailable
+    retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
     multi_map_l2_forward = multi_map_l2_scale = _unavailable
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "batch_mean_std",
-           "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward",
+           "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
+           "retain_forget_l2_backward", "rank_within_class",
            "multi_map_l2_forward", "multi_map_l2_scale"]

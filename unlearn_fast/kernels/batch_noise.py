@@ -7,9 +7,11 @@ Math, for an input batch ``x`` (any shape, flattened in C order, ``numel`` eleme
     uniform:  noise[k] = u[k] ~ U[0, 1)                         (no clamp)
     constant: noise[k] = mean
 
-Moments: each program reduces one block to (count, mean, M2) in fp32 (two passes over registers); the
-blocks are combined in fp64 by torch with the parallel form of Chan's formula,
-``M2 = Σ_b M2_b + Σ_b n_b (mean_b - mean)^2``. No host sync; results are fp32 0-d tensors.
+Moments: each program reduces one block to (mean, M2) in fp32 (two passes over registers; its count n_b is
+implied by the block size); one more single-program kernel combines the blocks in fp64, in a fixed order
+(deterministic), with the parallel form of Chan's formula, ``mean = Σ_b n_b mean_b / n``,
+``M2 = Σ_b M2_b + Σ_b n_b (mean_b - mean)^2``, and writes fp32 mean and std. No host sync; results are fp32
+0-d tensors. A draw is three launches (moments, combine, Philox) and nothing else.
 
 Philox keying (Triton's Philox4x32-10 as used by ``tl.randn`` / ``tl.rand``), for element k of step s::
 
@@ -20,8 +22,10 @@ Philox keying (Triton's Philox4x32-10 as used by ``tl.randn`` / ``tl.rand``), fo
 
 So a (seed, step, index) triple names one counter: different steps are disjoint counter ranges of the same
 key (independent streams), and step s's noise never depends on what ran before (no generator state).
-``seed`` and ``step`` may be int64 device tensors; the kernel loads them, so a captured CUDA graph replays
-with a new step after ``step_tensor.fill_(s)``.
+``seed`` and ``step`` may be integer device tensors; the kernel loads them, so a captured CUDA graph replays
+with a new step after ``step_tensor.fill_(s)``. Python ints are passed as kernel arguments instead (their
+32-bit words as int32 bit patterns, so the kernel is compiled once and never specialised on the value): no
+per-call device write, the same 64-bit key and counter, so the same numbers as the tensor form.
 
 Dtypes: ``x`` fp32 / fp16 / bf16 / fp64; noise is computed in fp32 and stored in ``out``'s dtype (default
 ``x``'s). Uniform draws are capped below 1 in that dtype so that rounding never yields 1.0. The noise kernel
@@ -42,6 +46,7 @@ _STANDARD = 3  # internal kind: z alone (philox_standard_normal)
 _MAX_NUMEL = 2 ** 32  # the element index is the counter's first 32-bit word
 _MOMENT_BLOCK = 4096
 _NOISE_BLOCK = 1024
+_COMBINE_BLOCK = 1024  # lanes of the one-program combine
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # largest value below 1 in each output dtype: keeps U[0, 1) half-open after rounding
 _BELOW_ONE = {torch.float32: 1.0 - 2.0 ** -24, torch.float16: 1.0 - 2.0 ** -11, torch.bfloat16: 1.0 - 2.0 ** -8,
@@ -51,8 +56,8 @@ IntOrTensor = Union[int, torch.Tensor]
 
 
 @triton.jit
-def _batch_moments_forward_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, numel, BLOCK: tl.constexpr):
-    # one block -> (count, mean, M2), fp32
+def _batch_moments_forward_kernel(x_ptr, partial_ptr, numel, n_blocks, BLOCK: tl.constexpr):
+    # one block -> (mean, M2) in fp32, stored at partial[0, pid] and partial[1, pid]; its count is implied
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -60,29 +65,77 @@ def _batch_moments_forward_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, numel, BLO
     count = tl.sum(mask.to(tl.float32), axis=0)
     mean = tl.sum(x, axis=0) / count
     dev = tl.where(mask, x - mean, 0.0)
-    tl.store(count_ptr + pid, count)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(m2_ptr + pid, tl.sum(dev * dev, axis=0))
+    tl.store(partial_ptr + pid, mean)
+    tl.store(partial_ptr + n_blocks + pid, tl.sum(dev * dev, axis=0))
 
 
-@triton.jit
-def _philox_batch_noise_forward_kernel(out_ptr, seed_ptr, step_ptr, mean_ptr, std_ptr, numel, low, high,
-                                       below_one, KIND: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["numel", "n_blocks"])
+def _batch_moments_combine_kernel(partial_ptr, mean_ptr, std_ptr, numel, n_blocks, BLOCK: tl.constexpr,
+                                  RBLOCK: tl.constexpr):
+    # one program: Chan's parallel combine of all blocks in fp64, fixed order (deterministic)
+    lanes = tl.arange(0, RBLOCK)
+    total = tl.cast(numel, tl.float64)
+    acc = tl.zeros((RBLOCK,), tl.float64)
+    for start in range(0, n_blocks, RBLOCK):
+        b = start + lanes
+        ok = b < n_blocks
+        count = tl.minimum(numel - b.to(tl.int64) * BLOCK, BLOCK).to(tl.float64)  # the block's element count
+        mean_b = tl.load(partial_ptr + b, mask=ok, other=0.0).to(tl.float64)
+        acc += tl.where(ok, count * mean_b, 0.0)
+    mean = tl.sum(acc, axis=0) / total
+    acc = tl.zeros((RBLOCK,), tl.float64)
+    for start in range(0, n_blocks, RBLOCK):
+        b = start + lanes
+        ok = b < n_blocks
+        count = tl.minimum(numel - b.to(tl.int64) * BLOCK, BLOCK).to(tl.float64)
+        mean_b = tl.load(partial_ptr + b, mask=ok, other=0.0).to(tl.float64)
+        m2_b = tl.load(partial_ptr + n_blocks + b, mask=ok, other=0.0).to(tl.float64)
+        shift = mean_b - mean
+        acc += tl.where(ok, m2_b + count * (shift * shift), 0.0)
+    m2 = tl.sum(acc, axis=0)
+    var = m2 / tl.maximum(total - 1.0, 1.0)
+    std = tl.where(total > 1.0, tl.sqrt(var), float("nan"))  # std of one element is nan, as torch
+    tl.store(mean_ptr, mean.to(tl.float32))
+    tl.store(std_ptr, std.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo"])
+def _philox_batch_noise_forward_kernel(out_ptr, seed_ptr, step_ptr, mean_ptr, std_ptr, seed_lo, seed_hi, step_lo,
+                                       mean_value, std_value, numel, low, high, below_one, KIND: tl.constexpr,
+                                       SEED_IN_MEMORY: tl.constexpr, STEP_IN_MEMORY: tl.constexpr,
+                                       MEAN_IN_MEMORY: tl.constexpr, STD_IN_MEMORY: tl.constexpr,
+                                       BLOCK: tl.constexpr):
+    # seed/step/mean/std come from device memory (graph-capturable tensors) or from scalar arguments (python
+    # numbers: no per-call device write); seed_lo/seed_hi/step_lo are the int32 bit patterns of the words
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    if KIND == 2:  # constant
-        v = tl.zeros((BLOCK,), tl.float32) + tl.load(mean_ptr)
+    if MEAN_IN_MEMORY:
+        mean = tl.load(mean_ptr).to(tl.float32)
     else:
-        seed = tl.load(seed_ptr)  # int64 scalar: the Philox key
-        step = tl.load(step_ptr)  # int64 scalar
+        mean = mean_value
+    if KIND == 2:  # constant
+        v = tl.zeros((BLOCK,), tl.float32) + mean
+    else:
+        if SEED_IN_MEMORY:
+            seed = tl.load(seed_ptr).to(tl.int64)  # the Philox key
+        else:
+            seed = (seed_hi.to(tl.int64) << 32) | (seed_lo.to(tl.int64) & 0xFFFFFFFF)
+        if STEP_IN_MEMORY:
+            step = tl.load(step_ptr).to(tl.int64)
+        else:
+            step = step_lo.to(tl.int64) & 0xFFFFFFFF
         counter = (step << 32) | offs  # 64-bit offset: low word = element index, high word = step mod 2^32
         if KIND == 1:  # uniform
             v = tl.minimum(tl.rand(seed, counter), below_one)
         else:
             v = tl.randn(seed, counter)
             if KIND == 0:  # normal: affine then clamp; where() keeps NaN like torch.clamp
-                v = v * tl.load(std_ptr) + tl.load(mean_ptr)
+                if STD_IN_MEMORY:
+                    std = tl.load(std_ptr).to(tl.float32)
+                else:
+                    std = std_value
+                v = v * std + mean
                 v = tl.where(v < low, low, v)
                 v = tl.where(v > high, high, v)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -92,8 +145,11 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+_INTERPRETED = _interpreted(_philox_batch_noise_forward_kernel)  # fixed when triton defines the kernels
+
+
 def _check_device(device: torch.device, what: str) -> None:
-    if device.type != "cuda" and not _interpreted(_philox_batch_noise_forward_kernel):
+    if device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), "
                          f"{what} is on {device}")
 
@@ -111,59 +167,85 @@ def _check_input(x) -> torch.Tensor:
     return x.detach().contiguous().reshape(-1)
 
 
+def _block_moments(flat: torch.Tensor) -> torch.Tensor:
+    """One launch: [2, blocks] fp32, the (mean, M2) of each _MOMENT_BLOCK-element block of ``flat``."""
+    numel = flat.numel()
+    n_blocks = triton.cdiv(numel, _MOMENT_BLOCK)
+    partial = torch.empty((2, n_blocks), device=flat.device, dtype=torch.float32)  # [mean; M2] per block
+    _batch_moments_forward_kernel[(n_blocks,)](flat, partial, numel, n_blocks, BLOCK=_MOMENT_BLOCK, num_warps=8)
+    return partial
+
+
+def _combine_moments(partial: torch.Tensor, numel: int, mean: torch.Tensor, std: torch.Tensor,
+                     rblock: int = _COMBINE_BLOCK) -> None:
+    """One launch: the fp64 combine of :func:`_block_moments` into fp32 ``mean`` and ``std`` (``rblock``:
+    lanes per loop step, overridable for tests of the loop)."""
+    _batch_moments_combine_kernel[(1,)](partial, mean, std, numel, partial.shape[1], BLOCK=_MOMENT_BLOCK,
+                                        RBLOCK=rblock, num_warps=4)
+
+
+def _batch_mean_std_into(flat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Two launches: per-block (mean, M2), then the fp64 combine writing fp32 ``mean`` and ``std``."""
+    _combine_moments(_block_moments(flat), flat.numel(), mean, std)
+
+
 def batch_mean_std(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, unbiased std) over all elements of ``x``, as fp32 0-d tensors on x's device; no host sync."""
     flat = _check_input(x)
-    numel = flat.numel()
-    n_blocks = triton.cdiv(numel, _MOMENT_BLOCK)
-    stats = torch.empty((3, n_blocks), device=flat.device, dtype=torch.float32)  # count, mean, M2 per block
-    _batch_moments_forward_kernel[(n_blocks,)](flat, stats[0], stats[1], stats[2], numel, BLOCK=_MOMENT_BLOCK,
-                                               num_warps=8)
-    count, mean_b, m2_b = stats.double().unbind(0)  # [blocks] each
-    mean = (count * mean_b).sum() / numel
-    m2 = m2_b.sum() + (count * (mean_b - mean).square()).sum()  # Chan et al., all blocks at once
-    std = (m2 / (numel - 1)).sqrt() if numel > 1 else m2 * float("nan")
-    return mean.float(), std.float()
+    mean = torch.empty((), device=flat.device, dtype=torch.float32)
+    std = torch.empty((), device=flat.device, dtype=torch.float32)
+    _batch_mean_std_into(flat, mean, std)
+    return mean, std
 
 
-def _as_key(value: IntOrTensor, name: str, device: torch.device, bits: int) -> torch.Tensor:
-    """An int64 [1] device tensor holding seed/step (the kernel loads it: graph-capturable)."""
+def _key_words(value: IntOrTensor, name: str, device: torch.device, bits: int):
+    """``(tensor, lo, hi)``: a 1-element integer device tensor (the kernel loads it: graph-capturable), or, for a
+    python int, None and its low/high 32-bit words as int32 bit patterns (kernel arguments: no device write)."""
     if torch.is_tensor(value):
         if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a python int or a 1-element integer tensor, got "
                              f"{value.dtype} of shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device}, x on {device}")
-        return value.reshape(1).to(torch.int64)
+        return value.detach(), 0, 0
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a python int or an integer tensor, got {type(value).__name__}")
     if not 0 <= value < 2 ** bits:
         raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
-    signed = value - 2 ** 64 if value >= 2 ** 63 else value  # same 64 bits, as int64
-    return torch.full((1,), signed, dtype=torch.int64, device=device)
+    as_int32 = lambda w: w - 2 ** 32 if w >= 2 ** 31 else w  # noqa: E731  (always an i32 kernel argument)
+    return None, as_int32(value & 0xFFFFFFFF), as_int32(value >> 32)
 
 
-def _as_scalar(value, name: str, device: torch.device) -> torch.Tensor:
-    """A fp32 [1] device tensor from a python number or a 1-element tensor (no host sync)."""
+def _scalar_value(value, name: str, device: torch.device):
+    """``(tensor, number)``: a 1-element device tensor (loaded by the kernel, converted to fp32 there) or a
+    python number passed as an fp32 kernel argument."""
     if torch.is_tensor(value):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device}, x on {device}")
-        return value.detach().reshape(1).to(torch.float32)
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number, got {value.dtype}")
+        return value.detach(), 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
-    return torch.full((1,), float(value), dtype=torch.float32, device=device)
+    return None, float(value)
 
 
-def _launch_noise(out: torch.Tensor, seed_t, step_t, mean_t, std_t, kind_id: int, low: float, high: float):
+def _launch_noise(out: torch.Tensor, seed, step, mean, std, kind_id: int, low: float, high: float):
+    """One launch. ``seed/step``: results of :func:`_key_words`; ``mean/std``: of :func:`_scalar_value`."""
     numel = out.numel()
     grid = (triton.cdiv(numel, _NOISE_BLOCK),)
     below_one = _BELOW_ONE[out.dtype]
+    (seed_t, seed_lo, seed_hi), (step_t, step_lo, _), (mean_t, mean_v), (std_t, std_v) = seed, step, mean, std
+    # unused pointers still need a valid argument: ``out`` stands in
     # no FMA contraction: z * std + mean rounds like torch's two separate ops (see the module docstring)
-    _philox_batch_noise_forward_kernel[grid](out, seed_t, step_t, mean_t, std_t, numel, float(low), float(high),
-                                             below_one, KIND=kind_id, BLOCK=_NOISE_BLOCK, num_warps=4,
-                                             enable_fp_fusion=False)
+    _philox_batch_noise_forward_kernel[grid](
+        out, out if seed_t is None else seed_t, out if step_t is None else step_t,
+        out if mean_t is None else mean_t, out if std_t is None else std_t, seed_lo, seed_hi, step_lo, mean_v, std_v,
+        numel, float(low), float(high), below_one, KIND=kind_id, SEED_IN_MEMORY=seed_t is not None,
+        STEP_IN_MEMORY=step_t is not None, MEAN_IN_MEMORY=mean_t is not None, STD_IN_MEMORY=std_t is not None,
+        BLOCK=_NOISE_BLOCK, num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -174,6 +256,7 @@ def philox_batch_noise(x: torch.Tensor, seed: IntOrTensor, step: IntOrTensor, ki
 
     ``mean/std``: numbers or 0-d tensors; default :func:`batch_mean_std` of x (``std`` is used by ``normal`` only).
     ``low/high``: clamp range of ``normal``. ``out``: optional contiguous float buffer shaped like x.
+    Device work: ``normal``/``constant`` with batch statistics 3 launches (moments, combine, draws), else 1.
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
@@ -184,15 +267,21 @@ def philox_batch_noise(x: torch.Tensor, seed: IntOrTensor, step: IntOrTensor, ki
     elif (not torch.is_tensor(out) or out.shape != x.shape or out.device != dev or not out.is_contiguous()
           or out.dtype not in _IN_DTYPES):
         raise ValueError("out must be a contiguous float tensor with x's shape and device")
-    seed_t = _as_key(seed, "seed", dev, 64)
-    step_t = _as_key(step, "step", dev, 32)
+    seed_w = _key_words(seed, "seed", dev, 64)
+    step_w = _key_words(step, "step", dev, 32)
+    mean_s = _scalar_value(0.0 if mean is None else mean, "mean", dev)
+    std_s = _scalar_value(1.0 if std is None else std, "std", dev)
     if kind != "uniform" and (mean is None or (kind == "normal" and std is None)):
-        batch_mean, batch_std = batch_mean_std(flat)
-        mean = batch_mean if mean is None else mean
-        std = batch_std if std is None else std
-    mean_t = _as_scalar(0.0 if mean is None else mean, "mean", dev)
-    std_t = _as_scalar(1.0 if std is None else std, "std", dev)
-    return _launch_noise(out, seed_t, step_t, mean_t, std_t, _KIND_ID[kind], low, high)
+        batch_mean = torch.empty((), device=dev, dtype=torch.float32)
+        batch_std = torch.empty((), device=dev, dtype=torch.float32)
+        _batch_mean_std_into(flat, batch_mean, batch_std)
+        mean_s = (batch_mean, 0.0) if mean is None else mean_s
+        std_s = (batch_std, 0.0) if std is None else std_s
+    if kind == "uniform":  # reads neither
+        mean_s = std_s = (None, 0.0)
+    elif kind == "constant":
+        std_s = (None, 0.0)
+    return _launch_noise(out, seed_w, step_w, mean_s, std_s, _KIND_ID[kind], low, high)
 
 
 def philox_standard_normal(shape: Sequence[int], seed: IntOrTensor, step: IntOrTensor,
@@ -214,9 +303,9 @@ def philox_standard_normal(shape: Sequence[int], seed: IntOrTensor, step: IntOrT
     out = torch.empty(shape, dtype=torch.float32, device=device)
     if numel == 0:
         return out
-    seed_t = _as_key(seed, "seed", device, 64)
-    step_t = _as_key(step, "step", device, 32)
-    return _launch_noise(out, seed_t, step_t, out, out, _STANDARD, 0.0, 0.0)  # mean/std pointers unused
+    seed_w = _key_words(seed, "seed", device, 64)
+    step_w = _key_words(step, "step", device, 32)
+    return _launch_noise(out, seed_w, step_w, (None, 0.0), (None, 1.0), _STANDARD, 0.0, 0.0)
 
 
 __all__ = ["NOISE_KINDS", "batch_mean_std", "philox_batch_noise", "philox_standard_normal"]

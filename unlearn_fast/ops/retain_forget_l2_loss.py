@@ -13,6 +13,12 @@ everywhere). The kernel reads the student latent and, per row, the one target ro
 for retain rows, noise guide for forget rows), and writes the per-row sums and the latent gradient in
 one pass; backward only scales that gradient per row. No difference tensor is materialised.
 
+Device work per call on the Triton path (each counted by tests/ops/test_op_launch_counts.py): forward is the
+main kernel plus one finalize kernel that writes the two losses (the full-size entry point passes no row
+index at all: row i reads guide row i); backward is one kernel that reads both upstream gradients from
+device memory. The compact/prenorm entry points add one tiny kernel for the default ``row_index``. Nothing
+syncs the host, so every entry point can be captured in a CUDA graph.
+
 - :func:`retain_forget_l2_loss`: full-size guides ``[N, ...]`` (drop-in for the reference).
 - :func:`retain_forget_l2_loss_compact`: guides only for the rows that need them (pruned teacher).
 - :func:`retain_forget_l2_loss_prenorm`: compact, and the teacher's final LayerNorm is applied inside
@@ -75,14 +81,12 @@ def _torch_row_sq_and_grad(latent3, retain_table, forget_table, is_forget, row_i
     return row_sq, grad
 
 
-def _fused_row_sq_and_grad(latent3, retain_table, forget_table, is_forget, row_index, norm, grad_scale,
+def _fused_row_sq_and_grad(backend, latent3, retain_table, forget_table, is_forget, row_index, norm, grad_scale,
                            compute_grad):
-    backend = choose_backend(latent3.device, "retain_forget_l2_loss")
+    """(row_sq [N], grad or None) on the extension or the twin; ``row_index=None`` means row i -> table row i."""
+    if row_index is None:
+        row_index = torch.arange(latent3.shape[0], device=latent3.device)
     w, b, eps = norm if norm is not None else (None, None, 1e-6)
-    if backend == "triton":
-        return triton_kernels().retain_forget_l2_forward(
-            latent3, retain_table, forget_table, is_forget, row_index, norm_weight=w, norm_bias=b, eps=eps,
-            grad_scale=grad_scale, compute_grad=compute_grad)
     if backend == "cext":
         empty = latent3.new_empty((0,) + tuple(latent3.shape[1:]))
         row_sq, grad = extension().retain_forget_l2_forward(
@@ -94,35 +98,58 @@ def _fused_row_sq_and_grad(latent3, retain_table, forget_table, is_forget, row_i
                                   grad_scale, compute_grad)
 
 
+def _default_row_index(is_forget: torch.Tensor) -> torch.Tensor:
+    """Rank within the class for compact tables: one tiny kernel on the Triton path, torch ops elsewhere."""
+    if choose_backend(is_forget.device, "retain_forget_l2_loss") == "triton":
+        return triton_kernels().rank_within_class(is_forget)
+    return _row_index(is_forget)
+
+
 class RetainForgetL2Function(torch.autograd.Function):
     """(retain_loss, forget_loss) from latent ``[N, T, D]`` and per-row target tables.
 
     ``retain_table [R, T, D]`` / ``forget_table [F, T, D]`` hold the targets; ``row_index[i]`` is row i's
-    row in the table of its class. ``norm = (weight [D], bias [D], eps)`` applies a LayerNorm to the
-    targets first. Losses are fp32 0-d tensors; the latent gradient has the latent's dtype.
+    row in the table of its class (None: row i itself, for full-size tables). ``norm = (weight [D], bias [D],
+    eps)`` applies a LayerNorm to the targets first. Losses are fp32 0-d tensors; the latent gradient has the
+    latent's dtype.
     """
 
     @staticmethod
     def forward(ctx, latent3, retain_table, forget_table, is_forget, row_index, norm_weight, norm_bias, eps):
         n, t, d = latent3.shape
         norm = (norm_weight, norm_bias, eps) if norm_weight is not None else None
+        backend = choose_backend(latent3.device, "retain_forget_l2_loss")
         # The kernel stores 2·(x - y), the derivative of (x - y)^2; the 2/(N·T·D) factor is applied in fp32 in
         # backward, because folding it in here would push fp16 gradients into the subnormal range.
-        row_sq, grad = _fused_row_sq_and_grad(latent3, retain_table, forget_table, is_forget, row_index, norm,
-                                              2.0, latent3.requires_grad)
         scale = 2.0 / (n * t * d)
+        compute_grad = latent3.requires_grad
+        if backend == "triton":  # main kernel + finalize: the losses come out of the second launch
+            _, retain_loss, forget_loss, grad = triton_kernels().retain_forget_l2_loss_forward(
+                latent3, retain_table, forget_table, is_forget, row_index, norm_weight=norm_weight,
+                norm_bias=norm_bias, eps=eps, grad_scale=2.0, loss_scale=scale, compute_grad=compute_grad)
+        else:
+            row_sq, grad = _fused_row_sq_and_grad(backend, latent3, retain_table, forget_table, is_forget,
+                                                  row_index, norm, 2.0, compute_grad)
+            zero = row_sq.new_zeros(())
+            retain_loss = torch.where(is_forget, zero, row_sq).sum() * scale
+            forget_loss = torch.where(is_forget, row_sq, zero).sum() * scale
         ctx.loss_scale = scale
-        zero = row_sq.new_zeros(())
-        retain_loss = torch.where(is_forget, zero, row_sq).sum() * scale
-        forget_loss = torch.where(is_forget, row_sq, zero).sum() * scale
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)  # an unused loss's gradient stays None: no zeros to make
         ctx.save_for_backward(grad, is_forget)
         return retain_loss, forget_loss
 
     @staticmethod
     def backward(ctx, grad_retain, grad_forget):
         grad, is_forget = ctx.saved_tensors
-        if grad is None or not ctx.needs_input_grad[0]:
+        if grad is None or not ctx.needs_input_grad[0] or (grad_retain is None and grad_forget is None):
             return (None,) * 8
+        if ctx.backend == "triton":  # one launch; the upstream gradients stay on the device
+            grad_latent = triton_kernels().retain_forget_l2_backward(grad, is_forget, grad_retain, grad_forget,
+                                                                     ctx.loss_scale)
+            return (grad_latent,) + (None,) * 7
+        grad_retain = grad_retain if grad_retain is not None else torch.zeros_like(grad_forget)
+        grad_forget = grad_forget if grad_forget is not None else torch.zeros_like(grad_retain)
         per_row = torch.where(is_forget, grad_forget, grad_retain).float() * ctx.loss_scale  # [N] fp32
         return (grad * per_row.view(-1, 1, 1)).to(grad.dtype), None, None, None, None, None, None, None
 
@@ -171,9 +198,9 @@ def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide
                              f"{tuple(g.shape) if torch.is_tensor(g) else type(g).__name__}")
     if guide.requires_grad or noise_guide.requires_grad:
         return retain_forget_l2_loss_reference(latent, guide, noise_guide, is_forget)
-    rows = torch.arange(latent.shape[0], device=latent.device)
+    # row_index None: row i reads guide row i (no arange made or read on the Triton path)
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), _check_table("guide", guide, latent),
-                                        _check_table("noise_guide", noise_guide, latent), is_forget, rows,
+                                        _check_table("noise_guide", noise_guide, latent), is_forget, None,
                                         None, None, 1e-6)
 
 
@@ -187,7 +214,7 @@ def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[tor
     row -> table-row map (default: rank within the class).
     """
     is_forget = _check(latent, is_forget)
-    idx = _row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    idx = _default_row_index(is_forget) if row_index is None else row_index.to(latent.device)
     _check_table_rows(is_forget, idx, guide_rows, noise_guide_rows)
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), _check_table("guide_rows", guide_rows, latent),
                                         _check_table("noise_guide_rows", noise_guide_rows, latent), is_forget, idx,
@@ -205,7 +232,7 @@ def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optio
     if norm_weight.shape != (d,) or norm_bias.shape != (d,):
         raise ValueError(f"norm weight/bias must have shape ({d},), got {tuple(norm_weight.shape)}, "
                          f"{tuple(norm_bias.shape)}")
-    idx = _row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    idx = _default_row_index(is_forget) if row_index is None else row_index.to(latent.device)
     _check_table_rows(is_forget, idx, guide_hidden_rows, noise_hidden_rows, ("guide_hidden_rows", "noise_hidden_rows"))
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(),
                                         _check_table("guide_hidden_rows", guide_hidden_rows, latent),

@@ -9,11 +9,12 @@ Two ways to draw:
 
 - ``generator=`` (or nothing): the reference semantics with a ``torch.Generator`` (the test oracle, and
   what the eager reference-semantics step uses).
-- ``seed=, step=``: counter-based Philox draws keyed by (seed, step, element index), fused (moments,
-  draws, affine and clamp in two passes) on CUDA; the noise of step k does not depend on what ran before,
-  and ``step`` may be a device tensor so a captured CUDA graph replays with a new step. On the CPU the
-  same keying is done with a ``torch.Generator`` seeded from (seed, step): reproducible, but not the
-  same numbers as the GPU stream.
+- ``seed=, step=``: counter-based Philox draws keyed by (seed, step, element index), fused on CUDA
+  (moments, their fp64 combine, then draws + affine + clamp: three launches, nothing else); the noise of
+  step k does not depend on what ran before, and ``step`` may be a device tensor so a captured CUDA graph
+  replays with a new step. On the CPU the same keying is done with a ``torch.Generator`` seeded from
+  (seed, step): reproducible, but not the same numbers as the GPU stream (unless
+  ``UNLEARN_FAST_BACKEND=triton`` forces the Triton kernels, which on the CPU need ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _check_kind(kind: str) -> None:
 def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased std over all elements, as fp32 0-d tensors (fp64 accumulation on CPU)."""
     x = images.detach()
-    if x.device.type == "cuda" and choose_backend(x.device, "batch_mean_std") == "triton":
+    if choose_backend(x.device, "batch_mean_std") == "triton":  # CUDA, or forced (CPU: Triton's interpreter)
         return triton_kernels().batch_mean_std(x)
     acc = x.double() if x.device.type == "cpu" else x.float()
     return acc.mean().float(), acc.std().float()
@@ -82,7 +83,8 @@ def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Op
         raise ValueError("pass either generator= or seed=/step=, not both")
     step = 0 if step is None else step
     x = images.detach()
-    if x.device.type == "cuda" and choose_backend(x.device, "sample_batch_noise") == "triton":
+    if choose_backend(x.device, "sample_batch_noise") == "triton":
+        # three launches (moments, combine, draws); python-int seed/step travel as kernel arguments
         return triton_kernels().philox_batch_noise(x, seed, step, kind=kind, low=low, high=high)
     if torch.is_tensor(step):
         step = int(step.item())  # CPU path only: the sync is harmless there
