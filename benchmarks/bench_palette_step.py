@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import unlearn_fast
-from step_harness import peak_memory_mb, sync, time_steps
+from step_harness import benchmark_steps, peak_memory_mb, time_steps
 from unlearn_fast.models.palette import PaletteBatch
 from unlearn_fast.train.palette_steps import build_palette_setup, palette_fast_step, palette_reference_step
 
@@ -81,18 +81,7 @@ def _bench(benchmark, cfg: PaletteStepConfig, variant: str, steps: int, warmup: 
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref = reference_seconds(cfg, steps, warmup)
-    run = make_runner(cfg, variant)
-    counter = iter(range(10 ** 9))
-    for _ in range(warmup):
-        run(next(counter))
-    sync(cfg.device)
-
-    def one_step():
-        run(next(counter))
-        sync(cfg.device)
-
-    benchmark.pedantic(one_step, rounds=steps, iterations=1, warmup_rounds=0)
-    med = benchmark.stats.stats.median
+    med = benchmark_steps(benchmark, make_runner(cfg, variant), cfg.device, steps, warmup)
     benchmark.extra_info.update({
         "config": cfg.name, "model": cfg.model, "batch": cfg.batch, "image_size": cfg.size, "variant": variant,
         "approach": cfg.approach, "dtype": "bf16" if variant.endswith("bf16") else "fp32",

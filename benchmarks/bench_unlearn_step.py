@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, make_runner, peak_memory_mb,
-                          reference_seconds, sync)
+from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, benchmark_steps, make_runner,
+                          peak_memory_mb, reference_seconds)
 
 CPU_STEPS, CPU_WARMUP = 9, 2  # medians of 9: 3 steps gave ratios that moved by 0.3 between runs
 GPU_STEPS, GPU_WARMUP = 8, 4
@@ -27,18 +27,7 @@ def _bench(benchmark, cfg, variant, steps, warmup):
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ref = reference_seconds(cfg, steps, warmup)
-    run = make_runner(cfg, variant)
-    counter = iter(range(10 ** 9))
-    for _ in range(warmup):
-        run(next(counter))
-    sync(cfg.device)
-
-    def one_step():
-        run(next(counter))
-        sync(cfg.device)
-
-    benchmark.pedantic(one_step, rounds=steps, iterations=1, warmup_rounds=0)
-    med = benchmark.stats.stats.median
+    med = benchmark_steps(benchmark, make_runner(cfg, variant), cfg.device, steps, warmup)
     batch = batch_for(cfg, base_model(cfg))[0].shape[0]
     benchmark.extra_info.update({
         "config": cfg.name, "model": cfg.model, "batch": batch, "variant": variant,

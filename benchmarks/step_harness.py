@@ -98,6 +98,22 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
     return lambda step: reference_step(setup, images, is_forget, step)
 
 
+def benchmark_steps(benchmark, run: Callable[[int], None], device: str, steps: int, warmup: int) -> float:
+    """Time ``run(step)`` with pytest-benchmark: ``warmup`` untimed steps, then ``steps`` synchronised rounds
+    (a fresh step number each call); returns the median seconds."""
+    counter = iter(range(10 ** 9))
+    for _ in range(warmup):
+        run(next(counter))
+    sync(device)
+
+    def one_step():
+        run(next(counter))
+        sync(device)
+
+    benchmark.pedantic(one_step, rounds=steps, iterations=1, warmup_rounds=0)
+    return benchmark.stats.stats.median
+
+
 def median_seconds(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> float:
     """Median wall seconds of one synchronised call of ``fn`` over ``reps`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):

@@ -100,3 +100,13 @@ def save_random_pretrained(path, model_name: str = "mae_micro", seed: int = 0):
         torch.manual_seed(seed)
         torch.save({"model": unlearn_fast.create_model(model_name).state_dict()}, path)
     return str(path)
+
+
+def forget_pattern(n: int, which: str) -> torch.Tensor:
+    """``is_forget [N]`` bool: "all_forget", "all_retain", or mixed (every third row from the second; the first
+    row is a retain row, so forget rows are not first)."""
+    if which == "all_forget":
+        return torch.ones(n, dtype=torch.bool)
+    if which == "all_retain":
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.arange(n) % 3 == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_close_report
+from tests.helpers import assert_close_report, forget_pattern
 from unlearn_fast.kernels.extension import extension_has_cuda, extension_load_error, load_extension
 
 EXT = load_extension()
@@ -55,20 +55,12 @@ def reference_row_sq_and_grad(latent, retain_table, forget_table, row_is_forget,
     return row_sq, grad
 
 
-def _pattern(n, which):
-    if which == "all_forget":
-        return torch.ones(n, dtype=torch.bool)
-    if which == "all_retain":
-        return torch.zeros(n, dtype=torch.bool)
-    return torch.arange(n) % 3 == 1  # mixed, the first row is a retain row
-
-
 def make_case(n, t, d, which, layout, latent_dtype, table_dtype, norm, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(n, t, d, generator=g).to(latent_dtype)
     full_retain = (torch.randn(n, t, d, generator=g) * 1.5 + 0.25).to(table_dtype)
     full_forget = (torch.randn(n, t, d, generator=g) * 0.5 - 0.5).to(table_dtype)
-    is_forget = _pattern(n, which)
+    is_forget = forget_pattern(n, which)
     if layout == "full":
         retain, forget, idx = full_retain, full_forget, torch.arange(n)
     else:  # compact: only the rows of each class, in batch order; index = rank within the class

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close_report
+from tests.helpers import assert_close_report, forget_pattern
 
 pytest.importorskip("triton")
 from unlearn_fast.kernels import (rank_within_class, retain_forget_l2_backward,  # noqa: E402
@@ -34,14 +34,6 @@ OP_GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-8), torch.float16: dict(rt
                torch.bfloat16: dict(rtol=1.6e-2, atol=1e-7)}
 
 
-def _flags(n: int, which: str) -> torch.Tensor:
-    if which == "all_forget":
-        return torch.ones(n, dtype=torch.bool)
-    if which == "all_retain":
-        return torch.zeros(n, dtype=torch.bool)
-    return torch.arange(n) % 3 == 1  # mixed, the first row retain
-
-
 def _rank(is_forget: torch.Tensor) -> torch.Tensor:
     f = is_forget.long()
     return torch.where(is_forget, f.cumsum(0) - 1, (1 - f).cumsum(0) - 1)
@@ -52,7 +44,7 @@ def _case(n, t, d, which, layout, dtype, norm, device, seed=0):
     latent = torch.randn(n, t, d, generator=g).to(dtype)
     full_retain = torch.randn(n, t, d, generator=g) * 1.5 + 0.25
     full_forget = torch.randn(n, t, d, generator=g) * 0.5 - 0.5
-    is_forget = _flags(n, which)
+    is_forget = forget_pattern(n, which)
     if layout == "full":
         retain, forget, idx = full_retain, full_forget, None
     else:
@@ -170,7 +162,7 @@ def _store_as(v: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
 def test_backward_matches_torch_formula(device, shape, dtype, which, upstream):
     g = torch.Generator().manual_seed(3)
     stored = (torch.randn(shape, generator=g) * 2).to(device, dtype)  # the forward's 2·(x - y)
-    is_forget = _flags(shape[0], which).to(device)
+    is_forget = forget_pattern(shape[0], which).to(device)
     g_r = torch.tensor(0.3, device=device) if upstream in ("both", "retain_only") else None
     g_f = torch.tensor(-1.7, device=device) if upstream in ("both", "forget_only") else None
     scale = 2.0 / stored.numel()
@@ -252,7 +244,7 @@ def test_op_on_triton_matches_twin(device, monkeypatch, shape, which, dtype):
     latent = torch.randn(shape, generator=g).to(device, dtype)
     guide = torch.randn(shape, generator=g).to(device, dtype)
     noise_guide = torch.rand(shape, generator=g).to(device, dtype)
-    is_forget = _flags(shape[0], which).to(device)
+    is_forget = forget_pattern(shape[0], which).to(device)
     ref = _op_loss_and_grad(retain_forget_l2_loss_reference, latent, guide, noise_guide, is_forget)
     got = _op_loss_and_grad(retain_forget_l2_loss, latent, guide, noise_guide, is_forget)
     guide_rows = guide[~is_forget] if (~is_forget).any() else None
@@ -272,7 +264,7 @@ def test_op_on_triton_with_one_loss_used(device, monkeypatch, use):
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
     g = torch.Generator().manual_seed(5)
     latent, guide, noise_guide = (torch.randn(6, 4, 11, generator=g).to(device) for _ in range(3))
-    is_forget = _flags(6, "mixed").to(device)
+    is_forget = forget_pattern(6, "mixed").to(device)
     r, f, gx = _op_loss_and_grad(retain_forget_l2_loss, latent, guide, noise_guide, is_forget, use=use)
     rr, ff, gr = _op_loss_and_grad(retain_forget_l2_loss_reference, latent, guide, noise_guide, is_forget, use=use)
     assert_close_report(gx, gr, **OP_GRAD_TOL[torch.float32], name="grad")
@@ -292,7 +284,7 @@ def test_prenorm_op_on_triton_matches_twin(device, monkeypatch, dtype, which):
     hidden = (torch.randn(n, t, d, generator=g) * 3 + 1).to(device, dtype)
     noise_hidden = torch.rand(n, t, d, generator=g).to(device, dtype)
     w, b = (torch.rand(d, generator=g) + 0.5).to(device), (torch.randn(d, generator=g) * 0.1).to(device)
-    is_forget = _flags(n, which).to(device)
+    is_forget = forget_pattern(n, which).to(device)
     rows = hidden[~is_forget] if (~is_forget).any() else None
     noise_rows = noise_hidden[is_forget] if is_forget.any() else None
     r, f, gx = _op_loss_and_grad(retain_forget_l2_loss_prenorm, latent, rows, noise_rows, is_forget, w, b, EPS)

@@ -36,6 +36,7 @@ import torch
 from ..models.palette import Network, as_palette_batch, load_palette_checkpoint
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint_file
 from .palette_steps import WITH_TEACHER, PaletteSetup, approach_flags, palette_fast_step, palette_reference_step
+from .progress import progress_bar
 from .step_reference import NonFiniteLossError
 
 PALETTE_STEP_MODES = ("fast", "reference")
@@ -297,16 +298,6 @@ def palette_resume_start(resume: PaletteResume, n_epoch: int, seed: int, steps_p
     return resume.start_epoch
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-
 def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int, *,
                        n_epoch: int, run_dir: Optional[str] = None, checkpoint_subdir: str = "checkpoint",
                        step_mode: str = "fast", readback_every: int = 20, progress: bool = True,
@@ -334,7 +325,7 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
     # when a multiple of log_iter was passed, so at an epoch end it is in the same log_iter bucket as iters
     history, iters, logged_at = [], int(start_iters), int(start_iters)
     for epoch in range(start_epoch, n_epoch + 1):
-        bar = _progress(steps_per_epoch, progress, f"epoch {epoch}/{n_epoch}")
+        bar = progress_bar(steps_per_epoch, progress, f"epoch {epoch}/{n_epoch}")
         sums = torch.zeros(3, dtype=torch.float64)  # loss, retain, forget over the epoch
         pending = torch.zeros(3, device=setup.device)  # on the device until the next read-back
         n_pending = n_steps = images = 0

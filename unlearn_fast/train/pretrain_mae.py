@@ -27,6 +27,7 @@ from torch import nn
 from ..models import create_model
 from .lr_schedule import lr_at, set_lr
 from .optimizer import build_adamw
+from .progress import progress_bar
 from .seeding import derive_seed
 
 _CACHE_FORMAT = 1  # bump when the loop changes what a given config trains
@@ -70,16 +71,6 @@ class PretrainConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-
 def pretrain_mae(model: nn.Module, images: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 1.5e-3,
                  min_lr: float = 1e-5, warmup_steps: int = 300, weight_decay: float = 0.05, seed: int = 0,
                  device="cpu", progress: bool = True, log_every: int = 50) -> List[float]:
@@ -97,7 +88,7 @@ def pretrain_mae(model: nn.Module, images: torch.Tensor, *, steps: int, batch_si
     mask_gen = torch.Generator().manual_seed(derive_seed(seed, "pretrain", "masks"))
     per_pass = data.shape[0] // batch_size
     order = None
-    bar = _progress(steps, progress, "pretrain MAE")
+    bar = progress_bar(steps, progress, "pretrain MAE")
     history, pending = [], torch.zeros((), device=device)
     for step in range(steps):
         if step % per_pass == 0:  # a new pass: new seeded order (the last partial batch is dropped)

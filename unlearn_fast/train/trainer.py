@@ -19,6 +19,7 @@ import torch
 from .checkpoint import accumulated_grads, atomic_link_or_copy, save_unlearn_checkpoint
 from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .lr_schedule import lr_at, set_lr
+from .progress import progress_bar
 from .run_outputs import append_log_line
 from .step_baseline import baseline_step
 from .step_fast import fast_step
@@ -50,16 +51,6 @@ def resolve_step_mode(mode: str, setup_device: torch.device, loss_type, accum_it
     if mode == "auto":
         return "graphed" if graph_ok else "fast"
     return mode
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
 
 class _EpochMeter:
@@ -169,7 +160,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     history = []
     accum = setup.accum_iter
     for epoch in range(start_epoch, epochs):
-        bar = _progress(steps_per_epoch, progress and is_main, f"epoch {epoch + 1}/{epochs}")
+        bar = progress_bar(steps_per_epoch, progress and is_main, f"epoch {epoch + 1}/{epochs}")
         first = start_step_in_epoch if epoch == start_epoch else 0
         meter = _EpochMeter(setup.device, graphed, dist, epoch_progress if first else None)
         t0, images_seen = time.perf_counter(), 0
