@@ -29,12 +29,12 @@ import torch
 
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import per_image_errors
-from ..train.checkpoint import atomic_write_text, load_checkpoint_file, load_model_state, model_state_from
+from ..train.checkpoint import atomic_write_text
 from ..train.data_split import FORGET_LABEL, seeded_shuffle
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.seeding import derive_seed
-from .unlearn_command import build_model, class_lists, resolve_device, select_data
+from .unlearn_command import class_lists, load_model_from, resolve_device, select_data
 
 AUDIT_FILE = "forget_audit.json"
 
@@ -44,7 +44,9 @@ def read_run_args(run_dir: str) -> dict:
     path = os.path.join(run_dir, "opt.yaml")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} is not an unlearning run directory (no opt.yaml)")
-    text, dec, pos, last = open(path, encoding="utf-8").read(), json.JSONDecoder(), 0, None
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    dec, pos, last = json.JSONDecoder(), 0, None
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
@@ -64,12 +66,6 @@ def latest_checkpoint(run_dir: str) -> str:
     if not found:
         raise ValueError(f"{run_dir} has no checkpoint-<epoch>.pth yet; pass --checkpoint")
     return os.path.join(run_dir, max(found)[1])
-
-
-def _load_model(args: SimpleNamespace, path: str, device: torch.device):
-    model = build_model(args)
-    load_model_state(model, model_state_from(load_checkpoint_file(path), path), path)
-    return model.to(device).eval()
 
 
 def _pick(paths: List[str], count: int, seed: int, what: str) -> List[str]:
@@ -102,9 +98,9 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
         if not os.path.isfile(path):
             raise ValueError(f"{what} file not found: {path} (pass --{what})")
 
-    items = select_data(args)  # the run's training list, rebuilt from its flags and seed
-    train = {"forget": [p for p, lab in items if lab == FORGET_LABEL]}
     forget_classes, retain_classes = class_lists(args)
+    items = select_data(args, (forget_classes, retain_classes))  # the run's training list, from its flags and seed
+    train = {"forget": [p for p, lab in items if lab == FORGET_LABEL]}
     retain_dirs = {os.path.abspath(os.path.join(args.data_path, c)) for c in retain_classes}
     train["retain"] = [p for p, lab in items if lab != FORGET_LABEL
                        and os.path.dirname(os.path.abspath(p)) in retain_dirs]  # not the proxy
@@ -114,7 +110,8 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
             "retain": (_pick(train["retain"], images, args.seed, "retain"), held.retain)}
 
     dev = resolve_device(device)
-    models = {"before": _load_model(args, teacher, dev), "after": _load_model(args, checkpoint, dev)}
+    models = {when: load_model_from(args, path).to(dev).eval()
+              for when, path in (("before", teacher), ("after", checkpoint))}
     errors = {w: {} for w in models}
     for name, (seen, unseen) in sets.items():
         if not seen or not unseen:

@@ -109,6 +109,13 @@ def build_model(args):
     return model
 
 
+def load_model_from(args, path: str):
+    """A model of the run's architecture with the weights of checkpoint ``path`` (strict)."""
+    model = build_model(args)
+    load_model_state(model, model_state_from(load_checkpoint_file(path), path), path)
+    return model
+
+
 def load_training_state(args, model):
     """Load ``--resume``. Returns (resume_ckpt or None, teacher_source path or None)."""
     if not args.resume:
@@ -233,8 +240,9 @@ def class_lists(args):
     return default_class_split(args.data_path)
 
 
-def select_data(args):
-    forget, retain = class_lists(args)
+def select_data(args, classes=None):
+    """The training list of the flags; ``classes``: ``class_lists(args)`` when the caller has it already."""
+    forget, retain = class_lists(args) if classes is None else classes
     proxy_root = None
     if args.use_coco:
         proxy_root = args.proxy_path or reference_coco_root(args.data_path)
@@ -258,11 +266,12 @@ def run_unlearn(args, baseline: bool = False) -> str:
 
 
 def _run_unlearn(args, baseline: bool, ctx, device) -> str:
-    items = select_data(args)
+    classes = class_lists(args)
+    items = select_data(args, classes)
     labels = torch.tensor([lab for _, lab in items])
     held = None
     if args.eval_every is not None and ctx.is_main:  # read now: a bad held-out file fails before any writing
-        held = select_holdout_files(args.data_path, *class_lists(args), exclude=[p for p, _ in items],
+        held = select_holdout_files(args.data_path, *classes, exclude=[p for p, _ in items],
                                     per_set=args.eval_images, seed=args.seed)
         held = (load_eval_images(held.forget + held.retain, args.input_size),
                 torch.arange(len(held.forget) + len(held.retain)) < len(held.forget))
@@ -286,12 +295,9 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
         resume_ckpt, teacher_source = load_training_state(args, model)
     teacher = None
     if teacher_source and resume_ckpt is not None:
-        teacher = build_model(args)
-        load_model_state(teacher, model_state_from(load_checkpoint_file(teacher_source), teacher_source),
-                         teacher_source)
+        teacher = load_model_from(args, teacher_source)
     elif args.teacher:
-        teacher = build_model(args)
-        load_model_state(teacher, model_state_from(load_checkpoint_file(args.teacher), args.teacher), args.teacher)
+        teacher = load_model_from(args, args.teacher)
 
     eff = effective_batch_size(args.batch_size, args.accum_iter, world)
     lr = base_lr(args.lr, args.blr, eff)
@@ -365,4 +371,5 @@ def _silenced(yes: bool):
     return contextlib.redirect_stdout(io.StringIO()) if yes else contextlib.nullcontext()
 
 
-__all__ = ["run_unlearn", "validate_args", "resolve_device", "class_lists", "select_data", "build_model"]
+__all__ = ["run_unlearn", "validate_args", "resolve_device", "class_lists", "select_data", "build_model",
+           "load_model_from"]
