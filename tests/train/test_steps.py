@@ -19,7 +19,7 @@ from unlearn_fast.objective import LOSS_TYPES
 from unlearn_fast.train import precision as prec
 from unlearn_fast.train.seeding import derive_seed, seed_step_globals, step_generator
 from unlearn_fast.train.step_baseline import baseline_step
-from unlearn_fast.train.step_fast import fast_step, split_rows, tokenizer_shared_exactly
+from unlearn_fast.train.step_fast import fast_step, forget_row_indices, tokenizer_shared_exactly
 from unlearn_fast.train.step_reference import NonFiniteLossError, optimizer_update, reference_step
 from unlearn_fast.train.unlearn_setup import build_setup, make_teacher
 
@@ -251,9 +251,10 @@ def test_tokenizer_sharing_rule():
     assert not tokenizer_shared_exactly(S("reference", "cuda"))  # fp16 student vs fp32 teacher
 
 
-def test_split_rows():
-    r, f = split_rows(torch.tensor([True, False, False, True, True]), "cpu")
-    assert r.tolist() == [1, 2] and f.tolist() == [0, 3, 4]
+def test_forget_row_indices():
+    f = forget_row_indices(torch.tensor([True, False, False, True, True]), "cpu")
+    assert f.tolist() == [0, 3, 4]
+    assert forget_row_indices(torch.tensor([0, 0]), "cpu").tolist() == []
 
 
 def test_seeding_is_stable_and_separates_purposes():

@@ -12,7 +12,7 @@ Differences from :mod:`step_reference` (all equal up to floating-point reduction
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -25,12 +25,10 @@ from .teacher_guides import teacher_hidden
 from .unlearn_setup import UnlearnSetup
 
 
-def split_rows(is_forget_cpu: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(retain_rows, forget_rows) index tensors, ascending, computed on the host from CPU labels."""
+def forget_row_indices(is_forget_cpu: torch.Tensor, device) -> torch.Tensor:
+    """Ascending indices of the forget rows, computed on the host from CPU labels (no GPU sync)."""
     f = is_forget_cpu.to("cpu", torch.bool)
-    idx = torch.arange(f.shape[0])
-    retain, forget = idx[~f], idx[f]
-    return retain.to(device, non_blocking=True), forget.to(device, non_blocking=True)
+    return torch.arange(f.shape[0])[f].to(device, non_blocking=True)
 
 
 def tokenizer_shared_exactly(setup: UnlearnSetup) -> bool:
@@ -47,7 +45,7 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     """
     student, teacher, dev = setup.student, setup.teacher, setup.device
     images = images.to(dev, non_blocking=True)
-    _, forget_rows = split_rows(is_forget_cpu, dev)
+    forget_rows = forget_row_indices(is_forget_cpu, dev)
     is_forget = is_forget_cpu.to(dev, torch.bool, non_blocking=True)
     seed_step_globals(setup.seed, setup.rank, step)
     task = student.sample_task(images, step_generator(setup.seed, setup.rank, step, "task", dev))
