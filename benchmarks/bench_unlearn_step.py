@@ -78,6 +78,15 @@ def test_gpu_step_mage_variants(benchmark, variant):
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["fast_serial", "fast_bf16_serial"])
+@pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mage_base"]],
+                         ids=["gpu_mae_base", "gpu_mage_base"])
+def test_gpu_step_teacher_not_overlapped(benchmark, cfg, variant):
+    """The fast step with the teacher after the student on one stream: what the side-stream overlap gains."""
+    _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mage_base"]],
                          ids=["gpu_mae_base", "gpu_mage_base"])
 def test_gpu_step_compiled_reference(benchmark, cfg):

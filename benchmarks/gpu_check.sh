@@ -4,7 +4,7 @@
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
 # GPU_CHECK_BUDGET seconds (default 480): each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, bench_gpu.json, bench_compiled.json, precision.json, profile.txt, summary.txt
+# Files written: log.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json, precision.json, profile.txt, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check}
 mkdir -p "$OUT"
@@ -33,10 +33,17 @@ run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu 2
 # the extension's own tests in their own process, verbose, so a crash names its test and parameter
 run_for 40 python3 -X faulthandler -m pytest -v -p no:cacheprovider tests/csrc 2>&1 | grep -v PASSED | tail -40 >>"$LOG"
 
-phase "GPU benchmarks (reference vs fast vs fast bf16; MAGE variants; loss + noise; Palette loss)"
-run_for 200 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py benchmarks/bench_loss_noise.py \
-  benchmarks/bench_palette_loss.py -k "gpu and not compiled" --benchmark-json="$OUT/bench_gpu.json" \
-  --benchmark-columns=median,rounds 2>&1 | tail -30 >>"$LOG"
+phase "GPU benchmarks (reference vs fast vs fast bf16; loss + noise; Palette loss; then the variants)"
+# one JSON per group: a group cut short by its time cap loses only its own figures
+run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16" --benchmark-json="$OUT/bench_gpu.json" \
+  --benchmark-columns=median,rounds 2>&1 | tail -16 >>"$LOG"
+run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
+  -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
+# MAGE shared tokenizer / channels_last, and the teacher not overlapped (what the side stream gains)
+run_for 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "mage_variants or not_overlapped" --benchmark-json="$OUT/bench_variants.json" \
+  --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "loss / noise ops: eager vs graph-replayed, profiler tables"
 run_for 40 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \

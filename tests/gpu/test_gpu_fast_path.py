@@ -111,12 +111,12 @@ def _comparable(model):
             yield p
 
 
-def _mae_setups(precision, fast=True, capturable=True):
+def _mae_setups(precision, fast=True, capturable=True, overlap=(True, True), model="mae_micro"):
     torch.manual_seed(0)
-    m = unlearn_fast.create_model("mae_micro")
-    mk = lambda: build_setup(copy.deepcopy(m), "cuda", lr=1e-3, precision=precision, forget_alpha=0.5,  # noqa: E731
-                             fast=fast, capturable=capturable)
-    return mk(), mk()
+    m = unlearn_fast.create_model(model)
+    mk = lambda o: build_setup(copy.deepcopy(m), "cuda", lr=1e-3, precision=precision, forget_alpha=0.5,  # noqa: E731
+                               fast=fast, capturable=capturable, overlap_teacher=o)
+    return mk(overlap[0]), mk(overlap[1])
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("reference", 5e-3), ("bf16", 2e-2)])
@@ -148,3 +148,28 @@ def test_fast_step_matches_reference_step_20_steps(precision, tol):
         fast_step(b2, images, is_forget, step)
     diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b2.student))]
     assert max(diffs) <= tol, max(diffs)
+
+
+@pytest.mark.parametrize("model,precision", [("mae_micro", "reference"), ("mage_micro", "reference"),
+                                             ("mage_micro", "bf16")])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_teacher_on_side_stream_equals_sequential_teacher(model, precision, graphed):
+    # the same kernels in the same order on each stream: the overlapped step computes what the sequential one does
+    a, b = _mae_setups(precision, overlap=(True, False), model=model)
+    assert a.overlap_teacher and not b.overlap_teacher
+    size = 32
+    n, nf = 8, 4
+    steppers = [GraphedUnlearnStep(x, n, nf, (3, size, size), noise_seed=7, warmup=2) for x in (a, b)] if graphed \
+        else None
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        images = torch.rand(n, 3, size, size, generator=g)
+        is_forget = torch.arange(n) < nf
+        for i, x in enumerate((a, b)):
+            if graphed:
+                steppers[i](images, is_forget, step, 1e-3)
+            else:
+                fast_step(x, images, is_forget, step, noise_seed=7)
+    assert a.teacher_stream.concurrent and not b.teacher_stream.concurrent
+    diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b.student))]
+    assert max(diffs) <= 1e-6, max(diffs)

@@ -8,7 +8,9 @@ Differences from :mod:`step_reference` (all equal up to floating-point reduction
 - the frozen front end (MAGE's tokenizer) is shared between student and teacher only where that is
   exact (same precision) or when asked (``share_tokenizer``);
 - no ``.item()`` per step: losses stay on the device and the trainer reads them back every N steps;
-- row indices come from the CPU labels, so splitting the batch never waits for the GPU.
+- row indices come from the CPU labels, so splitting the batch never waits for the GPU;
+- on a GPU the teacher's no-grad pass runs on a side stream beside the student's forward
+  (:mod:`.teacher_stream`; ``overlap_teacher=False`` runs it after, as on CPU).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_reference import StepOutput, optimizer_update
 from .teacher_guides import teacher_hidden
+from .teacher_stream import student_beside_teacher, teacher_stream_for
 from .unlearn_setup import UnlearnSetup
 
 
@@ -50,18 +53,26 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     seed_step_globals(setup.seed, setup.rank, step)
     task = student.sample_task(images, step_generator(setup.seed, setup.rank, step, "task", dev))
     lo, hi = student.image_range
-    if noise_seed is None:
-        noise = sample_batch_noise(images, setup.noise_type,
-                                   generator=step_generator(setup.seed, setup.rank, step, "noise", dev),
-                                   low=lo, high=hi)
-    else:
-        noise = sample_batch_noise(images, setup.noise_type, seed=noise_seed, step=step, low=lo, high=hi)
-    with student_autocast(setup.precision, dev):
-        inputs = student.prepare_inputs(images)
-        latent = student.forward_encoder_task(inputs, task)  # [N, L, D]
     share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
-    with torch.no_grad(), teacher_autocast(setup.precision, dev):
-        hidden = teacher_hidden(teacher, images, noise, inputs, task, is_forget, forget_rows, share)  # [N, L, D]
+
+    def front():
+        with student_autocast(setup.precision, dev):
+            return student.prepare_inputs(images)
+
+    def encoder(inputs):
+        with student_autocast(setup.precision, dev):
+            return student.forward_encoder_task(inputs, task)  # [N, L, D]
+
+    def teacher_pass(inputs) -> torch.Tensor:  # no-grad, independent of the student: may run concurrently
+        if noise_seed is None:
+            gen = step_generator(setup.seed, setup.rank, step, "noise", dev)
+            noise = sample_batch_noise(images, setup.noise_type, generator=gen, low=lo, high=hi)
+        else:
+            noise = sample_batch_noise(images, setup.noise_type, seed=noise_seed, step=step, low=lo, high=hi)
+        with torch.no_grad(), teacher_autocast(setup.precision, dev):
+            return teacher_hidden(teacher, images, noise, inputs, task, is_forget, forget_rows, share)  # [N, L, D]
+
+    latent, hidden = student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
     out = unlearn_loss_merged_guide(latent, hidden, is_forget, setup.retain_alpha, setup.forget_alpha,
                                     final_norm=teacher.encoder_final_norm())
     setup.scaler.scale(out.loss / setup.accum_iter).backward()

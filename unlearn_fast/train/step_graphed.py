@@ -5,8 +5,9 @@ is copied into static buffers with its forget rows first, so the row split is a 
 only small things happen outside the graph: the H2D copy of the images, the task draw (masks, from the
 (seed, rank, step) generator) copied into static buffers, the lr written into the optimizer's lr tensor
 and the step counter the fused Philox noise reads. Inside the graph: student forward (autocast),
-pruned teacher, fused noise, fused loss, backward, unscale, clip, fused AdamW (skipped on inf/NaN
-grads), scaler update, and the loss sums the trainer reads back every N steps. No host sync.
+pruned teacher and fused noise (on a side stream: a parallel branch of the graph), fused loss, backward,
+unscale, clip, fused AdamW (skipped on inf/NaN grads), scaler update, and the loss sums the trainer reads
+back every N steps. No host sync.
 
 The first ``warmup`` steps run the same body eagerly on a side stream (real training steps; CUDA needs
 them before capture), so the trajectory is that of the fast eager step. Batches that do not have
@@ -34,6 +35,7 @@ from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, tokenizer_shared_exactly
 from .teacher_guides import teacher_hidden
+from .teacher_stream import student_beside_teacher, teacher_stream_for
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
@@ -88,15 +90,25 @@ class GraphedUnlearnStep:
     def _forward_backward(self, capturing: bool):
         s = self.setup
         student, teacher, dev = s.student, s.teacher, s.device
-        with student_autocast(s.precision, dev, cache_enabled=not capturing):
-            inputs = student.prepare_inputs(self.x)
-            latent = student.forward_encoder_task(inputs, self.task)  # [N, L, D]
         share = s.share_tokenizer or tokenizer_shared_exactly(s)
         lo, hi = student.image_range
-        with torch.no_grad(), teacher_autocast(s.precision, dev, cache_enabled=not capturing):
-            noise = sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t, low=lo, high=hi)
-            hidden = teacher_hidden(teacher, self.x, noise, inputs, self.task, self.is_forget, self.forget_rows,
-                                    share)  # [N, L, D]
+
+        def front():
+            with student_autocast(s.precision, dev, cache_enabled=not capturing):
+                return student.prepare_inputs(self.x)
+
+        def encoder(inputs):
+            with student_autocast(s.precision, dev, cache_enabled=not capturing):
+                return student.forward_encoder_task(inputs, self.task)  # [N, L, D]
+
+        def teacher_pass(inputs):
+            with torch.no_grad(), teacher_autocast(s.precision, dev, cache_enabled=not capturing):
+                noise = sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t,
+                                           low=lo, high=hi)
+                return teacher_hidden(teacher, self.x, noise, inputs, self.task, self.is_forget, self.forget_rows,
+                                      share)  # [N, L, D]
+
+        latent, hidden = student_beside_teacher(teacher_stream_for(s), front, encoder, teacher_pass, share)
         out = unlearn_loss_merged_guide(latent, hidden, self.is_forget, s.retain_alpha, s.forget_alpha,
                                         final_norm=teacher.encoder_final_norm())
         s.scaler.scale(out.loss).backward()
