@@ -16,12 +16,14 @@ needed (given, it must be that original model). A state that already finished ``
 
 The flags pick the approach (``--fix_decoder 1``: Ours; see unlearn_fast.train.palette_steps for the table).
 Which config keys are read, and their defaults: unlearn_fast.cli.palette_config. Everything that can be
-checked is checked before the run directory is created.
+checked is checked before the run directory is created; a run that stops before its first checkpoint (a bad
+image, a non-finite loss, Ctrl-C) removes its directory again.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from typing import List, Optional
 
 import torch
@@ -38,7 +40,7 @@ from ..train.palette_trainer import (PALETTE_STEP_MODES, check_palette_resume_fi
 from ..train.run_outputs import check_output_dir
 from ..train.seeding import step_generator
 from .palette_config import load_palette_config, resolve_palette_job
-from .unlearn_command import resolve_device
+from .unlearn_command import _batches, resolve_device
 
 REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")
 
@@ -123,8 +125,38 @@ def _build_network(job, phase: str) -> Network:
           f"image_size {list(job.image_size)} must be a multiple of {factor} for this UNet")
     try:
         return Network(job.unet, job.beta_schedule, phase=phase, module_name=job.module_name, init_weights=False)
-    except TypeError as e:  # an unknown UNet argument in the config
-        raise ValueError(f"model.which_networks[0].args.unet: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown UNet argument, heads that do not divide the channels, ...
+        raise ValueError(f"model.which_networks[0].args (unet / beta_schedule / module_name): {e}") from None
+
+
+def debug_subset(job, items: list) -> list:
+    """Debug mode (-d): the first ``debug.debug_split`` items, as the reference's debug split."""
+    n = job.debug_subset_size(len(items))
+    if n < len(items):
+        print(f"unlearn_fast: debug mode: using the first {n} of {len(items)} images (debug.debug_split "
+              f"{job.debug_split})")
+    return items[:n]
+
+
+def check_training_items(job, items: list) -> None:
+    """One clear error for a batch larger than the data; warnings for a run that cannot do what it seems to."""
+    n_forget = sum(1 for _, lab in items if lab < 0)
+    _need(job.batch_size <= len(items), f"batch size {job.batch_size} (-b or dataloader.args.batch_size) is larger "
+                                        f"than the data: {len(items)} training images (every batch must be full)")
+    if n_forget == len(items):
+        print("unlearn_fast: warning: no retain images (are the retain class folders empty?): only the forget "
+              "term is trained")
+    elif n_forget == 0:
+        print("unlearn_fast: warning: no forget images in this run (debug.debug_split keeps the first images, "
+              "which are retain): only the retain term is trained")
+    every = job.save_checkpoint_epoch
+    if every > job.n_epoch:
+        print(f"unlearn_fast: warning: train.save_checkpoint_epoch {every} > train.n_epoch {job.n_epoch}: no "
+              "checkpoint will be written")
+    elif job.n_epoch % every:
+        print(f"unlearn_fast: warning: train.n_epoch {job.n_epoch} is not a multiple of "
+              f"train.save_checkpoint_epoch {every}: the epochs after {job.n_epoch - job.n_epoch % every} are "
+              "not saved")
 
 
 def run_palette_unlearn(args) -> str:
@@ -144,6 +176,8 @@ def run_palette_unlearn(args) -> str:
     classes = read_class_list(find_class_list(args.class_list, job.data_root))
     items = select_places365_train(job.data_root, classes, job.number_img_per_class, job.seed,
                                    open_proxy=job.dataset == "OpenForgetInpaintDataset")
+    items = debug_subset(job, items)
+    check_training_items(job, items)
     dataset = PaletteInpaintDataset(items, job.image_size, seed=job.seed, mask_mode="hybrid")
     sampler = ReferenceShuffleBatchSampler(len(items), job.batch_size, seed=job.seed)
     steps = min(sampler.steps_per_epoch, args.max_steps_per_epoch or sampler.steps_per_epoch)
@@ -174,7 +208,26 @@ def run_palette_unlearn(args) -> str:
                                                       args.forget_alpha, args.max_loss, args.learn_noise))
     _need(not (os.path.isdir(run_dir) and os.listdir(run_dir)),
           f"run directory {run_dir} already exists and is not empty (runs are named by the second they start)")
-    check_output_dir(run_dir)
+    created = not os.path.isdir(run_dir)
+    try:
+        check_output_dir(run_dir)
+        _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset, sampler, steps, setup, resume,
+                          start_epoch)
+    except BaseException:
+        if created and not _has_checkpoint(os.path.join(run_dir, job.checkpoint_subdir)):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
+            print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
+        raise
+    return run_dir
+
+
+def _has_checkpoint(checkpoint_dir: str) -> bool:
+    return os.path.isdir(checkpoint_dir) and any(n.endswith(".state") for n in os.listdir(checkpoint_dir))
+
+
+def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset, sampler, steps, setup, resume,
+                      start_epoch) -> None:
+    """config.json, then the epochs (everything up to here was checked before the run directory existed)."""
     n_forget = sum(1 for _, lab in items if lab < 0)
     written = dict(cfg, name=job.opt_name, phase="train", distributed=False)
     written["unlearn_fast"] = dict(
@@ -198,14 +251,13 @@ def run_palette_unlearn(args) -> str:
     def epoch_batches(epoch):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        return iter(loader)
+        return _batches(loader)  # a worker's bad image: one line naming the file
 
     palette_train_loop(setup, epoch_batches, steps, n_epoch=job.n_epoch, run_dir=run_dir,
                        checkpoint_subdir=job.checkpoint_subdir, step_mode=args.step,
                        readback_every=args.readback_every, progress=not args.no_progress, log_iter=job.log_iter,
                        save_checkpoint_epoch=job.save_checkpoint_epoch, start_epoch=start_epoch,
                        start_iters=resume.iters if resume else 0, save_position=True)
-    return run_dir
 
 
 def resume_prefix_of(args, job) -> Optional[str]:
@@ -245,10 +297,15 @@ def load_network_file(network: Network, path: str, test: bool = False) -> None:
     if test and not has_schedule:
         print(f"unlearn_fast: {path} holds no noise schedule (an _ema.pth file?); sampling with the config's "
               "test beta_schedule")
+    _need(has_schedule or test, f"--ckpt {path} holds no noise-schedule buffers ({', '.join(SCHEDULE_BUFFERS)}): "
+                                "unlearning starts from a {epoch}_Network.pth (an _ema.pth file holds denoise_fn.* "
+                                "only)")
     try:  # teacher keys in the file are dropped: unlearn.py attaches a fresh teacher after loading
         load_palette_checkpoint(network, state, ignore_teacher_keys=True, require_schedule=has_schedule or not test)
     except ValueError as e:
-        raise ValueError(f"--ckpt {path}: {e}") from None
+        raise ValueError(f"--ckpt {path}: {str(e).replace('state dict', 'the file', 1)}") from None
+    _need(network.num_timesteps >= 2, f"--ckpt {path}: the noise schedule (gammas) has {network.num_timesteps} "
+                                      "step(s); diffusion needs at least 2")
 
 
 def run_palette_test(args) -> str:
@@ -260,7 +317,8 @@ def run_palette_test(args) -> str:
     _need(args.max_images is None or args.max_images >= 1, f"--max_images must be >= 1, got {args.max_images}")
     device = resolve_device(args.device)
     classes = read_class_list(find_class_list(args.class_list, job.data_root))
-    items = select_places365_test(job.data_root, classes, job.number_img_per_class)[:args.max_images]
+    items = debug_subset(job, select_places365_test(job.data_root, classes, job.number_img_per_class))
+    items = items[:args.max_images]
     network = _build_network(job, "test")
     load_network_file(network, args.ckpt, test=True)
     network.to(device).eval()
@@ -273,6 +331,11 @@ def run_palette_test(args) -> str:
     loader = torch.utils.data.DataLoader(dataset, batch_size=job.batch_size, shuffle=False,
                                          num_workers=job.num_workers, pin_memory=device.type == "cuda")
     result_dir = palette_test_result_dir(args.ckpt, job.mask_ratio, epoch=0)
+    try:  # before sampling: e.g. a --ckpt without .pth puts the results under the checkpoint file itself
+        os.makedirs(result_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the result folder {result_dir} (<--ckpt without .pth>/results/test/...): "
+                         f"{e.strerror}") from None
     print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, "
           f"{args.steps or network.num_timesteps} steps, device {device} -> {result_dir}")
     bar = None
@@ -282,7 +345,7 @@ def run_palette_test(args) -> str:
             bar = tqdm(total=len(items), desc="palette-test", dynamic_ncols=True, leave=False)
         except ImportError:
             pass
-    for i, (sample, _labels) in enumerate(loader):
+    for i, (sample, _labels) in enumerate(_batches(loader)):
         gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
         g = step_generator(job.seed, 0, i, "noise", device)
         _, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,
@@ -310,4 +373,4 @@ def palette_test_main(argv: Optional[List[str]] = None) -> int:
 
 __all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
            "palette_test_main", "find_class_list", "read_palette_state", "load_network_file", "resume_prefix_of",
-           "check_ckpt_is_teacher"]
+           "check_ckpt_is_teacher", "debug_subset", "check_training_items"]

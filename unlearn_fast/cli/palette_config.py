@@ -5,8 +5,9 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
 ``model.which_networks[0].args``, ``MODEL`` is ``model.which_model.args``, ``DS`` is
 ``datasets.<phase>.which_dataset`` and ``DL`` is ``datasets.<phase>.dataloader.args``.
 
-    name                              run-dir name part; "inpainting_places2"
-    seed                              used when --seed is not given and it is >= 0; else 0
+    name                              "inpainting_places2"; the run is named <phase>_<name> (debug_<name> with -d,
+                                      finetune_<name> when finetune_norm is true), as core/praser.py
+    seed                              an integer, used when --seed is not given and it is >= 0; else 0
     path.base_dir, path.checkpoint    "experiments", "checkpoint" (--output_dir overrides base_dir)
     path.resume_state                 train: null; "RUN/checkpoint/3" resumes from 3_Network.pth, 3_Network_ema.pth
                                       and 3.state (--resume_state overrides; see palette_command)
@@ -29,10 +30,13 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     train.n_epoch                     REQUIRED for training (exactly this many epochs run)
     train.log_iter                    1e4 (a train/mse_loss line each time this many more images were seen)
     train.save_checkpoint_epoch       1
-    debug                             with -d its keys replace those of "train" (as the reference)
+    debug                             in debug mode (-d, or "debug" in that name, as the reference) its keys
+                                      replace those of "train", and debug.debug_split (an image count, or a
+                                      fraction) keeps only the first images of the list (retain first, as the
+                                      reference's split of the first debug_split items)
 
 Read but ignored, as the reference ignores them or because unlearn_fast does them differently: gpu_ids (one
-process; --device), finetune_norm, path.code/tb_logger/results, dataloader validation_split and
+process; --device), finetune_norm (beyond the name), path.code/tb_logger/results, dataloader validation_split and
 val_args (no per-epoch validation), shuffle/drop_last/pin_memory (always shuffle and drop_last), data_len,
 init_type (weights come from --ckpt), train.n_iter/val_epoch/tensorboard, which_losses, which_metrics.
 """
@@ -43,7 +47,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 from ..train.palette_data import DEFAULT_IMAGES_PER_CLASS
 
@@ -103,6 +107,66 @@ def _float(value: Any, key: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
+# the UNet arguments the config may give, by type (unlearn_fast.models.palette_unet.UNet's keyword names)
+_UNET_INTS = ("image_size", "in_channel", "inner_channel", "out_channel", "res_blocks", "num_heads",
+              "num_head_channels", "num_heads_upsample")
+_UNET_INT_LISTS = ("channel_mults", "attn_res")
+_UNET_BOOLS = ("conv_resample", "use_checkpoint", "use_fp16", "use_scale_shift_norm", "resblock_updown",
+               "use_new_attention_order")
+IMAGE_CHANNELS = 3  # Places-365 images are read as RGB
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_unet_args(unet: dict, key: str) -> None:
+    """Each known UNet argument has the type the UNet needs (a clear error naming ``key.<arg>``, instead of a
+    failure deep inside the model); the input is cond ‖ noisy image, so in_channel = 2·out_channel = 6."""
+    for name, value in unet.items():
+        where = f"{key}.{name}"
+        if name in _UNET_INTS and not (_is_int(value) and (value >= 1 or name.startswith("num_head"))):
+            raise ValueError(f"{where} must be an integer{' >= 1' if not name.startswith('num_head') else ''}, "
+                             f"got {value!r}")
+        if name in _UNET_INT_LISTS and not (isinstance(value, list) and all(_is_int(v) and v >= 1 for v in value)):
+            raise ValueError(f"{where} must be a list of integers >= 1, got {value!r}")
+        if name in _UNET_BOOLS and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        if name == "dropout" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 <= value < 1):
+            raise ValueError(f"{where} must be a number in [0, 1), got {value!r}")
+    if not unet.get("channel_mults", [1]):
+        raise ValueError(f"{key}.channel_mults must not be empty")
+    out_ch = unet.get("out_channel", IMAGE_CHANNELS)
+    if out_ch != IMAGE_CHANNELS or unet.get("in_channel", 2 * IMAGE_CHANNELS) != 2 * IMAGE_CHANNELS:
+        raise ValueError(f"{key}: in_channel must be {2 * IMAGE_CHANNELS} and out_channel {IMAGE_CHANNELS} (the UNet "
+                         f"sees the condition and the noisy RGB image side by side), got in_channel "
+                         f"{unet.get('in_channel')!r}, out_channel {out_ch!r}")
+
+
+def check_beta_schedule(schedule: dict, key: str) -> None:
+    """The schedule dicts (``{"train": {...}, "test": {...}}`` or one flat dict) have usable values."""
+    phases = {k: v for k, v in schedule.items() if isinstance(v, dict)} or {"": schedule}
+    for phase, sched in phases.items():
+        where = f"{key}.{phase}." if phase else f"{key}."
+        n = sched.get("n_timestep", 2000)
+        if not (_is_int(n) or (isinstance(n, float) and n.is_integer())) or n < 2:
+            raise ValueError(f"{where}n_timestep must be an integer >= 2, got {n!r}")
+        for name in ("linear_start", "linear_end"):
+            v = sched.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or not 0 <= v < 1):
+                raise ValueError(f"{where}{name} must be a number in [0, 1), got {v!r}")
+        if not isinstance(sched.get("schedule", "linear"), str):
+            raise ValueError(f"{where}schedule must be a string such as \"linear\", got {sched.get('schedule')!r}")
+
+
+def _object(value: Any, key: str, source: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: {key} must be a JSON object, got {value!r}")
+    return value
+
+
 def dataset_class_name(cfg: dict, phase: str, source: str) -> str:
     name = config_value(cfg, f"datasets.{phase}.which_dataset.name", source=source)
     if isinstance(name, list) and name:
@@ -139,6 +203,15 @@ class PaletteJob:
     checkpoint_subdir: str
     seed: int
     resume_state: Optional[str] = None
+    debug_split: Union[int, float, None] = None  # debug mode: train (or test) on this many / this share of images
+
+    def debug_subset_size(self, n_items: int) -> int:
+        """How many of ``n_items`` a debug run uses: the first ``debug_split`` (a count, or a share of them)."""
+        if self.debug_split is None:
+            return n_items
+        if isinstance(self.debug_split, float):
+            return max(1, int(n_items * self.debug_split))
+        return min(n_items, self.debug_split)
 
 
 def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Optional[int] = None,
@@ -156,6 +229,8 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     schedule = get(f"{net}.beta_schedule")
     if not isinstance(unet, dict) or not isinstance(schedule, dict):
         raise ValueError(f"{source}: {net}.unet and {net}.beta_schedule must be JSON objects")
+    check_unet_args(unet, f"{source}: {net}.unet")
+    check_beta_schedule(schedule, f"{source}: {net}.beta_schedule")
     dataset = dataset_class_name(cfg, phase, source)
     allowed = TRAIN_DATASETS if phase == "train" else TEST_DATASETS
     if dataset not in allowed:
@@ -167,7 +242,7 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     size = get(f"{ds_args}.image_size", None) or [unet.get("image_size", 256)] * 2
     if not isinstance(size, (list, tuple)) or len(size) != 2:
         raise ValueError(f"{source}: {ds_args}.image_size must be [H, W], got {size!r}")
-    mask_cfg = get(f"{ds_args}.mask_config", {}) or {}
+    mask_cfg = _object(get(f"{ds_args}.mask_config", {}) or {}, f"{ds_args}.mask_config", source)
     mask_mode = mask_cfg.get("mask_mode", "hybrid" if phase == "train" else "center")
     wanted_mode = "hybrid" if phase == "train" else "center"
     if mask_mode != wanted_mode:
@@ -176,22 +251,35 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     batch_size = batch if batch is not None else get(f"datasets.{phase}.dataloader.args.batch_size",
                                                      hint=" (or pass -b)")
     workers = num_workers if num_workers is not None else get(f"datasets.{phase}.dataloader.args.num_workers", 4)
-    train_cfg = dict(get("train", {}) or {})
-    if debug:
-        train_cfg.update(get("debug", {}) or {})
+    name = get("name", "inpainting_places2")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise ValueError(f"{source}: name must be a non-empty string without path separators, got {name!r}")
+    # the reference's opt['name'] (core/praser.py): debug_<name> with -d, else finetune_<name> when finetune_norm
+    opt_name = f"debug_{name}" if debug else (f"finetune_{name}" if get("finetune_norm", False) else
+                                              f"{phase}_{name}")
+    debug = "debug" in opt_name  # the reference switches debug mode on by name, so a config named *debug* does too
+    train_cfg = dict(_object(get("train", {}) or {}, "train", source))
+    debug_cfg = _object(get("debug", {}) or {}, "debug", source) if debug else {}
+    train_cfg.update(debug_cfg)
     if phase == "train" and train_cfg.get("n_epoch") is None:
         raise ValueError(f"{source}: missing key train.n_epoch")
+    debug_split = debug_cfg.get("debug_split") if debug else None
+    if debug_split is not None and not (_is_int(debug_split) and debug_split >= 1) and not (
+            isinstance(debug_split, float) and 0 < debug_split <= 1):
+        raise ValueError(f"{source}: debug.debug_split must be an image count >= 1 or a fraction in (0, 1], "
+                         f"got {debug_split!r}")
     cfg_seed = get("seed", -1)
+    if not _is_int(cfg_seed):
+        raise ValueError(f"{source}: seed must be an integer (< 0: unlearn_fast uses 0), got {cfg_seed!r}")
     ema_decay = get("model.which_model.args.ema_scheduler.ema_decay", None)
     if get("model.which_model.args.ema_scheduler", None) is not None and ema_decay is None:
         ema_decay = 0.9999
-    name = str(get("name", "inpainting_places2"))
     resume_state = get("path.resume_state", None) if phase == "train" else None
     if resume_state is not None and not (isinstance(resume_state, str) and resume_state.strip()):
         raise ValueError(f"{source}: path.resume_state must be null or a checkpoint prefix such as "
                          f"\"experiments/<run>/checkpoint/3\", got {resume_state!r}")
     return PaletteJob(
-        opt_name=f"debug_{name}" if debug else f"{phase}_{name}", phase=phase,
+        opt_name=opt_name, phase=phase,
         unet=dict(unet), beta_schedule=copy.deepcopy(schedule), module_name=str(get(f"{net}.module_name",
                                                                                     "guided_diffusion")),
         lr=_float(get("model.which_model.args.optimizers.0.lr", 5e-5), "optimizers[0].lr", 1e-12),
@@ -209,10 +297,10 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         log_iter=_float(train_cfg.get("log_iter", 1e4), "train.log_iter", 1.0),
         save_checkpoint_epoch=_int(train_cfg.get("save_checkpoint_epoch", 1), "train.save_checkpoint_epoch"),
         base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=str(get("path.checkpoint", "checkpoint")),
-        seed=int(seed) if seed is not None else (int(cfg_seed) if isinstance(cfg_seed, int) and cfg_seed >= 0 else 0),
-        resume_state=resume_state,
+        seed=int(seed) if seed is not None else max(int(cfg_seed), 0),
+        resume_state=resume_state, debug_split=debug_split,
     )
 
 
 __all__ = ["load_palette_config", "config_value", "resolve_palette_job", "PaletteJob", "dataset_class_name",
-           "TRAIN_DATASETS", "TEST_DATASETS"]
+           "check_unet_args", "check_beta_schedule", "TRAIN_DATASETS", "TEST_DATASETS"]

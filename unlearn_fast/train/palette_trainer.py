@@ -176,13 +176,18 @@ def read_palette_resume(prefix: str, with_ema: bool = True) -> PaletteResume:
     if fmt > PALETTE_STATE_FORMAT:
         raise CheckpointError(f"{state_path} was written by a newer unlearn_fast (state format {position['format']}, "
                               f"this one reads up to {PALETTE_STATE_FORMAT})")
+    epoch = _count(state["epoch"], "epoch", state_path)
+    named = os.path.basename(prefix)
+    if named.isdigit() and int(named) != epoch:  # the files of one save are named by its epoch
+        raise CheckpointError(f"{state_path} holds epoch {epoch}, but its name says epoch {int(named)}: files of "
+                              f"different saves mixed? Resume from the three files of one epoch "
+                              f"({epoch}_Network.pth, {epoch}_Network_ema.pth, {epoch}.state)")
     weights = _tensor_state(net_path)
     teacher = {k[len(TEACHER_PREFIX):]: v for k, v in weights.items() if k.startswith(TEACHER_PREFIX)}
     network = {k: v for k, v in weights.items() if not k.startswith(TEACHER_PREFIX)}
     return PaletteResume(prefix, net_path, ema_path if with_ema else None, state_path, network, teacher,
                          _tensor_state(ema_path) if with_ema else None,
-                         _count(state["epoch"], "epoch", state_path), _count(state["iter"], "iter", state_path),
-                         opts[0], dict(position))
+                         epoch, _count(state["iter"], "iter", state_path), opts[0], dict(position))
 
 
 def check_palette_resume_fits(resume: PaletteResume, approach: str) -> None:
