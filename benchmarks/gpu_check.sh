@@ -4,7 +4,8 @@
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
 # GPU_CHECK_BUDGET seconds (default 480): each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json, precision.json, profile.txt, summary.txt
+# Files written: log.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
+#   precision.json, profile.txt, profile_step.txt/.json, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check}
 mkdir -p "$OUT"
@@ -48,6 +49,10 @@ run_for 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
 phase "loss / noise ops: eager vs graph-replayed, profiler tables"
 run_for 40 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
   || echo "profile failed" >>"$LOG"
+
+phase "whole-step kernel profile (MAGE-B, MAE-L: reference, fast, fast bf16): time by kernel category"
+run_for 60 python3 benchmarks/profile_step.py --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" \
+  || echo "step profile failed or was cut short" >>"$LOG"
 
 phase "precision deviation (bf16 vs reference)"
 run_for 45 python3 benchmarks/precision_deviation.py --device cuda --model mae_vit_base_patch16 --steps 20 --batch 16 \

@@ -1,0 +1,125 @@
+"""Where the GPU time of one whole unlearning step goes: kernel time by category and the top kernels.
+
+    python3 benchmarks/profile_step.py --out /tmp/profile_step.txt [--configs gpu_mage_base,gpu_mae_large]
+        [--variants reference,fast_bf16]
+
+For each configuration and variant, the eager form of the step (the reference step, or the fast eager step
+at the variant's precision: the CUDA-graph step replays the same kernels) is run for a few warm-up steps,
+then ``--steps`` steps under torch.profiler. It writes the summed CUDA kernel time per step split into
+categories (convolution, GEMM, attention, normalisation, unlearn_fast's Triton kernels, elementwise/other)
+and the top kernels, so a step that misses its target names what bounds it. Needs CUDA; prints a one-line
+reason and exits 0 without it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import json
+import sys
+
+import torch
+
+from step_harness import GPU_CONFIGS, base_model, batch_for
+from unlearn_fast.train.lr_schedule import set_lr
+from unlearn_fast.train.step_fast import fast_step
+from unlearn_fast.train.step_reference import reference_step
+from unlearn_fast.train.unlearn_setup import build_setup
+
+# first matching rule wins; kernel names differ across cuDNN / cuBLAS / CUTLASS versions, so substrings
+CATEGORIES = [
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "winograd", "nchwToNhwc", "nhwcToNchw")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "splitK")),
+    ("normalisation", ("group_norm", "layer_norm", "GroupNorm", "LayerNorm", "norm_kernel", "welford")),
+    ("unlearn_fast triton", ("_retain_forget", "_batch_moments", "_philox", "_noise", "_multi_map", "_finalize",
+                             "_rank_within")),
+    ("reduction", ("reduce_kernel", "Reduce")),
+]
+
+
+def category(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "elementwise/other"
+
+
+def eager_runner(cfg, variant: str):
+    dev = torch.device(cfg.device)
+    precision = "bf16" if "bf16" in variant else "reference"
+    fast = variant.startswith("fast")
+    setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
+                        forget_alpha=cfg.forget_alpha, fast=fast)
+    set_lr(setup.optimizer, 1e-5)
+    images, is_forget = batch_for(cfg, setup.student)
+    step_fn = fast_step if fast else reference_step
+    return lambda step: step_fn(setup, images, is_forget, step)
+
+
+def kernel_times(run, steps: int, warmup: int = 3):
+    """{kernel name: (total microseconds per step, calls per step)} over ``steps`` profiled steps."""
+    for i in range(warmup):
+        run(i)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(steps):
+            run(warmup + i)
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        # kernels only: a CPU op's device time repeats the time of the kernels it launched
+        if us and getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            out[ev.key] = (us / steps, ev.count / steps)
+    return out
+
+
+def report(name: str, times) -> dict:
+    by_cat = collections.defaultdict(float)
+    for k, (us, _) in times.items():
+        by_cat[category(k)] += us
+    total = sum(by_cat.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:20]
+    lines = [f"== {name}: {total / 1e3:.2f} ms of kernels per step, {sum(c for _, c in times.values()):.0f} launches"]
+    lines += [f"   {cat:22s} {us / 1e3:8.2f} ms  {100 * us / max(total, 1e-9):5.1f} %"
+              for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines.append("   top kernels (ms per step, calls per step):")
+    lines += [f"   {us / 1e3:8.3f} {calls:6.0f}  {category(k):20s} {k[:110]}" for k, (us, calls) in top]
+    print("\n".join(lines), flush=True)
+    return {"name": name, "kernel_ms_per_step": total / 1e3,
+            "by_category_ms": {c: v / 1e3 for c, v in by_cat.items()},
+            "top": [{"kernel": k, "ms": us / 1e3, "calls": calls} for k, (us, calls) in top]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="text report; a .json with the same numbers is written beside it")
+    ap.add_argument("--configs", default="gpu_mage_base,gpu_mae_large")
+    ap.add_argument("--variants", default="reference,fast,fast_bf16")
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step: needs a CUDA GPU; nothing measured")
+        return 0
+    torch.backends.cudnn.benchmark = True  # as the benchmarks and the reference trainer
+    results = []
+    with open(args.out, "w") as f, contextlib.redirect_stdout(f):
+        for cfg_name in args.configs.split(","):
+            if cfg_name not in GPU_CONFIGS:
+                raise SystemExit(f"unknown --configs entry {cfg_name!r}; valid: {', '.join(GPU_CONFIGS)}")
+            for variant in args.variants.split(","):
+                results.append(report(f"{cfg_name} {variant}",
+                                      kernel_times(eager_runner(GPU_CONFIGS[cfg_name], variant), args.steps)))
+                torch.cuda.empty_cache()
+    with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
