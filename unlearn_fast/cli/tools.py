@@ -3,6 +3,8 @@
     unlearn-fast generate --task inpaint --ckpt_path out/run/checkpoint-5.pth --vqgan_ckpt pretrained/vqgan_jax_strongaug.ckpt
     unlearn-fast eval --dst out/run/checkpoint-5-inpaint/ --task inpaint --data_root ../dataset/imagenet1k/val/
     unlearn-fast eval --dst out/run/checkpoint-5-inpaint/ --task inpaint --clip     # clip_cosine_inpaint.csv
+    unlearn-fast eval --dst out/16_Network/ --palette_class_list datasets/place365/flist/class.txt   # fid_is_eval.csv
+    unlearn-fast eval --dst out/16_Network/ --palette_class_list class.txt --clip --data_root ../dataset/places365
     unlearn-fast tsne --ckpt_folder out/run/checkpoint-5-inpaint/ --crop_size 8
     unlearn-fast report out/run/
 Weights are read from local files only (flags, environment variables or ./pretrained/); a missing file
@@ -40,6 +42,22 @@ def _test_items(data_root: str, forget, retain, per_class: int):
     return items
 
 
+class _TestBatches:
+    """Re-iterable ``(images [N, 3, S, S], splits, wnids, names)`` chunks of ``items``, decoded while iterated,
+    so the 10k-image test set is never held in memory at once."""
+
+    def __init__(self, items, input_size: int, batch_size: int):
+        from ..train.image_datasets import eval_transform
+        self.items, self.batch_size, self.transform = items, batch_size, eval_transform(input_size)
+
+    def __iter__(self):
+        from ..train.image_datasets import load_rgb_image
+        for i in range(0, len(self.items), self.batch_size):
+            chunk = self.items[i:i + self.batch_size]
+            images = torch.stack([self.transform(load_rgb_image(path)) for path, *_ in chunk])
+            yield images, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk]
+
+
 def generate_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast generate",
                                 description="MAGE inpaint/outpaint of the test set (reference testpaint.py), batched")
@@ -64,14 +82,20 @@ def generate_main(argv: List[str]) -> int:
     from ..models.mage_generate import run_paint
     from ..train.checkpoint import load_checkpoint_file, load_model_state, model_state_from
     from ..train.data_split import parse_class_list, reference_class_split
-    from ..train.image_datasets import eval_transform, load_rgb_image
+    from ..train.image_datasets import verify_images
     if not os.path.isfile(a.ckpt_path):
         raise ValueError(f"--ckpt_path not found: {a.ckpt_path}")
+    if a.vqgan_ckpt and not os.path.isfile(a.vqgan_ckpt):
+        raise ValueError(f"--vqgan_ckpt not found: {a.vqgan_ckpt}")
+    for flag, value in (("--per_class", a.per_class), ("--batch_size", a.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if a.forget_classes or a.retain_classes:
         forget, retain = parse_class_list(a.forget_classes or ""), parse_class_list(a.retain_classes or "")
     else:
         forget, retain = reference_class_split()
     items = _test_items(a.data_root, forget, retain, a.per_class)
+    verify_images([path for path, *_ in items])  # a bad file fails now, not after hours of writing images
     dev = _device(a.device)
     model = create_model(a.model, img_size=a.input_size)
     if a.vqgan_ckpt:
@@ -79,14 +103,9 @@ def generate_main(argv: List[str]) -> int:
         load_vqgan_checkpoint(model, a.vqgan_ckpt)
     load_model_state(model, model_state_from(load_checkpoint_file(a.ckpt_path), a.ckpt_path), a.ckpt_path)
     model.to(dev).eval()
-    tf = eval_transform(a.input_size)
-    batches = []
-    for i in range(0, len(items), a.batch_size):
-        chunk = items[i:i + a.batch_size]
-        images = torch.stack([tf(load_rgb_image(path)) for path, *_ in chunk])
-        batches.append((images, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk]))
     out = a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}"
-    paths = run_paint(model, batches, out, a.task, seed=a.seed, channel_order=a.channel_order)
+    paths = run_paint(model, _TestBatches(items, a.input_size, a.batch_size), out, a.task, seed=a.seed,
+                      channel_order=a.channel_order)
     print(f"unlearn-fast generate: wrote {len(paths)} images under {out}")
     return 0
 
@@ -94,13 +113,20 @@ def generate_main(argv: List[str]) -> int:
 def eval_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast eval", description="FID/IS (eval.py) or CLIP cosine "
                                                                        "(clip_embed.py) of a generated folder")
-    p.add_argument("--dst", required=True, help="generated folder (<ckpt>-<task>/ for MAGE, results/test/0/0.50 "
-                                                 "for Palette)")
+    p.add_argument("--dst", required=True, help="generated folder: <ckpt>-<task>/ for MAGE; for Palette the "
+                                                 "<ckpt without .pth>/ folder or its results/test/0/<mask_ratio>/")
     p.add_argument("--task", default="inpaint", choices=("inpaint", "outpaint"))
-    p.add_argument("--data_root", default="../dataset/imagenet1k/val/", help="original (uncropped) val images")
+    p.add_argument("--data_root", default=None,
+                   help="MAGE: the original (uncropped) val images, <data_root>/<wnid>/<name> (default "
+                        "../dataset/imagenet1k/val/); Palette --clip: the Places-365 root with val_256/ (default "
+                        "../dataset/places365)")
     p.add_argument("--clip", action="store_true", help="CLIP cosine instead of FID/IS")
     p.add_argument("--palette_class_list", default=None, help="Places-365 class.txt: evaluate a Palette folder")
     p.add_argument("--mask_ratio", type=float, default=0.5)
+    p.add_argument("--splits", type=int, default=10, help="Inception Score splits (reference 10; each split "
+                                                          "needs at least one image)")
+    p.add_argument("--name_pattern", default="ILSVRC2012_*.JPEG",
+                   help="MAGE: original file names to evaluate (the reference glob; '*' for other data)")
     p.add_argument("--cleanfid_inception", default=None, help="clean-fid inception-2015-12-05.pt")
     p.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state dict (IS)")
     p.add_argument("--clip_weights", default=None, help="open_clip ViT-H-14 laion2b weights")
@@ -114,18 +140,29 @@ def eval_main(argv: List[str]) -> int:
     dev = _device(a.device)
     if not os.path.isdir(a.dst):
         raise ValueError(f"--dst is not a folder: {a.dst}")
-    if a.palette_class_list:
+    if a.data_root is None:  # the reference scripts' defaults
+        a.data_root = "../dataset/places365" if a.palette_class_list else "../dataset/imagenet1k/val/"
+    if a.splits < 1:
+        raise ValueError(f"--splits must be >= 1, got {a.splits}")
+    if a.palette_class_list and not os.path.isfile(a.palette_class_list):
+        raise ValueError(f"--palette_class_list not found: {a.palette_class_list}")
+    if a.palette_class_list and a.clip:
+        pipeline.run_palette_clip_eval(a.dst, a.palette_class_list, a.data_root, mask_ratio=a.mask_ratio,
+                                       clip_weights=a.clip_weights, csv_dir=a.csv_dir, device=dev,
+                                       batch_size=a.batch_size)
+    elif a.palette_class_list:
         pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
                                   cleanfid_weights=a.cleanfid_inception, places365_weights=a.places365_weights,
                                   inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
-                                  batch_size=a.batch_size, num_workers=a.num_workers)
+                                  batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits)
     elif a.clip:
         pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights, csv_dir=a.csv_dir,
-                               device=dev, batch_size=a.batch_size)
+                               device=dev, batch_size=a.batch_size, name_pattern=a.name_pattern)
     else:
         pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
                           inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
-                          batch_size=a.batch_size, num_workers=a.num_workers)
+                          batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits,
+                          name_pattern=a.name_pattern)
     return 0
 
 
@@ -152,6 +189,8 @@ def report_main(argv: List[str]) -> int:
     from ..eval.report import write_report
     if not os.path.isdir(a.run_dir):
         raise ValueError(f"not a run directory: {a.run_dir}")
+    if a.out is not None and os.path.isdir(a.out):
+        raise ValueError(f"--out is a folder, not an .html file: {a.out}")
     path = write_report(a.run_dir, a.out)
     print(f"unlearn-fast report: wrote {path}")
     return 0

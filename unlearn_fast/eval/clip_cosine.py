@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .layout import ImagePair
+from .preprocess import open_rgb
 
 __all__ = ["paired_cosine_mean", "embed_images", "clip_cosine_for_pairs", "save_embeddings", "load_embeddings"]
 
@@ -53,8 +54,7 @@ def _load_batch(paths: Sequence[str], preprocess: Callable, bgr_on_disk: bool,
                 flip_after_preprocess: bool) -> torch.Tensor:
     batch = []
     for path in paths:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = open_rgb(path)  # a corrupt file: ValueError naming it
         if bgr_on_disk and not flip_after_preprocess:
             img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., ::-1]))
         x = preprocess(img)  # [3, 224, 224]

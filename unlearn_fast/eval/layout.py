@@ -101,18 +101,24 @@ def collect_mage_pairs(dst: str, split: str, prefix: str, data_root: str, *,
     split_dir = os.path.join(dst, split)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"no generated {split} folder: {split_dir}")
-    pairs = []
+    pairs, skipped = [], []
     for wnid in sorted(os.listdir(split_dir)):
         wnid_dir = os.path.join(split_dir, wnid)
         if not os.path.isdir(wnid_dir):
             continue
         for fname in sorted(os.listdir(wnid_dir)):
-            if not fname.startswith(prefix):
+            path = os.path.join(wnid_dir, fname)
+            if not fname.startswith(prefix) or not os.path.isfile(path):
                 continue
             name = fname[len(prefix):]
             if not fnmatch.fnmatchcase(name, name_pattern):
+                skipped.append(fname)
                 continue
-            pairs.append(ImagePair(os.path.join(wnid_dir, fname), os.path.join(data_root, wnid, name), wnid, name))
+            pairs.append(ImagePair(path, os.path.join(data_root, wnid, name), wnid, name))
+    if not pairs and skipped:  # files are there, but under other names: say so instead of "no images"
+        raise FileNotFoundError(
+            f"none of the {len(skipped)} generated {split} files with prefix {prefix!r} under {dst} has an original "
+            f"name matching {name_pattern!r} (e.g. {skipped[0]!r}); pass the names' pattern (--name_pattern)")
     if check_originals:
         _require_existing(pairs, f"{split} {prefix}")
     return pairs
@@ -143,14 +149,20 @@ def collect_palette_pairs(dst: str, classes: list[str], *, mask_ratio: float = 0
                           original_root: str | None = None, check_originals: bool = True) -> list[ImagePair]:
     """``Out_<tag>_Places365*.jpg`` of the given classes, each paired with its original by name.
 
+    ``dst`` is the checkpoint folder (``<dst>/results/test/0/<mask_ratio:.2f>`` holds the images) or that
+    results folder itself.
+
     The original is ``GT_<name>`` in the same folder (what eval365.py's FID uses), or, with
     ``original_root`` (e.g. ``<data_root>/val_256``), ``<original_root>/<class without leading "/">/<name>``
     (what clip_embed.py compares with). Pairs come in class-list order, names sorted within a class.
     """
     results = palette_results_dir(dst, mask_ratio)
     if not os.path.isdir(results):
-        raise FileNotFoundError(f"no Palette results folder: {results}")
-    files = sorted(os.listdir(results))
+        if os.path.isdir(dst) and any(f.startswith("Out_") for f in os.listdir(dst)):
+            results = dst  # dst is the results folder itself (what palette-test prints)
+        else:
+            raise FileNotFoundError(f"no Palette results: neither {results} nor {dst} holds Out_ images")
+    files = sorted(f for f in os.listdir(results) if os.path.isfile(os.path.join(results, f)))
     pairs = []
     for cls in classes:
         tag = cls.replace("/", "_")  # "/a/airfield" -> "_a_airfield"

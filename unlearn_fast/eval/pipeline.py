@@ -13,6 +13,7 @@ Deliberate differences from the reference scripts (numbers are the same up to fl
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -51,7 +52,55 @@ def _batches(paths, load, batch_size: int, num_workers: int):
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not paths:
         raise ValueError("no images to evaluate")
-    return DataLoader(_ImageFiles(paths, load), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(_ImageFiles(paths, load), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ValueError, FileNotFoundError) as e:
+            text = str(e).strip()
+            if "DataLoader worker" in text:  # a worker's error carries its whole traceback: keep the message
+                raise type(e)(text.splitlines()[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
+
+
+def _check_counts(n: int, what: str, splits: int | None) -> None:
+    """FID needs two images for a covariance; the IS needs one per split (checked before any work)."""
+    if n < 2:
+        raise ValueError(f"{what}: {n} image(s); the FID needs at least 2")
+    if splits is not None and n < splits:
+        raise ValueError(f"{what}: {n} image(s) for an Inception Score over {splits} splits; "
+                         f"lower the splits (--splits) or generate more images")
+
+
+def _warn_uneven(plan: dict, where: str) -> None:
+    """A split whose image count differs between ratios usually means an interrupted generation."""
+    for split in layout.SPLITS:
+        counts = {key: len(per_split[split]) for key, per_split in plan.items()}
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{m}_{k}: {n}" for (m, k), n in counts.items())
+            print(f"unlearn_fast: warning: the {split} image counts differ between ratios under {where} ({shown}); "
+                  "was the generation interrupted?", file=sys.stderr)
+
+
+def _mage_plan(dst: str, data_root: str, modes, name_pattern: str, splits: int | None) -> dict:
+    """{(mode, k): {split: pairs}} for every ratio, collected and checked before any network runs."""
+    plan = {}
+    for mode, k in modes:
+        prefix = layout.generated_prefix(mode, k)
+        plan[(mode, k)] = {}
+        for split in layout.SPLITS:
+            pairs = layout.collect_mage_pairs(dst, split, prefix, data_root, name_pattern=name_pattern)
+            if not pairs:
+                raise FileNotFoundError(f"no generated {split} images with prefix {prefix!r} under {dst}")
+            if splits is not None:
+                _check_counts(len(pairs), f"{split} {prefix} under {dst}", splits)
+            plan[(mode, k)][split] = pairs
+    _warn_uneven(plan, dst)
+    return plan
 
 
 class _BgrLoader:  # a picklable partial, so DataLoader workers can use it
@@ -109,7 +158,8 @@ def _fid_is(pairs, *, fid_model, is_model, is_load, is_upsample: bool, generated
 def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | None = None,
              inception_weights: str | None = None, csv_dir: str = ".", device=None, batch_size: int = 32,
              num_workers: int = 0, splits: int = 10, generated_bgr: bool = True, fid_method: str = "auto",
-             modes: Sequence[tuple[str, int]] | None = None, allow_pickle: bool = False) -> list[dict]:
+             modes: Sequence[tuple[str, int]] | None = None, allow_pickle: bool = False,
+             name_pattern: str = "ILSVRC2012_*.JPEG") -> list[dict]:
     """FID and IS of a MAGE generation folder, one ``fid_is_eval_{task}.csv`` row per (mode, ratio).
 
     dst: the ``<ckpt>-<task>/`` folder with ``retain/`` and ``forget/``; data_root: the ImageNet ``val/``
@@ -117,25 +167,24 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     (BGR on disk unless ``generated_bgr=False``) with the originals, clean-fid style; IS is the torchvision
     Inception-v3 score of the generated images. Weights come from local files (see feature_extractors).
     ``allow_pickle`` lets the Inception state dict be unpickled in full (trusted files only).
-    Rows are appended to ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio). Returns the rows as
-    dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
+    ``name_pattern``: the original file names to evaluate (the reference glob; other data: e.g. ``"*"``).
+    Every (mode, ratio) folder is listed and checked (originals present, at least ``splits`` images) before
+    any image is featurised. Rows are appended to ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio).
+    Returns the rows as dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
     """
     modes = list(modes) if modes is not None else layout.eval_modes(task)
     dev = _device(device)
     fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
     is_model = load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle)
+    plan = _mage_plan(dst, data_root, modes, name_pattern, splits)
     is_load = _BgrLoader(mage_is_input, generated_bgr)
     cache: dict = {}
     results = []
     for mode, k in modes:
-        prefix = layout.generated_prefix(mode, k)
         row = {"name": csv_rows.fid_is_row_name(dst, mode, k)}
         for split in layout.SPLITS:
-            pairs = layout.collect_mage_pairs(dst, split, prefix, data_root)
-            if not pairs:
-                raise FileNotFoundError(f"no generated {split} images with prefix {prefix!r} under {dst}")
-            row[split] = _fid_is(pairs, fid_model=fid_model, is_model=is_model, is_load=is_load, is_upsample=True,
-                                 generated_bgr=generated_bgr, splits=splits, original_cache=cache,
+            row[split] = _fid_is(plan[(mode, k)][split], fid_model=fid_model, is_model=is_model, is_load=is_load,
+                                 is_upsample=True, generated_bgr=generated_bgr, splits=splits, original_cache=cache,
                                  batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
         r, f = row["retain"], row["forget"]
         csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(task)), [csv_rows.fid_is_row(
@@ -146,7 +195,8 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
 
 def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: str | None = None,
                   csv_dir: str = ".", device=None, batch_size: int = 64, generated_bgr: bool = True,
-                  embeddings_format: str = "npy", modes: Sequence[tuple[str, int]] | None = None) -> list[dict]:
+                  embeddings_format: str = "npy", modes: Sequence[tuple[str, int]] | None = None,
+                  name_pattern: str = "ILSVRC2012_*.JPEG") -> list[dict]:
     """CLIP cosine of a MAGE generation folder, one ``clip_cosine_{task}.csv`` row per (mode, k in {4, 8}).
 
     Embeddings are written for the T-SNE: ``<img_folder>/<mode>_<k>_{retain,forget}_clip_norm_5k.<fmt>``
@@ -158,14 +208,13 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
     modes = list(modes) if modes is not None else layout.clip_modes(task)
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
+    plan = _mage_plan(img_folder, data_root, modes, name_pattern, None)
     cache: dict[str, np.ndarray] = {}  # original path -> embedding
     results = []
     for mode, k in modes:
         row = {"name": csv_rows.clip_row_name(img_folder, mode, k)}
         for split in layout.SPLITS:
-            pairs = layout.collect_mage_pairs(img_folder, split, layout.generated_prefix(mode, k), data_root)
-            if not pairs:
-                raise FileNotFoundError(f"no generated {split} images for ({mode}, {k}) under {img_folder}")
+            pairs = plan[(mode, k)][split]
             todo = [p.original for p in pairs if p.original not in cache]
             if todo:
                 cache.update(zip(todo, embed_images(todo, model, preprocess, bgr_on_disk=False,
@@ -200,18 +249,21 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
     """
     if is_model not in ("places365", "inception"):
         raise ValueError(f"is_model must be 'places365' or 'inception', got {is_model!r}")
+    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
+    plan = {}
+    for split in layout.SPLITS:
+        plan[split] = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio)
+        if not plan[split]:
+            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
+        _check_counts(len(plan[split]), f"Palette {split} Out_ images under {dst}", splits)
     dev = _device(device)
     fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
     classifier = (load_places365_resnet50(places365_weights, device=dev, allow_pickle=allow_pickle)
                   if is_model == "places365"
                   else load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle))
-    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     row = {"name": dst}
     for split in layout.SPLITS:
-        pairs = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio)
-        if not pairs:
-            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
-        row[split] = _fid_is(pairs, fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
+        row[split] = _fid_is(plan[split], fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
                              is_upsample=False, generated_bgr=False, splits=splits, original_cache={},
                              batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
     r, f = row["retain"], row["forget"]
@@ -224,15 +276,18 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
                           clip_weights: str | None = None, csv_dir: str = ".", device=None,
                           batch_size: int = 64) -> dict:
     """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row."""
+    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
+    plan = {}
+    for split in layout.SPLITS:
+        plan[split] = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio,
+                                                   original_root=os.path.join(data_root, "val_256"))
+        if not plan[split]:
+            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
-    split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     row = {"name": dst}
     for split in layout.SPLITS:
-        pairs = layout.collect_palette_pairs(dst, split_classes[split], mask_ratio=mask_ratio,
-                                             original_root=os.path.join(data_root, "val_256"))
-        if not pairs:
-            raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
+        pairs = plan[split]
         gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=False,
                            batch_size=batch_size, device=dev)
         orig = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,

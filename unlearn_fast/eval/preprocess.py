@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
-    "read_image_rgb", "clean_resize", "cleanfid_input", "mage_is_input", "places365_is_input",
+    "open_rgb", "read_image_rgb", "clean_resize", "cleanfid_input", "mage_is_input", "places365_is_input",
     "upsample_for_inception", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
@@ -34,19 +34,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _open_rgb(path: str | os.PathLike) -> Image.Image:
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The fully decoded image as PIL RGB; a missing file: FileNotFoundError, an undecodable one: ValueError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 def read_image_rgb(path: str | os.PathLike, *, bgr_on_disk: bool = False) -> np.ndarray:
     """uint8 [H, W, 3] in RGB order. ``bgr_on_disk=True`` swaps R and B back (MAGE-generated files)."""
-    arr = np.asarray(_open_rgb(path))
+    arr = np.asarray(open_rgb(path))
     return np.ascontiguousarray(arr[..., ::-1]) if bgr_on_disk else arr
 
 
@@ -85,13 +86,13 @@ def _pil_transform(*, crop: int | None, mean, std) -> Callable[[Image.Image], to
 
 def mage_is_input(path: str | os.PathLike, *, bgr_on_disk: bool = True) -> torch.Tensor:
     """[3, 256, 256] float32: the MAGE Inception-Score input (CIFAR-normalised as on disk, then flipped)."""
-    x = _pil_transform(crop=None, mean=CIFAR_MEAN, std=CIFAR_STD)(_open_rgb(path))
+    x = _pil_transform(crop=None, mean=CIFAR_MEAN, std=CIFAR_STD)(open_rgb(path))
     return x[[2, 1, 0]] if bgr_on_disk else x
 
 
 def places365_is_input(path: str | os.PathLike) -> torch.Tensor:
     """[3, 224, 224] float32: the Palette Inception-Score input for the Places365 ResNet-50."""
-    return _pil_transform(crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)(_open_rgb(path))
+    return _pil_transform(crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)(open_rgb(path))
 
 
 def upsample_for_inception(x: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,8 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
     audit_path = os.path.join(run_dir, "forget_audit.json")
     if os.path.isfile(audit_path):
         body.append(_audit_section(audit_path))
-    pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.lower().endswith(".png"))
+    pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)
+                  if f.lower().endswith(".png") and os.path.isfile(os.path.join(run_dir, f)))
     if pngs:
         body.append(_images_section(pngs))
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -279,6 +280,8 @@ def write_report(run_dir: str, out_html: str | None = None, *, title: str | None
     """Write the report of ``run_dir`` to ``out_html`` (default ``<run_dir>/report.html``); returns the path."""
     page = render_report(run_dir, title=title)
     out_html = out_html or os.path.join(run_dir, "report.html")
+    if os.path.isdir(out_html):
+        raise ValueError(f"the report path is a folder, not an .html file: {out_html}")
     folder = os.path.dirname(os.path.abspath(out_html))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)

@@ -194,15 +194,19 @@ def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size:
     ``{original_}{forget,retain}_clip_norm_5k.*`` (from ``original_folder``, default ``ckpt_folder``), keeps
     every ``stride``-th row, and writes ``<out_stem>.png`` and ``.pdf``. Returns the two paths.
     """
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
     original_folder = original_folder or ckpt_folder
-    sets = [load_embeddings(_find_one(ckpt_folder, f"*_{crop_size}_{split}_clip_norm_5k"))
-            for split in ("forget", "retain")]
+    paths = [_find_one(ckpt_folder, f"*_{crop_size}_{split}_clip_norm_5k") for split in ("forget", "retain")]
     for split in ("forget", "retain"):
         try:
-            path = _find_one(original_folder, f"original_{split}_clip_norm_5k")
+            paths.append(_find_one(original_folder, f"original_{split}_clip_norm_5k"))
         except FileNotFoundError:
-            path = _find_one(original_folder, f"{split}_clip_norm_5k")  # the reference's pretrained/ name
-        sets.append(load_embeddings(path))
+            paths.append(_find_one(original_folder, f"{split}_clip_norm_5k"))  # the reference's pretrained/ name
+    sets = [load_embeddings(p) for p in paths]
+    dims = {p: s.shape[1] for p, s in zip(paths, sets)}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"the embedding files differ in dimension: {dims}")
     sets = [s[::stride] for s in sets]
     x = np.concatenate(sets)  # [4 * n, D]
     labels = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])

@@ -27,7 +27,8 @@ its draws do not depend on which other images share the batch. Sampling is Gumbe
 categorical draw) from that generator; the random streams differ from the reference's numpy ones.
 Re-masking uses ranks, so exactly the scheduled number of tokens is re-masked even with ties.
 
-Files: ``<out>/<retain|forget>/<wnid>/<mode>_<r>_<orig name>``, JPEG quality 95 via PIL,
+Files: ``<out>/<retain|forget>/<wnid>/<mode>_<r>_<orig name>``, JPEG quality 95 via PIL (the format follows the
+name's extension as with cv2: PNG for ``.png`` names),
 ``floor(clip(x * 255))``. ``channel_order="bgr"`` (default) reproduces the reference, which wrote RGB
 arrays through cv2 so its files are R/B swapped; ``"rgb"`` writes true colours. JPEG bytes differ from
 cv2's encoder (same quality, a different libjpeg setup).
@@ -210,23 +211,33 @@ def paint_file_name(mode: str, ratio: float, orig_name: str) -> str:
 def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str], wnids: Sequence[str],
                         names: Sequence[str], mode: str, ratio: float, channel_order: str = "bgr",
                         quality: int = 95) -> List[str]:
-    """Write images [N, 3, R, R] in [0, 1] as JPEG to ``out_dir/<split>/<wnid>/<mode>_<r>_<name>``."""
+    """Write images [N, 3, R, R] in [0, 1] to ``out_dir/<split>/<wnid>/<mode>_<r>_<name>``, in the format of the
+    name's extension (JPEG quality ``quality`` for ImageNet's ``.JPEG``; PNG for ``.png``), as cv2.imwrite."""
     from PIL import Image
     if channel_order not in ("bgr", "rgb"):
         raise ValueError(f"channel_order must be 'bgr' (reference files) or 'rgb', got {channel_order!r}")
     if not (len(splits) == len(wnids) == len(names) == images.shape[0]):
         raise ValueError(f"{images.shape[0]} images but {len(splits)} splits, {len(wnids)} wnids, {len(names)} names")
+    known = Image.registered_extensions()  # ".png" -> "PNG", ".JPEG" is looked up lower-cased
+    targets = []
+    for split, wnid, name in zip(splits, wnids, names):  # check every name before writing any file
+        if split not in ("retain", "forget"):
+            raise ValueError(f"split must be 'retain' or 'forget', got {split!r}")
+        fname = paint_file_name(mode, ratio, name)
+        fmt = known.get(os.path.splitext(fname)[1].lower())
+        if fmt is None:
+            raise ValueError(f"cannot write {fname!r}: PIL knows no image format for its extension")
+        targets.append((os.path.join(out_dir, split, wnid), fname, fmt))
     arr = np.floor(np.clip(images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255.0, 0, 255)).astype(np.uint8)
     if channel_order == "bgr":
         arr = arr[..., ::-1]
     paths = []
-    for a, split, wnid, name in zip(arr, splits, wnids, names):
-        if split not in ("retain", "forget"):
-            raise ValueError(f"split must be 'retain' or 'forget', got {split!r}")
-        folder = os.path.join(out_dir, split, wnid)
+    for a, (folder, fname, fmt) in zip(arr, targets):
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, paint_file_name(mode, ratio, name))
-        Image.fromarray(np.ascontiguousarray(a)).save(path, format="JPEG", quality=quality)
+        path = os.path.join(folder, fname)
+        # the format follows the extension, as cv2.imwrite does (ImageNet's .JPEG: JPEG quality 95)
+        extra = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+        Image.fromarray(np.ascontiguousarray(a)).save(path, format=fmt, **extra)
         paths.append(path)
     return paths
 
@@ -234,14 +245,16 @@ def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str
 def run_paint(model, batches: Iterable, out_dir: str, task: str, seed: int = 0, num_iter: int = 20,
               choice_temperature: float = 6.0, channel_order: str = "bgr",
               settings: Optional[Sequence[Tuple[str, float]]] = None) -> List[str]:
-    """For every (mode, ratio) of ``task`` and every batch ``(images [N,3,R,R], splits, wnids, names)``:
-    paint and write. ``batches`` must be re-iterable (a list or a DataLoader). Returns the written paths."""
+    """For every batch ``(images [N,3,R,R], splits, wnids, names)`` and every (mode, ratio) of ``task``: paint
+    and write. ``batches`` is iterated once (each image is loaded once; a generator is fine); the images do not
+    depend on the loop order, since every call reseeds per image. Returns the written paths."""
+    settings = list(settings or paint_settings(task))
     was_training = model.training
     model.eval()
     paths: List[str] = []
     try:
-        for mode, ratio in (settings or paint_settings(task)):
-            for images, splits, wnids, names in batches:
+        for images, splits, wnids, names in batches:
+            for mode, ratio in settings:
                 dev = next(model.parameters()).device
                 out = paint_batch(model, images.to(dev), mode, ratio, seed, num_iter, choice_temperature)
                 paths += write_paint_outputs(out, out_dir, splits, wnids, names, mode, ratio, channel_order)
