@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..ops import retain_forget_l2_loss
+from ..ops.forget_mask import forget_mask
 from .unlearn_objective import UnlearnLoss, combine
 
 LOSS_TYPES = ("max_full_model_loss", "full_model_noise", "encoder_noise", "learn_others")
@@ -35,9 +36,11 @@ def check_weighting(weighting: str) -> None:
 
 def split_token_loss(loss_tok: torch.Tensor, weight: torch.Tensor, is_forget: torch.Tensor):
     """(retain, forget) = Σ loss·weight over each class's rows / Σ weight over the WHOLE batch."""
+    if loss_tok.shape != weight.shape:
+        raise ValueError(f"loss_tok {tuple(loss_tok.shape)} and weight {tuple(weight.shape)} differ in shape")
     w = weight.float()
     denom = w.sum().clamp_min(1e-12)
-    f = is_forget.view(-1, *([1] * (loss_tok.dim() - 1))).to(loss_tok.device)
+    f = forget_mask(is_forget, loss_tok.shape[0], loss_tok.device).view(-1, *([1] * (loss_tok.dim() - 1)))
     lw = loss_tok.float() * w
     return torch.where(f, 0.0, lw).sum() / denom, torch.where(f, lw, 0.0).sum() / denom
 
@@ -59,7 +62,8 @@ def noisy_label_loss(loss_tok_clean: torch.Tensor, loss_tok_noisy: torch.Tensor,
 
 def random_encoder_target(guide: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """RANDOM ENCODER target: randn·std(guide) + mean(guide), scalar stats over the whole guide."""
-    z = torch.randn(guide.shape, generator=generator, device=guide.device, dtype=guide.dtype)
+    dev = generator.device if generator is not None else guide.device  # draw where the generator lives
+    z = torch.randn(guide.shape, generator=generator, device=dev, dtype=guide.dtype).to(guide.device)
     return z * guide.std() + guide.mean()
 
 
@@ -80,11 +84,12 @@ def tile_retain_rows(teacher_out: torch.Tensor, is_forget: torch.Tensor,
 
     Host-syncs to count the retain rows, as the reference does (baselines are not on the fast path).
     """
-    retain = teacher_out[~is_forget]
     n = teacher_out.shape[0]
+    retain = teacher_out[~forget_mask(is_forget, n, teacher_out.device)]
     if retain.shape[0] == 0:
-        return torch.randn(teacher_out.shape, generator=generator, device=teacher_out.device,
-                           dtype=teacher_out.dtype)
+        dev = generator.device if generator is not None else teacher_out.device
+        return torch.randn(teacher_out.shape, generator=generator, device=dev,
+                           dtype=teacher_out.dtype).to(teacher_out.device)
     reps = -(-n // retain.shape[0])
     return retain.repeat(reps, *([1] * (retain.dim() - 1)))[:n]
 

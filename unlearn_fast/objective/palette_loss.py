@@ -20,24 +20,27 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..ops import multi_map_retain_forget_l2_loss, retain_forget_l2_loss
+from ..ops.forget_mask import forget_mask
 from .baselines import tile_retain_rows
 from .unlearn_objective import UnlearnLoss
 
 
 def _check_is_forget(is_forget: torch.Tensor, n: int, device) -> torch.Tensor:
-    if not torch.is_tensor(is_forget) or is_forget.dim() != 1 or is_forget.shape[0] != n:
-        raise ValueError(f"is_forget must be a tensor [N] with N = {n}, got "
-                         f"{tuple(is_forget.shape) if torch.is_tensor(is_forget) else type(is_forget).__name__}")
-    if is_forget.is_floating_point():
-        raise TypeError("is_forget must be bool (True = forget); convert labels s = ±1 with `s < 0`")
-    return is_forget.to(device=device, dtype=torch.bool)
+    return forget_mask(is_forget, n, device)
 
 
 def _check_maps(features_student: Sequence[torch.Tensor], features_teacher: Sequence[torch.Tensor]) -> None:
+    for name, maps in (("features_student", features_student), ("features_teacher", features_teacher)):
+        if not isinstance(maps, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors (one per feature map), got "
+                            f"{type(maps).__name__}")
     if len(features_student) != len(features_teacher) or not features_student:
         raise ValueError(f"need the same non-zero number of student and teacher maps, got "
                          f"{len(features_student)} and {len(features_teacher)}")
     for k, (fs, ft) in enumerate(zip(features_student, features_teacher)):
+        if not torch.is_tensor(fs) or not torch.is_tensor(ft):
+            raise TypeError(f"map {k}: student and teacher maps must be tensors, got {type(fs).__name__} and "
+                            f"{type(ft).__name__}")
         if fs.shape != ft.shape:
             raise ValueError(f"map {k}: student {tuple(fs.shape)} vs teacher {tuple(ft.shape)}")
 
@@ -59,9 +62,12 @@ def weighted_mse_loss(pred: torch.Tensor, target: torch.Tensor, is_forget: torch
                       forget_alpha: float) -> UnlearnLoss:
     """Same as :func:`weighted_mse_loss_reference`, one fused pass, no masked copies. ``target`` is a constant
     unless it requires grad (then the op falls back to its plain twin, which differentiates both)."""
-    is_forget = _check_is_forget(is_forget, pred.shape[0], pred.device)
+    if not torch.is_tensor(pred) or not torch.is_tensor(target) or pred.dim() == 0:
+        raise ValueError(f"pred and target must be tensors [N, ...], got {type(pred).__name__} and "
+                         f"{type(target).__name__}" + (" of 0 dims" if torch.is_tensor(pred) else ""))
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    is_forget = _check_is_forget(is_forget, pred.shape[0], pred.device)
     if pred.dim() == 1:  # the op wants [N, ...] with at least one non-batch dim
         pred, target = pred.unsqueeze(1), target.unsqueeze(1)
     r2, f2 = retain_forget_l2_loss(pred, target, target, is_forget)  # (2/N)·Σ_rows mean((pred − target)²)

@@ -23,6 +23,17 @@ def combine(retain: torch.Tensor, forget: torch.Tensor, retain_alpha: float, for
     return UnlearnLoss(retain_alpha * retain + forget_alpha * forget, retain, forget)
 
 
+def _norm_params(final_norm: torch.nn.LayerNorm, latent: torch.Tensor):
+    """(weight, bias, eps) of the teacher's final LayerNorm; ones/zeros for one without affine parameters."""
+    if not isinstance(final_norm, torch.nn.LayerNorm) or tuple(final_norm.normalized_shape) != (latent.shape[-1],):
+        raise ValueError(f"final_norm must be a LayerNorm over the latent's last dim ({latent.shape[-1]}), got "
+                         f"{final_norm!r}")
+    d = latent.shape[-1]
+    w = final_norm.weight if final_norm.weight is not None else latent.new_ones(d, dtype=torch.float32)
+    b = final_norm.bias if final_norm.bias is not None else latent.new_zeros(d, dtype=torch.float32)
+    return w, b, final_norm.eps
+
+
 def unlearn_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor, is_forget: torch.Tensor,
                  retain_alpha: float = 1.0, forget_alpha: float = 0.0) -> UnlearnLoss:
     """Full-size guides ``[N, L, D]`` (the reference step)."""
@@ -40,7 +51,7 @@ def unlearn_loss_pruned(latent: torch.Tensor, guide_rows: Optional[torch.Tensor]
         r, f = retain_forget_l2_loss_compact(latent, guide_rows, noise_guide_rows, is_forget)
     else:
         r, f = retain_forget_l2_loss_prenorm(latent, guide_rows, noise_guide_rows, is_forget,
-                                             final_norm.weight, final_norm.bias, final_norm.eps)
+                                             *_norm_params(final_norm, latent))
     return combine(r, f, retain_alpha, forget_alpha)
 
 
@@ -54,6 +65,6 @@ def unlearn_loss_merged_guide(latent: torch.Tensor, teacher_out: torch.Tensor, i
     if final_norm is None:
         r, f = retain_forget_l2_loss_compact(latent, teacher_out, teacher_out, is_forget, row_index=rows)
     else:
-        r, f = retain_forget_l2_loss_prenorm(latent, teacher_out, teacher_out, is_forget, final_norm.weight,
-                                             final_norm.bias, final_norm.eps, row_index=rows)
+        r, f = retain_forget_l2_loss_prenorm(latent, teacher_out, teacher_out, is_forget,
+                                             *_norm_params(final_norm, latent), row_index=rows)
     return combine(r, f, retain_alpha, forget_alpha)

@@ -1,4 +1,5 @@
 """Ops: one autograd op per file, each with a plain-PyTorch twin (the oracle and the fallback)."""
+from .forget_mask import forget_mask
 from .multi_map_retain_forget_l2 import (multi_map_retain_forget_l2_loss,
                                          multi_map_retain_forget_l2_loss_reference)
 from .retain_forget_l2_loss import (retain_forget_l2_loss, retain_forget_l2_loss_compact,
@@ -9,4 +10,4 @@ from .sample_batch_noise import (NOISE_KINDS, batch_mean_std, sample_batch_noise
 __all__ = ["retain_forget_l2_loss", "retain_forget_l2_loss_compact", "retain_forget_l2_loss_prenorm",
            "retain_forget_l2_loss_reference", "sample_batch_noise", "sample_batch_noise_reference",
            "batch_mean_std", "NOISE_KINDS"]
-__all__ += ["multi_map_retain_forget_l2_loss", "multi_map_retain_forget_l2_loss_reference"]
+__all__ += ["multi_map_retain_forget_l2_loss", "multi_map_retain_forget_l2_loss_reference", "forget_mask"]

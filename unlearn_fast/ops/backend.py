@@ -73,6 +73,14 @@ def choose_backend(device: torch.device, op: str) -> str:
     return "torch"
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in a fused op's backward. Its gradient comes from a stored constant, so a graph built
+    through it (``create_graph=True``) would carry no second derivative: say so instead of being wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the fused op has no second derivative (backward with create_graph=True); "
+                           f"use {op}_reference, the plain PyTorch twin, for higher-order gradients")
+
+
 def triton_kernels():
     return _triton_kernels()
 

@@ -15,7 +15,8 @@ folded into the stored difference, because 2·(x−y)/numel is far below fp16's 
 Shapes and dtypes: map k is ``[N, ...]`` (any trailing shape, N shared by all maps), student and teacher of
 the same shape; all student maps share one dtype, all teacher maps one dtype (fp32 / fp16 / bf16 use the
 fused kernels; fp64 runs the twin's math). Losses are 0-d fp32 (fp64 for fp64 maps); student gradients have
-the students' dtype. ``is_forget``: bool (or integer) ``[N]``, True = forget (the reference's s = −1).
+the students' dtype. ``is_forget``: bool ``[N]`` (or integer 0/1), True = forget (the reference's s = −1).
+The fused op has no second derivative: backward with ``create_graph=True`` raises.
 Teacher maps are constants (teacher outputs under no_grad); if one requires grad the plain twin runs instead,
 so gradients reach it. Non-contiguous maps are made contiguous.
 """
@@ -27,7 +28,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .backend import choose_backend, extension, say_once, triton_kernels
+from .backend import choose_backend, extension, refuse_double_backward, say_once, triton_kernels
+from .forget_mask import forget_mask
 
 _OP = "multi_map_retain_forget_l2_loss"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,9 +40,10 @@ def multi_map_retain_forget_l2_loss_reference(features_student: Sequence[torch.T
                                               is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch twin, with the reference's masked copies (the test oracle): (retain, forget)."""
     retain, forget = [], []
+    is_forget = forget_mask(is_forget, features_student[0].shape[0], features_student[0].device)
     for fs, ft in zip(features_student, features_teacher):
         acc = torch.promote_types(fs.dtype, torch.float32)
-        s = torch.where(is_forget.to(fs.device), -1.0, 1.0).to(acc).view(-1, *([1] * (fs.dim() - 1)))
+        s = torch.where(is_forget, -1.0, 1.0).to(acc).view(-1, *([1] * (fs.dim() - 1)))
         w_r, w_f = (1 + s) / 2, (1 - s) / 2
         a, b = fs.to(acc), ft.to(acc)
         retain.append(torch.nn.functional.mse_loss(a * w_r, b * w_r))
@@ -118,6 +121,7 @@ class MultiMapRetainForgetL2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_retain, grad_forget):
+        refuse_double_backward(_OP)
         is_forget, *grads = ctx.saved_tensors
         none_teachers = (None,) * ctx.n_maps
         if not grads:
@@ -155,14 +159,7 @@ def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor
                             f"{fs.dtype}/{ft.dtype} vs map 0's {first_s.dtype}/{first_t.dtype}")
         if fs.device != first_s.device or ft.device != first_s.device:
             raise ValueError(f"map {k}: all maps must be on {first_s.device}, got {fs.device} and {ft.device}")
-    n = first_s.shape[0]
-    if not torch.is_tensor(is_forget) or is_forget.dim() != 1 or is_forget.shape[0] != n:
-        raise ValueError(f"is_forget must be a tensor [N] with N = {n}, got "
-                         f"{tuple(is_forget.shape) if torch.is_tensor(is_forget) else type(is_forget).__name__}")
-    if is_forget.is_floating_point() or is_forget.is_complex():
-        raise TypeError(f"is_forget must be bool (True = forget), got {is_forget.dtype}; convert labels s = ±1 "
-                        "with `s < 0`")
-    return is_forget.to(device=first_s.device, dtype=torch.bool)
+    return forget_mask(is_forget, first_s.shape[0], first_s.device)
 
 
 def multi_map_retain_forget_l2_loss(features_student: Sequence[torch.Tensor], features_teacher: Sequence[torch.Tensor],

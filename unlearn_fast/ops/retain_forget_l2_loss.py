@@ -24,8 +24,10 @@ syncs the host, so every entry point can be captured in a CUDA graph.
 - :func:`retain_forget_l2_loss_prenorm`: compact, and the teacher's final LayerNorm is applied inside
   the kernel to its pre-norm hidden state, so the teacher latent is never written to memory.
 
-Guides are treated as constants (teacher outputs under no_grad). If a guide requires grad, the plain
-twin runs instead so that gradients still reach it.
+Guides are treated as constants (teacher outputs under no_grad). If a guide requires grad, or a tensor is
+fp64 (the kernels take fp32 / fp16 / bf16), the plain differentiable twin runs instead, so gradients still
+reach the guide. The fused op has no second derivative: backward with ``create_graph=True`` raises.
+``is_forget`` is a bool ``[N]`` (True = forget); see :mod:`unlearn_fast.ops.forget_mask`.
 """
 from __future__ import annotations
 
@@ -33,16 +35,23 @@ from typing import Optional, Tuple
 
 import torch
 
-from .backend import choose_backend, extension, triton_kernels
+from .backend import choose_backend, extension, refuse_double_backward, say_once, triton_kernels
+from .forget_mask import forget_mask
+
+_OP = "retain_forget_l2_loss"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_MAX_ROWS = 65535  # the Triton kernels put rows on CUDA grid axis 1
 
 
 def retain_forget_l2_loss_reference(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
                                     is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch twin, written as the reference does (the test oracle)."""
-    s = torch.where(is_forget.to(latent.device), -1.0, 1.0)  # [N]
+    """Plain PyTorch twin, written as the reference does (the test oracle). fp32 math (fp64 for fp64 input)."""
+    is_forget = forget_mask(is_forget, latent.shape[0], latent.device)
+    acc = torch.promote_types(latent.dtype, torch.float32)
+    s = torch.where(is_forget, -1.0, 1.0).to(acc)  # [N]
     dims = tuple(range(1, latent.dim()))
-    m = (latent.float() - guide.float()).pow(2).mean(dim=dims)  # [N]
-    f = (latent.float() - noise_guide.float()).pow(2).mean(dim=dims)  # [N]
+    m = (latent.to(acc) - guide.to(acc)).pow(2).mean(dim=dims)  # [N]
+    f = (latent.to(acc) - noise_guide.to(acc)).pow(2).mean(dim=dims)  # [N]
     n = latent.shape[0]
     return ((1 + s) * m).sum() / n, ((1 - s) * f).sum() / n
 
@@ -98,9 +107,21 @@ def _fused_row_sq_and_grad(backend, latent3, retain_table, forget_table, is_forg
                                   grad_scale, compute_grad)
 
 
+def _pick_backend(latent3: torch.Tensor, norm) -> str:
+    """The machine's backend, or the twin where the Triton kernels have a limit (rows, the fused norm's D)."""
+    backend = choose_backend(latent3.device, _OP)
+    if backend == "triton":
+        n, _, d = latent3.shape
+        if n > _TRITON_MAX_ROWS or (norm is not None and d > triton_kernels().MAX_NORM_D):
+            say_once(f"{_OP}-triton-limit", f"unlearn_fast: {_OP} with N = {n}, D = {d} is beyond the Triton "
+                                            "kernel's limits; using the PyTorch twin")
+            return "torch"
+    return backend
+
+
 def _default_row_index(is_forget: torch.Tensor) -> torch.Tensor:
     """Rank within the class for compact tables: one tiny kernel on the Triton path, torch ops elsewhere."""
-    if choose_backend(is_forget.device, "retain_forget_l2_loss") == "triton":
+    if choose_backend(is_forget.device, _OP) == "triton":
         return triton_kernels().rank_within_class(is_forget)
     return _row_index(is_forget)
 
@@ -118,7 +139,7 @@ class RetainForgetL2Function(torch.autograd.Function):
     def forward(ctx, latent3, retain_table, forget_table, is_forget, row_index, norm_weight, norm_bias, eps):
         n, t, d = latent3.shape
         norm = (norm_weight, norm_bias, eps) if norm_weight is not None else None
-        backend = choose_backend(latent3.device, "retain_forget_l2_loss")
+        backend = _pick_backend(latent3, norm)
         # The kernel stores 2·(x - y), the derivative of (x - y)^2; the 2/(N·T·D) factor is applied in fp32 in
         # backward, because folding it in here would push fp16 gradients into the subnormal range.
         scale = 2.0 / (n * t * d)
@@ -141,6 +162,7 @@ class RetainForgetL2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_retain, grad_forget):
+        refuse_double_backward(_OP)
         grad, is_forget = ctx.saved_tensors
         if grad is None or not ctx.needs_input_grad[0] or (grad_retain is None and grad_forget is None):
             return (None,) * 8
@@ -158,20 +180,71 @@ def _check(latent: torch.Tensor, is_forget: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(latent) or latent.dim() < 2:
         raise ValueError(f"latent must be a tensor [N, ...] with at least 2 dims, got "
                          f"{tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__}")
-    if not torch.is_tensor(is_forget) or is_forget.dim() != 1 or is_forget.shape[0] != latent.shape[0]:
-        raise ValueError(f"is_forget must be a tensor [N] with N = {latent.shape[0]}, got "
-                         f"{tuple(is_forget.shape) if torch.is_tensor(is_forget) else type(is_forget).__name__}")
-    return is_forget.to(device=latent.device, dtype=torch.bool)
+    if not latent.is_floating_point():
+        raise TypeError(f"latent must be floating point, got {latent.dtype}")
+    if latent.numel() == 0:
+        raise ValueError(f"latent has no elements: {tuple(latent.shape)} (the loss divides by N and by the row size)")
+    if latent.device.type == "meta":
+        raise ValueError("latent is on the meta device (it has no values)")
+    return forget_mask(is_forget, latent.shape[0], latent.device)
 
 
-def _check_table(name, table, latent, rows_expected=None):
+def _check_table(name, table, latent):
+    """``table`` validated against the latent's rows (None stays None); not yet detached or reshaped."""
     if table is None:
         return None
-    if table.shape[1:] != latent.shape[1:]:
+    if not torch.is_tensor(table):
+        raise TypeError(f"{name} must be a tensor or None, got {type(table).__name__}")
+    if table.dim() != latent.dim() or table.shape[1:] != latent.shape[1:]:
         raise ValueError(f"{name} rows have shape {tuple(table.shape[1:])}, latent rows {tuple(latent.shape[1:])}")
+    if not table.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {table.dtype}")
     if table.device != latent.device:
         raise ValueError(f"{name} is on {table.device}, latent on {latent.device}")
-    return _as_3d(table.detach()).contiguous()
+    return table
+
+
+def _kernel_tables(retain_table, forget_table):
+    """Detached contiguous ``[R, T, D]`` tables of one dtype (the Triton kernel reads both with one type)."""
+    if retain_table is not None and forget_table is not None and retain_table.dtype != forget_table.dtype:
+        common = torch.promote_types(retain_table.dtype, forget_table.dtype)  # rare: a copy of each table
+        retain_table, forget_table = retain_table.to(common), forget_table.to(common)
+    return tuple(None if t is None else _as_3d(t.detach()).contiguous() for t in (retain_table, forget_table))
+
+
+def _use_twin(latent: torch.Tensor, *tables) -> bool:
+    """The differentiable twin runs for dtypes the kernels do not take (fp64) and for guides that require
+    grad (so that gradients reach them)."""
+    return latent.dtype not in _KERNEL_DTYPES or any(
+        t is not None and (t.dtype not in _KERNEL_DTYPES or t.requires_grad) for t in tables)
+
+
+def _twin_loss(latent, retain_table, forget_table, is_forget, row_index, norm):
+    """Compact tables in plain PyTorch, differentiable in latent and tables: gather each row's target, then
+    the reference twin. Norm parameters are constants. Indices are clamped into the table as the kernels do."""
+    acc = torch.promote_types(latent.dtype, torch.float32)
+
+    def gather(table):  # [N, ...] in acc: the table's rows at row_index, zeros where the table is empty
+        if table is None or table.shape[0] == 0:
+            return latent.new_zeros(latent.shape, dtype=acc)
+        return table.to(acc).index_select(0, row_index.long().clamp(0, table.shape[0] - 1))
+
+    target = torch.where(is_forget.view(-1, *([1] * (latent.dim() - 1))), gather(forget_table), gather(retain_table))
+    if norm is not None:
+        w, b, eps = norm
+        target = torch.nn.functional.layer_norm(target, (latent.shape[-1],), w.detach().to(acc),
+                                                b.detach().to(acc), eps)
+    return retain_forget_l2_loss_reference(latent, target, target, is_forget)
+
+
+def _check_row_index(row_index, latent: torch.Tensor) -> torch.Tensor:
+    n = latent.shape[0]
+    if not torch.is_tensor(row_index) or row_index.dim() != 1 or row_index.shape[0] != n:
+        got = tuple(row_index.shape) if torch.is_tensor(row_index) else type(row_index).__name__
+        raise ValueError(f"row_index must be a tensor [N] with N = {n}, got {got}")
+    if row_index.is_floating_point() or row_index.is_complex() or row_index.dtype == torch.bool:
+        raise TypeError(f"row_index must be an integer tensor, got {row_index.dtype}")
+    return row_index.to(latent.device)
 
 
 def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_table, forget_table,
@@ -180,6 +253,8 @@ def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_t
     on the host (a check on device tensors would cost a sync per step)."""
     if is_forget.device.type != "cpu" or row_index.device.type != "cpu":
         return
+    if bool((row_index < 0).any()):
+        raise ValueError(f"row_index has negative entries: {row_index.tolist()[:16]}")
     for name, table, rows in ((names[0], retain_table, ~is_forget), (names[1], forget_table, is_forget)):
         needed = int(row_index[rows].max()) + 1 if bool(rows.any()) else 0
         have = 0 if table is None else table.shape[0]
@@ -190,18 +265,19 @@ def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_t
 
 def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
                           is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference-semantics (retain_loss, forget_loss). ``latent, guide, noise_guide: [N, ...]``, ``is_forget: [N]``."""
+    """Reference-semantics (retain_loss, forget_loss). ``latent, guide, noise_guide: [N, ...]``, ``is_forget: [N]``
+    bool (True = forget). Losses are fp32 0-d tensors (fp64 for fp64 input)."""
     is_forget = _check(latent, is_forget)
     for name, g in (("guide", guide), ("noise_guide", noise_guide)):
         if not torch.is_tensor(g) or g.shape != latent.shape:
             raise ValueError(f"{name} must have the latent's shape {tuple(latent.shape)}, got "
                              f"{tuple(g.shape) if torch.is_tensor(g) else type(g).__name__}")
-    if guide.requires_grad or noise_guide.requires_grad:
+        _check_table(name, g, latent)
+    if _use_twin(latent, guide, noise_guide):
         return retain_forget_l2_loss_reference(latent, guide, noise_guide, is_forget)
     # row_index None: row i reads guide row i (no arange made or read on the Triton path)
-    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), _check_table("guide", guide, latent),
-                                        _check_table("noise_guide", noise_guide, latent), is_forget, None,
-                                        None, None, 1e-6)
+    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), *_kernel_tables(guide, noise_guide), is_forget,
+                                        None, None, None, 1e-6)
 
 
 def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[torch.Tensor],
@@ -210,15 +286,19 @@ def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[tor
     """As :func:`retain_forget_l2_loss`, with guides only for the rows that use them.
 
     ``guide_rows [R, ...]``: the guides of the retain rows in batch order (None if there are none);
-    ``noise_guide_rows [F, ...]``: those of the forget rows. ``row_index`` (optional, [N]) overrides the
-    row -> table-row map (default: rank within the class).
+    ``noise_guide_rows [F, ...]``: those of the forget rows. ``row_index`` (optional, integer [N]) overrides the
+    row -> table-row map (default: rank within the class). Indices are checked when the labels are on the
+    host; on a GPU they are clamped into the table (no sync).
     """
     is_forget = _check(latent, is_forget)
-    idx = _default_row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    guide_rows = _check_table("guide_rows", guide_rows, latent)
+    noise_guide_rows = _check_table("noise_guide_rows", noise_guide_rows, latent)
+    idx = _default_row_index(is_forget) if row_index is None else _check_row_index(row_index, latent)
     _check_table_rows(is_forget, idx, guide_rows, noise_guide_rows)
-    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), _check_table("guide_rows", guide_rows, latent),
-                                        _check_table("noise_guide_rows", noise_guide_rows, latent), is_forget, idx,
-                                        None, None, 1e-6)
+    if _use_twin(latent, guide_rows, noise_guide_rows):
+        return _twin_loss(latent, guide_rows, noise_guide_rows, is_forget, idx, None)
+    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), *_kernel_tables(guide_rows, noise_guide_rows),
+                                        is_forget, idx, None, None, 1e-6)
 
 
 def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optional[torch.Tensor],
@@ -226,15 +306,25 @@ def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optio
                                   norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
                                   row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Compact, with the teacher's final LayerNorm (weight/bias ``[D]``, eps) applied to its pre-norm
-    hidden states inside the kernel: the guides are ``LayerNorm(hidden_rows)``."""
+    hidden states inside the kernel: the guides are ``LayerNorm(hidden_rows)``. The norm's parameters are
+    constants (the frozen teacher's): no gradient reaches them."""
     is_forget = _check(latent, is_forget)
     d = latent.shape[-1]
-    if norm_weight.shape != (d,) or norm_bias.shape != (d,):
-        raise ValueError(f"norm weight/bias must have shape ({d},), got {tuple(norm_weight.shape)}, "
-                         f"{tuple(norm_bias.shape)}")
-    idx = _default_row_index(is_forget) if row_index is None else row_index.to(latent.device)
+    for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if not torch.is_tensor(p) or p.shape != (d,):
+            raise ValueError(f"norm weight/bias must be tensors of shape ({d},), got {name} "
+                             f"{tuple(p.shape) if torch.is_tensor(p) else type(p).__name__}")
+        if p.device != latent.device:
+            raise ValueError(f"{name} is on {p.device}, latent on {latent.device}")
+    norm_weight, norm_bias = norm_weight.detach(), norm_bias.detach()
+    guide_hidden_rows = _check_table("guide_hidden_rows", guide_hidden_rows, latent)
+    noise_hidden_rows = _check_table("noise_hidden_rows", noise_hidden_rows, latent)
+    idx = _default_row_index(is_forget) if row_index is None else _check_row_index(row_index, latent)
     _check_table_rows(is_forget, idx, guide_hidden_rows, noise_hidden_rows, ("guide_hidden_rows", "noise_hidden_rows"))
+    if _use_twin(latent, guide_hidden_rows, noise_hidden_rows):
+        return _twin_loss(latent, guide_hidden_rows, noise_hidden_rows, is_forget, idx,
+                          (norm_weight, norm_bias, float(eps)))
+    norm_weight, norm_bias = (p if p.dtype in _KERNEL_DTYPES else p.float() for p in (norm_weight, norm_bias))
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(),
-                                        _check_table("guide_hidden_rows", guide_hidden_rows, latent),
-                                        _check_table("noise_hidden_rows", noise_hidden_rows, latent), is_forget, idx,
-                                        norm_weight.detach(), norm_bias.detach(), float(eps))
+                                        *_kernel_tables(guide_hidden_rows, noise_hidden_rows), is_forget, idx,
+                                        norm_weight, norm_bias, float(eps))

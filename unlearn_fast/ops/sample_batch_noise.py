@@ -18,6 +18,7 @@ Two ways to draw:
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -30,6 +31,26 @@ NOISE_KINDS = ("normal", "uniform", "constant")
 def _check_kind(kind: str) -> None:
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
+
+
+def _check_key(value, name: str, bits: int):
+    """``seed`` / ``step`` as the Philox key and counter take them, checked the same way on every backend:
+    a python (or numpy) integer in [0, 2^bits), or a 1-element integer tensor (its value is not read here: it
+    may live on the GPU, and is taken mod 2^bits there)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be an int or a 1-element integer tensor, got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}") from None
+    if not 0 <= value < 2 ** bits:
+        raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
+    return value
 
 
 def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -69,24 +90,33 @@ def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Op
     """Noise shaped like ``images [N, C, H, W]`` with the batch's statistics (see module docstring).
 
     ``low/high``: the image range the normal noise is clamped to ([0, 1] for MAE/MAGE inputs).
+    ``seed``: an int in [0, 2^64); ``step``: an int in [0, 2^32) (or 1-element integer tensors), on every backend.
     """
     _check_kind(kind)
     if not torch.is_tensor(images) or images.numel() == 0:
         raise ValueError("images must be a non-empty tensor")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point, got {images.dtype}")
+    if not low <= high:
+        raise ValueError(f"the clamp range must have low <= high, got low={low}, high={high}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != images.device.type:
+            raise ValueError(f"generator is on {generator.device}, images on {images.device}")
     if seed is None:
         if step is not None:
             raise ValueError("step= needs seed=")
         return sample_batch_noise_reference(images, kind, generator, low, high)
     if generator is not None:
         raise ValueError("pass either generator= or seed=/step=, not both")
-    step = 0 if step is None else step
+    seed = _check_key(seed, "seed", 64)
+    step = _check_key(0 if step is None else step, "step", 32)
     x = images.detach()
     if choose_backend(x.device, "sample_batch_noise") == "triton":
         # three launches (moments, combine, draws); python-int seed/step travel as kernel arguments
         return triton_kernels().philox_batch_noise(x, seed, step, kind=kind, low=low, high=high)
-    if torch.is_tensor(step):
-        step = int(step.item())  # CPU path only: the sync is harmless there
+    seed, step = (int(v.item()) % 2 ** bits if torch.is_tensor(v) else v  # CPU path: the sync is harmless
+                  for v, bits in ((seed, 64), (step, 32)))
     g = _cpu_generator(seed, step, x.device)
     return sample_batch_noise_reference(x, kind, g, low, high)
