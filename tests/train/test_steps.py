@@ -17,7 +17,7 @@ import torch
 from tests.helpers import max_param_diff
 from unlearn_fast.objective import LOSS_TYPES
 from unlearn_fast.train import precision as prec
-from unlearn_fast.train.seeding import derive_seed, seed_step_globals, step_generator
+from unlearn_fast.train.seeding import derive_seed, seed_step_globals, step_generator, philox_noise_key
 from unlearn_fast.train.step_baseline import baseline_step
 from unlearn_fast.train.step_fast import fast_step, forget_row_indices, tokenizer_shared_exactly
 from unlearn_fast.train.step_reference import NonFiniteLossError, optimizer_update, reference_step
@@ -294,3 +294,14 @@ def test_reference_step_is_reproducible(make_mae_micro):
         torch.manual_seed(12345 + step)  # global state must not leak into the step
         reference_step(b, images, is_forget, step)
     assert max_param_diff(a.student, b.student) == 0.0
+
+
+def test_philox_noise_keys_differ_between_ranks():
+    # the graphed step's counter-based noise: one key per rank, so ranks draw independent noise
+    from unlearn_fast.ops import sample_batch_noise
+    keys = [philox_noise_key(0, r) for r in range(4)]
+    assert len(set(keys)) == 4 and all(0 <= k < 2 ** 63 for k in keys)
+    assert philox_noise_key(0, 1) == philox_noise_key(0, 1)  # stable: a resumed run draws the same
+    x = torch.rand(2, 3, 8, 8)
+    a, b = (sample_batch_noise(x, "normal", seed=k, step=5) for k in keys[:2])
+    assert not torch.equal(a, b)

@@ -21,6 +21,12 @@ def derive_seed(seed: int, *parts) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def philox_noise_key(seed: int, rank: int) -> int:
+    """The key of the counter-based noise of one rank: ranks draw independent noise, as the reference's
+    per-rank generators (seed + rank) do; the step and the element index are the Philox counter."""
+    return derive_seed(seed, rank, "philox_noise")
+
+
 def step_generator(seed: int, rank: int, step: int, purpose: str, device) -> torch.Generator:
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}")

@@ -21,6 +21,7 @@ from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .lr_schedule import lr_at, set_lr
 from .progress import progress_bar
 from .run_outputs import append_log_line
+from .seeding import philox_noise_key
 from .step_baseline import baseline_step
 from .step_fast import fast_step
 from .step_graphed import GraphedUnlearnStep
@@ -137,7 +138,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if dist is not None:  # DDP's reducer hooks cannot be captured: the step all-reduces the gradients itself
             ddp.use_flat_grads()
         graphed = GraphedUnlearnStep(setup, batch_size, forget_per_batch, image_shape,
-                                     noise_seed=setup.seed if noise_seed is None else noise_seed, dist=dist,
+                                     noise_seed=philox_noise_key(setup.seed if noise_seed is None else noise_seed,
+                                                                 setup.rank), dist=dist,
                                      all_reduce_in_graph=all_reduce_in_graph)
     trainable_names = [n for n, p in setup.student.named_parameters() if p.requires_grad]
 
