@@ -277,3 +277,9 @@ def test_init_is_maes(make_mae_micro):
                                                                            torch.zeros(384))
     assert 0.01 < model.cls_token.std().item() < 0.03  # normal(std=0.02)
     assert_close_report(model.pos_embed, sincos_pos_embed_2d(128, 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"input_size": "32"}, {"depth": 1.5}, {"embed_dim": 0}, {"num_heads": True}])
+def test_bad_size_arguments_name_the_argument(kwargs):
+    with pytest.raises(ValueError, match=list(kwargs)[0].replace("input_size", "img_size")):
+        create_model("mae_micro", **kwargs)

@@ -11,7 +11,7 @@ TRITON_IMPORT_ERROR = None
 
 try:
     from .batch_noise import NOISE_KINDS, batch_mean_std, philox_batch_noise, philox_standard_normal
-    from .retain_forget_l2 import (MAX_NORM_D, rank_within_class, retain_forget_l2_backward, retain_forget_l2_forward,
+    from .retain_forget_l2 import (MAX_NORM_D, MAX_ROWS, rank_within_class, retain_forget_l2_backward, retain_forget_l2_forward,
                                    retain_forget_l2_loss_forward)
     from .multi_map_l2 import multi_map_l2_forward, multi_map_l2_scale
     TRITON_AVAILABLE = True
@@ -19,7 +19,7 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
     TRITON_AVAILABLE = False
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     NOISE_KINDS = ("normal", "uniform", "constant")
-    MAX_NORM_D = 0
+    MAX_NORM_D = MAX_ROWS = 0
 
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"unlearn_fast.kernels: Triton is unavailable ({TRITON_IMPORT_ERROR})")
@@ -28,7 +28,7 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
     retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
     multi_map_l2_forward = multi_map_l2_scale = _unavailable
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "batch_mean_std",
+__all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "MAX_ROWS", "batch_mean_std",
            "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
            "retain_forget_l2_backward", "rank_within_class",
            "multi_map_l2_forward", "multi_map_l2_scale"]

@@ -9,6 +9,7 @@ weights expect ImageNet-normalised input: the ``mae_vit_*`` sizes normalise insi
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -192,8 +193,15 @@ def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
     cfg = dict(defaults)
     if "input_size" in kwargs:
         kwargs["img_size"] = kwargs.pop("input_size")
+    for k, v in kwargs.items():  # sizes and counts: a string or float here fails deep inside otherwise
+        if k in _INT_ARGS and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
     cfg.update(kwargs)
     return MaskedAutoencoderViT(**cfg)
+
+
+_INT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+             "decoder_depth", "decoder_num_heads")
 
 
 _IMAGENET = dict(input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)

@@ -40,7 +40,6 @@ from .forget_mask import forget_mask
 
 _OP = "retain_forget_l2_loss"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_MAX_ROWS = 65535  # the Triton kernels put rows on CUDA grid axis 1
 
 
 def retain_forget_l2_loss_reference(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
@@ -112,7 +111,7 @@ def _pick_backend(latent3: torch.Tensor, norm) -> str:
     backend = choose_backend(latent3.device, _OP)
     if backend == "triton":
         n, _, d = latent3.shape
-        if n > _TRITON_MAX_ROWS or (norm is not None and d > triton_kernels().MAX_NORM_D):
+        if n > triton_kernels().MAX_ROWS or (norm is not None and d > triton_kernels().MAX_NORM_D):
             say_once(f"{_OP}-triton-limit", f"unlearn_fast: {_OP} with N = {n}, D = {d} is beyond the Triton "
                                             "kernel's limits; using the PyTorch twin")
             return "torch"
