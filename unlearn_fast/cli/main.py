@@ -75,6 +75,7 @@ def _run(command: str, argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -89,9 +90,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("unlearn-fast: interrupted; checkpoints written so far are intact", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)  # RunStopped (SIGINT or SIGTERM during a run), else Ctrl-C
+        if from_command_line:  # the process exits now: no teardown tracebacks of half-built DataLoader workers
+            sys.unraisablehook = lambda unraisable: None
+        print(f"unlearn-fast: {'terminated' if signum == 15 else 'interrupted'}; checkpoints written so far are "
+              "intact", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

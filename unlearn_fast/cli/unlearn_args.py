@@ -15,6 +15,14 @@ def _none_or_float(text: str):
     return None if text in ("None", "none", "") else float(text)
 
 
+def _int_or_float(text: str):
+    """'5' -> 5 (the reference's int type, so opt.yaml and checkpoint args read the same), '0.5' -> 0.5."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g = p.add_argument_group("reference flags (main_unlearn.py / main_baseline.py)")
     g.add_argument("--batch_size", default=16 if baseline else 32, type=int,
@@ -32,7 +40,7 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--blr", type=float, default=1e-4, metavar="LR",
                    help="base lr: absolute_lr = base_lr * total_batch_size / 256")
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
-    g.add_argument("--warmup_epochs", type=float, default=5, metavar="N",
+    g.add_argument("--warmup_epochs", type=_int_or_float, default=5, metavar="N",
                    help="epochs of linear warmup from 0 (per iteration), then a half-cosine to min_lr")
     g.add_argument("--forget_alpha", type=float, default=0.0,
                    help="weight of the forget term (reference default 0.0 forgets nothing; the README uses 0.2)")
@@ -61,8 +69,10 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--retainset_ratio", type=float, default=1.0,
                    help="retain images per retain class = ceil(num_image_per_class * ratio); 0 = proxy only")
     g.add_argument("--output_dir", default="./output_dir", help="the run directory is created inside it")
-    g.add_argument("--log_dir", default=None, help="overwritten with the run directory (as the reference)")
-    g.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto (cuda when available)")
+    g.add_argument("--log_dir", default="./output_dir", help="overwritten with the run directory (as the reference)")
+    g.add_argument("--device", default="auto",
+                   help="cuda, cpu, cuda:N, or auto: cuda when a GPU is visible, else cpu (the reference's default "
+                        "is cuda, which fails without a GPU)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="pretrained checkpoint to unlearn, or an unlearning checkpoint "
                                                 "(with optimizer+epoch) to continue")

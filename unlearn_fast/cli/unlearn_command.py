@@ -7,17 +7,23 @@
 
 Everything that can be checked is checked before the run directory is created, so bad input leaves
 nothing half-written. A failure after that and before the first checkpoint (a corrupt image found in
-epoch 0, a full disk, a NaN loss, Ctrl-C) removes the run directory again: a run directory without a
+epoch 0, a full disk, a NaN loss, Ctrl-C, SIGTERM) removes the run directory again: a run directory without a
 checkpoint is never left behind (except after a SIGKILL, which no process can handle). Only rank 0
 writes; it chooses the run directory name (a timestamp) and sends it to the other ranks.
+SIGINT / SIGTERM end the run with exit code 130 / 143. An official checkpoint-N.pth (optimizer over the
+whole model, pickled Namespace args) continues with --resume and --teacher (its optimizer is re-indexed).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 
 import torch
 
@@ -26,8 +32,9 @@ from ..models import create_model, list_models
 from ..objective import TRAINS_ENCODER_ONLY
 from ..ops import NOISE_KINDS
 from ..train.balanced_sampler import BalancedUnlearnSampler, ReferenceShuffleBatchSampler
-from ..train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_file,
-                                load_model_state, model_state_from, restore_accumulated_grads, resume_position)
+from ..train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_file, load_model_state,
+                                model_state_from, optimizer_group_names, remap_optimizer_state,
+                                restore_accumulated_grads, resume_position)
 from ..train.data_split import (default_class_split, parse_class_list, reference_coco_root,
                                 select_unlearning_files)
 from ..train.distributed import (DDPStudent, broadcast_object, cleanup_distributed, env_ranks, init_distributed,
@@ -50,6 +57,12 @@ def validate_args(args, baseline: bool) -> None:
         if not cond:
             raise ValueError(msg)
     need(args.model in list_models(), f"unknown --model {args.model!r}; registered: {', '.join(list_models())}")
+    # NaN/inf would pass the range checks below (or crash the run-dir name) and only surface mid-run
+    for flag in FLOAT_FLAGS:
+        value = getattr(args, flag, None)
+        need(value is None or math.isfinite(value), f"--{flag} must be a finite number, got {value}")
+    need(_device_type(args.device) in ("auto", "cpu", "cuda"),
+         f"--device {args.device!r} is not supported (use cuda, cuda:N, cpu or auto)")
     need(args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")
     need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     need(args.accum_iter >= 1, f"--accum_iter must be >= 1, got {args.accum_iter}")
@@ -66,6 +79,11 @@ def validate_args(args, baseline: bool) -> None:
     need(args.retainset_ratio >= 0, f"--retainset_ratio must be >= 0, got {args.retainset_ratio}")
     need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
     need(0.0 <= args.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.model.startswith("mage"):  # the truncated normal of the mask rate (REFERENCE §1.2 b)
+        need(0.0 <= args.mask_ratio_min < args.mask_ratio_max <= 1.0,
+             f"--mask_ratio_min / --mask_ratio_max must satisfy 0 <= min < max <= 1, got {args.mask_ratio_min}, "
+             f"{args.mask_ratio_max}")
+        need(args.mask_ratio_std > 0, f"--mask_ratio_std must be > 0, got {args.mask_ratio_std}")
     need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
     need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
          f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
@@ -89,6 +107,20 @@ def validate_args(args, baseline: bool) -> None:
         need(os.path.isfile(args.teacher), f"--teacher checkpoint not found: {args.teacher}")
     if args.vqgan_ckpt:
         need(os.path.isfile(args.vqgan_ckpt), f"--vqgan_ckpt not found: {args.vqgan_ckpt}")
+
+
+FLOAT_FLAGS = ("lr", "blr", "min_lr", "warmup_epochs", "weight_decay", "forget_alpha", "retain_alpha", "grad_clip",
+               "mask_ratio_min", "mask_ratio_max", "mask_ratio_mu", "mask_ratio_std", "retainset_ratio",
+               "opendata_to_forget_ratio", "mask_ratio")
+
+
+def _device_type(spec: str) -> str:
+    if spec == "auto":
+        return "auto"
+    try:
+        return torch.device(spec).type
+    except (RuntimeError, ValueError, TypeError):
+        return "invalid"
 
 
 def model_kwargs(args) -> dict:
@@ -116,6 +148,19 @@ def load_model_from(args, path: str):
     return model
 
 
+# where the reference looks when --resume is missing (it downloads there; nothing is downloaded here)
+REFERENCE_PRETRAINED = {False: "pretrained/mage-vitb-1600.pth", True: "mage-vitb-1600.pth"}
+
+
+def apply_reference_resume_default(args, baseline: bool) -> None:
+    """No --resume: like the reference, unlearn the released MAGE ViT-B checkpoint at its default path (relative
+    to the working directory) when it is there; otherwise a randomly initialised model (tests only)."""
+    default = REFERENCE_PRETRAINED[baseline]
+    if not args.resume and args.model == "mage_vit_base_patch16" and os.path.isfile(default):
+        print(f"unlearn_fast: no --resume given: using {default} (the reference's default checkpoint)")
+        args.resume = default
+
+
 def load_training_state(args, model):
     """Load ``--resume``. Returns (resume_ckpt or None, teacher_source path or None)."""
     if not args.resume:
@@ -127,6 +172,12 @@ def load_training_state(args, model):
     if not is_unlearning_run:
         return None, args.teacher or args.resume
     saved = ckpt.get("args") or {}
+    if isinstance(saved, dict) and "unlearn_fast" in ckpt:  # our own run: the objective must be the same
+        was, now = saved.get("loss_type"), getattr(args, "loss_type", None)
+        if was != now:
+            name = {None: "the unlearning objective ('unlearn')"}
+            raise CheckpointError(f"{args.resume} was trained with {name.get(was, f'--loss_type {was}')}, this run "
+                                  f"uses {name.get(now, f'--loss_type {now}')}; resume it with the same command")
     teacher = args.teacher or (saved.get("teacher_checkpoint") if isinstance(saved, dict) else None)
     if not teacher:
         raise CheckpointError(f"{args.resume} continues an unlearning run but does not record the original "
@@ -137,23 +188,42 @@ def load_training_state(args, model):
     return ckpt, teacher
 
 
-def restore_optimizer(setup, ckpt: dict, path: str) -> None:
+# execution options of the fresh optimizer (fused / capturable for the CUDA-graph step, foreach on GPU), not
+# training state: a checkpoint saved on another device or by the official trainer must not overwrite them
+_OPTIMIZER_RUNTIME_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def restore_optimizer(setup, ckpt: dict, path: str, whole_model_groups=None) -> None:
     """Optimizer and scaler states of an unlearning checkpoint (the lr keeps the type the fresh optimizer
-    uses: a device tensor for the CUDA-graph step, a float otherwise; it is set every step anyway)."""
-    lr_was = [g["lr"] for g in setup.optimizer.param_groups]
+    uses: a device tensor for the CUDA-graph step, a float otherwise; it is set every step anyway).
+    ``whole_model_groups``: names per AdamW group of every trainable parameter of the model before the
+    encoder-only freeze, the layout of an official checkpoint's optimizer (see ``remap_optimizer_state``)."""
+    was = [{k: g[k] for k in ("lr", *_OPTIMIZER_RUNTIME_KEYS) if k in g} for g in setup.optimizer.param_groups]
+    saved = ckpt["optimizer"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"the optimizer entry of {path} is a {type(saved).__name__}, not a state dict")
+    own_groups = optimizer_group_names(setup.student.named_parameters())
+    if whole_model_groups is not None and [len(g) for g in whole_model_groups] != [len(g) for g in own_groups]:
+        saved = remap_optimizer_state(saved, whole_model_groups, own_groups) or saved
     try:
-        setup.optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:
+        setup.optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"the optimizer state in {path} does not fit this run ({e}); was it saved with "
                               "another --model or loss type?") from None
-    for group, before in zip(setup.optimizer.param_groups, lr_was):
-        if torch.is_tensor(before):
-            before.fill_(float(group["lr"]))
-            group["lr"] = before
+    for group, before in zip(setup.optimizer.param_groups, was):
+        for key in _OPTIMIZER_RUNTIME_KEYS:
+            if key in before:
+                group[key] = before[key]
+        if torch.is_tensor(before["lr"]):
+            before["lr"].fill_(float(group["lr"]))
+            group["lr"] = before["lr"]
         else:
             group["lr"] = float(group["lr"])
     if ckpt.get("scaler"):
-        setup.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            setup.scaler.load_state_dict(ckpt["scaler"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"the scaler state in {path} is not a GradScaler state ({e})") from None
     restore_accumulated_grads(setup.student, ckpt)
 
 
@@ -187,10 +257,54 @@ def _worker_error_cleaned(exc: Exception):
     return BadImageError(re.sub(r"^[\w.]*BadImageError: ", "", last.strip()))
 
 
+class RunStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run; ``signum`` says which (the exit code is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_stop_signal = []  # the signal received during this run, if any (see _stop_signals)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM raise RunStopped in the main thread, so the run's cleanup runs (the default SIGTERM
+    kills the process on the spot, leaving a run directory without a checkpoint). The signal is also
+    remembered: CPython drops an exception raised while it runs an at-fork callback (a DataLoader starting
+    its workers), and ``_batches`` re-raises it at the next batch."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _stop_signal.append(signum)
+        raise RunStopped(signum)
+
+    def quiet_when_stopping(unraisable):
+        # once stopping, the dropped RunStopped and the teardown noise of a half-built DataLoader iterator
+        # would print tracebacks; the stop itself is reported once by the CLI
+        if not _stop_signal:
+            hook_was(unraisable)
+    _stop_signal.clear()
+    hook_was, sys.unraisablehook = sys.unraisablehook, quiet_when_stopping
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+        sys.unraisablehook = hook_was
+        _stop_signal.clear()
+
+
 def _batches(loader):
     """Iterate the loader; a worker's BadImageError is re-raised with the worker's traceback stripped."""
     iterator = iter(loader)
     while True:
+        if _stop_signal:
+            raise RunStopped(_stop_signal[0])
         try:
             batch = next(iterator)
         except StopIteration:
@@ -200,6 +314,8 @@ def _batches(loader):
             if cleaned is None:
                 raise
             raise cleaned from None
+        if _stop_signal:
+            raise RunStopped(_stop_signal[0])
         yield batch
 
 
@@ -212,13 +328,16 @@ def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
         existed = os.path.isdir(run_dir)
         try:
             check_output_dir(run_dir)
-            args_dict["log_dir"] = run_dir
+            # as the reference, whose args.output_dir and log_dir are the run directory when it dumps them
+            args_dict["log_dir"] = args_dict["output_dir"] = run_dir
             # appended, as the reference does (a second run started in the same second shares the folder)
             write_opt_yaml(run_dir, args_dict)
             outcome = ("ok", run_dir, not existed)
-        except ValueError as e:
+        except BaseException as e:  # a bad folder (ValueError), or a signal while creating it
             if not existed:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if not isinstance(e, ValueError):
+                raise
             outcome = ("error", str(e))
     outcome = broadcast_object(outcome, ctx)
     if outcome[0] == "error":
@@ -255,12 +374,14 @@ def select_data(args, classes=None):
 
 def run_unlearn(args, baseline: bool = False) -> str:
     """Run the job (one process, or one rank of a torchrun job); returns the run directory."""
+    apply_reference_resume_default(args, baseline)
     validate_args(args, baseline)
     rank, world, local_rank = env_ranks()
     device = rank_device(args.device, local_rank, world)
     ctx = init_distributed(device)
     try:
-        return _run_unlearn(args, baseline, ctx, device)
+        with _stop_signals():
+            return _run_unlearn(args, baseline, ctx, device)
     finally:
         cleanup_distributed(ctx)
 
@@ -268,6 +389,11 @@ def run_unlearn(args, baseline: bool = False) -> str:
 def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     classes = class_lists(args)
     items = select_data(args, classes)
+    if len(items) < args.batch_size * ctx.world_size:
+        raise ValueError(f"a batch larger than the data: --batch_size {args.batch_size} x {ctx.world_size} "
+                         f"process(es) needs at least {args.batch_size * ctx.world_size} training images, the data "
+                         f"flags select {len(items)} (incomplete batches are dropped, as the reference's drop_last): "
+                         "lower --batch_size")
     labels = torch.tensor([lab for _, lab in items])
     held = None
     if args.eval_every is not None and ctx.is_main:  # read now: a bad held-out file fails before any writing
@@ -291,6 +417,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the reference (§1.4): the VQGAN's convolutions pick fast algorithms
     model = build_model(args)
+    whole_model_groups = optimizer_group_names(model.named_parameters())  # before the encoder-only freeze
     with _silenced(not ctx.is_main):  # only rank 0 prints notices
         resume_ckpt, teacher_source = load_training_state(args, model)
     teacher = None
@@ -314,7 +441,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         capturable=mode == "graphed", teacher=teacher)
     start_epoch, start_step, epoch_progress = args.start_epoch, 0, None
     if resume_ckpt is not None:
-        restore_optimizer(setup, resume_ckpt, args.resume)
+        restore_optimizer(setup, resume_ckpt, args.resume, whole_model_groups)
         with _silenced(not ctx.is_main):
             start_epoch, start_step, epoch_progress = resume_point(args, resume_ckpt, steps)
     if ctx.enabled:
@@ -323,29 +450,30 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
         setup.student = DDPStudent(model, ctx, args.seed, find_unused_parameters=whole_model)
 
     args_dict = args_as_dict(args)
+    # lr: the reference sets args.lr = blr * eff_batch / 256 before it dumps args
     args_dict.update(teacher_checkpoint=os.path.abspath(teacher_source) if teacher_source else None,
-                     lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
+                     lr=lr, lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
                      world_size=world)
     run_dir, created = prepare_run_dir(args, baseline, ctx, args_dict)
-    args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
-    if ctx.is_main:
-        where = f" at epoch {start_epoch} step {start_step}" if resume_ckpt is not None else ""
-        print(f"unlearn_fast: {len(items)} images ({int((labels < 100).sum())} forget), {steps} steps/epoch, "
-              f"lr {lr:.3g} (eff. batch {eff}), step '{mode}', precision '{args.precision}', device {device}"
-              + (f", {world} processes" if world > 1 else ""))
-        print(f"unlearn_fast: writing to {run_dir}{where}")
+    try:  # from here on a failure or a signal removes a run directory that holds no checkpoint yet
+        args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
+        if ctx.is_main:
+            where = f" at epoch {start_epoch} step {start_step}" if resume_ckpt is not None else ""
+            print(f"unlearn_fast: {len(items)} images ({int((labels < 100).sum())} forget), {steps} steps/epoch, "
+                  f"lr {lr:.3g} (eff. batch {eff}), step '{mode}', precision '{args.precision}', device {device}"
+                  + (f", {world} processes" if world > 1 else ""))
+            print(f"unlearn_fast: writing to {run_dir}{where}")
 
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=args.pin_mem and device.type == "cuda",
-                                         persistent_workers=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                             pin_memory=args.pin_mem and device.type == "cuda",
+                                             persistent_workers=False)
 
-    def epoch_batches(epoch):
-        sampler.set_epoch(epoch, start_step=start_step if epoch == start_epoch else 0)
-        dataset.set_epoch(epoch)
-        return _batches(loader)
+        def epoch_batches(epoch):
+            sampler.set_epoch(epoch, start_step=start_step if epoch == start_epoch else 0)
+            dataset.set_epoch(epoch)
+            return _batches(loader)
 
-    image_shape = (3, args.input_size, args.input_size)
-    try:
+        image_shape = (3, args.input_size, args.input_size)
         evaluator = None
         if held is not None:
             evaluator = PeriodicEvaluator(model, held[0], held[1], mask_seed=args.seed, every=args.eval_every,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 from typing import Dict, Optional
 
@@ -117,18 +118,55 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None
     _write_atomically(path, lambda fh: fh.write(data))
 
 
+def _allowed_globals() -> list:
+    """Non-tensor types that checkpoints in the wild pickle and that are safe to rebuild: the reference's
+    ``argparse.Namespace`` args, and numpy scalars / arrays / dtypes (older trainers store e.g. ``np.float64``
+    values in their args or metrics)."""
+    allowed = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency of torchvision
+        return allowed
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    multiarray = getattr(core, "multiarray", None)
+    allowed += [np.ndarray, np.dtype]
+    allowed += [f for f in (getattr(multiarray, "scalar", None), getattr(multiarray, "_reconstruct", None)) if f]
+    allowed += sorted({type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                                   np.float16, np.float32, np.float64)}, key=str)
+    return allowed
+
+
+def _unsafe_globals(path: str) -> list:
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
+        return [g for g in finder(path) if g not in allowed]
+    except Exception:  # not a zip checkpoint, or unreadable: the caller's message stands
+        return []
+
+
 def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` with weights_only, allowing the ``argparse.Namespace`` official files pickle."""
+    """``torch.load`` with weights_only, allowing the ``argparse.Namespace`` official files pickle (and numpy
+    scalars/arrays, see ``_allowed_globals``)."""
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path!r}")
     try:
         if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals(_allowed_globals()):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
         else:  # torch < 2.5
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        detail = (str(e).strip().splitlines() or ["(no detail)"])[0][:300]  # EOFError of an empty file has none
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path!r}: it pickles objects that are not loaded for "
+                                  "safety (only tensors, plain values, argparse.Namespace and numpy values are): "
+                                  f"{', '.join(unsafe[:5])}; re-save its 'model' state dict alone") from None
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or ["(no detail)"])[0])[:300]
+        if detail.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply
+            detail = "its pickled content is not a checkpoint dictionary of tensors and plain values"
         raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
                               f"{type(e).__name__}: {detail}") from None
     if not isinstance(ckpt, dict):
@@ -191,6 +229,42 @@ def save_unlearn_checkpoint(output_dir: str, epoch: int, model: nn.Module, optim
         atomic_save_safetensors({n: params[n] for n in trainable_names if n in params},
                                 os.path.join(output_dir, name + ".safetensors"))
     return path
+
+
+def optimizer_group_names(named_params, weight_decay: float = 0.05) -> list:
+    """Names of the trainable parameters in each AdamW group, in optimizer index order (no-decay group first,
+    as timm's ``add_weight_decay`` that the reference uses)."""
+    from .optimizer import param_groups_weight_decay
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    name_of = {id(p): n for n, p in named}
+    return [[name_of[id(p)] for p in g["params"]] for g in param_groups_weight_decay(named, weight_decay)]
+
+
+def remap_optimizer_state(saved: dict, saved_group_names: list, own_group_names: list) -> Optional[dict]:
+    """An optimizer ``state_dict`` over the parameters ``saved_group_names`` (names per group, in index order)
+    re-indexed for an optimizer over ``own_group_names``, or None if the layouts do not correspond.
+
+    The official trainer's AdamW holds every trainable parameter of the model (decoder and MLM head too,
+    which never get a gradient and so have no state), while encoder unlearning here optimizes only the
+    encoder: an official ``checkpoint-N.pth`` needs this re-indexing to continue."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(own_group_names):
+        return None
+    if [len(g.get("params", ())) for g in groups] != [len(names) for names in saved_group_names]:
+        return None
+    index_of = {n: i for g, names in zip(groups, saved_group_names) for i, n in zip(g["params"], names)}
+    new_state, new_groups, k = {}, [], 0
+    for group, names in zip(groups, own_group_names):
+        indices = []
+        for name in names:
+            if name not in index_of:
+                return None
+            if index_of[name] in state:
+                new_state[k] = state[index_of[name]]
+            indices.append(k)
+            k += 1
+        new_groups.append({**{key: v for key, v in group.items() if key != "params"}, "params": indices})
+    return {"state": new_state, "param_groups": new_groups}
 
 
 def accumulated_grads(model: nn.Module) -> Dict[str, torch.Tensor]:

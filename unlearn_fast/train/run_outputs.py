@@ -41,9 +41,9 @@ def check_output_dir(path: str) -> None:
 
 
 def write_opt_yaml(output_dir: str, args_dict: dict) -> None:
-    """``opt.yaml``: a JSON dump of the arguments, appended (as the reference does), atomically."""
+    """``opt.yaml``: a JSON dump of the arguments (indent 4), appended (as the reference does), atomically."""
     atomic_append_text(os.path.join(output_dir, "opt.yaml"),
-                       json.dumps(args_dict, indent=2, sort_keys=False, default=str) + "\n")
+                       json.dumps(args_dict, indent=4, sort_keys=False, default=str) + "\n")
 
 
 def append_log_line(output_dir: str, stats: dict) -> None:
