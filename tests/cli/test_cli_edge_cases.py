@@ -255,3 +255,25 @@ def test_signal_before_the_first_checkpoint_leaves_no_run_dir(good, tmp_path, ca
     err = _fails_cleanly(_args(good[0], out, "--resume", good[1]), out, capsys, rc=rc)
     assert ("terminated" if signum == signal.SIGTERM else "interrupted") in err
     assert {s: signal.getsignal(s) for s in before} == before  # the CLI's handlers are gone again
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32)])
+def test_seed_outside_numpys_range_is_refused(good, tmp_path, capsys, seed):
+    out = tmp_path / "out"
+    _fails_cleanly(_args(good[0], out, "--resume", good[1], "--seed", seed), out, capsys, "--seed must be in [0, 2**32)")
+
+
+@pytest.mark.parametrize("command,model", [("unlearn", "palette_micro"), ("unlearn", "palette_places2"),
+                                           ("baseline", "palette")])
+def test_palette_models_point_to_the_palette_command(good, tmp_path, capsys, command, model):
+    out = tmp_path / "out"
+    argv = _args(good[0], out, command=command) + (["--loss_type", "encoder_noise"] if command == "baseline" else [])
+    argv[argv.index("mae_micro")] = model
+    _fails_cleanly(argv, out, capsys, f"--model {model} is a Palette", "palette-unlearn")
+
+
+def test_serial_teacher_runs_and_is_recorded(good, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(good[0], out, "--resume", good[1], "--serial_teacher", "--max_steps_per_epoch", "1")) == 0
+    with open(os.path.join(_run_dir(out), "opt.yaml")) as f:
+        assert json.load(f)["serial_teacher"] is True

@@ -145,7 +145,7 @@ def test_wrong_architecture_names_missing_unexpected_and_shapes(make_mae_micro):
     with pytest.raises(CheckpointError, match=r"unexpected keys \(extra.weight\)"):
         load_model_state(make_mae_micro(), state)
     wide = make_mae_micro(embed_dim=64, num_heads=4)
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(cls_token: checkpoint \(1, 1, 128\) vs model"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(cls_token: file \(1, 1, 128\) vs model"):
         load_model_state(wide, small)
     # non-strict: missing/unexpected keys are tolerated, shape mismatches are not
     state.pop("norm.weight")

@@ -44,7 +44,24 @@ def _palette_model_flag(argv: List[str]) -> Optional[List[str]]:
     return None
 
 
+def _model_flag(argv: List[str]) -> Optional[str]:
+    """The value of ``--model`` in ``argv`` (the last one, as argparse keeps), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--model="):
+            value = a[len("--model="):]
+    return value
+
+
 def _run(command: str, argv: List[str]) -> int:
+    model = _model_flag(argv)
+    if command in ("unlearn", "baseline") and model is not None and model.startswith("palette") and (
+            command == "baseline" or model != "palette"):
+        raise UsageError(f"--model {model} is a Palette (diffusion) model: use 'unlearn-fast palette-unlearn -c CONFIG "
+                         "...' or 'unlearn-fast unlearn --model palette -c CONFIG ...' (the UNet comes from the config; "
+                         "the Palette baselines are flags of that command)")
     if command == "unlearn" and _palette_model_flag(argv) is not None:
         # Palette takes the reference unlearn.py flags and its JSON config: the palette-unlearn command
         from .palette_command import palette_unlearn_main

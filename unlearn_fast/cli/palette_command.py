@@ -40,7 +40,7 @@ from ..train.palette_trainer import (PALETTE_STEP_MODES, check_palette_resume_fi
 from ..train.run_outputs import check_output_dir
 from ..train.seeding import step_generator
 from .palette_config import load_palette_config, resolve_palette_job
-from .unlearn_command import _batches, resolve_device
+from .unlearn_command import loader_batches, resolve_device
 
 REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")
 
@@ -251,7 +251,7 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
     def epoch_batches(epoch):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        return _batches(loader)  # a worker's bad image: one line naming the file
+        return loader_batches(loader)  # a worker's bad image: one line naming the file
 
     palette_train_loop(setup, epoch_batches, steps, n_epoch=job.n_epoch, run_dir=run_dir,
                        checkpoint_subdir=job.checkpoint_subdir, step_mode=args.step,
@@ -345,7 +345,7 @@ def run_palette_test(args) -> str:
             bar = tqdm(total=len(items), desc="palette-test", dynamic_ncols=True, leave=False)
         except ImportError:
             pass
-    for i, (sample, _labels) in enumerate(_batches(loader)):
+    for i, (sample, _labels) in enumerate(loader_batches(loader)):
         gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
         g = step_generator(job.seed, 0, i, "noise", device)
         _, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,

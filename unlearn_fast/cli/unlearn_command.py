@@ -78,6 +78,8 @@ def validate_args(args, baseline: bool) -> None:
     need(args.num_image_per_class >= 1, f"--num_image_per_class must be >= 1, got {args.num_image_per_class}")
     need(args.retainset_ratio >= 0, f"--retainset_ratio must be >= 0, got {args.retainset_ratio}")
     need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    # the reference seeds numpy with seed + rank, which takes [0, 2**32)
+    need(0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {args.seed}")
     need(0.0 <= args.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.model.startswith("mage"):  # the truncated normal of the mask rate (REFERENCE §1.2 b)
         need(0.0 <= args.mask_ratio_min < args.mask_ratio_max <= 1.0,
@@ -273,7 +275,7 @@ def _stop_signals():
     """SIGINT and SIGTERM raise RunStopped in the main thread, so the run's cleanup runs (the default SIGTERM
     kills the process on the spot, leaving a run directory without a checkpoint). The signal is also
     remembered: CPython drops an exception raised while it runs an at-fork callback (a DataLoader starting
-    its workers), and ``_batches`` re-raises it at the next batch."""
+    its workers), and ``loader_batches`` re-raises it at the next batch."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -299,7 +301,7 @@ def _stop_signals():
         _stop_signal.clear()
 
 
-def _batches(loader):
+def loader_batches(loader):
     """Iterate the loader; a worker's BadImageError is re-raised with the worker's traceback stripped."""
     iterator = iter(loader)
     while True:
@@ -437,7 +439,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,
                         accum_iter=args.accum_iter, seed=args.seed, rank=rank, loss_type=loss_type,
                         baseline_weighting=getattr(args, "baseline_weighting", "reference"),
-                        share_tokenizer=args.share_tokenizer, fast=mode != "reference",
+                        share_tokenizer=args.share_tokenizer, overlap_teacher=not getattr(args, "serial_teacher", False),
+                        fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     start_epoch, start_step, epoch_progress = args.start_epoch, 0, None
     if resume_ckpt is not None:
@@ -471,7 +474,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
         def epoch_batches(epoch):
             sampler.set_epoch(epoch, start_step=start_step if epoch == start_epoch else 0)
             dataset.set_epoch(epoch)
-            return _batches(loader)
+            return loader_batches(loader)
 
         image_shape = (3, args.input_size, args.input_size)
         evaluator = None

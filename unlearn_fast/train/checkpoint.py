@@ -26,6 +26,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..models.state_dict_io import state_dict_mismatch
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, truncated or does not fit the model."""
@@ -183,22 +185,12 @@ def model_state_from(ckpt: dict, path: str = "") -> dict:
 
 
 def load_model_state(model: nn.Module, state: dict, path: str = "", strict: bool = True) -> None:
-    """Strict load with one readable message listing missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        def head(xs):
-            return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8})" if len(xs) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({head(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({head(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({head(shapes)})")
+    """Strict load with one readable message listing missing, unexpected and mis-shaped keys (non-strict:
+    only mis-shaped keys are errors)."""
+    parts = state_dict_mismatch(model.state_dict(), state)
+    if not strict:
+        parts = [p for p in parts if "shape mismatches" in p]
+    if parts:
         raise CheckpointError(f"checkpoint {path!r} does not fit model {type(model).__name__}: " + "; ".join(parts)
                               + ". Is --model the architecture this checkpoint was trained with?")
     model.load_state_dict(state, strict=strict)
