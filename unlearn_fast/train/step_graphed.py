@@ -76,6 +76,7 @@ class GraphedUnlearnStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.warmup, self.done_warmup = warmup, 0
         self.side = torch.cuda.Stream(device=dev)
+        teacher_stream_for(setup)  # made now, never during a capture
         self.eager_fallbacks = 0
         # several ranks: graph A (forward + backward) and graph B (update) around the gradient all-reduce
         self.dist, self.all_reduce_in_graph = dist, bool(all_reduce_in_graph)
