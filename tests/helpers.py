@@ -110,3 +110,17 @@ def forget_pattern(n: int, which: str) -> torch.Tensor:
     if which == "all_retain":
         return torch.zeros(n, dtype=torch.bool)
     return torch.arange(n) % 3 == 1
+
+
+def assert_cli_fails_cleanly(argv, out, capsys, *needles, rc: int = 2, max_lines: int = 12) -> str:
+    """``unlearn-fast argv`` exits ``rc`` with one short message containing every needle, no traceback, and
+    leaves ``out`` absent or empty; returns the message."""
+    from unlearn_fast.cli.main import main
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == rc, f"exit code {code}: {err}"
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in: {err}"
+    assert "Traceback" not in err and err.count("\n") <= max_lines, err
+    assert not os.path.exists(out) or os.listdir(out) == [], os.listdir(out)
+    return err

@@ -14,6 +14,8 @@ import unlearn_fast
 import unlearn_fast.train.image_datasets as image_datasets
 from unlearn_fast.cli.main import main
 
+from tests.helpers import assert_cli_fails_cleanly
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_IMG = 4  # per class; 8 forget + 8 retain rows, batch 4: every file is read in epoch 0
@@ -47,15 +49,7 @@ def _args(data, out, *extra):
             "--num_workers", "0", "--output_dir", str(out), "--no_progress", "--device", "cpu", *extra]
 
 
-def _fails_cleanly(argv, out, capsys, *needles, rc=2):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == rc, f"exit code {code}: {err}"
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in: {err}"
-    assert "Traceback" not in err and err.count("\n") <= 12, err
-    assert not os.path.exists(out) or os.listdir(out) == [], os.listdir(out)
-    return err
+_fails_cleanly = assert_cli_fails_cleanly
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from unlearn_fast.cli.unlearn_args import build_parser
 from unlearn_fast.train.checkpoint import (CheckpointError, load_checkpoint_file, optimizer_group_names,
                                            remap_optimizer_state)
 
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import assert_cli_fails_cleanly, make_class_tree, save_random_pretrained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,15 +40,7 @@ def _args(data, out, *extra, command="unlearn"):
             "--num_workers", "0", "--output_dir", str(out), "--no_progress", "--device", "cpu", *extra]
 
 
-def _fails_cleanly(argv, out, capsys, *needles, rc=2):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == rc, f"exit code {code}: {err}"
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in: {err}"
-    assert "Traceback" not in err, err
-    assert not os.path.exists(out) or os.listdir(out) == [], os.listdir(out)
-    return err
+_fails_cleanly = assert_cli_fails_cleanly
 
 
 def _run_dir(out):

@@ -1,12 +1,10 @@
 """Bad and unusual input for the evaluation commands: each fails with one clear error, before any CSV row or
 image is half-written, or works as the reference layout says (red-team findings, one test each)."""
 import os
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from unlearn_fast.cli.main import main
@@ -17,56 +15,10 @@ from unlearn_fast.eval.tsne import run_tsne
 from unlearn_fast.models import create_model
 from unlearn_fast.models.mage_generate import paint_batch, run_paint
 
+from tests.eval.stand_ins import TinyClassifier, TinyVisual, preprocess_plain, save_png
 from tests.helpers import make_class_tree, save_random_pretrained
 
 N = 4  # generated images per split and ratio
-
-
-class TinyFeatures(nn.Module):  # stands in for the clean-fid torchscript Inception (needs `.layers`)
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 3, 8, stride=37), nn.AdaptiveAvgPool2d(1))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self, k=5):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4, k))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-class TinyVisual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * 8 * 8, 6)
-
-    def forward(self, x):
-        return self.proj(x.flatten(1))
-
-
-def preprocess_plain(img):
-    return torch.from_numpy(np.array(img.resize((8, 8), Image.BILINEAR))).permute(2, 0, 1).float() / 255
-
-
-def save_png(path, arr):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")
-
-
-@pytest.fixture
-def cleanfid_file(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "inception-2015-12-05.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(TinyFeatures().eval()).save(path)
-    return path
 
 
 @pytest.fixture

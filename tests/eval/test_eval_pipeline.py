@@ -1,11 +1,9 @@
 """End-to-end metric runs on tiny fake folders with tiny stand-in networks: pairing, BGR, CSV rows."""
 import os
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
@@ -14,6 +12,8 @@ from unlearn_fast.eval import csv_rows, pipeline
 from unlearn_fast.eval.feature_extractors import MissingWeightsError
 from unlearn_fast.eval.inception_score import inception_score_from_probs
 from unlearn_fast.eval.preprocess import CIFAR_MEAN, CIFAR_STD
+
+from tests.eval.stand_ins import TinyClassifier, TinyVisual, preprocess_plain, save_png
 
 try:
     import matplotlib  # noqa: F401
@@ -24,61 +24,10 @@ except ImportError:
 N_PER_SPLIT = 6
 
 
-class TinyInceptionScript(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 3, 8, stride=37), nn.AdaptiveAvgPool2d(1))
-        with torch.no_grad():
-            self.layers[0].weight.mul_(10)  # features of a few units, so FIDs are O(1) and up
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.layers(x)
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self, k=5):
-        super().__init__()
-        torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4, k))
-
-    def forward(self, x):
-        return self.body(x) * 5  # sharper softmax -> an IS clearly above 1
-
-
-class TinyVisual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(2)
-        self.proj = nn.Linear(3 * 8 * 8, 6)
-
-    def forward(self, x):
-        return self.proj(x.flatten(1))
-
-
-def preprocess_plain(img):
-    return torch.from_numpy(np.array(img.resize((8, 8), Image.BILINEAR))).permute(2, 0, 1).float() / 255
-
-
 def random_photo(rng, h, w):
     """A smooth colour ramp with a random colour: its features vary a lot from image to image, unlike noise."""
     ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(-80, 80, 3)
     return np.clip(rng.uniform(40, 215, 3) + ramp + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def save_png(path, arr):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")  # lossless content under the reference's file names
-
-
-@pytest.fixture
-def cleanfid_file(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "inception-2015-12-05.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(TinyInceptionScript().eval()).save(path)
-    return path
 
 
 @pytest.fixture
