@@ -17,7 +17,7 @@ class _Odd(nn.Module):
         self.table = nn.Parameter(torch.ones(2, 3))   # 2-D: decays
         self.proj = nn.Module()
         self.proj.bias = nn.Parameter(torch.ones(2, 2))  # 2-D but named .bias: no decay
-        self.scale = nn.Parameter(torch.ones(()))     # 0-D: no decay
+        self.scale = nn.Parameter(torch.ones(()))     # 0-D: decays (timm 0.3.2 tests len(shape) == 1)
         self.frozen = nn.Parameter(torch.ones(3, 3), requires_grad=False)  # left out
 
 
@@ -30,8 +30,8 @@ def test_param_groups_rules():
     groups = param_groups_weight_decay(m.named_parameters(), 0.05)
     no_decay, decay = groups
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
-    assert _ids(decay["params"]) == _ids([m.lin.weight, m.table])
-    assert _ids(no_decay["params"]) == _ids([m.lin.bias, m.norm.weight, m.norm.bias, m.proj.bias, m.scale])
+    assert _ids(decay["params"]) == _ids([m.lin.weight, m.table, m.scale])
+    assert _ids(no_decay["params"]) == _ids([m.lin.bias, m.norm.weight, m.norm.bias, m.proj.bias])
     assert id(m.frozen) not in _ids(decay["params"]) | _ids(no_decay["params"])
 
 
@@ -66,7 +66,7 @@ def test_build_adamw_settings_and_first_step():
         if n not in grads:
             assert torch.equal(p, before[n])
             continue
-        wd = 0.5 if n in ("lin.weight", "table") else 0.0
+        wd = 0.5 if n in ("lin.weight", "table", "scale") else 0.0
         expected = before[n] * (1 - 0.1 * wd) - 0.1 * grads[n] / (grads[n].abs() + 1e-8)
         assert_close_report(p, expected, rtol=1e-6, atol=1e-7, name=n)
 

@@ -176,3 +176,15 @@ def test_opt_yaml_and_log_lines_append(tmp_path):
     append_log_line(str(tmp_path), {"epoch": 0, "train_loss": 0.5})
     append_log_line(str(tmp_path), {"epoch": 1, "train_loss": 0.25})
     assert [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+def test_log_line_keys_follow_the_reference_per_objective():
+    from unlearn_fast.train.trainer import epoch_log_line
+    for loss_type in (None, "encoder_noise", "learn_others"):
+        assert list(epoch_log_line(loss_type, 1e-4, 3.0, 1.0, 2.0, 0)) == [
+            "train_lr", "train_retain_l2_loss", "train_forget_l2_loss", "train_loss", "epoch"]
+    for loss_type in ("max_full_model_loss", "full_model_noise"):
+        line = epoch_log_line(loss_type, 1e-4, 3.0, 1.0, 2.0, 4)
+        assert list(line) == ["train_lr", "train_loss", "train_retain_loss", "train_forget_loss", "epoch"]
+        assert (line["train_retain_loss"], line["train_forget_loss"], line["train_loss"], line["epoch"]) == (1.0, 2.0,
+                                                                                                          3.0, 4)

@@ -161,11 +161,17 @@ class BalancedUnlearnSampler(_ShardedBatchSampler):
 class ReferenceShuffleBatchSampler(_ShardedBatchSampler):
     """The reference's batches: one seeded permutation of all rows per epoch cut into batches, so the
     forget/retain mix varies per batch. `data` is the number of rows or any sized sequence (the labels).
-    drop_last=False pads the last global batch by wrapping around."""
+    drop_last=False pads the last global batch by wrapping around.
+
+    pad_to_world=True counts steps as the reference's ``DistributedSampler`` + ``DataLoader(drop_last=True)``
+    do: each rank gets ceil(N / world_size) rows (the permutation padded by wrapping around) and
+    ceil(N / world_size) // batch_size batches, which can be one more than N // (world_size * batch_size).
+    With one process both counts are N // batch_size."""
 
     def __init__(self, data, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, start_step: int = 0):
+                 drop_last: bool = True, start_step: int = 0, pad_to_world: bool = False):
         super().__init__(batch_size, seed, rank, world_size, drop_last)
+        self.pad_to_world = bool(pad_to_world)
         self.num_samples = int(data) if _is_int(data) else len(data)
         if self.num_samples < 1:
             raise ValueError("ReferenceShuffleBatchSampler needs at least one row")
@@ -177,6 +183,9 @@ class ReferenceShuffleBatchSampler(_ShardedBatchSampler):
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.pad_to_world:  # rows per rank first (DistributedSampler pads them up), then batches
+            per_rank = math.ceil(self.num_samples / self.world_size)
+            return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
         per_step = self.batch_size * self.world_size
         return self.num_samples // per_step if self.drop_last else math.ceil(self.num_samples / per_step)
 

@@ -1,4 +1,5 @@
-"""AdamW(0.9, 0.95) with weight decay only on >=2-D non-bias params (timm 0.3.2 ``add_weight_decay``)."""
+"""AdamW(0.9, 0.95) with weight decay on every trainable param except 1-D ones and names ending ``.bias``
+(timm 0.3.2 ``add_weight_decay``, which the reference calls)."""
 from __future__ import annotations
 
 from typing import Iterable, Tuple
@@ -10,11 +11,13 @@ BETAS = (0.9, 0.95)
 
 
 def param_groups_weight_decay(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float):
+    """[no-decay group, decay group], as timm 0.3.2: its test is ``len(shape) == 1``, so a 0-d param DOES
+    decay (newer timm's ``ndim <= 1`` would not). Frozen params are left out."""
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 

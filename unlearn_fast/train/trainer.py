@@ -102,6 +102,20 @@ def _weights_finite(setup: UnlearnSetup) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in setup.trainable]).all())
 
 
+# the reference's whole-model baselines log their MetricLogger meters under these names, in this order
+# (engine_baseline.py); the unlearn run and the encoder baselines use the l2 names (engine_unlearn.py)
+_PLAIN_LOSS_NAMES = ("max_full_model_loss", "full_model_noise")
+
+
+def epoch_log_line(loss_type, lr: float, loss: float, retain: float, forget: float, epoch: int) -> dict:
+    """One ``log.txt`` line with the reference's keys for ``loss_type`` (None: the paper's objective)."""
+    if loss_type in _PLAIN_LOSS_NAMES:
+        return {"train_lr": lr, "train_loss": loss, "train_retain_loss": retain, "train_forget_loss": forget,
+                "epoch": epoch}
+    return {"train_lr": lr, "train_retain_l2_loss": retain, "train_forget_l2_loss": forget, "train_loss": loss,
+            "epoch": epoch}
+
+
 def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], steps_per_epoch: int, *,
                epochs: int, lr: float, min_lr: float = 0.0, warmup_epochs: float = 0.0, start_epoch: int = 0,
                start_step_in_epoch: int = 0, output_dir: Optional[str] = None, args_dict: Optional[dict] = None,
@@ -166,6 +180,10 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         first = start_step_in_epoch if epoch == start_epoch else 0
         meter = _EpochMeter(setup.device, graphed, dist, epoch_progress if first else None)
         t0, images_seen = time.perf_counter(), 0
+        if graphed is None and first == 0:  # the reference's train_one_epoch starts with zero_grad: a partial window
+            # of the last epoch is dropped (a resume inside an epoch keeps its window)
+            setup.optimizer.zero_grad(set_to_none=True)
+        lr_now = float(setup.optimizer.param_groups[0]["lr"])  # the reference logs the optimizer's lr
         for it, (images, labels) in enumerate(epoch_batches(epoch), start=first):
             if it >= steps_per_epoch:
                 break
@@ -173,6 +191,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
             cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
             if it % accum == 0:
                 set_lr(setup.optimizer, cur_lr)
+                lr_now = cur_lr
             is_forget = labels < 100  # s = +1 iff label >= 100 (reference)
             update = (it + 1) % accum == 0
             if ddp is not None:
@@ -187,7 +206,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                     out = fn(setup, images, is_forget, step, update)
                 else:
                     out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_seed)
-            meter.add(out, cur_lr)
+            meter.add(out, lr_now)
             images_seen += images.shape[0]
             last = it == steps_per_epoch - 1
             mid_save = (save_every_steps is not None and update and not last
@@ -209,9 +228,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if meter.n_steps == 0:
             raise ValueError(f"epoch {epoch} produced no batches")
         n_steps, sums = meter.n_steps, meter.sums
-        stats = {"train_lr": meter.lr_sum / n_steps, "train_retain_l2_loss": sums[1].item() / n_steps,
-                 "train_forget_l2_loss": sums[2].item() / n_steps, "train_loss": sums[0].item() / n_steps,
-                 "epoch": epoch}
+        stats = epoch_log_line(setup.loss_type, meter.lr_sum / n_steps, sums[0].item() / n_steps,
+                               sums[1].item() / n_steps, sums[2].item() / n_steps, epoch)
         history.append(stats)
         check_weights((epoch + 1) * steps_per_epoch)
         if writes:
@@ -230,8 +248,9 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
         if is_main:
-            print(f"epoch {epoch}: loss {stats['train_loss']:.5f} retain {stats['train_retain_l2_loss']:.5f} "
-                  f"forget {stats['train_forget_l2_loss']:.5f} lr {stats['train_lr']:.3e}", flush=True)
+            retain, forget = (v for k, v in stats.items() if k.startswith(("train_retain", "train_forget")))
+            print(f"epoch {epoch}: loss {stats['train_loss']:.5f} retain {retain:.5f} forget {forget:.5f} "
+                  f"lr {stats['train_lr']:.3e}", flush=True)
     return history
 
 
