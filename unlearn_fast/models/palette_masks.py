@@ -14,6 +14,7 @@ only ones it trains on, that is the same as the x-in-width, y-in-height used her
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,16 +30,43 @@ def as_numpy_rng(rng: RandomSource) -> np.random.Generator:
     if isinstance(rng, torch.Generator):
         seed = int(torch.randint(0, 2 ** 63 - 1, (1,), generator=rng, device=rng.device).item())
         return np.random.default_rng(seed)
-    if rng is None or isinstance(rng, int):
-        return np.random.default_rng(rng)
+    if rng is None or isinstance(rng, numbers.Integral):  # numpy integers too
+        return np.random.default_rng(int(rng) if rng is not None else None)
     raise TypeError(f"rng must be a numpy Generator, torch.Generator, int or None, got {type(rng).__name__}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[:2]
+    if _is_int(image_size):
+        hw = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list, np.ndarray, torch.Size)) and len(image_size) >= 2:
+        hw = tuple(image_size)[:2]  # (h, w) or (h, w, c) as the reference's img_shape[:2]
+    else:
+        raise TypeError(f"image size must be an int or (height, width), got {image_size!r}")
+    if not all(_is_int(v) for v in hw):
+        raise TypeError(f"image size must be integers, got {image_size!r}")
+    h, w = int(hw[0]), int(hw[1])
     if h < 8 or w < 8:
         raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
-    return int(h), int(w)
+    return h, w
+
+
+def _pair(value, what: str) -> Tuple[int, int]:
+    """An int means (v, v), as the reference's random_bbox arguments."""
+    pair = (value, value) if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(_is_int(v) for v in pair):
+        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _low_high(value, what: str) -> Tuple[int, int]:
+    """An int v means exactly v, i.e. the range [v, v + 1), as the reference's brush_stroke_mask arguments."""
+    if _is_int(value):
+        return int(value), int(value) + 1
+    return _pair(value, what)
 
 
 def _scaled(value: int, size: int) -> int:
@@ -51,9 +79,11 @@ def random_bbox(rng: RandomSource, image_size=(256, 256), max_bbox_shape: Option
     """``(top, left, height, width)`` of a random box (defaults 128², delta 40, margin 20 at 256²)."""
     rng = as_numpy_rng(rng)
     h, w = _hw(image_size)
-    mh, mw = max_bbox_shape or (_scaled(128, h), _scaled(128, w))
-    dh, dw = max_bbox_delta or (_scaled(40, h), _scaled(40, w))
-    gh, gw = min_margin or (_scaled(20, h), _scaled(20, w))
+    mh, mw = _pair(max_bbox_shape, "max_bbox_shape") if max_bbox_shape is not None else (_scaled(128, h),
+                                                                                          _scaled(128, w))
+    dh, dw = _pair(max_bbox_delta, "max_bbox_delta") if max_bbox_delta is not None else (_scaled(40, h),
+                                                                                         _scaled(40, w))
+    gh, gw = _pair(min_margin, "min_margin") if min_margin is not None else (_scaled(20, h), _scaled(20, w))
     if mh > h or mw > w:
         raise ValueError(f"box {mh}x{mw} larger than the image {h}x{w}")
     if dh // 2 * 2 >= mh or dw // 2 * 2 >= mw:
@@ -84,7 +114,11 @@ def brush_stroke_mask(rng: RandomSource, image_size=(256, 256), num_vertices: Tu
 
     rng = as_numpy_rng(rng)
     h, w = _hw(image_size)
-    bw_min, bw_max = brush_width or (max(1, _scaled(12, min(h, w))), max(2, _scaled(40, min(h, w))))
+    if brush_width is None:
+        bw_min, bw_max = max(1, _scaled(12, min(h, w))), max(2, _scaled(40, min(h, w)))
+    else:
+        bw_min, bw_max = _low_high(brush_width, "brush_width")
+    num_vertices = _low_high(num_vertices, "num_vertices")
     if bw_max <= bw_min or num_vertices[1] <= num_vertices[0] or max_loops < 2:
         raise ValueError("brush_width and num_vertices must be (low, high) with high > low, and max_loops >= 2")
     average_radius = math.sqrt(h * h + w * w) / 8
@@ -123,6 +157,8 @@ def hybrid_mask(rng: RandomSource, image_size=(256, 256)) -> torch.Tensor:
 
 def center_mask(image_size=(256, 256), mask_ratio: float = 0.5) -> torch.Tensor:
     """The test hole: a centred square of side ``int(size·mask_ratio)`` (128² at (64, 64) for 256², 0.5)."""
+    if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool):
+        raise TypeError(f"mask_ratio must be a number in (0, 1], got {mask_ratio!r}")
     if not 0.0 < mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
     h, w = _hw(image_size)

@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import random
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -144,12 +145,13 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
 
     n = int(num_image_per_class)
     forget = _take_per_class(root, forget_classes, n, seed)
-    retain = _take_per_class(root, retain_classes, math.ceil(n * retainset_ratio), seed)
+    retain = _take_per_class(root, retain_classes, _ceil_count(n * retainset_ratio), seed)
     proxy: list[str] = []
     if open_ratio > 0:
         wanted_total = open_ratio * len(forget_classes) * n  # reference: open_ratio * 100 * n
         if proxy_root is not None:
-            proxy = _take_external_proxy(proxy_root, math.ceil(wanted_total), seed)
+            proxy = _take_external_proxy(proxy_root, _ceil_count(wanted_total), seed,
+                                         [os.path.join(root, c) for c in forget_classes])
         else:
             taken = set(forget_classes) | set(retain_classes)
             proxy = _take_folder_proxy(root, [c for c in folders if c not in taken], wanted_total, seed)
@@ -177,7 +179,8 @@ def select_unlearning_files(root, forget_classes: Sequence[str], retain_classes:
     ceil(num_image_per_class * retainset_ratio) of each retain class. proxy (only when
     opendata_to_forget_ratio > 0): with `proxy_root` None, every other class folder under `root` gives
     ceil(ratio * F * n / P) files (F forget classes, P proxy folders; the reference's 100 * n / 800);
-    with `proxy_root` (COCO-style, searched recursively) ceil(ratio * F * n) files in total.
+    with `proxy_root` (COCO-style, searched recursively) ceil(ratio * F * n) files in total (a proxy_root
+    that holds forget-class images is refused; a ratio so large that the count overflows takes every file).
     Then retain is repeated to max(|proxy|, |forget|) and forget is repeated, shuffled and cut to
     max(|proxy| + |retain|, F * n), so forget rows make up about half of the list.
     """
@@ -197,12 +200,12 @@ def read_file_list_csv(path, root=None, forget_classes: Sequence[str] | None = N
         forget_classes, retain_classes = reference_class_split()
     forget_set, retain_set = set(forget_classes or ()), set(retain_classes or ())
     items: list[Item] = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the header
         for line_no, row in enumerate(csv.reader(f), start=1):
             row = [cell.strip() for cell in row]
             if not row or not any(row):
                 continue
-            if line_no == 1 and [c.lower() for c in row] == ["imgs", "labels"]:
+            if not items and [c.lower() for c in row] == ["imgs", "labels"]:  # header: the first non-blank row
                 continue
             file = row[0]
             if len(row) == 2:
@@ -290,19 +293,33 @@ def _take_folder_proxy(root: str, proxy_classes: list[str], wanted_total: float,
     if not per_class_files:
         raise ValueError(f"opendata_to_forget_ratio > 0 but {root} has no other class folders with images "
                          "to use as the proxy; give proxy_root (e.g. COCO) or set the ratio to 0")
-    count = math.ceil(wanted_total / len(per_class_files))
+    count = _ceil_count(wanted_total / len(per_class_files))
     out: list[str] = []
     for cls, files in per_class_files.items():
         out += seeded_shuffle(files, seed, "class", cls)[:count]
     return out
 
 
-def _take_external_proxy(proxy_root, count: int, seed: int) -> list[str]:
+def _take_external_proxy(proxy_root, count: int, seed: int, forget_dirs=()) -> list[str]:
+    if proxy_root is not None and str(proxy_root) and not os.path.isdir(str(proxy_root)):
+        raise ValueError(f"proxy path {proxy_root} does not exist or is not a folder (--proxy_path; with "
+                         "--use_coco it defaults to <data_path>/../../coco/train2017, as the reference)")
     proxy_root = _check_data_dir(proxy_root, "proxy path")
     files = list_images(proxy_root, recursive=True)
     if not files:
         raise ValueError(f"proxy path {proxy_root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    # a proxy that holds forget-class images (e.g. the training tree itself) would train them as retain (+100)
+    forget_dirs = {os.path.realpath(d) for d in forget_dirs}
+    clash = sorted(d for d in {os.path.dirname(f) for f in files} if os.path.realpath(d) in forget_dirs)
+    if clash:
+        raise ValueError(f"proxy path {proxy_root} contains forget-class images ({', '.join(clash[:3])}); "
+                         "point the proxy at other data (e.g. COCO)")
     return seeded_shuffle(files, seed, "external_proxy")[:count]
+
+
+def _ceil_count(x: float) -> int:
+    """ceil(x) as a file count; a product of huge finite ratios that overflows to inf means 'every file'."""
+    return math.ceil(x) if math.isfinite(x) else sys.maxsize
 
 
 def _repeat_to(items: list, target: int) -> list:

@@ -12,6 +12,7 @@ way whatever the number of workers, the rank or whether the run was resumed.
 from __future__ import annotations
 
 import math
+import numbers
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -96,10 +97,10 @@ class SeededTrainTransform:
     takes_generator = True
 
     def __init__(self, input_size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
-        if not isinstance(input_size, int) or input_size < 1:
-            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
+        input_size = _check_size(input_size)
+        if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(_is_real(x) for x in scale)
+                and 0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"crop scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
         self.input_size, self.scale, self.ratio, self.flip_p = input_size, tuple(scale), tuple(ratio), flip_p
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -122,9 +123,7 @@ class EvalTransform:
     takes_generator = True
 
     def __init__(self, input_size: int):
-        if not isinstance(input_size, int) or input_size < 1:
-            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
-        self.input_size = input_size
+        self.input_size = _check_size(input_size)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
@@ -155,7 +154,7 @@ class UnlearnImageDataset(Dataset):
     other callable gets the PIL image alone; None means ToTensor only."""
 
     def __init__(self, items: Sequence, transform=None, seed: int = 0):
-        items = [(str(path), float(label)) for path, label in items]
+        items = [_check_item(k, item) for k, item in enumerate(items)]
         if not items:
             raise ValueError("UnlearnImageDataset needs at least one (path, label) item")
         self.items, self.transform, self.seed, self.epoch = items, transform, int(seed), 0
@@ -181,3 +180,27 @@ class UnlearnImageDataset(Dataset):
         if getattr(self.transform, "takes_generator", False):
             return self.transform(image, item_generator(self.seed, self.epoch, index)), label
         return self.transform(image), label
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_size(input_size) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral) or input_size < 1:
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    return int(input_size)
+
+
+def _check_item(k: int, item) -> tuple[str, float]:
+    """One (path, label) pair; the label must be a finite number (a numeric string is accepted)."""
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+        raise ValueError(f"item {k} must be a (path, label) pair, got {item!r}")
+    path, label = item
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"item {k} ({path}): label {label!r} is not a finite number (-100.0 forget, 100.0 retain)")
+    return str(path), value
