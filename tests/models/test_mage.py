@@ -184,7 +184,7 @@ def test_forward_encoder_reference_api(micro):
     micro.eval()
     x = torch.rand(2, 3, 32, 32)
     task = task_for(micro, 2)
-    latent, gt, drop, all_ = micro.forward_encoder(x, task["token_drop_mask"].float(), task["token_all_mask"])
+    latent, gt, drop, all_ = micro.forward_encoder(x, task["token_drop_mask"].float(), task["token_all_mask"])[:4]
     torch.testing.assert_close(latent, micro.forward_encoder_task(micro.prepare_inputs(x), task), rtol=0, atol=0)
     assert torch.equal(gt, micro.prepare_inputs(x)) and gt.dtype == torch.long
     assert tuple(drop.shape) == (2, 65) and drop.dtype == torch.float32 and (drop[:, 0] == 0).all()

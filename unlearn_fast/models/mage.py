@@ -34,7 +34,7 @@ from .mage_masking import sample_mage_masks
 from .registry import register_model
 from .vit_blocks import Mlp, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
 from .state_dict_io import load_state_dict_strict, read_checkpoint
-from .vqgan import VQGAN, VQGAN_F16_DDCONFIG, load_vqgan_checkpoint
+from .vqgan import VQGAN, VQGAN_F16_DDCONFIG, check_id_range, load_vqgan_checkpoint
 
 LABEL_SMOOTHING = 0.1
 
@@ -225,6 +225,7 @@ class MaskedGenerativeEncoderViT(nn.Module, I2IModel):
     def forward_encoder_task(self, inputs: torch.Tensor, task: TaskDraw, prenorm: bool = False) -> torch.Tensor:
         """E(T(x)): VQ ids [N, L] -> latent [N, 1 + L - num_dropped, D] (before ``norm`` if prenorm)."""
         drop, all_, k = self._check_task(inputs, task)
+        check_id_range(inputs, self.vocab_size, "token ids")  # [MASK] ids are valid input (generation)
         ids = torch.where(all_, torch.full_like(inputs, self.mask_token_label), inputs)
         ids = F.pad(ids, (1, 0), value=self.fake_class_label)  # [N, 1+L]
         x = self.token_emb(ids)  # [N, 1+L, D]
@@ -234,18 +235,31 @@ class MaskedGenerativeEncoderViT(nn.Module, I2IModel):
             x = blk(x)
         return x if prenorm else self.norm(x)
 
+    def _reference_task(self, images, token_drop_mask_raw, token_all_mask_raw):
+        """(task, drop_raw, all_raw): the given raw masks, or masks sampled from the global RNG; the raw masks
+        are returned as the reference returns them (float [N, L] when sampled, as given otherwise)."""
+        if (token_drop_mask_raw is None) != (token_all_mask_raw is None):
+            raise ValueError("give both token_drop_mask_raw and token_all_mask_raw (the student's masks) or neither")
+        if token_drop_mask_raw is None:
+            task = self.sample_task(images)
+            return task, task["token_drop_mask"].float(), task["token_all_mask"].float()
+        task = TaskDraw(token_drop_mask=token_drop_mask_raw.bool(), token_all_mask=token_all_mask_raw.bool())
+        return task, token_drop_mask_raw, token_all_mask_raw
+
     def forward_encoder(self, images: torch.Tensor, token_drop_mask_raw: Optional[torch.Tensor] = None,
                         token_all_mask_raw: Optional[torch.Tensor] = None):
-        """Reference API: (latent [N, K, D], gt ids [N, L], token_drop_mask [N, 1+L], token_all_mask [N, 1+L])
-        with float masks carrying a leading 0 for the class token. Masks are sampled when not given (global RNG)."""
+        """Reference API, the reference's 7-tuple: (latent [N, K, D], gt ids [N, L] int64, token_drop_mask
+        [N, 1+L], token_all_mask [N, 1+L] (float, a leading 0 for the class token), token_indices [N, 1+L]
+        int64 (class token, then ids with [MASK] at masked positions), token_drop_mask_raw [N, L],
+        token_all_mask_raw [N, L]). Masks are sampled when not given (global RNG)."""
         ids = self.prepare_inputs(images)
-        if token_drop_mask_raw is None or token_all_mask_raw is None:
-            task = self.sample_task(images)
-        else:
-            task = TaskDraw(token_drop_mask=token_drop_mask_raw.bool(), token_all_mask=token_all_mask_raw.bool())
+        task, drop_raw, all_raw = self._reference_task(images, token_drop_mask_raw, token_all_mask_raw)
         latent = self.forward_encoder_task(ids, task)
         pad = lambda m: F.pad(m.float(), (1, 0), value=0.0)  # noqa: E731
-        return latent, ids, pad(task["token_drop_mask"]), pad(task["token_all_mask"])
+        masked = torch.where(task["token_all_mask"], torch.full_like(ids, self.mask_token_label), ids)
+        token_indices = F.pad(masked, (1, 0), value=self.fake_class_label)
+        return (latent, ids, pad(task["token_drop_mask"]), pad(task["token_all_mask"]), token_indices,
+                drop_raw, all_raw)
 
     # ---- decoder + MLM head -----------------------------------------------------------------------
     def forward_decoder(self, latent: torch.Tensor, task: TaskDraw) -> torch.Tensor:
@@ -265,17 +279,43 @@ class MaskedGenerativeEncoderViT(nn.Module, I2IModel):
         """Full logits [N, 1+L, vocab] of the encoder + decoder + MLM head."""
         return self.forward_decoder(self.forward_encoder_task(inputs, task), task)
 
-    def forward(self, imgs: torch.Tensor, train_encoder: bool = False, token_drop_mask_raw=None,
-                token_all_mask_raw=None):
-        """``train_encoder=True``: :meth:`forward_encoder`'s tuple (the unlearning path). Otherwise MAGE's
-        training forward: (loss, logits [N, 1+L, V], token_all_mask [N, 1+L])."""
+    def forward(self, imgs: torch.Tensor, labels: Optional[torch.Tensor] = None, forget_alpha: float = 0.0,
+                return_logits: bool = False, ratio=None, train_encoder: bool = False, token_drop_mask_raw=None,
+                token_all_mask_raw=None, use_noise: bool = False):
+        """The reference's ``forward`` (its engines unpack these tuples):
+
+        - ``train_encoder=True``: :meth:`forward_encoder`'s 7-tuple (the unlearning path);
+        - ``return_logits=True``: (logits [N, 1+L, V], token_drop_mask_raw, token_all_mask_raw);
+        - ``labels`` given (the whole-model baselines; label >= 100 retain, else forget):
+          (loss, logits, token_all_mask [N, 1+L], retain_loss, forget_loss) with loss = retain - alpha * forget,
+          or with ``use_noise`` retain + alpha * forget where forget is the CE against noisy ids;
+        - otherwise MAGE's training loss: (loss, logits, token_all_mask [N, 1+L]).
+        The reference puts the input images where logits are returned here; its engines discard that slot.
+        ``ratio`` (the reference's ``forward_encoder_mask`` path, which crashes there) is not supported."""
+        if ratio is not None:
+            raise ValueError("forward(ratio=...) is not supported (the reference's path unpacks 7 values from 4 "
+                             "and crashes); inpaint/outpaint with unlearn_fast.models.mage_generate")
         if train_encoder:
             return self.forward_encoder(imgs, token_drop_mask_raw, token_all_mask_raw)
         ids = self.prepare_inputs(imgs)
-        task = self.sample_task(imgs)
+        task, drop_raw, all_raw = self._reference_task(imgs, token_drop_mask_raw, token_all_mask_raw)
         logits = self.forward_outputs(ids, task)
+        if return_logits:
+            return logits, drop_raw, all_raw
         ce, w = self._token_ce(logits, ids, task)
-        return (ce * w).sum() / w.sum().clamp_min(1), logits, F.pad(w, (1, 0), value=0.0)
+        mask = F.pad(w, (1, 0), value=0.0)
+        if labels is None:
+            return (ce * w).sum() / w.sum().clamp_min(1), logits, mask
+        sign = torch.where(torch.as_tensor(labels, device=ids.device) < 100, -1.0, 1.0)[:, None]  # [N, 1]
+        if use_noise:
+            ce_forget, _ = self._token_ce(logits, self.noisy_task_target(ids), task)
+        else:
+            ce_forget = ce
+        denom = w.sum()
+        retain = (ce * w * (1.0 + sign) * 0.5).sum() / denom
+        forget = (ce_forget * w * (1.0 - sign) * 0.5).sum() / denom
+        loss = retain + forget_alpha * forget if use_noise else retain - forget_alpha * forget
+        return loss, logits, mask, retain, forget
 
     # ---- losses for the baselines -----------------------------------------------------------------
     def task_target(self, inputs: torch.Tensor, task: TaskDraw) -> torch.Tensor:

@@ -4,7 +4,9 @@ tokenizer with taming-transformers parameter names (REFERENCE.md §1.1, referenc
 Layout facts that differ from taming's VQGAN and that the official weights depend on:
 - no attention anywhere, although the config sets ``attn_resolutions: [16]`` (the key is accepted, ignored);
 - encoder downsampling is a 2x2 average pool (no parameters); the decoder upsamples nearest x2 + 3x3 conv;
-- encoder and decoder ResBlock convs have no bias; GroupNorm(32, eps 1e-6); swish activations;
+- encoder and decoder ResBlock convs have no bias; GroupNorm(32, eps 1e-6); swish written as
+  ``x * sigmoid(x)`` on CPU (see :func:`swish`: ``F.silu`` rounds differently and moves near-tie code ids),
+  ``F.silu`` on CUDA (speed);
 - when a ResBlock changes width, ``nin_shortcut`` (1x1, out -> out) is applied to the block's output ``h``
   and added to it: ``out = nin_shortcut(h) + h`` (the JAX code's quirk, kept: the weights expect it);
 - the encoder's ``conv_out`` is 1x1; there is no quant_conv / post_quant_conv; the mid stage always holds
@@ -28,6 +30,29 @@ VQGAN_F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_cha
 _DDCONFIG_KEYS = set(VQGAN_F16_DDCONFIG)
 
 
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(x)``, rounded as the reference computes it (sigmoid rounded, then the product).
+
+    ``F.silu`` rounds once and differs by an ulp in about a quarter of fp32 elements; over the encoder's 25
+    activations that can flip near-tie code ids, so the official fp32 teacher's ids would not be reproduced.
+    Without autograd the product is written into the sigmoid's buffer (the tokenizer always runs so)."""
+    if x.is_cuda:
+        # one fused kernel: the product form moves 2.5x the bytes of this memory-bound pass, and on a GPU the
+        # reference's own ids are not bit-reproducible anyway (cudnn.benchmark picks conv algorithms per run)
+        return F.silu(x)
+    s = torch.sigmoid(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x * s
+    return s.mul_(x)  # same bits as x * s: IEEE products commute
+
+
+def check_id_range(ids: torch.Tensor, size: int, what: str) -> None:
+    """ValueError if ``ids`` leave [0, size). Checked on CPU tensors only: on an accelerator the check
+    would sync the host every step, and ids there come from the tokenizer (in range by construction)."""
+    if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(f"{what} must lie in [0, {size}), got min {int(ids.min())}, max {int(ids.max())}")
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
@@ -47,8 +72,8 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else None)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         if self.nin_shortcut is not None:
             return self.nin_shortcut(h) + h
         return x + h
@@ -117,7 +142,7 @@ class Encoder(nn.Module):
             if i < last:
                 h = F.avg_pool2d(h, 2, 2)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -145,7 +170,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class VectorQuantizer(nn.Module):
@@ -219,12 +244,17 @@ class VQGAN(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.ddconfig["in_channels"] or images.shape[-2:] != (res, res):
             raise ValueError(f"expected images [N, {self.ddconfig['in_channels']}, {res}, {res}], "
                              f"got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"expected floating-point images in [0, 1], got {images.dtype} (convert uint8 with /255)")
+        # a float64 / fp16 batch outside autocast would fail deep in conv_in; the weights' dtype is what's meant
+        images = images.to(self.encoder.conv_in.weight.dtype)
         return self.quantize.nearest_ids(self.encoder(images))
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """code ids [N, h*w] -> images [N, out_ch, R, R] (unclamped)."""
         if ids.dim() != 2 or ids.shape[1] != self.num_tokens:
             raise ValueError(f"expected ids [N, {self.num_tokens}], got {tuple(ids.shape)}")
+        check_id_range(ids, self.n_embed, "code ids")
         return self.decoder(self.quantize.codes(ids, (self.grid_size, self.grid_size)))
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -247,5 +277,5 @@ def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
     return model_or_vqgan
 
 
-__all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG",
+__all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG", "swish",
            "load_vqgan_checkpoint", "load_state_dict_strict"]
