@@ -124,3 +124,21 @@ def assert_cli_fails_cleanly(argv, out, capsys, *needles, rc: int = 2, max_lines
     assert "Traceback" not in err and err.count("\n") <= max_lines, err
     assert not os.path.exists(out) or os.listdir(out) == [], os.listdir(out)
     return err
+
+
+def read_reference_listing(name: str) -> list:
+    """[(key, shape tuple, dtype name)] of an official checkpoint listing in ../shared/reference-keys (or
+    $UNLEARN_FAST_REFERENCE_KEYS); skips the calling test when the listing is absent."""
+    import pytest
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = os.environ.get("UNLEARN_FAST_REFERENCE_KEYS") or os.path.join(repo, "..", "shared", "reference-keys")
+    if not os.path.isfile(os.path.join(d, name)):
+        pytest.skip("reference key listings not available (set UNLEARN_FAST_REFERENCE_KEYS)")
+    rows = []
+    with open(os.path.join(d, name)) as fh:
+        for line in fh:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape, dtype = line.rstrip("\n").split("\t")
+            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
+    return rows

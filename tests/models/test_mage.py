@@ -2,7 +2,6 @@
 decoder / MLM head, baseline loss terms, checkpoint loading."""
 import argparse
 import math
-import os
 
 import pytest
 import torch
@@ -11,21 +10,11 @@ import torch.nn.functional as F
 from unlearn_fast.models import TaskDraw, create_model
 from unlearn_fast.models.mage import load_mage_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import read_reference_listing
 
 
-def read_listing(name):
-    d = os.environ.get("UNLEARN_FAST_REFERENCE_KEYS") or os.path.join(REPO, "..", "shared", "reference-keys")
-    if not os.path.isfile(os.path.join(d, name)):
-        pytest.skip("reference key listings not available (set UNLEARN_FAST_REFERENCE_KEYS)")
-    rows = []
-    with open(os.path.join(d, name)) as fh:
-        for line in fh:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape, dtype = line.rstrip("\n").split("\t")
-            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
-    return rows
+
+read_listing = read_reference_listing
 
 
 def listing_of(module):

@@ -7,31 +7,20 @@ after a strict load of that state dict. The weights are random with the official
 nin_shortcut at 128->256 and 256->512, 12 encoder heads of 64, 16 decoder heads of 48, vocab 2025, ids 1100/2024.
 Also pinned: the reference's ``forward`` tuples (its engines unpack them), and clear errors for bad inputs.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast.models import TaskDraw, create_model
+from unlearn_fast.models import create_model
 from unlearn_fast.models.state_dict_io import load_state_dict_strict
 from unlearn_fast.models.vqgan import VQGAN, ResnetBlock, swish
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import read_reference_listing
 
 
-def read_listing(name):
-    d = os.environ.get("UNLEARN_FAST_REFERENCE_KEYS") or os.path.join(REPO, "..", "shared", "reference-keys")
-    if not os.path.isfile(os.path.join(d, name)):
-        pytest.skip("reference key listings not available (set UNLEARN_FAST_REFERENCE_KEYS)")
-    rows = []
-    with open(os.path.join(d, name)) as fh:
-        for line in fh:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape, dtype = line.rstrip("\n").split("\t")
-            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
-    return rows
+
+read_listing = read_reference_listing
 
 
 # ---- the official forward, restated over an official-keyed state dict ---------------------------------------

@@ -1,5 +1,4 @@
 """VQGAN tokenizer: official key layout, the JAX-port block quirks, quantizer math, checkpoint loading."""
-import os
 import warnings
 
 import pytest
@@ -8,29 +7,13 @@ import torch.nn.functional as F
 
 from unlearn_fast.models.vqgan import VQGAN, VQGAN_F16_DDCONFIG, ResnetBlock, load_vqgan_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import read_reference_listing
+
 TINY = dict(double_z=False, z_channels=32, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 2),
             num_res_blocks=1, attn_resolutions=(), dropout=0.0)
 
 
-def reference_keys_dir():
-    d = os.environ.get("UNLEARN_FAST_REFERENCE_KEYS") or os.path.join(REPO, "..", "shared", "reference-keys")
-    return d if os.path.isdir(d) else None
-
-
-def read_listing(name):
-    """[(key, shape tuple, dtype name)] from a reference-keys file; skips the test when it is absent."""
-    d = reference_keys_dir()
-    if d is None or not os.path.isfile(os.path.join(d, name)):
-        pytest.skip("reference key listings not available (set UNLEARN_FAST_REFERENCE_KEYS)")
-    rows = []
-    with open(os.path.join(d, name)) as fh:
-        for line in fh:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape, dtype = line.rstrip("\n").split("\t")
-            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
-    return rows
+read_listing = read_reference_listing
 
 
 def listing_of(module):
