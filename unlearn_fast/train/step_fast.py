@@ -39,6 +39,31 @@ def tokenizer_shared_exactly(setup: UnlearnSetup) -> bool:
     return setup.precision in ("bf16", "fp32") or student_dtype(setup.precision, setup.device) is None
 
 
+def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forget: torch.Tensor,
+                        forget_rows: torch.Tensor, draw_noise, cache_enabled: bool = True):
+    """``(latent, hidden)`` of one batch, shared by the eager and the CUDA-graph step: the student's front end
+    and encoder under its autocast, and the teacher's pre-norm hidden state of T(image) on retain rows and
+    T(``draw_noise()``) on forget rows under no_grad and its autocast, on a side stream beside the student
+    where a GPU allows (:mod:`.teacher_stream`). ``cache_enabled=False`` inside a CUDA-graph capture."""
+    student, teacher, dev = setup.student, setup.teacher, setup.device
+    share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
+
+    def front():
+        with student_autocast(setup.precision, dev, cache_enabled=cache_enabled):
+            return student.prepare_inputs(images)
+
+    def encoder(inputs):
+        with student_autocast(setup.precision, dev, cache_enabled=cache_enabled):
+            return student.forward_encoder_task(inputs, task)  # [N, L, D]
+
+    def teacher_pass(inputs) -> torch.Tensor:  # no-grad, independent of the student: may run concurrently
+        with torch.no_grad(), teacher_autocast(setup.precision, dev, cache_enabled=cache_enabled):
+            return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
+                                  share)  # [N, L, D]
+
+    return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
+
+
 def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Tensor, step: int,
               update: bool = True, noise_seed: Optional[int] = None) -> StepOutput:
     """One micro-step. ``is_forget_cpu [N]`` must be the batch's labels on the host.
@@ -53,26 +78,14 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     seed_step_globals(setup.seed, setup.rank, step)
     task = student.sample_task(images, step_generator(setup.seed, setup.rank, step, "task", dev))
     lo, hi = student.image_range
-    share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
 
-    def front():
-        with student_autocast(setup.precision, dev):
-            return student.prepare_inputs(images)
-
-    def encoder(inputs):
-        with student_autocast(setup.precision, dev):
-            return student.forward_encoder_task(inputs, task)  # [N, L, D]
-
-    def teacher_pass(inputs) -> torch.Tensor:  # no-grad, independent of the student: may run concurrently
+    def draw_noise() -> torch.Tensor:
         if noise_seed is None:
             gen = step_generator(setup.seed, setup.rank, step, "noise", dev)
-            noise = sample_batch_noise(images, setup.noise_type, generator=gen, low=lo, high=hi)
-        else:
-            noise = sample_batch_noise(images, setup.noise_type, seed=noise_seed, step=step, low=lo, high=hi)
-        with torch.no_grad(), teacher_autocast(setup.precision, dev):
-            return teacher_hidden(teacher, images, noise, inputs, task, is_forget, forget_rows, share)  # [N, L, D]
+            return sample_batch_noise(images, setup.noise_type, generator=gen, low=lo, high=hi)
+        return sample_batch_noise(images, setup.noise_type, seed=noise_seed, step=step, low=lo, high=hi)
 
-    latent, hidden = student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
+    latent, hidden = student_and_teacher(setup, images, task, is_forget, forget_rows, draw_noise)
     out = unlearn_loss_merged_guide(latent, hidden, is_forget, setup.retain_alpha, setup.forget_alpha,
                                     final_norm=teacher.encoder_final_norm())
     setup.scaler.scale(out.loss / setup.accum_iter).backward()

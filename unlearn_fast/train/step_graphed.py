@@ -31,11 +31,9 @@ from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
 from .lr_schedule import set_lr
-from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
-from .step_fast import fast_step, tokenizer_shared_exactly
-from .teacher_guides import teacher_hidden
-from .teacher_stream import student_beside_teacher, teacher_stream_for
+from .step_fast import fast_step, student_and_teacher
+from .teacher_stream import teacher_stream_for
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
@@ -90,28 +88,15 @@ class GraphedUnlearnStep:
 
     def _forward_backward(self, capturing: bool):
         s = self.setup
-        student, teacher, dev = s.student, s.teacher, s.device
-        share = s.share_tokenizer or tokenizer_shared_exactly(s)
-        lo, hi = student.image_range
+        lo, hi = s.student.image_range
 
-        def front():
-            with student_autocast(s.precision, dev, cache_enabled=not capturing):
-                return student.prepare_inputs(self.x)
+        def draw_noise() -> torch.Tensor:
+            return sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t, low=lo, high=hi)
 
-        def encoder(inputs):
-            with student_autocast(s.precision, dev, cache_enabled=not capturing):
-                return student.forward_encoder_task(inputs, self.task)  # [N, L, D]
-
-        def teacher_pass(inputs):
-            with torch.no_grad(), teacher_autocast(s.precision, dev, cache_enabled=not capturing):
-                noise = sample_batch_noise(self.x, s.noise_type, seed=self.noise_seed, step=self.step_t,
-                                           low=lo, high=hi)
-                return teacher_hidden(teacher, self.x, noise, inputs, self.task, self.is_forget, self.forget_rows,
-                                      share)  # [N, L, D]
-
-        latent, hidden = student_beside_teacher(teacher_stream_for(s), front, encoder, teacher_pass, share)
+        latent, hidden = student_and_teacher(s, self.x, self.task, self.is_forget, self.forget_rows, draw_noise,
+                                             cache_enabled=not capturing)
         out = unlearn_loss_merged_guide(latent, hidden, self.is_forget, s.retain_alpha, s.forget_alpha,
-                                        final_norm=teacher.encoder_final_norm())
+                                        final_norm=s.teacher.encoder_final_norm())
         s.scaler.scale(out.loss).backward()
         self.loss_sums.add_(torch.stack([out.loss.detach(), out.retain.detach(), out.forget.detach()]))
         if capturing and self.all_reduce_in_graph:

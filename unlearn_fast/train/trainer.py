@@ -228,8 +228,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if meter.n_steps == 0:
             raise ValueError(f"epoch {epoch} produced no batches")
         n_steps, sums = meter.n_steps, meter.sums
-        stats = epoch_log_line(setup.loss_type, meter.lr_sum / n_steps, sums[0].item() / n_steps,
-                               sums[1].item() / n_steps, sums[2].item() / n_steps, epoch)
+        loss, retain, forget = (v / n_steps for v in sums.tolist())
+        stats = epoch_log_line(setup.loss_type, meter.lr_sum / n_steps, loss, retain, forget, epoch)
         history.append(stats)
         check_weights((epoch + 1) * steps_per_epoch)
         if writes:
@@ -248,8 +248,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
         if is_main:
-            retain, forget = (v for k, v in stats.items() if k.startswith(("train_retain", "train_forget")))
-            print(f"epoch {epoch}: loss {stats['train_loss']:.5f} retain {retain:.5f} forget {forget:.5f} "
+            print(f"epoch {epoch}: loss {loss:.5f} retain {retain:.5f} forget {forget:.5f} "
                   f"lr {stats['train_lr']:.3e}", flush=True)
     return history
 
