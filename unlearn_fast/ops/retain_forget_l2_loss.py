@@ -246,8 +246,7 @@ def _check_row_index(row_index, latent: torch.Tensor) -> torch.Tensor:
     return row_index.to(latent.device)
 
 
-def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_table, forget_table,
-                      names=("guide_rows", "noise_guide_rows")) -> None:
+def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_table, forget_table, names) -> None:
     """Each class's table must hold a row for every row of that class. Checked only when the labels live
     on the host (a check on device tensors would cost a sync per step)."""
     if is_forget.device.type != "cpu" or row_index.device.type != "cpu":
@@ -290,14 +289,8 @@ def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[tor
     host; on a GPU they are clamped into the table (no sync).
     """
     is_forget = _check(latent, is_forget)
-    guide_rows = _check_table("guide_rows", guide_rows, latent)
-    noise_guide_rows = _check_table("noise_guide_rows", noise_guide_rows, latent)
-    idx = _default_row_index(is_forget) if row_index is None else _check_row_index(row_index, latent)
-    _check_table_rows(is_forget, idx, guide_rows, noise_guide_rows)
-    if _use_twin(latent, guide_rows, noise_guide_rows):
-        return _twin_loss(latent, guide_rows, noise_guide_rows, is_forget, idx, None)
-    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), *_kernel_tables(guide_rows, noise_guide_rows),
-                                        is_forget, idx, None, None, 1e-6)
+    return _compact_loss(latent, guide_rows, noise_guide_rows, is_forget, row_index, ("guide_rows", "noise_guide_rows"),
+                         None)
 
 
 def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optional[torch.Tensor],
@@ -315,15 +308,26 @@ def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optio
                              f"{tuple(p.shape) if torch.is_tensor(p) else type(p).__name__}")
         if p.device != latent.device:
             raise ValueError(f"{name} is on {p.device}, latent on {latent.device}")
-    norm_weight, norm_bias = norm_weight.detach(), norm_bias.detach()
-    guide_hidden_rows = _check_table("guide_hidden_rows", guide_hidden_rows, latent)
-    noise_hidden_rows = _check_table("noise_hidden_rows", noise_hidden_rows, latent)
+    norm = (norm_weight.detach(), norm_bias.detach(), float(eps))
+    return _compact_loss(latent, guide_hidden_rows, noise_hidden_rows, is_forget, row_index,
+                         ("guide_hidden_rows", "noise_hidden_rows"), norm)
+
+
+def _compact_loss(latent, retain_table, forget_table, is_forget, row_index, names, norm):
+    """The compact and prenorm ops after their own checks: tables and row map checked, then the kernel (or
+    the twin, see :func:`_use_twin`). ``norm``: None or the constant (weight, bias, eps) of the fused LayerNorm."""
+    retain_table = _check_table(names[0], retain_table, latent)
+    forget_table = _check_table(names[1], forget_table, latent)
     idx = _default_row_index(is_forget) if row_index is None else _check_row_index(row_index, latent)
-    _check_table_rows(is_forget, idx, guide_hidden_rows, noise_hidden_rows, ("guide_hidden_rows", "noise_hidden_rows"))
-    if _use_twin(latent, guide_hidden_rows, noise_hidden_rows):
-        return _twin_loss(latent, guide_hidden_rows, noise_hidden_rows, is_forget, idx,
-                          (norm_weight, norm_bias, float(eps)))
-    norm_weight, norm_bias = (p if p.dtype in _KERNEL_DTYPES else p.float() for p in (norm_weight, norm_bias))
-    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(),
-                                        *_kernel_tables(guide_hidden_rows, noise_hidden_rows), is_forget, idx,
-                                        norm_weight, norm_bias, float(eps))
+    _check_table_rows(is_forget, idx, retain_table, forget_table, names)
+    if _use_twin(latent, retain_table, forget_table):
+        return _twin_loss(latent, retain_table, forget_table, is_forget, idx, norm)
+    weight = bias = None
+    eps = 1e-6
+    if norm is not None:
+        weight, bias, eps = norm
+        weight, bias = (p if p.dtype in _KERNEL_DTYPES else p.float() for p in (weight, bias))
+    return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), *_kernel_tables(retain_table, forget_table),
+                                        is_forget, idx, weight, bias, eps)
+
+
