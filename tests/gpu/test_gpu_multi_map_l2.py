@@ -4,7 +4,8 @@ awkward ones (odd sizes, N = 1, more maps than one CUDA launch takes).
 
 Tolerances: losses rtol 1e-5 (fp32 accumulation of the same inputs, whatever their dtype; 1e-4 on the
 Places2 shapes, whose rows sum 4M elements in fp32 partials); gradients, rounded twice into the maps' dtype,
-relative error of the whole tensor (norm) fp32 1e-5, fp16/bf16 1e-2.
+elementwise relative error fp32 1e-5, fp16/bf16 1e-2, plus two steps of the dtype's subnormal grid
+(Places2-sized fp16 gradients are subnormal).
 """
 from __future__ import annotations
 
@@ -30,10 +31,6 @@ def _use(monkeypatch, backend):
         ext = load_extension()
         if ext is None or not extension_has_cuda() or not hasattr(ext, "multi_map_l2_forward"):
             pytest.skip("extension built without CUDA multi-map kernels")
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _maps(n, shapes, dtype, seed):
@@ -62,7 +59,18 @@ def test_op_matches_twin_on_gpu(monkeypatch, backend, dtype, n, shapes, forget):
     assert abs(f.item() - ff.item()) <= loss_tol * max(abs(ff.item()), 1e-12)
     for g, s in zip(grads, s64):
         assert g.dtype == dtype
-        assert _rel(g, s.grad) <= GRAD_TOL[dtype]
+        assert _within_dtype_rounding(g, s.grad, GRAD_TOL[dtype])
+
+
+def _within_dtype_rounding(got, exact, tol):
+    """Elementwise |got - exact| <= tol |exact| + 2 subnormal steps of got's dtype: Places2-sized maps give
+    fp16 gradients of ~1e-7, inside fp16's subnormal range, where a relative bound alone cannot hold (the
+    float64 twin's gradient rounded into fp16 already misses it by ~10 %)."""
+    finfo = torch.finfo(got.dtype)
+    floor = 2 * finfo.smallest_normal * finfo.eps  # two steps of the subnormal grid (rounded twice)
+    err = (got.double() - exact).abs()
+    bound = tol * exact.abs() + floor
+    return bool((err <= bound).all())
 
 
 @pytest.mark.parametrize("backend", ["triton", "cext"])

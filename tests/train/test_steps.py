@@ -305,3 +305,25 @@ def test_philox_noise_keys_differ_between_ranks():
     x = torch.rand(2, 3, 8, 8)
     a, b = (sample_batch_noise(x, "normal", seed=k, step=5) for k in keys[:2])
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_trainer_gives_the_eager_fast_step_the_ranks_philox_key(make_mae_micro, monkeypatch, rank):
+    """The eager fast step draws its fused noise with the rank's key, as the graphed step does (both once
+    took the raw seed or the rank key: the eager and graphed DDP runs then drew different noise)."""
+    import unlearn_fast.train.trainer as trainer_mod
+    seen = []
+    real = trainer_mod.fast_step
+
+    def spy(setup, images, is_forget, step, update=True, noise_seed=None):
+        seen.append(noise_seed)
+        return real(setup, images, is_forget, step, update, noise_seed=noise_seed)
+    monkeypatch.setattr(trainer_mod, "fast_step", spy)
+    setup = build_setup(make_mae_micro(), "cpu", lr=1e-3, precision="fp32", forget_alpha=0.5, rank=rank)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(2, 3, 32, 32, generator=g), torch.tensor([100.0, -100.0])) for _ in range(2)]
+    trainer_mod.train_loop(setup, lambda e: iter(batches), 2, epochs=1, lr=1e-3, progress=False, noise_seed=7)
+    assert seen == [philox_noise_key(7, rank)] * 2 and philox_noise_key(7, 0) != philox_noise_key(7, 1)
+    seen.clear()
+    trainer_mod.train_loop(setup, lambda e: iter(batches), 2, epochs=1, lr=1e-3, progress=False)
+    assert seen == [None, None]  # no noise seed: the reference's per-(seed, rank, step) generator

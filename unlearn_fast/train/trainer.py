@@ -147,13 +147,15 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     if dist is not None and ddp is None:
         raise ValueError("a multi-rank run needs the student wrapped in DDPStudent")
     writes = output_dir is not None and is_main
+    # one Philox key per rank for the fused noise, the same in the eager and the graphed step
+    noise_key = None if noise_seed is None else philox_noise_key(noise_seed, setup.rank)
     graphed = None
     if step_mode == "graphed":
         if dist is not None:  # DDP's reducer hooks cannot be captured: the step all-reduces the gradients itself
             ddp.use_flat_grads()
         graphed = GraphedUnlearnStep(setup, batch_size, forget_per_batch, image_shape,
-                                     noise_seed=philox_noise_key(setup.seed if noise_seed is None else noise_seed,
-                                                                 setup.rank), dist=dist,
+                                     noise_seed=(philox_noise_key(setup.seed, setup.rank) if noise_key is None
+                                                 else noise_key), dist=dist,
                                      all_reduce_in_graph=all_reduce_in_graph)
     trainable_names = [n for n, p in setup.student.named_parameters() if p.requires_grad]
 
@@ -205,7 +207,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                     fn = baseline_step if setup.loss_type is not None else reference_step
                     out = fn(setup, images, is_forget, step, update)
                 else:
-                    out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_seed)
+                    out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_key)
             meter.add(out, lr_now)
             images_seen += images.shape[0]
             last = it == steps_per_epoch - 1
