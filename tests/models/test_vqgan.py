@@ -160,3 +160,30 @@ def test_copy_into_real_model_keeps_values(tmp_path):
         load_vqgan_checkpoint(b, path)
     for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(ta, tb)
+
+
+def test_fused_group_norms_leave_cpu_tokenisation_bit_identical(monkeypatch):
+    """The fused GroupNorm + swish is a CUDA-only path: on the CPU the context changes nothing (the official
+    ``x * sigmoid(x)`` rounding is kept) and the fused op is never called."""
+    import unlearn_fast.models.vqgan as vqgan_mod
+    calls = []
+    monkeypatch.setattr(vqgan_mod, "group_norm_silu", lambda *a, **k: calls.append(1))
+    vq = vqgan_mod.VQGAN(ddconfig=dict(vqgan_mod.VQGAN_F16_DDCONFIG, ch=32, ch_mult=(1, 2), resolution=32))
+    vq.eval().requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vq.tokenize(x)
+        with vqgan_mod.fused_group_norms():
+            fused_ctx = vq.tokenize(x)
+    assert torch.equal(plain, fused_ctx) and calls == []
+
+
+def test_fused_group_norms_context_nests_and_restores():
+    from unlearn_fast.models.vqgan import _fused_norms, fused_group_norms
+    assert _fused_norms.get() is False
+    with fused_group_norms():
+        assert _fused_norms.get() is True
+        with fused_group_norms(False):
+            assert _fused_norms.get() is False
+        assert _fused_norms.get() is True
+    assert _fused_norms.get() is False

@@ -117,6 +117,9 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--serial_teacher", action="store_true",
                    help="fast/graphed steps on a GPU: run the teacher after the student on one CUDA stream instead "
                         "of on a side stream beside it (same results; for profiling and debugging)")
+    g.add_argument("--unfused_tokenizer_norms", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
+                        "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches hidden")
     g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")

@@ -14,6 +14,7 @@ try:
     from .retain_forget_l2 import (MAX_NORM_D, MAX_ROWS, rank_within_class, retain_forget_l2_backward, retain_forget_l2_forward,
                                    retain_forget_l2_loss_forward)
     from .multi_map_l2 import multi_map_l2_forward, multi_map_l2_scale
+    from .group_norm_silu import group_norm_silu_forward
     TRITON_AVAILABLE = True
 except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
     TRITON_AVAILABLE = False
@@ -26,9 +27,9 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
 
     batch_mean_std = philox_batch_noise = philox_standard_normal = retain_forget_l2_forward = _unavailable
     retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
-    multi_map_l2_forward = multi_map_l2_scale = _unavailable
+    multi_map_l2_forward = multi_map_l2_scale = group_norm_silu_forward = _unavailable
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "MAX_ROWS", "batch_mean_std",
            "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
            "retain_forget_l2_backward", "rank_within_class",
-           "multi_map_l2_forward", "multi_map_l2_scale"]
+           "multi_map_l2_forward", "multi_map_l2_scale", "group_norm_silu_forward"]

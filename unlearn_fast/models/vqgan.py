@@ -16,12 +16,15 @@ Token ids are row-major over the latent grid: ``ids[n, i * w + j]`` is the code 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import group_norm_silu
 from .state_dict_io import load_state_dict_strict, read_checkpoint
 
 #: ddconfig of the official tokenizer (MAGE's config/vqgan.yaml)
@@ -44,6 +47,33 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return x * s
     return s.mul_(x)  # same bits as x * s: IEEE products commute
+
+
+_fused_norms = contextvars.ContextVar("unlearn_fast_vqgan_fused_norms", default=False)
+
+
+@contextlib.contextmanager
+def fused_group_norms(enabled: bool = True):
+    """Inside, :func:`norm_swish` on CUDA without autograd runs GroupNorm + swish as one fused kernel. The
+    fast unlearning step turns it on; the reference-semantics step keeps torch's own ops (the baseline)."""
+    token = _fused_norms.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _fused_norms.reset(token)
+
+
+def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``swish(norm(x))``. Under :func:`fused_group_norms` on a CUDA tensor with no gradient to track: one
+    fused pass (fp32 statistics and math, as autocast's fp32 group_norm) that writes the autocast dtype
+    directly, so the next conv reads what it would have cast to; torch's GroupNorm + SiLU + casts otherwise.
+    Rounding differs from torch's only in the order of the fp32 statistics' sums."""
+    tracked = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    if _fused_norms.get() and x.is_cuda and not tracked:
+        out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True,
+                               out_dtype=out_dtype)
+    return swish(norm(x))
 
 
 def check_id_range(ids: torch.Tensor, size: int, what: str) -> None:
@@ -72,8 +102,8 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else None)
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv1(norm_swish(self.norm1, x))
+        h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
         if self.nin_shortcut is not None:
             return self.nin_shortcut(h) + h
         return x + h
@@ -142,7 +172,7 @@ class Encoder(nn.Module):
             if i < last:
                 h = F.avg_pool2d(h, 2, 2)
         h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -170,7 +200,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class VectorQuantizer(nn.Module):
@@ -278,4 +308,5 @@ def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
 
 
 __all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG", "swish",
+           "norm_swish", "fused_group_norms",
            "load_vqgan_checkpoint", "load_state_dict_strict"]

@@ -1,5 +1,6 @@
 """Ops: one autograd op per file, each with a plain-PyTorch twin (the oracle and the fallback)."""
 from .forget_mask import forget_mask
+from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .multi_map_retain_forget_l2 import (multi_map_retain_forget_l2_loss,
                                          multi_map_retain_forget_l2_loss_reference)
 from .retain_forget_l2_loss import (retain_forget_l2_loss, retain_forget_l2_loss_compact,
@@ -11,3 +12,4 @@ __all__ = ["retain_forget_l2_loss", "retain_forget_l2_loss_compact", "retain_for
            "retain_forget_l2_loss_reference", "sample_batch_noise", "sample_batch_noise_reference",
            "batch_mean_std", "NOISE_KINDS"]
 __all__ += ["multi_map_retain_forget_l2_loss", "multi_map_retain_forget_l2_loss_reference", "forget_mask"]
+__all__ += ["group_norm_silu", "group_norm_silu_reference"]

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..models.vqgan import fused_group_norms
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .precision import student_autocast, student_dtype, teacher_autocast
@@ -61,7 +62,10 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
             return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
                                   share)  # [N, L, D]
 
-    return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
+    # the frozen VQGAN's GroupNorm + swish fused on CUDA (models.vqgan.norm_swish); the reference step keeps
+    # torch's ops, so the baseline stays the reference's arithmetic
+    with fused_group_norms(setup.fuse_tokenizer_norms and dev.type == "cuda"):
+        return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
 
 def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Tensor, step: int,

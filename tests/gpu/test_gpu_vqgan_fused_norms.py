@@ -1,0 +1,56 @@
+"""The frozen VQGAN's fused GroupNorm + swish on a GPU (skipped without CUDA): inside ``fused_group_norms`` the
+encoder calls the fused op at every norm and its latents and code ids match torch's own ops at the same
+precision. Tolerances on the pre-quantisation latent z (relative, whole tensor): fp32 1e-4 (fp32 statistics
+summed in another order, through 25 norms and convs), fp16 1e-2, bf16 3e-2 (one rounding of each norm's output
+in the autocast dtype, where torch's path rounds the same value at the next conv's cast); code ids: at least
+99 % (fp32) and 90 % (fp16/bf16) identical, near-ties may flip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unlearn_fast.models.vqgan as vqgan_mod
+from unlearn_fast.models.vqgan import VQGAN, fused_group_norms
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = {"fp32": (None, 1e-4, 0.99), "fp16": (torch.float16, 1e-2, 0.90), "bf16": (torch.bfloat16, 3e-2, 0.90)}
+
+
+@pytest.mark.parametrize("precision", list(CASES))
+def test_fused_norms_match_torch_ops(monkeypatch, precision):
+    dtype, tol, id_share = CASES[precision]
+    torch.manual_seed(0)
+    vq = VQGAN().cuda().eval().requires_grad_(False)
+    images = torch.rand(3, 3, 256, 256, device="cuda")
+    calls = []
+    real = vqgan_mod.group_norm_silu
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(vqgan_mod, "group_norm_silu", spy)
+
+    def encode(fused: bool):
+        with torch.no_grad(), fused_group_norms(fused), \
+                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            z = vq.encoder(images).float()
+            return z, vq.quantize.nearest_ids(z)
+
+    z_ref, ids_ref = encode(False)
+    assert calls == []
+    z, ids = encode(True)
+    n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in vq.encoder.modules())
+    assert len(calls) == n_norms and set(calls) == {dtype or torch.float32}
+    rel = ((z - z_ref).norm() / z_ref.norm()).item()
+    assert rel <= tol, rel
+    assert (ids == ids_ref).float().mean().item() >= id_share
+
+
+def test_fused_norms_off_by_default_and_with_autograd():
+    vq = VQGAN(ddconfig=dict(vqgan_mod.VQGAN_F16_DDCONFIG, ch=32, ch_mult=(1, 2))).cuda()
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    with fused_group_norms():
+        a = vq.encoder(x)  # parameters require grad: the differentiable torch path
+    b = vq.encoder(x)
+    assert torch.equal(a, b) and a.requires_grad

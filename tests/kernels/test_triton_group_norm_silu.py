@@ -1,0 +1,172 @@
+"""unlearn_fast/kernels/group_norm_silu.py: fused GroupNorm (+ SiLU) against a float64 restatement.
+
+Runs on the CPU under TRITON_INTERPRET=1 (see conftest.py), compiled on a GPU when there is one. Shapes are
+tiny; ``block=`` and ``split=`` force the loop over blocks and the two-launch split path on them.
+
+Tolerances (|out - ref| <= atol + rtol * |ref|, ref in float64 from the same rounded inputs):
+- fp32 out: rtol 1e-5, atol 2e-6 (fp32 statistics and arithmetic; atol for values near 0, of the size of the
+  affine terms times fp32's epsilon).
+- fp16 out: rtol 2^-10, bf16 out: rtol 2^-7 (one ulp: rounding to nearest is half an ulp, and triton 3.8's
+  interpreter truncates fp32 -> bf16, under one ulp), atol 1e-5 (subnormals and values near 0).
+- large-mean inputs (mean 1e3, std 0.1): as fp32; a one-pass E[x^2] - E[x]^2 in fp32 would be off by ~100%.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_report
+
+pytest.importorskip("triton")
+from unlearn_fast.kernels.group_norm_silu import (_block_and_warps, _split_count,  # noqa: E402
+                                                  group_norm_silu_forward)
+
+EPS = 1e-6
+TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.float16: dict(rtol=2.0 ** -10, atol=1e-5),
+       torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-5)}
+
+
+def _reference64(x, groups, weight, bias, eps, silu):
+    """GroupNorm (biased variance) + SiLU in float64, written out."""
+    n, c = x.shape[:2]
+    xg = x.double().reshape(n, groups, -1)  # [N, G, C/G * HW]
+    mean = xg.mean(dim=-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    per_channel = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().view(per_channel)
+    if bias is not None:
+        y = y + bias.double().view(per_channel)
+    return y * torch.sigmoid(y) if silu else y
+
+
+def _inputs(shape, dtype, device, seed, mean=0.0, std=1.0, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    c = shape[1]
+    w = (1.0 + 0.5 * torch.randn(c, generator=g)) if affine else None
+    b = (0.5 * torch.randn(c, generator=g)) if affine else None
+    return [None if t is None else t.to(device) for t in (x, w, b)]
+
+
+# (N, C, G, spatial, block, split): C/G = 1 and > 1, N = 1, odd spatial sizes, 2-D and 3-D x, groups of several
+# blocks (block=64), and the split path (split > 1)
+SHAPES = [
+    (2, 6, 3, (5, 7), None, None),
+    (1, 4, 4, (5, 7), None, None),
+    (3, 8, 2, (3, 3), None, None),
+    (2, 4, 2, (), None, None),
+    (2, 6, 3, (11,), None, None),
+    (1, 4, 1, (9, 9), 64, None),  # 324 elements: 6 blocks in one program
+    (2, 4, 2, (13, 11), 64, 3),  # 286 elements: 5 blocks in 3 chunks of 2, 2, 1
+    # H*W a multiple of the block: one channel per block (scalar weight/bias), looped and split
+    (1, 6, 3, (8, 16), 64, None),  # 2 channels of 2 blocks per group
+    (2, 8, 2, (8, 8), 64, 3),  # 4 blocks per group in 2 chunks
+    (1, 4, 2, (32, 32), None, None),  # default block for a 1024-element channel: 1024, two blocks per group
+]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("n,c,groups,spatial,block,split", SHAPES)
+def test_matches_float64_reference_fp32(device, n, c, groups, spatial, block, split, silu, affine):
+    x, w, b = _inputs((n, c) + spatial, torch.float32, device, seed=n * 100 + c, affine=affine)
+    out = group_norm_silu_forward(x, groups, w, b, EPS, silu, block=block, split=split)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert_close_report(out, _reference64(x, groups, w, b, EPS, silu), **TOL[torch.float32], name="fp32")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(device, in_dtype, out_dtype):
+    x, w, b = _inputs((2, 6, 5, 7), in_dtype, device, seed=3)
+    w = w.to(torch.bfloat16) if in_dtype == torch.float16 else w  # weight dtype independent of x's
+    out = group_norm_silu_forward(x, 3, w, b, EPS, True, out_dtype, block=64)
+    assert out.dtype == out_dtype
+    assert_close_report(out, _reference64(x, 3, w, b, EPS, True), **TOL[out_dtype], name=f"{in_dtype}->{out_dtype}")
+
+
+def test_default_out_dtype_is_x_dtype(device):
+    x, w, b = _inputs((1, 4, 3, 5), torch.bfloat16, device, seed=4)
+    out = group_norm_silu_forward(x, 2, w, None, EPS, False)
+    assert out.dtype == torch.bfloat16
+    assert_close_report(out, _reference64(x, 2, w, None, EPS, False), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("block,split", [(None, None), (64, None), (64, 4)])
+@pytest.mark.parametrize("mean,std", [(1e3, 1e-1), (-50.0, 10.0), (0.0, 1e-3)])
+def test_statistics_without_cancellation(device, mean, std, block, split):
+    # mean^2 / var = 1e8 for the first input; std 1e-3 makes var ~ eps
+    x, w, b = _inputs((2, 4, 17, 19), torch.float32, device, seed=5, mean=mean, std=std)
+    out = group_norm_silu_forward(x, 2, w, b, EPS, False, block=block, split=split)
+    assert_close_report(out, _reference64(x, 2, w, b, EPS, False), **TOL[torch.float32], name=f"mean {mean}")
+
+
+def test_outlier_first_element(device):
+    # the group's first element is the shift of the statistics: far from the rest it must not cost accuracy
+    x, _, _ = _inputs((1, 2, 15, 15), torch.float32, device, seed=6)
+    x[0, 0, 0, 0] = 300.0
+    out = group_norm_silu_forward(x, 1, None, None, EPS, False, block=64, split=2)
+    assert_close_report(out, _reference64(x, 1, None, None, EPS, False), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_constant_groups_give_the_bias(device, silu):
+    # var = 0 -> y = 0 * rsqrt(eps) = 0, then the affine: out = bias (silu(bias)); C/G = 1, one element per group
+    x = torch.full((3, 4, 1, 1), 7.25, device=device)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)
+    b = torch.tensor([0.25, -1.5, 2.0, 0.0], device=device)
+    out = group_norm_silu_forward(x, 4, w, b, EPS, silu)
+    expected = (b * torch.sigmoid(b) if silu else b).expand(3, 4).reshape(3, 4, 1, 1)
+    assert_close_report(out, expected, **TOL[torch.float32])
+
+
+def test_large_silu_arguments(device):
+    # |y| of hundreds: sigmoid must neither overflow nor give NaN (silu(-300) = -0, silu(300) = 300)
+    x = torch.tensor([[[-1.0, 1.0]]], device=device).expand(1, 2, 2).contiguous()  # [1, 2, 2]
+    w = torch.tensor([300.0, -300.0], device=device)
+    out = group_norm_silu_forward(x, 2, w, None, EPS, True)
+    assert torch.isfinite(out).all()
+    assert_close_report(out, _reference64(x, 2, w, None, EPS, True), **TOL[torch.float32])
+
+
+def test_deterministic_and_empty_batch(device):
+    x, w, b = _inputs((2, 4, 13, 11), torch.float16, device, seed=7)
+    first = group_norm_silu_forward(x, 2, w, b, EPS, True, block=64, split=3)
+    assert torch.equal(first, group_norm_silu_forward(x, 2, w, b, EPS, True, block=64, split=3))
+    empty = group_norm_silu_forward(x[:0], 2, w, b, EPS, True, torch.float32)
+    assert empty.shape == (0, 4, 13, 11) and empty.dtype == torch.float32
+
+
+def test_launcher_rejects_bad_input(device):
+    x, w, _ = _inputs((2, 4, 3, 5), torch.float32, device, seed=8)
+    with pytest.raises(ValueError, match="contiguous"):
+        group_norm_silu_forward(x.transpose(2, 3), 2, w, None, EPS, True)
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_silu_forward(x, 3, w, None, EPS, True)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        group_norm_silu_forward(x.double(), 2, None, None, EPS, True)
+    with pytest.raises(ValueError, match="weight"):
+        group_norm_silu_forward(x, 2, w[:3], None, EPS, True)
+    with pytest.raises(ValueError, match="power of two"):
+        group_norm_silu_forward(x, 2, w, None, EPS, True, block=48)
+
+
+def test_split_count_never_leaves_an_empty_chunk():
+    cpu = torch.device("cpu")
+    assert _split_count(cpu, 4, 64, None) == 1  # no split heuristic off the GPU
+    for n_blocks in range(1, 41):
+        for split in range(1, 50):
+            chunks = _split_count(cpu, 1, n_blocks, split)
+            per_chunk = -(-n_blocks // chunks)
+            assert 1 <= chunks <= min(split, n_blocks)
+            assert (chunks - 1) * per_chunk < n_blocks <= chunks * per_chunk
+
+
+def test_block_heuristic():
+    assert _block_and_warps(1, 1, None) == (64, 2)  # at least _MIN_BLOCK
+    assert _block_and_warps(35 * 2, 35, None) == (128, 2)  # next power of two of a small group
+    assert _block_and_warps(4 * 65536, 65536, None) == (4096, 8)  # VQGAN 256x256: capped, 16 blocks a channel
+    assert _block_and_warps(8 * 1024, 1024, None) == (1024, 4)  # 32x32 channels: one channel per block
+    assert _block_and_warps(16 * 256, 256, None) == (4096, 8)  # 16x16: per-element channels
