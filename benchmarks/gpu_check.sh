@@ -4,7 +4,7 @@
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
 # GPU_CHECK_BUDGET seconds (default 480): each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
+# Files written: log.txt, csrc.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
 #   precision.json, profile.txt, profile_step.txt/.json, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check}
@@ -31,8 +31,12 @@ python3 -c "from unlearn_fast.kernels.extension import load_extension, extension
 
 phase "GPU tests"
 run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -40 >>"$LOG"
-# the extension's own tests in their own process, verbose, so a crash names its test and parameter
-run_for 40 python3 -X faulthandler -m pytest -v -p no:cacheprovider tests/csrc 2>&1 | grep -v PASSED | tail -40 >>"$LOG"
+# the extension's own tests, one process per file, verbose and whole in csrc.txt: a crash names its test and
+# does not hide the files after it
+for f in tests/csrc/test_*.py; do
+  run_for 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
+    || echo "$f: exit $? (see csrc.txt)" >>"$LOG"
+done
 
 phase "GPU benchmarks (reference vs fast vs fast bf16; loss + noise; Palette loss; then the variants)"
 # one JSON per group: a group cut short by its time cap loses only its own figures

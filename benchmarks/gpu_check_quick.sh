@@ -3,7 +3,7 @@
 # of the fast path's newest parts, the MAGE step benchmarks (fused vs unfused tokenizer norms), the bf16 step
 # profiles, then the torch.compile baseline of MAE-B if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files: log.txt, bench_mage.json, bench_compiled.json, profile_step.txt/.json, summary.txt
+# Files: log.txt, csrc.txt, bench_mage.json, bench_compiled.json, profile_step.txt/.json, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check_quick}
 mkdir -p "$OUT"
@@ -23,7 +23,10 @@ phase "GPU tests: fused norms, graphed DDP, multi-map, side stream; extension er
 timeout 75 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" 2>&1 | tail -30 >>"$LOG"
-timeout 30 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/csrc 2>&1 | tail -15 >>"$LOG"
+for f in tests/csrc/test_*.py; do  # one process per file, whole verbose output: a crash names its test
+  timeout 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
+    || echo "$f: exit $? (see csrc.txt)" >>"$LOG"
+done
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 timeout 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \

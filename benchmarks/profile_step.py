@@ -31,7 +31,7 @@ from unlearn_fast.train.unlearn_setup import build_setup
 CATEGORIES = [
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "winograd", "nchwToNhwc", "nhwcToNchw")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "splitK")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "splitK", "nvjet")),  # nvjet: cuBLASLt's sm90
     ("normalisation", ("group_norm", "layer_norm", "GroupNorm", "LayerNorm", "norm_kernel", "welford")),
     ("unlearn_fast triton", ("_retain_forget", "_batch_moments", "_philox", "_noise", "_multi_map", "_finalize",
                              "_rank_within")),
@@ -54,6 +54,8 @@ def eager_runner(cfg, variant: str):
                         forget_alpha=cfg.forget_alpha, fast=fast)
     set_lr(setup.optimizer, 1e-5)
     images, is_forget = batch_for(cfg, setup.student)
+    if dev.type == "cuda":
+        images = images.pin_memory()  # as the benchmarks (and a DataLoader with pin_memory) feed it
     step_fn = fast_step if fast else reference_step
     return lambda step: step_fn(setup, images, is_forget, step)
 

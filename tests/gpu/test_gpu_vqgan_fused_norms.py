@@ -1,9 +1,10 @@
 """The frozen VQGAN's fused GroupNorm + swish on a GPU (skipped without CUDA): inside ``fused_group_norms`` the
 encoder calls the fused op at every norm and its latents and code ids match torch's own ops at the same
-precision. Tolerances on the pre-quantisation latent z (relative, whole tensor): fp32 1e-4 (fp32 statistics
-summed in another order, through 25 norms and convs), fp16 1e-2, bf16 3e-2 (one rounding of each norm's output
-in the autocast dtype, where torch's path rounds the same value at the next conv's cast); code ids: at least
-99 % (fp32) and 90 % (fp16/bf16) identical, near-ties may flip."""
+precision. Tolerances on the pre-quantisation latent z (relative, whole tensor): fp32 5e-3 (the convs run in
+TF32, cuDNN's default and the reference trainer's: a last-bit difference in a norm's output moves each conv's
+TF32 rounding, 1.1e-3 measured on an H100 through 25 norms and convs), fp16 1e-2, bf16 3e-2 (one rounding of
+each norm's output in the autocast dtype, where torch's path rounds the same value at the next conv's cast);
+code ids: at least 95 % (fp32) and 90 % (fp16/bf16) identical, near-ties may flip."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ from unlearn_fast.models.vqgan import VQGAN, fused_group_norms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CASES = {"fp32": (None, 1e-4, 0.99), "fp16": (torch.float16, 1e-2, 0.90), "bf16": (torch.bfloat16, 3e-2, 0.90)}
+CASES = {"fp32": (None, 5e-3, 0.95), "fp16": (torch.float16, 1e-2, 0.90), "bf16": (torch.bfloat16, 3e-2, 0.90)}
 
 
 @pytest.mark.parametrize("precision", list(CASES))
