@@ -3,30 +3,72 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Mapping
 
 import torch
 from torch import nn
 
 
-def read_checkpoint(path: str):
-    """torch.load with weights_only=True; ``argparse.Namespace`` (pickled by official MAGE checkpoints)
-    is allow-listed. On a torch without allow-lists (< 2.4) the file is loaded with weights_only=False:
-    only do that for files you trust (the official releases)."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    ser = torch.serialization
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, truncated or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (both a CheckpointError and a FileNotFoundError)."""
+
+
+def _allowed_globals() -> list:
+    """Non-tensor types that checkpoints in the wild pickle and that are safe to rebuild: the reference's
+    ``argparse.Namespace`` args, and numpy scalars / arrays / dtypes (older trainers store e.g. ``np.float64``
+    values in their args or metrics)."""
+    allowed = [argparse.Namespace]
     try:
-        if hasattr(ser, "safe_globals"):
-            with ser.safe_globals([argparse.Namespace]):
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency of torchvision
+        return allowed
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    multiarray = getattr(core, "multiarray", None)
+    allowed += [np.ndarray, np.dtype]
+    allowed += [f for f in (getattr(multiarray, "scalar", None), getattr(multiarray, "_reconstruct", None)) if f]
+    allowed += sorted({type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                                   np.float16, np.float32, np.float64)}, key=str)
+    return allowed
+
+
+def _unsafe_globals(path: str) -> list:
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
+        return [g for g in finder(path) if g not in allowed]
+    except Exception:  # not a zip checkpoint, or unreadable: the caller's message stands
+        return []
+
+
+def read_checkpoint(path: str):
+    """``torch.load(weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` official files pickle
+    and numpy values (see ``_allowed_globals``). The one reader of every checkpoint (models, unlearning runs,
+    Palette states). CheckpointNotFoundError for a missing file, CheckpointError naming the file otherwise."""
+    if not path or not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"checkpoint not found: {path!r}")
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(_allowed_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True)
-        if hasattr(ser, "add_safe_globals"):
-            ser.add_safe_globals([argparse.Namespace])
-            return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=False)  # trusted official file, old torch
-    except Exception as e:  # truncated file, not a torch file, a disallowed pickled global, ...
-        msg = str(e).splitlines()[0][:300] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {msg}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)  # torch < 2.5
+    except Exception as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path!r}: it pickles objects that are not loaded for "
+                                  "safety (only tensors, plain values, argparse.Namespace and numpy values are): "
+                                  f"{', '.join(unsafe[:5])}; re-save its 'model' state dict alone") from None
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or ["(no detail)"])[0])[:300]
+        if detail.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply
+            detail = "its pickled content is not a checkpoint dictionary of tensors and plain values"
+        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
+                              f"{type(e).__name__}: {detail}") from None
 
 
 def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list:

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from ..models.state_dict_io import state_dict_mismatch
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, truncated or does not fit the model."""
+from ..models.state_dict_io import CheckpointError, read_checkpoint, state_dict_mismatch
 
 
 class OutputWriteError(ValueError):
@@ -120,57 +115,9 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None
     _write_atomically(path, lambda fh: fh.write(data))
 
 
-def _allowed_globals() -> list:
-    """Non-tensor types that checkpoints in the wild pickle and that are safe to rebuild: the reference's
-    ``argparse.Namespace`` args, and numpy scalars / arrays / dtypes (older trainers store e.g. ``np.float64``
-    values in their args or metrics)."""
-    allowed = [argparse.Namespace]
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency of torchvision
-        return allowed
-    core = getattr(np, "_core", None) or getattr(np, "core", None)
-    multiarray = getattr(core, "multiarray", None)
-    allowed += [np.ndarray, np.dtype]
-    allowed += [f for f in (getattr(multiarray, "scalar", None), getattr(multiarray, "_reconstruct", None)) if f]
-    allowed += sorted({type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
-                                                   np.float16, np.float32, np.float64)}, key=str)
-    return allowed
-
-
-def _unsafe_globals(path: str) -> list:
-    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if finder is None:
-        return []
-    try:
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
-        return [g for g in finder(path) if g not in allowed]
-    except Exception:  # not a zip checkpoint, or unreadable: the caller's message stands
-        return []
-
-
 def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` with weights_only, allowing the ``argparse.Namespace`` official files pickle (and numpy
-    scalars/arrays, see ``_allowed_globals``)."""
-    if not path or not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path!r}")
-    try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(_allowed_globals()):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        else:  # torch < 2.5
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(f"cannot read checkpoint {path!r}: it pickles objects that are not loaded for "
-                                  "safety (only tensors, plain values, argparse.Namespace and numpy values are): "
-                                  f"{', '.join(unsafe[:5])}; re-save its 'model' state dict alone") from None
-        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or ["(no detail)"])[0])[:300]
-        if detail.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply
-            detail = "its pickled content is not a checkpoint dictionary of tensors and plain values"
-        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
-                              f"{type(e).__name__}: {detail}") from None
+    """A checkpoint dictionary (see :func:`read_checkpoint`); CheckpointError when the file holds anything else."""
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
