@@ -47,14 +47,17 @@ def _to_uniform(word: int) -> np.float32:
 
 
 def _documented_draws(seed: int, step: int, count: int):
-    """(uniform, normal) for elements 0..count-1 from the keying in the module docstring."""
+    """(uniform, normal) for elements 0..count-1 from the keying in the module docstring: element 4g + j takes
+    word j of group g's draw (uniform), or normal j of the two Box-Muller pairs (cos, sin) of words (0, 1), (2, 3)."""
     key = (seed & MASK32, (seed >> 32) & MASK32)
     uniform, normal = [], []
     for k in range(count):
-        w0, w1, _, _ = _philox4x32_10((k, step & MASK32, 0, 0), key)
-        u1, u2 = _to_uniform(w0), _to_uniform(w1)
-        uniform.append(u1)
-        normal.append(math.sqrt(-2.0 * math.log(max(1e-7, float(u1)))) * math.cos(2 * math.pi * float(u2)))
+        g, j = divmod(k, 4)
+        u = [_to_uniform(w) for w in _philox4x32_10((g, step & MASK32, 0, 0), key)]
+        uniform.append(u[j])
+        radius = math.sqrt(-2.0 * math.log(max(1e-7, float(u[j & 2]))))
+        angle = 2 * math.pi * float(u[(j & 2) + 1])
+        normal.append(radius * (math.cos(angle) if j % 2 == 0 else math.sin(angle)))
     return torch.tensor(np.array(uniform, dtype=np.float32)), torch.tensor(normal, dtype=torch.float64)
 
 

@@ -13,12 +13,13 @@ implied by the block size); one more single-program kernel combines the blocks i
 ``M2 = Σ_b M2_b + Σ_b n_b (mean_b - mean)^2``, and writes fp32 mean and std. No host sync; results are fp32
 0-d tensors. A draw is three launches (moments, combine, Philox) and nothing else.
 
-Philox keying (Triton's Philox4x32-10 as used by ``tl.randn`` / ``tl.rand``), for element k of step s::
+Philox keying (Triton's Philox4x32-10 as used by ``tl.randn4x`` / ``tl.rand4x``), for element k = 4g + j of
+step s::
 
     key     = (seed mod 2^64) as two 32-bit words (lo, hi)
-    counter = (k, s mod 2^32, 0, 0)           # k = flat element index, k < 2^32
-    z[k]    = Box-Muller(cos) of the first two output words    (tl.randn)
-    u[k]    = first output word scaled to [0, 1)                (tl.rand)
+    counter = (g, s mod 2^32, 0, 0)           # g = k // 4, the group of four consecutive elements
+    z[k]    = value j of the four Box-Muller normals of the four output words    (tl.randn4x)
+    u[k]    = output word j scaled to [0, 1)                                      (tl.rand4x)
 
 So a (seed, step, index) triple names one counter: different steps are disjoint counter ranges of the same
 key (independent streams), and step s's noise never depends on what ran before (no generator state).
@@ -125,11 +126,19 @@ def _philox_batch_noise_forward_kernel(out_ptr, seed_ptr, step_ptr, mean_ptr, st
             step = tl.load(step_ptr).to(tl.int64)
         else:
             step = step_lo.to(tl.int64) & 0xFFFFFFFF
-        counter = (step << 32) | offs  # 64-bit offset: low word = element index, high word = step mod 2^32
-        if KIND == 1:  # uniform
-            v = tl.minimum(tl.rand(seed, counter), below_one)
+        # one Philox draw yields four values: element 4g + j takes value j of group g's draw (a draw per element
+        # would run Philox four times as often and keep a quarter); the 64-bit offset's low word is the group
+        # index, its high word the step mod 2^32
+        groups = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        counter = (step << 32) | groups
+        if KIND == 1:
+            r0, r1, r2, r3 = tl.rand4x(seed, counter)
         else:
-            v = tl.randn(seed, counter)
+            r0, r1, r2, r3 = tl.randn4x(seed, counter)
+        v = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # [r0, r1, r2, r3] per group, in order
+        if KIND == 1:  # uniform
+            v = tl.minimum(v, below_one)
+        else:
             if KIND == 0:  # normal: affine then clamp; where() keeps NaN like torch.clamp
                 if STD_IN_MEMORY:
                     std = tl.load(std_ptr).to(tl.float32)
