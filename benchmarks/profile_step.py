@@ -6,7 +6,8 @@
 For each configuration and variant, the eager form of the step (the reference step, or the fast eager step
 at the variant's precision: the CUDA-graph step replays the same kernels) is run for a few warm-up steps,
 then ``--steps`` steps under torch.profiler. It writes the summed CUDA kernel time per step split into
-categories (convolution, GEMM, attention, normalisation, unlearn_fast's Triton kernels, elementwise/other)
+categories (convolution, GEMM, attention, normalisation, unlearn_fast's Triton kernels, elementwise/other),
+the rate of the GEMM kernels (the profiler's FLOP count of the matrix-product ops over the GEMM kernels' time)
 and the top kernels, so a step that misses its target names what bounds it. Needs CUDA; prints a one-line
 reason and exits 0 without it.
 """
@@ -39,6 +40,11 @@ CATEGORIES = [
 ]
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMM_FLOPS_KEY = "__gemm_flops__"
+BF16_PEAK_TFLOPS = 798  # 8192^3 bf16 matmul on the lent H100 (device KINDS.md, 2026-11-13)
+
+
 def category(name: str) -> str:
     for cat, keys in CATEGORIES:
         if any(k in name for k in keys):
@@ -66,22 +72,28 @@ def kernel_times(run, steps: int, warmup: int = 3):
         run(i)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_flops=True) as prof:
         for i in range(steps):
             run(warmup + i)
         torch.cuda.synchronize()
     out = {}
+    gemm_flops = 0
     for ev in prof.key_averages():
+        if ev.key in GEMM_OPS:  # CPU-side matrix-product ops carry the FLOPs of the GEMM kernels they launch
+            gemm_flops += getattr(ev, "flops", 0) or 0
         us = getattr(ev, "device_time_total", None)
         if us is None:
             us = getattr(ev, "cuda_time_total", 0.0)
         # kernels only: a CPU op's device time repeats the time of the kernels it launched
         if us and getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
             out[ev.key] = (us / steps, ev.count / steps)
+    out[GEMM_FLOPS_KEY] = (gemm_flops / steps, 0.0)
     return out
 
 
 def report(name: str, times) -> dict:
+    times = dict(times)
+    gemm_flops = times.pop(GEMM_FLOPS_KEY, (0.0, 0.0))[0]
     by_cat = collections.defaultdict(float)
     for k, (us, _) in times.items():
         by_cat[category(k)] += us
@@ -90,10 +102,17 @@ def report(name: str, times) -> dict:
     lines = [f"== {name}: {total / 1e3:.2f} ms of kernels per step, {sum(c for _, c in times.values()):.0f} launches"]
     lines += [f"   {cat:22s} {us / 1e3:8.2f} ms  {100 * us / max(total, 1e-9):5.1f} %"
               for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    gemm_us = by_cat.get("gemm", 0.0)
+    gemm_tflops = gemm_flops / (gemm_us * 1e-6) / 1e12 if gemm_us and gemm_flops else 0.0
+    lines.append(f"   GEMM rate: {gemm_flops / 1e12:.2f} TFLOP per step of matrix products in "
+                 f"{gemm_us / 1e3:.2f} ms of GEMM kernels = {gemm_tflops:.0f} TFLOP/s "
+                 f"({100 * gemm_tflops / BF16_PEAK_TFLOPS:.0f} % of {BF16_PEAK_TFLOPS} TFLOP/s, the bf16 matrix "
+                 "product measured on this kind of H100)")
     lines.append("   top kernels (ms per step, calls per step):")
     lines += [f"   {us / 1e3:8.3f} {calls:6.0f}  {category(k):20s} {k[:110]}" for k, (us, calls) in top]
     print("\n".join(lines), flush=True)
-    return {"name": name, "kernel_ms_per_step": total / 1e3,
+    return {"name": name, "kernel_ms_per_step": total / 1e3, "gemm_tflop_per_step": gemm_flops / 1e12,
+            "gemm_tflops": gemm_tflops,
             "by_category_ms": {c: v / 1e3 for c, v in by_cat.items()},
             "top": [{"kernel": k, "ms": us / 1e3, "calls": calls} for k, (us, calls) in top]}
 
