@@ -30,7 +30,7 @@ UNLEARN_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run_for 150 python3 set
 python3 -c "from unlearn_fast.kernels.extension import load_extension, extension_has_cuda; print('ext', load_extension() is not None, 'cuda', extension_has_cuda())" >>"$LOG" 2>&1
 
 phase "GPU tests"
-run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -40 >>"$LOG"
+run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py 2>&1 | tail -40 >>"$LOG"
 # the extension's own tests, one process per file, verbose and whole in csrc.txt: a crash names its test and
 # does not hide the files after it
 for f in tests/csrc/test_*.py; do

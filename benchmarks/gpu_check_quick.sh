@@ -22,7 +22,8 @@ python3 -c "from unlearn_fast.kernels.extension import load_extension, extension
 phase "GPU tests: fused norms, graphed DDP, multi-map, side stream; extension errors"
 timeout 75 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
-  "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" 2>&1 | tail -30 >>"$LOG"
+  "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
+  tests/train/test_device_prefetch.py 2>&1 | tail -30 >>"$LOG"
 for f in tests/csrc/test_*.py; do  # one process per file, whole verbose output: a crash names its test
   timeout 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
     || echo "$f: exit $? (see csrc.txt)" >>"$LOG"

@@ -3,6 +3,7 @@ reference-semantics baseline of each configuration measured once per process (sa
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Callable, Dict
 import torch
 
 import unlearn_fast
+from unlearn_fast.train.device_prefetch import DevicePrefetcher
 from unlearn_fast.train.lr_schedule import set_lr
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_graphed import GraphedUnlearnStep
@@ -86,11 +88,13 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
     images, is_forget = batch_for(cfg, setup.student)
     if dev.type == "cuda":
         images = images.pin_memory()
+    if fast:  # as the trainer feeds the fast steps: the next batch's copy to the GPU beside this step
+        batches = DevicePrefetcher(itertools.repeat((images, is_forget)), dev)
     if graph:
         stepper = GraphedUnlearnStep(setup, cfg.batch, int(is_forget.sum()), images.shape[1:], noise_seed=0)
-        return lambda step: stepper(images, is_forget, step, 1e-5)
+        return lambda step: stepper(next(batches)[0], is_forget, step, 1e-5)
     if fast:
-        return lambda step: fast_step(setup, images, is_forget, step)
+        return lambda step: fast_step(setup, next(batches)[0], is_forget, step)
     if variant == "compiled_reference":  # the frozen front end and the encoders of both models compiled
         for m in (setup.student, setup.teacher):
             m.forward_encoder_task = torch.compile(m.forward_encoder_task)

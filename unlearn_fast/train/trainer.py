@@ -17,6 +17,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 
 from .checkpoint import accumulated_grads, atomic_link_or_copy, save_unlearn_checkpoint
+from .device_prefetch import DevicePrefetcher
 from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .lr_schedule import lr_at, set_lr
 from .progress import progress_bar
@@ -186,7 +187,10 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
             # of the last epoch is dropped (a resume inside an epoch keeps its window)
             setup.optimizer.zero_grad(set_to_none=True)
         lr_now = float(setup.optimizer.param_groups[0]["lr"])  # the reference logs the optimizer's lr
-        for it, (images, labels) in enumerate(epoch_batches(epoch), start=first):
+        # fast/graphed steps on a GPU: batch k+1's images are copied beside step k (device_prefetch.py)
+        batches = DevicePrefetcher(epoch_batches(epoch), setup.device, limit=steps_per_epoch - first,
+                                   enabled=step_mode != "reference")
+        for it, (images, labels) in enumerate(batches, start=first):
             if it >= steps_per_epoch:
                 break
             step = epoch * steps_per_epoch + it
