@@ -1,7 +1,8 @@
 """unlearn_fast/kernels/group_norm_silu.py: fused GroupNorm (+ SiLU) against a float64 restatement.
 
 Runs on the CPU under TRITON_INTERPRET=1 (see conftest.py), compiled on a GPU when there is one. Shapes are
-tiny; ``block=`` and ``split=`` force the loop over blocks and the two-launch split path on them.
+tiny; ``block=`` and ``split=`` force the loop over blocks and the two-launch split path on them, and
+``groups_per_program=`` the channels_last kernels' groups per program (masked when it does not divide G).
 
 Tolerances (|out - ref| <= atol + rtol * |ref|, ref in float64 from the same rounded inputs):
 - fp32 out: rtol 1e-5, atol 2e-6 (fp32 statistics and arithmetic; atol for values near 0, of the size of the
@@ -9,6 +10,8 @@ Tolerances (|out - ref| <= atol + rtol * |ref|, ref in float64 from the same rou
 - fp16 out: rtol 2^-10, bf16 out: rtol 2^-7 (one ulp: rounding to nearest is half an ulp, and triton 3.8's
   interpreter truncates fp32 -> bf16, under one ulp), atol 1e-5 (subnormals and values near 0).
 - large-mean inputs (mean 1e3, std 0.1): as fp32; a one-pass E[x^2] - E[x]^2 in fp32 would be off by ~100%.
+- channels_last against NCHW output of the same tensor: twice the above (each is within it of the exact value;
+  the two sum their fp32 statistics in different orders, so they need not agree bit for bit).
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import torch
 from tests.helpers import assert_close_report
 
 pytest.importorskip("triton")
-from unlearn_fast.kernels.group_norm_silu import (_block_and_warps, _split_count,  # noqa: E402
-                                                  group_norm_silu_forward)
+from unlearn_fast.kernels import group_norm_silu as kernels  # noqa: E402
+from unlearn_fast.kernels.group_norm_silu import (_block_and_warps, _nhwc_tile_and_warps,  # noqa: E402
+                                                  _split_count, group_norm_silu_forward, reads_channels_last)
 
 EPS = 1e-6
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.float16: dict(rtol=2.0 ** -10, atol=1e-5),
@@ -170,3 +174,170 @@ def test_block_heuristic():
     assert _block_and_warps(4 * 65536, 65536, None) == (4096, 8)  # VQGAN 256x256: capped, 16 blocks a channel
     assert _block_and_warps(8 * 1024, 1024, None) == (1024, 4)  # 32x32 channels: one channel per block
     assert _block_and_warps(16 * 256, 256, None) == (4096, 8)  # 16x16: per-element channels
+
+
+# ---- channels_last (NHWC) input, read in place ----
+
+def _channels_last(x):
+    out = x.to(memory_format=torch.channels_last)
+    assert not out.is_contiguous()  # the NHWC kernels, not the NCHW ones
+    return out
+
+
+# (N, C, G, H, W, block, split, groups_per_program): Cg = 1, 2, 3, 4, 5 (non-powers of two masked in BLOCK_C),
+# N = 1 and 3, odd H/W, pixel tiles looped (block=64/32), the split path, and programs whose last groups are
+# masked (GPP not dividing G)
+NHWC_SHAPES = [
+    (1, 6, 3, 5, 7, None, None, None),  # Cg 2, default GPP 4 > G: one program, one masked group
+    (3, 4, 4, 5, 7, None, None, 1),  # Cg 1, one group per program
+    (3, 4, 4, 5, 7, None, None, None),  # Cg 1, all four groups in one program
+    (2, 9, 3, 5, 7, None, None, None),  # Cg 3
+    (1, 9, 3, 9, 9, 64, None, 2),  # Cg 3, 8-pixel tiles: 11 tiles; second program has one masked group
+    (2, 10, 2, 13, 11, 64, 3, None),  # Cg 5 (BLOCK_C 8), 4-pixel tiles, 36 tiles in 3 chunks
+    (2, 12, 4, 7, 5, 32, 4, 1),  # Cg 3, 8-pixel tiles: 5 tiles in 3 chunks of 2, 2, 1
+    (1, 4, 1, 3, 3, None, None, None),  # one group of all channels
+    (1, 6, 3, 1, 5, None, 2, 2),  # H = 1, split with masked group
+]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("n,c,groups,h,w,block,split,gpp", NHWC_SHAPES)
+def test_channels_last_matches_float64_reference_fp32(device, n, c, groups, h, w, block, split, gpp, silu,
+                                                      affine):
+    x, wt, b = _inputs((n, c, h, w), torch.float32, device, seed=n * 100 + c + h, affine=affine)
+    x = _channels_last(x)
+    out = group_norm_silu_forward(x, groups, wt, b, EPS, silu, block=block, split=split, groups_per_program=gpp)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert_close_report(out, _reference64(x, groups, wt, b, EPS, silu), **TOL[torch.float32], name="nhwc fp32")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_channels_last_dtypes(device, in_dtype, out_dtype):
+    x, w, b = _inputs((2, 9, 5, 7), in_dtype, device, seed=13)
+    x = _channels_last(x)
+    w = w.to(torch.bfloat16) if in_dtype == torch.float16 else w
+    out = group_norm_silu_forward(x, 3, w, b, EPS, True, out_dtype, block=32)
+    assert out.dtype == out_dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_report(out, _reference64(x, 3, w, b, EPS, True), **TOL[out_dtype],
+                        name=f"nhwc {in_dtype}->{out_dtype}")
+
+
+@pytest.mark.parametrize("dtype,split", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, 2)])
+def test_channels_last_agrees_with_nchw_of_the_same_tensor(device, dtype, split):
+    x, w, b = _inputs((3, 12, 6, 5), dtype, device, seed=14)
+    x_cl = _channels_last(x)
+    out_cl = group_norm_silu_forward(x_cl, 4, w, b, EPS, True, block=64, split=split)
+    out_nchw = group_norm_silu_forward(x_cl.contiguous(), 4, w, b, EPS, True, block=64, split=split)
+    assert out_nchw.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    double = {k: 2 * v for k, v in TOL[dtype].items()}
+    assert_close_report(out_cl, out_nchw, **double, name=f"nhwc vs nchw {dtype}")
+
+
+@pytest.mark.parametrize("block,split", [(None, None), (64, 3)])
+@pytest.mark.parametrize("mean,std", [(1e3, 1e-1), (0.0, 1e-3)])
+def test_channels_last_statistics_without_cancellation(device, mean, std, block, split):
+    x, w, b = _inputs((2, 8, 17, 19), torch.float32, device, seed=15, mean=mean, std=std)
+    x = _channels_last(x)
+    out = group_norm_silu_forward(x, 2, w, b, EPS, False, block=block, split=split)
+    assert_close_report(out, _reference64(x, 2, w, b, EPS, False), **TOL[torch.float32], name=f"nhwc mean {mean}")
+
+
+@pytest.mark.parametrize("split", [None, 2])
+def test_channels_last_outlier_first_element(device, split):
+    # the shift is 300 while the rest is N(0, 1): each x - k_ref and mean - k_ref is rounded at ulp(300) / 2 =
+    # 2^-16, i.e. 2^-16 / std (std ~14 here) ~ 1.1e-6 in y; a few such roundings -> atol 5e-6 (both layouts)
+    x, _, _ = _inputs((1, 2, 15, 15), torch.float32, device, seed=6)
+    x = _channels_last(x)
+    x[0, 0, 0, 0] = 300.0
+    out = group_norm_silu_forward(x, 1, None, None, EPS, False, block=64, split=split)
+    assert_close_report(out, _reference64(x, 1, None, None, EPS, False), rtol=1e-5, atol=5e-6)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records the arguments of each launch, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(args)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    names = ["_group_norm_moments_kernel", "_group_norm_silu_forward_kernel", "_group_norm_nhwc_moments_kernel",
+             "_group_norm_silu_nhwc_forward_kernel"]
+    found = {}
+    for name in names:
+        found[name] = _LaunchSpy(getattr(kernels, name))
+        monkeypatch.setattr(kernels, name, found[name])
+    return found
+
+
+def _launched(spies):
+    return {name: len(spy.launches) for name, spy in spies.items() if spy.launches}
+
+
+def test_channels_last_is_read_in_place(device, spies):
+    x, w, b = _inputs((2, 8, 5, 7), torch.bfloat16, device, seed=16)
+    x = _channels_last(x)
+    out = group_norm_silu_forward(x, 4, w, b, EPS, True, block=32, split=2)
+    assert _launched(spies) == {"_group_norm_nhwc_moments_kernel": 1, "_group_norm_silu_nhwc_forward_kernel": 1}
+    for spy in (spies["_group_norm_nhwc_moments_kernel"], spies["_group_norm_silu_nhwc_forward_kernel"]):
+        assert spy.launches[0][0].data_ptr() == x.data_ptr()  # x itself, no NCHW copy
+    assert spies["_group_norm_silu_nhwc_forward_kernel"].launches[0][3] is out
+    # an NCHW tensor still takes the NCHW kernel
+    group_norm_silu_forward(x.contiguous(), 4, w, b, EPS, True)
+    assert spies["_group_norm_silu_forward_kernel"].launches and len(spies["_group_norm_silu_nhwc_forward_kernel"]
+                                                                    .launches) == 1
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 1, 5, 7), 1), ((3, 8, 1, 1), 4)])
+def test_channels_last_that_is_also_contiguous_takes_the_nchw_kernel(device, spies, shape, groups):
+    # C == 1 or H*W == 1: both layouts are the same memory; the output is both too
+    x, w, b = _inputs(shape, torch.float32, device, seed=17)
+    x = x.to(memory_format=torch.channels_last)
+    assert x.is_contiguous() and not reads_channels_last(x, groups)
+    out = group_norm_silu_forward(x, groups, w, b, EPS, True)
+    assert _launched(spies) == {"_group_norm_silu_forward_kernel": 1}
+    assert out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_report(out, _reference64(x, groups, w, b, EPS, True), **TOL[torch.float32])
+
+
+def test_reads_channels_last():
+    x = torch.empty(2, 8, 3, 5)
+    cl = x.to(memory_format=torch.channels_last)
+    assert reads_channels_last(cl, 4) and reads_channels_last(cl[1:], 2)  # a batch slice stays channels_last
+    assert not reads_channels_last(x, 4)  # NCHW
+    assert not reads_channels_last(cl[:, :, :, ::2], 4)  # strided: copied by the op
+    assert not reads_channels_last(cl, 3)  # not divisible
+    assert not reads_channels_last(torch.empty(2, 8, 3).transpose(1, 2), 4)  # 3-D
+    wide = torch.empty(1, 8192, 2, 1).to(memory_format=torch.channels_last)
+    assert reads_channels_last(wide, 2) and not reads_channels_last(wide, 1)  # Cg 4096 ok, 8192 > _MAX_BLOCK
+
+
+def test_channels_last_launcher_rejects_bad_input(device):
+    x, w, _ = _inputs((2, 4, 3, 5), torch.float32, device, seed=18)
+    x = _channels_last(x)
+    with pytest.raises(ValueError, match="channels_last-contiguous"):
+        group_norm_silu_forward(x[:, :, :, ::2], 2, w, None, EPS, True)
+    with pytest.raises(ValueError, match="groups_per_program must be a power of two"):
+        group_norm_silu_forward(x, 2, w, None, EPS, True, groups_per_program=3)
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_silu_forward(x, 3, w, None, EPS, True)
+
+
+def test_nhwc_tile_heuristic():
+    # (BLOCK_P, GPP, BLOCK_C, warps) for (Cg, G, HW, bytes per element)
+    assert _nhwc_tile_and_warps(4, 32, 65536, 2, None, None) == (256, 4, 4, 8)  # VQGAN 128 ch bf16: 32 B a row
+    assert _nhwc_tile_and_warps(4, 32, 65536, 4, None, None) == (512, 2, 4, 8)  # fp32
+    assert _nhwc_tile_and_warps(16, 32, 256, 2, None, None) == (256, 1, 16, 8)  # 512 ch, 16x16
+    assert _nhwc_tile_and_warps(3, 3, 35, 4, None, None) == (64, 4, 4, 4)  # Cg 3 -> 4 lanes, GPP capped by G
+    assert _nhwc_tile_and_warps(4096, 1, 9, 2, None, None) == (1, 1, 4096, 8)  # one pixel per tile
+    assert _nhwc_tile_and_warps(4, 32, 65536, 2, 64, 1) == (16, 1, 4, 2)  # overrides

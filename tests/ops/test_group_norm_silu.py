@@ -35,7 +35,7 @@ def _torch_semantics(x, groups, w, b, eps, silu):
 @pytest.fixture
 def kernel_device(monkeypatch):
     """(device, calls): a device the Triton kernel runs on with UNLEARN_FAST_BACKEND=triton, and a list that
-    records each launcher call."""
+    records the x of each launcher call."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import group_norm_silu as module
     if torch.cuda.is_available() and not module._INTERPRETED:
@@ -48,7 +48,7 @@ def kernel_device(monkeypatch):
     real = module.group_norm_silu_forward
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append(args[0])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "group_norm_silu_forward", spy)
@@ -172,16 +172,36 @@ def test_no_grad_and_inference_use_the_kernel(kernel_device):
     assert_close_report(out_nograd_needed, _torch_semantics(x, 3, w.detach(), b, EPS, True), **tol(torch.bfloat16))
 
 
-def test_non_contiguous_and_channels_last_inputs(kernel_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_input_is_read_in_place(kernel_device, dtype):
+    # the launcher gets x itself (no NCHW copy) and the output is channels_last, with NCHW's values (up to the
+    # order of the fp32 statistics' sums: twice the stored dtype's tolerance)
     device, calls = kernel_device
-    x, w, b = _inputs((2, 6, 5, 7), device=device, seed=4)
+    x, w, b = _inputs((3, 9, 5, 7), dtype=dtype, device=device, seed=4)
+    x_cl = x.to(memory_format=torch.channels_last)
+    out = group_norm_silu(x_cl, 3, w, b, EPS, silu=True)
+    expected = group_norm_silu(x, 3, w, b, EPS, silu=True)  # NCHW
+    assert len(calls) == 2 and calls[0].data_ptr() == x_cl.data_ptr() and calls[0].stride() == x_cl.stride()
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert expected.is_contiguous() and out.dtype == dtype
+    assert_close_report(out, expected, **{k: 2 * v for k, v in tol(dtype).items()}, name=f"{dtype}")
+    assert_close_report(out, _torch_semantics(x, 3, w, b, EPS, True), **tol(dtype), name=f"{dtype} vs torch")
+
+
+def test_other_strided_inputs_are_copied_to_nchw(kernel_device):
+    device, calls = kernel_device
+    x, w, b = _inputs((2, 6, 5, 7), device=device, seed=5)
     expected = group_norm_silu(x, 3, w, b, EPS, silu=True)
-    channels_last = group_norm_silu(x.to(memory_format=torch.channels_last), 3, w, b, EPS, silu=True)
     wide = torch.zeros(2, 6, 5, 14, device=device)
     wide[..., ::2] = x  # a strided view with x's values
     strided = group_norm_silu(wide[..., ::2], 3, w, b, EPS, silu=True)
-    assert len(calls) == 3
-    assert torch.equal(channels_last, expected) and torch.equal(strided, expected)
+    assert len(calls) == 2 and calls[1].is_contiguous() and calls[1].data_ptr() != wide.data_ptr()
+    assert torch.equal(strided, expected) and strided.is_contiguous()  # the same NCHW kernel on the same values
+    # channels_last with more channels per group than the NHWC kernel takes: copied to NCHW too
+    x, w, b = _inputs((1, 8192, 2, 1), device=device, seed=6)
+    out = group_norm_silu(x.to(memory_format=torch.channels_last), 1, w, b, EPS, silu=False)
+    assert len(calls) == 3 and calls[2].is_contiguous() and out.is_contiguous()
+    assert_close_report(out, _torch_semantics(x, 1, w, b, EPS, False), rtol=1e-5, atol=2e-6)
 
 
 def test_empty_batch(kernel_device):

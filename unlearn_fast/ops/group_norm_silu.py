@@ -17,6 +17,10 @@ CPU under TRITON_INTERPRET=1) when no gradient is needed; the plain PyTorch twin
 with ``UNLEARN_FAST_BACKEND=torch``, or when grad mode is on and x, weight or bias requires grad (the twin is
 differentiable; the kernel has no backward). The twin's SiLU is written ``y * sigmoid(y)`` (sigmoid rounded,
 then the product), as the VQGAN module computes swish on the CPU, so the CPU path keeps its bits.
+
+Memory layout on the kernel: NCHW-contiguous x gives an NCHW-contiguous output; 4-D channels_last x (the VQGAN
+run NHWC, so cuDNN's convs need no transposes) is read in place and gives a channels_last output; any other
+strided x (or channels_last with more than 4096 channels per group) is copied to NCHW first.
 """
 from __future__ import annotations
 
@@ -109,15 +113,19 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
     ``x: [N, C, *spatial]``, ``weight, bias: [C]`` or None; returns ``[N, C, *spatial]`` of ``out_dtype``.
     Fused (one or two launches, fp32 statistics) on CUDA without autograd; the twin otherwise (see the module
-    docstring)."""
+    docstring). Fused, a channels_last x is read without a copy and the output is channels_last too."""
     out_dtype = _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad or _pick_backend(x.device) != "triton":
         return _twin(x, num_groups, weight, bias, eps, silu, out_dtype)
-    # the kernel walks NCHW groups: channels_last (or any strided) input is copied to NCHW first, and the
-    # output comes back NCHW-contiguous
-    x, weight, bias = (None if t is None else t.detach().contiguous() for t in (x, weight, bias))
-    from ..kernels.group_norm_silu import group_norm_silu_forward  # importable: choose_backend checked Triton
+    from ..kernels.group_norm_silu import (group_norm_silu_forward,  # importable: choose_backend checked Triton
+                                           reads_channels_last)
+    # channels_last x is read in place and the output is channels_last (no transposes around NHWC convs); any
+    # other strided x is copied to NCHW first, and its output is NCHW-contiguous
+    x = x.detach()
+    if not reads_channels_last(x, num_groups):
+        x = x.contiguous()
+    weight, bias = (None if t is None else t.detach().contiguous() for t in (weight, bias))
     return group_norm_silu_forward(x, num_groups, weight, bias, float(eps), silu, out_dtype)
 
 
