@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 
 from ..models.palette import SCHEDULE_BUFFERS, Network, load_palette_checkpoint
+from ..models.state_dict_io import read_checkpoint
 from ..models.palette_sampler import palette_restore, palette_test_result_dir, write_restoration_images
 from ..train.balanced_sampler import ReferenceShuffleBatchSampler
 from ..train.palette_data import (PaletteInpaintDataset, read_class_list, select_places365_test,
@@ -280,11 +281,7 @@ def check_ckpt_is_teacher(ckpt: str, resume) -> None:
 
 def read_palette_state(path: str) -> dict:
     """The plain state dict of a ``{epoch}_Network.pth``; a ValueError naming the file if it cannot be read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects, ...
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file?): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    state = read_checkpoint(path)  # CheckpointError (a ValueError) naming the file: truncated, unsafe pickle, ...
     _need(isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()),
           f"{path}: expected a plain state dict of tensors (an official {{epoch}}_Network.pth)")
     return state

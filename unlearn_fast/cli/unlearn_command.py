@@ -103,6 +103,8 @@ def validate_args(args, baseline: bool) -> None:
     if args.eval_every is not None:
         need(args.eval_every >= 1, f"--eval_every must be >= 1 (epochs), got {args.eval_every}")
     need(args.eval_images >= 1, f"--eval_images must be >= 1, got {args.eval_images}")
+    for flag, path in (("--resume", args.resume), ("--teacher", args.teacher), ("--vqgan_ckpt", args.vqgan_ckpt)):
+        need(not (path and os.path.isdir(path)), f"{flag} {path} is a directory; pass a checkpoint file")
     if args.resume:
         need(os.path.isfile(args.resume), f"--resume checkpoint not found: {args.resume}")
     if args.teacher:

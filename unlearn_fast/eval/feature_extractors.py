@@ -94,7 +94,9 @@ def _torch_load_weights(path: str, what: str, allow_pickle: bool = False) -> dic
     except Exception as e:  # pickle of non-tensor objects, the legacy .tar format, truncated file ...
         hint = "" if allow_pickle else (" If the file is a trusted copy that holds other Python objects or uses "
                                         "the legacy .tar format, load it with allow_pickle=True.")
-        raise ValueError(f"cannot read {what} from {path} as a tensor checkpoint: {e}.{hint}") from e
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # torch's own advice runs for lines
+        raise ValueError(f"cannot read {what} from {path} as a tensor checkpoint: {type(e).__name__}: {detail}."
+                         f"{hint}") from None
 
 
 def _load_strict(model: nn.Module, state: dict, path: str, what: str) -> None:

@@ -44,6 +44,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from ..models.state_dict_io import read_checkpoint
 from ..train.checkpoint import atomic_save, load_model_state
 from .chunked import apply_in_chunks
 from ..train.seeding import derive_seed
@@ -197,7 +198,7 @@ class PeriodicEvaluator:
 
 def load_best_weights(model: nn.Module, path: str) -> dict:
     """Load a ``best.pth`` (trainable parameters only) into ``model``; returns the file's dict."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_checkpoint(path)
     state = blob.get("model") if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a best.pth written by PeriodicEvaluator (no 'model' dict)")

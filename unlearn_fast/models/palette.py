@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapter import I2IModel, TaskDraw
 from .registry import register_model
-from .state_dict_io import state_dict_mismatch
+from .state_dict_io import read_checkpoint, state_dict_mismatch
 from .palette_unet import UNet, init_palette_weights
 
 SCHEDULE_BUFFERS = ("gammas", "sqrt_recip_gammas", "sqrt_recipm1_gammas", "posterior_log_variance_clipped",
@@ -286,7 +286,7 @@ def load_palette_checkpoint(model: Network, path_or_state: Union[str, os.PathLik
         where = os.fspath(path_or_state)
         if not os.path.isfile(where):
             raise FileNotFoundError(f"Palette checkpoint not found: {where}")
-        state = torch.load(where, map_location="cpu", weights_only=True)
+        state = read_checkpoint(where)
         if not isinstance(state, dict):
             raise ValueError(f"{where}: expected a plain state dict, got {type(state).__name__}")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from typing import Mapping
 
 import torch
@@ -51,15 +52,23 @@ def read_checkpoint(path: str):
     """``torch.load(weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` official files pickle
     and numpy values (see ``_allowed_globals``). The one reader of every checkpoint (models, unlearning runs,
     Palette states). CheckpointNotFoundError for a missing file, CheckpointError naming the file otherwise."""
+    if path and os.path.isdir(path):
+        raise CheckpointNotFoundError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not path or not os.path.isfile(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path!r}")
     try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(_allowed_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)  # torch < 2.5
+        with warnings.catch_warnings():
+            # a plain pickle (not a torch file) makes torch warn about its protocol before it fails: the error
+            # below says what the file is, a warning with a source line would read like a traceback
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if hasattr(torch.serialization, "safe_globals"):
+                with torch.serialization.safe_globals(_allowed_globals()):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)  # torch < 2.5
     except Exception as e:
-        unsafe = _unsafe_globals(path)
+        # zip checkpoints are scanned for every unsafe global; the legacy (non-zip) format, or a torch without the
+        # scanner, names the first one in the error ("... GLOBAL posix.system ...")
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
         if unsafe:
             raise CheckpointError(f"cannot read checkpoint {path!r}: it pickles objects that are not loaded for "
                                   "safety (only tensors, plain values, argparse.Namespace and numpy values are): "

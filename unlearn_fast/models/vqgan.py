@@ -68,7 +68,7 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     fused pass (fp32 statistics and math, as autocast's fp32 group_norm) that writes the autocast dtype
     directly, so the next conv reads what it would have cast to; torch's GroupNorm + SiLU + casts otherwise.
     Rounding differs from torch's only in the order of the fp32 statistics' sums."""
-    tracked = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, norm.weight, norm.bias))
     if _fused_norms.get() and x.is_cuda and not tracked:
         out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True,

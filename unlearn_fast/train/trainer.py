@@ -127,7 +127,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False) -> List[dict]:
     """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
     ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
-    batches. Returns the per-epoch stats written to ``log.txt``.
+    batches, and give the epoch's remaining batches (one that ends early is a ValueError, raised before the
+    epoch's log line and checkpoint). Returns the per-epoch stats written to ``log.txt``.
 
     ``save_every_steps``: also keep ``checkpoint-last.pth`` = the state after every N-th step (at an
     optimizer update) and after every epoch, with the position and ``epoch_progress`` (the running log
@@ -190,9 +191,11 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         # fast/graphed steps on a GPU: batch k+1's images are copied beside step k (device_prefetch.py)
         batches = DevicePrefetcher(epoch_batches(epoch), setup.device, limit=steps_per_epoch - first,
                                    enabled=step_mode != "reference")
+        taken = 0  # batches of this epoch run by this call
         for it, (images, labels) in enumerate(batches, start=first):
             if it >= steps_per_epoch:
                 break
+            taken += 1
             step = epoch * steps_per_epoch + it
             cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
             if it % accum == 0:
@@ -231,8 +234,12 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                 bar.update(1)
         if bar is not None:
             bar.close()
-        if meter.n_steps == 0:
+        if taken == 0:
             raise ValueError(f"epoch {epoch} produced no batches")
+        if first + taken < steps_per_epoch:  # the losses since the last read-back, the epoch's log line, the
+            # checkpoint's position and the lr schedule all assume steps_per_epoch steps: stop instead of writing them
+            raise ValueError(f"epoch {epoch} produced {first + taken} of its {steps_per_epoch} batches (the batch "
+                             "source ended early); stopping. The last saved checkpoint is intact.")
         n_steps, sums = meter.n_steps, meter.sums
         loss, retain, forget = (v / n_steps for v in sums.tolist())
         stats = epoch_log_line(setup.loss_type, meter.lr_sum / n_steps, loss, retain, forget, epoch)
