@@ -4,7 +4,7 @@
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
 # GPU_CHECK_BUDGET seconds (default 480): each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, csrc.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
+# Files written: log.txt, csrc.txt, toolchain.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
 #   precision.json, profile.txt, profile_step.txt/.json, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check}
@@ -24,10 +24,17 @@ phase "environment"
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 } >>"$LOG" 2>&1
 
+# compiler and C++ runtime facts: tests/csrc crashed on this image's error paths (2026-11-27), not elsewhere
+{ echo "CXX=${CXX:-} CC=${CC:-}"; command -v c++ g++ gcc; c++ --version 2>&1 | head -1
+  /opt/gcc/bin/g++ --version 2>/dev/null | head -1; /usr/bin/g++ --version 2>/dev/null | head -1
+} >"$OUT/toolchain.txt" 2>&1
 phase "build extension (CPU + CUDA sources)"
 UNLEARN_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run_for 150 python3 setup.py build_ext --inplace >>"$LOG" 2>&1 \
   || echo "BUILD FAILED (continuing with Triton / twin fallbacks)" | tee -a "$LOG"
 python3 -c "from unlearn_fast.kernels.extension import load_extension, extension_has_cuda; print('ext', load_extension() is not None, 'cuda', extension_has_cuda())" >>"$LOG" 2>&1
+{ ldd unlearn_fast/_C*.so | grep -E "stdc|gcc_s|gomp"
+  python3 -c "import torch, unlearn_fast._C; print(open('/proc/self/maps').read())" | grep -E "libstdc|libgcc_s|libgomp" \
+    | awk '{print $6}' | sort -u; } >>"$OUT/toolchain.txt" 2>&1
 
 phase "GPU tests"
 run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py 2>&1 | tail -40 >>"$LOG"

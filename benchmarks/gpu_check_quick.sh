@@ -3,7 +3,7 @@
 # of the fast path's newest parts, the MAGE step benchmarks (fused vs unfused tokenizer norms), the bf16 step
 # profiles, then the torch.compile baseline of MAE-B if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files: log.txt, csrc.txt, bench_mage.json, bench_compiled.json, profile_step.txt/.json, summary.txt
+# Files (8, the device tool's limit): log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_compiled.json, profile_step.txt/.json, summary.txt
 set -u
 OUT=${OUT:-/tmp/unlearn_fast_gpu_check_quick}
 mkdir -p "$OUT"
@@ -14,10 +14,17 @@ t0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-320}  # seconds for the whole script: the compile phase gets what is left
 phase() { echo "=== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
 
+# compiler and C++ runtime facts: tests/csrc crashed on this image's error paths (2026-11-27), not elsewhere
+{ echo "CXX=${CXX:-} CC=${CC:-}"; command -v c++ g++ gcc; c++ --version 2>&1 | head -1
+  /opt/gcc/bin/g++ --version 2>/dev/null | head -1; /usr/bin/g++ --version 2>/dev/null | head -1
+} >"$OUT/build.txt" 2>&1
 phase "build extension"
 UNLEARN_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 120 python3 setup.py build_ext --inplace \
-  >"$OUT/build.txt" 2>&1 || echo "BUILD FAILED" | tee -a "$LOG"
+  >>"$OUT/build.txt" 2>&1 || echo "BUILD FAILED" | tee -a "$LOG"
 python3 -c "from unlearn_fast.kernels.extension import load_extension, extension_has_cuda; print('ext', load_extension() is not None, 'cuda', extension_has_cuda())" >>"$LOG" 2>&1
+{ ldd unlearn_fast/_C*.so | grep -E "stdc|gcc_s|gomp"
+  python3 -c "import torch, unlearn_fast._C; print(open('/proc/self/maps').read())" | grep -E "libstdc|libgcc_s|libgomp" \
+    | awk '{print $6}' | sort -u; } >>"$OUT/build.txt" 2>&1
 
 phase "GPU tests: fused norms, graphed DDP, multi-map, side stream; extension errors"
 timeout 75 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
