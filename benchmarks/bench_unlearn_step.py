@@ -71,11 +71,13 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_bf16_cl"])
+@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_bf16_cl",
+                                     "fast_bf16_explicit_attn"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with
     torch's ops (what the fused kernel gains), and the VQGAN in channels_last (bf16), which the fused norm now
-    reads in place (with torch's GroupNorm it was slower: H100, 2026-11-27 run 1, 204 ms vs 151 ms)."""
+    reads in place (with torch's GroupNorm it was slower: H100, 2026-11-27 run 1, 204 ms vs 151 ms), and MAGE's
+    attention written out as the official code instead of scaled_dot_product_attention."""
     _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
 
 

@@ -37,7 +37,8 @@ python3 -c "from unlearn_fast.kernels.extension import load_extension, extension
     | awk '{print $6}' | sort -u; } >>"$OUT/toolchain.txt" 2>&1
 
 phase "GPU tests"
-run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py 2>&1 | tail -40 >>"$LOG"
+run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py \
+  tests/models/test_mage_attention.py 2>&1 | tail -40 >>"$LOG"
 # the extension's own tests, one process per file, verbose and whole in csrc.txt: a crash names its test and
 # does not hide the files after it
 for f in tests/csrc/test_*.py; do

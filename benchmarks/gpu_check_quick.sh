@@ -30,15 +30,15 @@ phase "GPU tests: fused norms, graphed DDP, multi-map, side stream; extension er
 timeout 75 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
-  tests/train/test_device_prefetch.py 2>&1 | tail -30 >>"$LOG"
+  tests/train/test_device_prefetch.py tests/models/test_mage_attention.py 2>&1 | tail -30 >>"$LOG"
 for f in tests/csrc/test_*.py; do  # one process per file, whole verbose output: a crash names its test
   timeout 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
     || echo "$f: exit $? (see csrc.txt)" >>"$LOG"
 done
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
-timeout 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_bf16_cl" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_bf16_cl or explicit_attn" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"

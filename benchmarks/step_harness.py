@@ -73,7 +73,8 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
     """``run(step)`` performs one training step of ``variant``: reference | fast | fast_bf16 | compiled_reference,
     for MAGE fast_shared (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in
     channels_last); a ``_serial`` suffix runs the teacher after the student on one stream (no overlap), an
-    ``_unfused`` suffix the VQGAN's GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``)."""
+    ``_unfused`` suffix the VQGAN's GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an
+    ``_explicit_attn`` suffix MAGE's attention written out (``--explicit_attention``)."""
     dev = torch.device(cfg.device)
     precision = "bf16" if "bf16" in variant else "reference"
     fast = variant.startswith("fast")
@@ -81,7 +82,8 @@ def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
     setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
                         forget_alpha=cfg.forget_alpha, fast=fast, capturable=graph,
                         share_tokenizer=variant == "fast_shared", overlap_teacher=not variant.endswith("_serial"),
-                        fuse_tokenizer_norms=not variant.endswith("_unfused"))
+                        fuse_tokenizer_norms=not variant.endswith("_unfused"),
+                        sdpa_attention=not variant.endswith("_explicit_attn"))
     if variant.endswith("_cl"):
         for m in (setup.student, setup.teacher):
             m.vqgan.to(memory_format=torch.channels_last)

@@ -120,6 +120,10 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--unfused_tokenizer_norms", action="store_true",
                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
                         "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
+    g.add_argument("--explicit_attention", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
+                        "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
+                        "checks)")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches hidden")
     g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import I2IModel, TaskDraw
+from .mage_attention import MageAttention
 from .mage_masking import sample_mage_masks
 from .registry import register_model
 from .vit_blocks import Mlp, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
@@ -54,29 +55,6 @@ class BertEmbeddings(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids) + self.position_embeddings(self.position_ids[:, :ids.shape[1]])
         return self.dropout(self.LayerNorm(x))  # [N, T, D]
-
-
-class MageAttention(nn.Module):
-    """Multi-head self-attention, MAGE's numerics: scores and softmax in fp32 (autocast off), attn @ v in
-    the dtype of v (the autocast dtype under autocast)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # [N, H, T, T] fp32
-            attn = (attn - attn.amax(dim=-1, keepdim=True)).softmax(dim=-1)
-        out = attn.to(v.dtype) @ v  # [N, H, T, d_h]
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
 class MageBlock(nn.Module):

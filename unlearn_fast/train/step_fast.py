@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..models.mage_attention import sdpa_attention
 from ..models.vqgan import fused_group_norms
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
@@ -62,9 +63,11 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
             return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
                                   share)  # [N, L, D]
 
-    # the frozen VQGAN's GroupNorm + swish fused on CUDA (models.vqgan.norm_swish); the reference step keeps
-    # torch's ops, so the baseline stays the reference's arithmetic
-    with fused_group_norms(setup.fuse_tokenizer_norms and dev.type == "cuda"):
+    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish) and MAGE's attention
+    # as scaled_dot_product_attention (models.mage_attention); the reference step keeps the official ops, so the
+    # baseline stays the reference's arithmetic
+    cuda = dev.type == "cuda"
+    with fused_group_norms(setup.fuse_tokenizer_norms and cuda), sdpa_attention(setup.sdpa_attention and cuda):
         return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
 

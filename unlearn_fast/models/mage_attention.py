@@ -1,0 +1,61 @@
+"""MAGE's multi-head self-attention, and the fast step's fused form of it.
+
+The official numerics: QK^T and softmax in fp32 with autocast off, ``attn @ v`` in the dtype of v (the autocast
+dtype under autocast). Inside :func:`sdpa_attention` on a CUDA GPU with half-precision q, k, v (the student under
+fp16/bf16 autocast, the teacher in bf16 mode) the same attention runs as one
+``F.scaled_dot_product_attention`` kernel instead: it forms the same exact products of half-precision q and k,
+accumulates and normalises in fp32 and rounds the probabilities to v's dtype before multiplying by v, as the
+official code does, without writing the [N, H, T, T] scores (fp32) and probabilities to memory. The order of
+its fp32 sums and the exponential's rounding differ. An fp32 teacher (reference precision) and the CPU always
+take the official path.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_sdpa = contextvars.ContextVar("unlearn_fast_mage_sdpa_attention", default=False)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def sdpa_attention(enabled: bool = True):
+    """Inside, MAGE attention on CUDA half-precision inputs runs as ``scaled_dot_product_attention``. The fast
+    unlearning step turns it on; the reference-semantics step keeps the official ops (the baseline)."""
+    token = _sdpa.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _sdpa.reset(token)
+
+
+class MageAttention(nn.Module):
+    """Multi-head self-attention with timm's names (``qkv``, ``proj``); see the module docstring."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if _sdpa.get() and q.is_cuda and q.dtype in _HALF:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [N, H, T, d_h]
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # [N, H, T, T] fp32
+                attn = (attn - attn.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+            out = attn.to(v.dtype) @ v  # [N, H, T, d_h]
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+__all__ = ["MageAttention", "sdpa_attention"]
