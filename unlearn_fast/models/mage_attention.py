@@ -4,9 +4,10 @@ The official numerics: QK^T and softmax in fp32 with autocast off, ``attn @ v`` 
 dtype under autocast). Inside :func:`sdpa_attention` on a CUDA GPU with half-precision q, k, v (the student under
 fp16/bf16 autocast, the teacher in bf16 mode) the same attention runs as one
 ``F.scaled_dot_product_attention`` kernel instead: it forms the same exact products of half-precision q and k,
-accumulates and normalises in fp32 and rounds the probabilities to v's dtype before multiplying by v, as the
-official code does, without writing the [N, H, T, T] scores (fp32) and probabilities to memory. The order of
-its fp32 sums and the exponential's rounding differ. An fp32 teacher (reference precision) and the CPU always
+accumulates them and the softmax in fp32 and multiplies v by probabilities rounded to v's dtype, as the
+official code does, without writing the [N, H, T, T] scores (fp32) and probabilities to memory. It rounds the
+unnormalised probabilities and divides by their sum after the product (the official code rounds the
+normalised ones), and its fp32 sums run in another order. An fp32 teacher (reference precision) and the CPU always
 take the official path.
 """
 from __future__ import annotations
