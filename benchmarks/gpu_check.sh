@@ -2,7 +2,8 @@
 # GPU check: build the CUDA extension, run the GPU tests and the GPU benchmarks, write results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
-# GPU_CHECK_BUDGET seconds (default 480): each phase has a cap and gets at most what is left, so a slow phase
+# GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
+# each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
 # Files written: log.txt, csrc.txt, toolchain.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
 #   precision.json, profile.txt, profile_step.txt/.json, summary.txt
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt
 t0=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for the whole script; later phases shrink or are skipped to fit
+BUDGET=${GPU_CHECK_BUDGET:-350}  # seconds for the whole script; later phases shrink or are skipped to fit
 phase() { echo "=== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
 # limit CAP: the seconds a phase may take, at most CAP and what is left of the budget (0 = skip the phase)
 limit() { local left=$(( BUDGET - ($(date +%s) - t0) - 5 )); if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi; }
