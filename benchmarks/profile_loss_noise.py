@@ -5,7 +5,8 @@
 For each op (fused loss forward+backward at 64x129x768 fp32, batch noise at 64x3x256x256) it reports:
 - ``eager_ms``: median wall time of one synchronised call, as ``bench_loss_noise.py`` measures it;
 - ``graph_ms``: the same call captured once in a CUDA graph and replayed (no Python, no launch overhead):
-  what the kernels alone cost, i.e. the op's floor inside the CUDA-graph step;
+  what the kernels alone cost, i.e. the op's floor inside the CUDA-graph step; ``graph_GB_per_s`` and
+  ``of_3_TB_per_s``: that time over the fewest bytes the op must move (the ">= 80 % of bandwidth" target);
 - the torch.profiler table of the eager call (CUDA kernels and CPU ops), to name the overhead.
 Needs CUDA; prints a one-line reason and exits 0 without it.
 """
@@ -76,10 +77,15 @@ def main(argv=None) -> int:
 
     lines, results = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "backend": choose_backend(torch.device(dev), "retain_forget_l2_loss")}
-    for name, fn in (("loss_fwd_bwd_64x129x768_fp32", loss_step), ("noise_64x3x256x256", noise_step)):
+    # the fewest bytes each op must move, as bench_loss_noise.py counts them (20 B and 8 B per fp32 element)
+    ops = (("loss_fwd_bwd_64x129x768_fp32", loss_step, x.numel() * 20),
+           ("noise_64x3x256x256", noise_step, images.numel() * 8))
+    for name, fn, nbytes in ops:
         res = {"eager_ms": _median_ms(fn)}
         try:
             res["graph_ms"] = _graph_ms(fn)
+            res["graph_GB_per_s"] = nbytes / (res["graph_ms"] * 1e-3) / 1e9
+            res["of_3_TB_per_s"] = res["graph_GB_per_s"] / 3000.0  # the lent H100's measured copy bandwidth
         except Exception as e:  # an op that cannot be captured is itself a finding
             res["graph_error"] = f"{type(e).__name__}: {e}"
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
