@@ -42,7 +42,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_st
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
-timeout 45 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16 \
+timeout 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
   --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" || echo "profile cut short" >>"$LOG"
 
 phase "torch.compile baseline, MAE-B"

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import copy
 import json
 import sys
 
 import torch
 
-from step_harness import GPU_CONFIGS, base_model, batch_for
+from step_harness import GPU_CONFIGS, batch_for, setup_for_variant
 from unlearn_fast.train.lr_schedule import set_lr
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_reference import reference_step
-from unlearn_fast.train.unlearn_setup import build_setup
 
 # first matching rule wins; kernel names differ across cuDNN / cuBLAS / CUTLASS versions, so substrings
 CATEGORIES = [
@@ -54,10 +52,8 @@ def category(name: str) -> str:
 
 def eager_runner(cfg, variant: str):
     dev = torch.device(cfg.device)
-    precision = "bf16" if "bf16" in variant else "reference"
     fast = variant.startswith("fast")
-    setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
-                        forget_alpha=cfg.forget_alpha, fast=fast)
+    setup = setup_for_variant(cfg, variant)  # the benchmark's variants, suffixes included (_cl, _unfused, ...)
     set_lr(setup.optimizer, 1e-5)
     images, is_forget = batch_for(cfg, setup.student)
     if dev.type == "cuda":

@@ -69,24 +69,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
-    """``run(step)`` performs one training step of ``variant``: reference | fast | fast_bf16 | compiled_reference,
-    for MAGE fast_shared (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in
-    channels_last); a ``_serial`` suffix runs the teacher after the student on one stream (no overlap), an
-    ``_unfused`` suffix the VQGAN's GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an
-    ``_explicit_attn`` suffix MAGE's attention written out (``--explicit_attention``)."""
-    dev = torch.device(cfg.device)
-    precision = "bf16" if "bf16" in variant else "reference"
+def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
+    """The UnlearnSetup of ``variant``: reference | fast | fast_bf16 | compiled_reference, for MAGE fast_shared
+    (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in channels_last); a ``_serial``
+    suffix runs the teacher after the student on one stream (no overlap), an ``_unfused`` suffix the VQGAN's
+    GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an ``_explicit_attn`` suffix MAGE's
+    attention written out (``--explicit_attention``)."""
     fast = variant.startswith("fast")
-    graph = fast and dev.type == "cuda"
-    setup = build_setup(copy.deepcopy(base_model(cfg)), dev, lr=1e-5, precision=precision,
-                        forget_alpha=cfg.forget_alpha, fast=fast, capturable=graph,
-                        share_tokenizer=variant == "fast_shared", overlap_teacher=not variant.endswith("_serial"),
+    setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
+                        precision="bf16" if "bf16" in variant else "reference", forget_alpha=cfg.forget_alpha,
+                        fast=fast, capturable=capturable, share_tokenizer=variant == "fast_shared",
+                        overlap_teacher=not variant.endswith("_serial"),
                         fuse_tokenizer_norms=not variant.endswith("_unfused"),
                         sdpa_attention=not variant.endswith("_explicit_attn"))
     if variant.endswith("_cl"):
         for m in (setup.student, setup.teacher):
             m.vqgan.to(memory_format=torch.channels_last)
+    return setup
+
+
+def make_runner(cfg: StepConfig, variant: str) -> Callable[[int], None]:
+    """``run(step)`` performs one training step of ``variant`` (see :func:`setup_for_variant`); fast variants
+    run the CUDA-graph step on a GPU, fed as the trainer feeds it."""
+    dev = torch.device(cfg.device)
+    fast = variant.startswith("fast")
+    graph = fast and dev.type == "cuda"
+    setup = setup_for_variant(cfg, variant, capturable=graph)
     images, is_forget = batch_for(cfg, setup.student)
     if dev.type == "cuda":
         images = images.pin_memory()
