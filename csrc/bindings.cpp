@@ -10,9 +10,10 @@
 
 #include "unlearn_fast_ops.h"
 
-// Argument errors are pybind11's own ValueError / TypeError, thrown and caught inside this module. On the
-// GPU image (torch 2.11, its own gcc) a c10::ValueError handed to torch's exception translator crashed the
-// process (tests/csrc on an H100, 2026-11-27); pybind11's builtin exceptions need no translator.
+// Argument errors are pybind11's own ValueError / TypeError, thrown and caught inside this module: they need
+// no exception translator from torch. Tried because the first c10::ValueError of tests/csrc crashed the GPU
+// image's process (torch 2.11, its own gcc; H100, 2026-11-27); the tests still crashed there with these
+// (not reproducible elsewhere), so the cause lies deeper: see benchmarks/RESULTS.md.
 #define UF_CHECK_VALUE(cond, ...) \
   do {                            \
     if (!(cond)) throw pybind11::value_error(c10::str(__VA_ARGS__)); \
@@ -49,14 +50,14 @@ bool is_half_single(at::ScalarType t) {
 
 void check_device_supported(const char* op, const at::Tensor& t) {
   UF_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), op, ": tensors must be on the CPU or a CUDA "
-                    "device, got ", t.device());
+                 "device, got ", t.device());
   UF_CHECK_VALUE(!t.device().is_cuda() || kWithCuda, op, ": got a CUDA tensor but unlearn_fast._C was built "
-                    "without CUDA kernels; rebuild with UNLEARN_FAST_CUDA=1 pip install --no-build-isolation -e .");
+                 "without CUDA kernels; rebuild with UNLEARN_FAST_CUDA=1 pip install --no-build-isolation -e .");
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& latent) {
   UF_CHECK_VALUE(t.device() == latent.device(), op, ": ", name, " is on ", t.device(), " but latent is on ",
-                    latent.device());
+                 latent.device());
 }
 
 // A target table [rows, T, D]; None or any tensor with no elements means "no rows".
@@ -67,10 +68,10 @@ at::Tensor checked_table(const char* name, const std::optional<at::Tensor>& tabl
   }
   const at::Tensor& t = *table;
   UF_CHECK_VALUE(t.dim() == 3 && t.size(1) == latent.size(1) && t.size(2) == latent.size(2), op, ": ", name,
-                    " must be [rows, T, D] with T, D = ", latent.size(1), ", ", latent.size(2), " (the latent's), "
-                    "got ", t.sizes());
+                 " must be [rows, T, D] with T, D = ", latent.size(1), ", ", latent.size(2), " (the latent's), "
+                 "got ", t.sizes());
   UF_CHECK_TYPE(is_half_single(t.scalar_type()), op, ": ", name, " dtype must be float32, float16 or bfloat16, "
-                   "got ", t.scalar_type());
+                "got ", t.scalar_type());
   check_same_device(op, name, t, latent);
   return t.detach().contiguous();
 }
@@ -79,9 +80,9 @@ at::Tensor checked_norm_param(const char* name, const at::Tensor& p, const at::T
   constexpr const char* op = "retain_forget_l2_forward";
   const int64_t d = latent.size(2);
   UF_CHECK_VALUE(p.dim() == 1 && p.size(0) == d, op, ": ", name, " must be [D] with D = ", d, ", got ",
-                    p.sizes());
+                 p.sizes());
   UF_CHECK_TYPE(at::isFloatingType(p.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-                   p.scalar_type());
+                p.scalar_type());
   check_same_device(op, name, p, latent);
   return p.detach().to(at::kFloat).contiguous();
 }
@@ -96,25 +97,25 @@ std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward(
   constexpr const char* op = "retain_forget_l2_forward";
   UF_CHECK_VALUE(latent.dim() == 3, op, ": latent must be [N, T, D], got ", latent.sizes());
   UF_CHECK_TYPE(is_half_single(latent.scalar_type()), op, ": latent dtype must be float32, float16 or "
-                   "bfloat16, got ", latent.scalar_type());
+                "bfloat16, got ", latent.scalar_type());
   check_device_supported(op, latent);
   const int64_t n = latent.size(0);
 
   UF_CHECK_VALUE(row_is_forget.dim() == 1 && row_is_forget.size(0) == n, op, ": row_is_forget must be [N] "
-                    "with N = ", n, ", got ", row_is_forget.sizes());
+                 "with N = ", n, ", got ", row_is_forget.sizes());
   UF_CHECK_TYPE(row_is_forget.scalar_type() == at::kBool, op, ": row_is_forget must be bool, got ",
-                   row_is_forget.scalar_type());
+                row_is_forget.scalar_type());
   check_same_device(op, "row_is_forget", row_is_forget, latent);
   UF_CHECK_VALUE(row_index.dim() == 1 && row_index.size(0) == n, op, ": row_index must be [N] with N = ", n,
-                    ", got ", row_index.sizes());
+                 ", got ", row_index.sizes());
   UF_CHECK_TYPE(row_index.scalar_type() == at::kLong || row_index.scalar_type() == at::kInt, op,
-                   ": row_index must be int64 (or int32), got ", row_index.scalar_type());
+                ": row_index must be int64 (or int32), got ", row_index.scalar_type());
   check_same_device(op, "row_index", row_index, latent);
 
   const bool has_weight = norm_weight.has_value() && norm_weight->defined();
   const bool has_bias = norm_bias.has_value() && norm_bias->defined();
   UF_CHECK_VALUE(has_weight || !has_bias, op, ": norm_bias given without norm_weight (the LayerNorm on the "
-                    "targets is on exactly when norm_weight is given)");
+                 "targets is on exactly when norm_weight is given)");
   UF_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
   UF_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
 
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> batch_mean_std(const at::Tensor& x) {
   constexpr const char* op = "batch_mean_std";
   UF_CHECK_VALUE(x.defined(), op, ": x is undefined");
   UF_CHECK_TYPE(is_half_single(x.scalar_type()) || x.scalar_type() == at::kDouble, op, ": x dtype must be "
-                   "float32, float64, float16 or bfloat16, got ", x.scalar_type());
+                "float32, float64, float16 or bfloat16, got ", x.scalar_type());
   check_device_supported(op, x);
   const at::Tensor xc = x.detach().contiguous();
 #ifdef UNLEARN_FAST_WITH_CUDA
@@ -173,7 +174,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward(const std::
                                                                      double grad_scale, bool compute_grad) {
   constexpr const char* op = "multi_map_l2_forward";
   UF_CHECK_VALUE(!students.empty() && students.size() == teachers.size(), op, ": need the same non-zero number "
-                    "of student and teacher maps, got ", students.size(), " and ", teachers.size());
+                 "of student and teacher maps, got ", students.size(), " and ", teachers.size());
   UF_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
   const at::Tensor& first = students[0];
   UF_CHECK_VALUE(first.defined() && first.dim() >= 1, op, ": map 0 must be a tensor [N, ...]");
@@ -187,17 +188,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward(const std::
     const at::Tensor& t = teachers[k];
     UF_CHECK_VALUE(s.defined() && t.defined(), op, ": map ", k, " is undefined");
     UF_CHECK_VALUE(s.sizes() == t.sizes() && s.dim() >= 1, op, ": map ", k, ": student ", s.sizes(),
-                      " and teacher ", t.sizes(), " must have the same shape [N, ...]");
+                   " and teacher ", t.sizes(), " must have the same shape [N, ...]");
     UF_CHECK_VALUE(s.size(0) == args.n, op, ": map ", k, " has N = ", s.size(0), ", map 0 has N = ", args.n);
     UF_CHECK_VALUE(s.numel() > 0, op, ": map ", k, " has no elements: ", s.sizes());
     UF_CHECK_TYPE(s.scalar_type() == first.scalar_type() && t.scalar_type() == teachers[0].scalar_type(), op,
-                     ": map ", k, ": all student maps must share one dtype, and all teacher maps one dtype; got ",
-                     s.scalar_type(), "/", t.scalar_type(), " vs map 0's ", first.scalar_type(), "/",
-                     teachers[0].scalar_type());
+                  ": map ", k, ": all student maps must share one dtype, and all teacher maps one dtype; got ",
+                  s.scalar_type(), "/", t.scalar_type(), " vs map 0's ", first.scalar_type(), "/",
+                  teachers[0].scalar_type());
     UF_CHECK_TYPE(is_half_single(s.scalar_type()) && is_half_single(t.scalar_type()), op, ": map ", k,
-                     ": dtypes must be float32, float16 or bfloat16, got ", s.scalar_type(), " and ", t.scalar_type());
+                  ": dtypes must be float32, float16 or bfloat16, got ", s.scalar_type(), " and ", t.scalar_type());
     UF_CHECK_VALUE(s.device() == first.device() && t.device() == first.device(), op, ": map ", k,
-                      ": all maps must be on ", first.device(), ", got ", s.device(), " and ", t.device());
+                   ": all maps must be on ", first.device(), ", got ", s.device(), " and ", t.device());
     args.students.push_back(s.detach().contiguous());
     args.teachers.push_back(t.detach().contiguous());
     args.row_elems.push_back(s.numel() / args.n);
