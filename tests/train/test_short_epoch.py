@@ -13,6 +13,7 @@ import torch
 import unlearn_fast.train.device_prefetch as device_prefetch
 from unlearn_fast.train.checkpoint import load_checkpoint_file
 from unlearn_fast.train.device_prefetch import DevicePrefetcher
+from unlearn_fast.train.side_stream import SideStream
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
 
@@ -67,6 +68,8 @@ def test_a_resumed_epoch_counts_the_steps_already_done(make_mae_micro, tmp_path)
 # ---- the one-ahead (CUDA) path of DevicePrefetcher, with stand-in streams on the CPU ----
 
 class _FakeStream:
+    device = None
+
     def __init__(self, log, name):
         self.log, self.name = log, name
 
@@ -82,12 +85,14 @@ def one_ahead(monkeypatch):
     monkeypatch.setattr(device_prefetch.torch.cuda, "Stream", lambda device=None: _FakeStream(log, "side"))
     monkeypatch.setattr(device_prefetch.torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(device_prefetch.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(device_prefetch.torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"record {s.name}"))
 
     def make(batches, limit=None):
         p = DevicePrefetcher.__new__(DevicePrefetcher)
         p.device, p.active, p.it, p.left = torch.device("cpu"), True, iter(batches), limit
-        p.stream, p.ready = _FakeStream(log, "side"), None
+        p.side, p.ready = SideStream("cpu"), None
+        p.side.stream = _FakeStream(log, "side")
         p.ready = p._read_and_copy()  # as __init__ does on a CUDA device
         return p
     return make, log

@@ -4,11 +4,12 @@ The concurrent path's numerics are checked on a GPU (tests/gpu/test_gpu_fast_pat
 sequential steps end with identical weights)."""
 import torch
 
-from unlearn_fast.train.teacher_stream import TeacherStream, student_beside_teacher
+from unlearn_fast.train.side_stream import SideStream
+from unlearn_fast.train.teacher_stream import student_beside_teacher
 
 
 class RecordingStream:
-    """Stands in for a concurrent TeacherStream: records fork/join in the call log."""
+    """Stands in for a concurrent SideStream: records fork/join in the call log."""
     concurrent = True
 
     def __init__(self, log):
@@ -33,7 +34,7 @@ def _parts(log):
 def test_sequential_on_cpu_runs_student_then_teacher_with_the_front_output():
     for share in (True, False):
         log = []
-        stream = TeacherStream("cpu")
+        stream = SideStream("cpu")
         assert not stream.concurrent
         latent, hidden = student_beside_teacher(stream, *_parts(log), share=share)
         assert log == ["front", "encoder(FRONT)", "teacher(FRONT)"]
@@ -53,4 +54,4 @@ def test_concurrent_teacher_sharing_the_front_end_starts_after_it():
 
 
 def test_disabled_stream_is_sequential_even_where_cuda_would_allow():
-    assert not TeacherStream("cuda", enabled=False).concurrent
+    assert not SideStream("cuda", enabled=False).concurrent

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from .side_stream import SideStream
+
 
 class DevicePrefetcher:
     """Iterate ``(images, labels)`` with ``images`` already on ``device``, at most ``limit`` batches
@@ -21,11 +23,11 @@ class DevicePrefetcher:
     def __init__(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device, limit: Optional[int] = None,
                  enabled: bool = True):
         self.device = torch.device(device)
-        self.active = enabled and self.device.type == "cuda"
+        self.side = SideStream(self.device, enabled=enabled)
+        self.active = self.side.concurrent
         self.it = iter(batches)
         self.left = limit  # batches still allowed to be read from ``batches``
-        self.stream = torch.cuda.Stream(self.device) if self.active else None
-        self.ready = None  # (images on device, labels) of the next batch, its copy queued on self.stream
+        self.ready = None  # (images on device, labels) of the next batch, its copy forked onto self.side
         if self.active:
             self.ready = self._read_and_copy()
 
@@ -44,12 +46,7 @@ class DevicePrefetcher:
         if batch is None:
             return None
         images, labels = batch
-        # the side stream must not copy into memory the compute stream still uses: it starts after the work
-        # queued so far, and the copy's destination is allocated on it
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            images = images.to(self.device, non_blocking=True)
-        return images, labels
+        return self.side.fork(lambda: images.to(self.device, non_blocking=True)), labels
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -66,9 +63,7 @@ class DevicePrefetcher:
             error, self.ready = self.ready, None
             raise error
         images, labels = self.ready
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self.stream)  # the copy of this batch is done before the step reads it
-        images.record_stream(compute)  # allocated on the side stream, used on the compute stream
+        images = self.side.join(images)  # the copy of this batch is done before the step reads it
         self.ready = self._read_and_copy()  # the next batch's copy overlaps this step
         return images, labels
 

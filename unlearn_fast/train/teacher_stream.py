@@ -10,53 +10,21 @@ On CPU, or with ``enabled=False``, the teacher runs in order on the current stre
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from typing import Callable
 
 import torch
 
-T = TypeVar("T")
+from .side_stream import SideStream
 
 
-class TeacherStream:
-    """``fork(fn)`` starts ``fn()`` on the side stream (or runs it in place); ``join(out)`` makes the current
-    stream wait for it before ``out`` is used."""
-
-    def __init__(self, device, enabled: bool = True):
-        dev = torch.device(device)
-        self.stream: Optional[torch.cuda.Stream] = (torch.cuda.Stream(device=dev)
-                                                    if enabled and dev.type == "cuda" else None)
-
-    @property
-    def concurrent(self) -> bool:
-        return self.stream is not None
-
-    def fork(self, fn: Callable[[], T]) -> T:
-        if self.stream is None:
-            return fn()
-        # the side stream starts after everything queued so far (the batch copy, the masks)
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            return fn()
-
-    def join(self, out: torch.Tensor) -> torch.Tensor:
-        if self.stream is None:
-            return out
-        current = torch.cuda.current_stream(self.stream.device)
-        current.wait_stream(self.stream)
-        if not torch.cuda.is_current_stream_capturing():
-            # allocated on the side stream, read and freed on this one: keep its memory until this stream is done
-            out.record_stream(current)
-        return out
-
-
-def teacher_stream_for(setup) -> TeacherStream:
+def teacher_stream_for(setup) -> SideStream:
     """The setup's teacher stream, made on first use (``setup.overlap_teacher`` decides whether it is concurrent)."""
     if setup.teacher_stream is None:
-        setup.teacher_stream = TeacherStream(setup.device, enabled=setup.overlap_teacher)
+        setup.teacher_stream = SideStream(setup.device, enabled=setup.overlap_teacher)
     return setup.teacher_stream
 
 
-def student_beside_teacher(stream: TeacherStream, student_front: Callable[[], object],
+def student_beside_teacher(stream: SideStream, student_front: Callable[[], object],
                            student_encoder: Callable[[object], torch.Tensor],
                            teacher_pass: Callable[[object], torch.Tensor], share: bool):
     """``(latent, hidden)``: the student's front end and encoder, and ``teacher_pass(front or None)``.
@@ -73,4 +41,4 @@ def student_beside_teacher(stream: TeacherStream, student_front: Callable[[], ob
     return latent, hidden
 
 
-__all__ = ["TeacherStream", "teacher_stream_for", "student_beside_teacher"]
+__all__ = ["teacher_stream_for", "student_beside_teacher"]
