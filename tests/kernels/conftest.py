@@ -35,7 +35,8 @@ def kernel_device() -> str:
         pytest.fail(f"unlearn_fast.kernels failed to import: {e}")
     if not kernels.TRITON_AVAILABLE:
         pytest.skip(f"Triton unavailable: {kernels.TRITON_IMPORT_ERROR}")
-    from unlearn_fast.kernels.retain_forget_l2 import _interpreted, _retain_forget_l2_forward_kernel
+    from unlearn_fast.kernels.launch_device import interpreted as _interpreted
+    from unlearn_fast.kernels.retain_forget_l2 import _retain_forget_l2_forward_kernel
     if _interpreted(_retain_forget_l2_forward_kernel) and _interpreting_helpers():
         return "cpu"
     if not _interpreted(_retain_forget_l2_forward_kernel) and torch.cuda.is_available():

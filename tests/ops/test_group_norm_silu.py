@@ -38,9 +38,11 @@ def kernel_device(monkeypatch):
     records the x of each launcher call."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import group_norm_silu as module
-    if torch.cuda.is_available() and not module._INTERPRETED:
+    from unlearn_fast.kernels.launch_device import interpreted
+    in_interpreter = interpreted(module._group_norm_silu_forward_kernel)
+    if torch.cuda.is_available() and not in_interpreter:
         device = "cuda"
-    elif module._INTERPRETED:
+    elif in_interpreter:
         device = "cpu"
     else:
         pytest.skip("Triton compiled but no CUDA GPU")

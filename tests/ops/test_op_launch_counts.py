@@ -84,7 +84,8 @@ def device(monkeypatch):
     if not kernels.TRITON_AVAILABLE:
         pytest.skip(f"Triton unavailable: {kernels.TRITON_IMPORT_ERROR}")
     from unlearn_fast.kernels import retain_forget_l2
-    if retain_forget_l2._interpreted(retain_forget_l2._retain_forget_l2_forward_kernel):
+    from unlearn_fast.kernels.launch_device import interpreted
+    if interpreted(retain_forget_l2._retain_forget_l2_forward_kernel):
         dev = "cpu"
     elif torch.cuda.is_available():
         dev = "cuda"

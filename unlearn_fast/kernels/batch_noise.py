@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_device import check_launch_device, interpreted
+
 NOISE_KINDS = ("normal", "uniform", "constant")
 _KIND_ID = {"normal": 0, "uniform": 1, "constant": 2}
 _STANDARD = 3  # internal kind: z alone (philox_standard_normal)
@@ -150,17 +152,11 @@ def _philox_batch_noise_forward_kernel(out_ptr, seed_ptr, step_ptr, mean_ptr, st
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-_INTERPRETED = _interpreted(_philox_batch_noise_forward_kernel)  # fixed when triton defines the kernels
+_IN_INTERPRETER = interpreted(_philox_batch_noise_forward_kernel)  # fixed when triton defines the kernels
 
 
 def _check_device(device: torch.device, what: str) -> None:
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), "
-                         f"{what} is on {device}")
+    check_launch_device(_IN_INTERPRETER, device, f"{what} is")
 
 
 def _check_input(x) -> torch.Tensor:

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_device import check_launch_device, interpreted
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 4096  # elements per loop step on a GPU (16 per thread at 8 warps)
 _MIN_BLOCK = 64
@@ -49,6 +51,14 @@ _MAX_GROUP_NUMEL = 2 ** 31 - 1 - _MAX_BLOCK  # int32 offsets inside a group, wit
 _PROGRAMS_PER_SM = 4  # target for the split path: enough programs in flight to saturate HBM
 _MAX_SPLIT = 256
 _NHWC_SECTOR_BYTES = 32  # channels_last: a program's groups together span at least this many bytes per pixel
+
+
+@triton.jit
+def _silu_fp32(y):
+    """y * sigmoid(y) in fp32, the exponential of -|y| only (in (0, 1]: no overflow for large |y|)."""
+    e = tl.exp(-tl.abs(y))
+    r = 1.0 / (1.0 + e)
+    return y * tl.where(y >= 0.0, r, e * r)
 
 
 @triton.jit
@@ -143,10 +153,11 @@ def _group_norm_silu_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, g
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            e = tl.exp(-tl.abs(y))  # in (0, 1]: no overflow for large |y|
-            r = 1.0 / (1.0 + e)
-            y = y * tl.where(y >= 0.0, r, e * r)  # y * sigmoid(y) in fp32
+            y = _silu_fp32(y)
         tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_IN_INTERPRETER = interpreted(_group_norm_silu_forward_kernel)  # fixed when triton defines the kernels
 
 
 @triton.jit
@@ -263,19 +274,10 @@ def _group_norm_silu_nhwc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_p
         if HAS_BIAS:
             y = y + b
         if SILU:
-            e = tl.exp(-tl.abs(y))
-            r = 1.0 / (1.0 + e)
-            y = y * tl.where(y >= 0.0, r, e * r)
+            y = _silu_fp32(y)
         tl.store(out_tile + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
         x_tile += BLOCK_P * channels
         out_tile += BLOCK_P * channels
-
-
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-_INTERPRETED = _interpreted(_group_norm_silu_forward_kernel)  # fixed when triton defines the kernels
 
 
 @lru_cache(maxsize=None)
@@ -326,9 +328,7 @@ def _check_launch(x, num_groups, weight, bias, out_dtype) -> None:
         raise ValueError("x must be a tensor [N, C, *spatial]")
     if x.dtype not in _DTYPES or out_dtype not in _DTYPES:
         raise ValueError(f"x and out dtypes must be fp32, fp16 or bf16, got {x.dtype} and {out_dtype}")
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), x is on "
-                         f"{x.device}")
+    check_launch_device(_IN_INTERPRETER, x.device, "x is")
     if num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"{x.shape[1]} channels are not divisible into {num_groups} groups")
     if not x.is_contiguous() and not reads_channels_last(x, num_groups):

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_device import check_launch_device, interpreted
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK = 4096
 _POINTER_CACHE_SIZE = 64
@@ -72,6 +74,9 @@ def _multi_map_l2_forward_kernel(student_table, teacher_table, grad_table, row_e
         tl.store(g_ptr + base + offs, (diff * grad_scale).to(student_dtype_ref.dtype.element_ty), mask=mask)
 
 
+_IN_INTERPRETER = interpreted(_multi_map_l2_forward_kernel)  # fixed when triton defines the kernels
+
+
 @triton.jit
 def _multi_map_l2_scale_kernel(grad_table, out_table, row_elems_table, tiles_ptr, row_scale_ptr, grad_dtype_ref,
                                n_rows, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
@@ -93,10 +98,6 @@ def _multi_map_l2_scale_kernel(grad_table, out_table, row_elems_table, tiles_ptr
     base = row * m
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(o_ptr + base + offs, (g * scale).to(grad_dtype_ref.dtype.element_ty), mask=mask)
-
-
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
 
 
 class _Plan:
@@ -183,8 +184,7 @@ def _check_maps(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tenso
         if not s.is_contiguous() or not t.is_contiguous():
             raise ValueError(f"map {k} must be contiguous")
     dev = students[0].device
-    if dev.type != "cuda" and not _interpreted(_multi_map_l2_forward_kernel):
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), maps are on {dev}")
+    check_launch_device(_IN_INTERPRETER, dev, "maps are")
 
 
 def multi_map_l2_forward(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], grad_scale: float = 2.0,

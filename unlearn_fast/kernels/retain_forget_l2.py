@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_device import check_launch_device, interpreted
+
 MAX_NORM_D = 8192  # one [BLOCK_T, next_pow2(D)] fp32 tile per program
 MAX_ROWS = 65535  # rows go on grid axis 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,6 +101,9 @@ def _retain_forget_l2_forward_kernel(latent_ptr, retain_ptr, forget_ptr, is_forg
     tl.store(partial_ptr + row * n_chunks + chunk, tl.sum(diff * diff, axis=0))
     if WRITE_GRAD:
         tl.store(grad_ptr + row * row_elems + offs, (diff * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+_IN_INTERPRETER = interpreted(_retain_forget_l2_forward_kernel)  # fixed when triton defines the kernels
 
 
 @triton.jit
@@ -193,17 +198,8 @@ def _rank_within_class_kernel(is_forget_ptr, rank_ptr, n_rows, BLOCK: tl.constex
         forget_before += tl.sum(forget, axis=0)
 
 
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-_INTERPRETED = _interpreted(_retain_forget_l2_forward_kernel)  # fixed when triton defines the kernels
-
-
 def _check_device(device: torch.device, what: str) -> None:
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), {what} is on "
-                         f"{device}")
+    check_launch_device(_IN_INTERPRETER, device, f"{what} is")
 
 
 def _check_table(name: str, table: Optional[torch.Tensor], latent: torch.Tensor) -> Optional[torch.Tensor]:
