@@ -7,6 +7,10 @@ import torch.nn as nn
 from PIL import Image
 
 
+#: a Places365-like class list for Palette evaluation trees (class.txt), as both Palette fixtures write it
+PALETTE_CLASSES = [f"/{chr(97 + i % 26)}/cls{i}" for i in range(100)]
+
+
 class TinyInceptionScript(nn.Module):
     def __init__(self):
         super().__init__()

@@ -15,7 +15,7 @@ from unlearn_fast.eval.tsne import run_tsne
 from unlearn_fast.models import create_model
 from unlearn_fast.models.mage_generate import paint_batch, run_paint
 
-from tests.eval.stand_ins import TinyClassifier, TinyVisual, preprocess_plain, save_png
+from tests.eval.stand_ins import PALETTE_CLASSES, TinyClassifier, TinyVisual, preprocess_plain, save_png
 from tests.helpers import make_class_tree, save_random_pretrained
 
 N = 4  # generated images per split and ratio
@@ -124,15 +124,12 @@ def test_worker_errors_keep_just_the_message(tmp_path, stand_ins, cleanfid_file)
 
 # ---- Palette ---------------------------------------------------------------------------------------------
 
-CLASSES = [f"/{chr(97 + i % 26)}/cls{i}" for i in range(100)]
-
-
 @pytest.fixture
 def palette_tree(tmp_path):
     rng = np.random.default_rng(3)
-    (tmp_path / "class.txt").write_text("\n".join(CLASSES) + "\n")
+    (tmp_path / "class.txt").write_text("\n".join(PALETTE_CLASSES) + "\n")
     results = tmp_path / "16_Network" / "results" / "test" / "0" / "0.50"
-    for cls in (CLASSES[0], CLASSES[50]):
+    for cls in (PALETTE_CLASSES[0], PALETTE_CLASSES[50]):
         for j in range(N):
             name = f"{cls.replace('/', '_')[1:]}_Places365_val_{j:08d}.jpg"
             gt = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -13,7 +13,7 @@ from unlearn_fast.eval.feature_extractors import MissingWeightsError
 from unlearn_fast.eval.inception_score import inception_score_from_probs
 from unlearn_fast.eval.preprocess import CIFAR_MEAN, CIFAR_STD
 
-from tests.eval.stand_ins import TinyClassifier, TinyVisual, preprocess_plain, save_png
+from tests.eval.stand_ins import PALETTE_CLASSES, TinyClassifier, TinyVisual, preprocess_plain, save_png
 
 try:
     import matplotlib  # noqa: F401
@@ -122,9 +122,6 @@ def test_run_clip_eval_rows_embeddings_and_tsne(mage_tree, tmp_path, monkeypatch
         from unlearn_fast.eval.tsne import run_tsne
         png, pdf = run_tsne(dst, stride=1, out_stem=str(tmp_path / "tsne"), backend="reference")
         assert os.path.getsize(png) > 0 and os.path.getsize(pdf) > 0
-
-
-PALETTE_CLASSES = [f"/{chr(97 + i % 26)}/cls{i}" for i in range(100)]
 
 
 @pytest.fixture
