@@ -5,47 +5,23 @@
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, csrc.txt, toolchain.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
+# Files written: log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
 #   precision.json, profile.txt, profile_step.txt/.json, summary.txt
-set -u
-OUT=${OUT:-/tmp/unlearn_fast_gpu_check}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-LOG=$OUT/log.txt
-t0=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-350}  # seconds for the whole script; later phases shrink or are skipped to fit
-phase() { echo "=== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
-# limit CAP: the seconds a phase may take, at most CAP and what is left of the budget (0 = skip the phase)
-limit() { local left=$(( BUDGET - ($(date +%s) - t0) - 5 )); if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi; }
-run_for() { local t; t=$(limit "$1"); shift; if (( t == 0 )); then echo "skipped (budget spent): $*" >>"$LOG"; return 1; fi; timeout "$t" "$@"; }
+OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
+source "$(dirname "$0")/gpu_common.sh"
 
 phase "environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 } >>"$LOG" 2>&1
 
-# compiler and C++ runtime facts: tests/csrc crashed on this image's error paths (2026-11-27), not elsewhere
-{ echo "CXX=${CXX:-} CC=${CC:-}"; command -v c++ g++ gcc; c++ --version 2>&1 | head -1
-  /opt/gcc/bin/g++ --version 2>/dev/null | head -1; /usr/bin/g++ --version 2>/dev/null | head -1
-} >"$OUT/toolchain.txt" 2>&1
 phase "build extension (CPU + CUDA sources)"
-UNLEARN_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run_for 150 python3 setup.py build_ext --inplace >>"$LOG" 2>&1 \
-  || echo "BUILD FAILED (continuing with Triton / twin fallbacks)" | tee -a "$LOG"
-python3 -c "from unlearn_fast.kernels.extension import load_extension, extension_has_cuda; print('ext', load_extension() is not None, 'cuda', extension_has_cuda())" >>"$LOG" 2>&1
-{ ldd unlearn_fast/_C*.so | grep -E "stdc|gcc_s|gomp"
-  python3 -c "import torch, unlearn_fast._C; print(open('/proc/self/maps').read())" | grep -E "libstdc|libgcc_s|libgomp" \
-    | awk '{print $6}' | sort -u; } >>"$OUT/toolchain.txt" 2>&1
+build_extension 150
 
 phase "GPU tests"
 run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py \
   tests/models/test_mage_attention.py 2>&1 | tail -40 >>"$LOG"
-# the extension's own tests, one process per file, verbose and whole in csrc.txt: a crash names its test and
-# does not hide the files after it
-for f in tests/csrc/test_*.py; do
-  run_for 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
-    || echo "$f: exit $? (see csrc.txt)" >>"$LOG"
-done
+extension_tests
 
 phase "GPU benchmarks (reference vs fast vs fast bf16; loss + noise; Palette loss; then the variants)"
 # one JSON per group: a group cut short by its time cap loses only its own figures
@@ -75,7 +51,4 @@ phase "torch.compile baseline (MAE-B, then MAGE-B if time is left)"
 run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "compiled" \
   --benchmark-json="$OUT/bench_compiled.json" --benchmark-columns=median 2>&1 | tail -12 >>"$LOG"
 
-phase "summary"
-python3 benchmarks/summarize_bench.py "$OUT"/bench_*.json > "$OUT/summary.txt" 2>>"$LOG"
-cat "$OUT/summary.txt"
-phase "done"
+summarize

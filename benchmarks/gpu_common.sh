@@ -1,0 +1,47 @@
+# Shared by gpu_check.sh and gpu_check_quick.sh (sourced, not run): the results folder and log, the time
+# budget and phase caps, the extension build with the toolchain facts, the extension's own tests, the summary.
+# Set OUT_DEFAULT and BUDGET_DEFAULT (seconds) before sourcing; $OUT and $GPU_CHECK_BUDGET override them.
+set -u
+OUT=${OUT:-$OUT_DEFAULT}
+mkdir -p "$OUT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
+t0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-$BUDGET_DEFAULT}  # seconds for the whole script; later phases shrink or are skipped
+phase() { echo "=== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
+# limit CAP: the seconds a phase may take, at most CAP and what is left of the budget (0 = skip the phase)
+limit() { local left=$(( BUDGET - ($(date +%s) - t0) - 5 )); if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi; }
+run_for() { local t; t=$(limit "$1"); shift; if (( t == 0 )); then echo "skipped (budget spent): $*" >>"$LOG"; return 1; fi; timeout "$t" "$@"; }
+
+# build_extension CAP: the CPU + CUDA extension, its build log and the toolchain facts in $OUT/build.txt
+# (tests/csrc crashed on the GPU image's error paths, 2026-11-27, and nowhere else: which compiler built it,
+# which libstdc++ / libgcc_s / libgomp the process loads)
+build_extension() {
+  { echo "CXX=${CXX:-} CC=${CC:-}"; command -v c++ g++ gcc; c++ --version 2>&1 | head -1
+    /opt/gcc/bin/g++ --version 2>/dev/null | head -1; /usr/bin/g++ --version 2>/dev/null | head -1
+  } >"$OUT/build.txt" 2>&1
+  UNLEARN_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run_for "$1" python3 setup.py build_ext --inplace \
+    >>"$OUT/build.txt" 2>&1 || echo "BUILD FAILED (continuing with Triton / twin fallbacks)" | tee -a "$LOG"
+  python3 -c "from unlearn_fast.kernels.extension import load_extension, extension_has_cuda; print('ext', load_extension() is not None, 'cuda', extension_has_cuda())" >>"$LOG" 2>&1
+  { ldd unlearn_fast/_C*.so | grep -E "stdc|gcc_s|gomp"
+    python3 -c "import torch, unlearn_fast._C; print(open('/proc/self/maps').read())" | grep -E "libstdc|libgcc_s|libgomp" \
+      | awk '{print $6}' | sort -u; } >>"$OUT/build.txt" 2>&1
+}
+
+# the extension's own tests, one process per file, verbose and whole in $OUT/csrc.txt: a crash names its test
+# and does not hide the files after it
+extension_tests() {
+  local f
+  for f in tests/csrc/test_*.py; do
+    run_for 20 python3 -X faulthandler -m pytest -v -p no:cacheprovider "$f" >>"$OUT/csrc.txt" 2>&1 \
+      || echo "$f: exit $? (see csrc.txt)" >>"$LOG"
+  done
+}
+
+summarize() {
+  phase "summary"
+  python3 benchmarks/summarize_bench.py "$OUT"/bench_*.json >"$OUT/summary.txt" 2>>"$LOG"
+  cat "$OUT/summary.txt"
+  phase "done"
+}
