@@ -27,12 +27,12 @@ def test_cpu_output_is_bit_identical_inside_the_context(monkeypatch):
 
 
 def test_context_nests_and_restores():
-    assert mage_attention._sdpa.get() is False
+    assert sdpa_attention.on() is False
     with sdpa_attention():
-        assert mage_attention._sdpa.get() is True
+        assert sdpa_attention.on() is True
         with sdpa_attention(False):
-            assert mage_attention._sdpa.get() is False
-    assert mage_attention._sdpa.get() is False
+            assert sdpa_attention.on() is False
+    assert sdpa_attention.on() is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

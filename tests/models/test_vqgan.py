@@ -179,11 +179,11 @@ def test_fused_group_norms_leave_cpu_tokenisation_bit_identical(monkeypatch):
 
 
 def test_fused_group_norms_context_nests_and_restores():
-    from unlearn_fast.models.vqgan import _fused_norms, fused_group_norms
-    assert _fused_norms.get() is False
+    from unlearn_fast.models.vqgan import fused_group_norms
+    assert fused_group_norms.on() is False
     with fused_group_norms():
-        assert _fused_norms.get() is True
+        assert fused_group_norms.on() is True
         with fused_group_norms(False):
-            assert _fused_norms.get() is False
-        assert _fused_norms.get() is True
-    assert _fused_norms.get() is False
+            assert fused_group_norms.on() is False
+        assert fused_group_norms.on() is True
+    assert fused_group_norms.on() is False

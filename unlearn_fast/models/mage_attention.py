@@ -12,26 +12,16 @@ take the official path.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_sdpa = contextvars.ContextVar("unlearn_fast_mage_sdpa_attention", default=False)
+from .kernel_switch import KernelSwitch
+
 _HALF = (torch.float16, torch.bfloat16)
-
-
-@contextlib.contextmanager
-def sdpa_attention(enabled: bool = True):
-    """Inside, MAGE attention on CUDA half-precision inputs runs as ``scaled_dot_product_attention``. The fast
-    unlearning step turns it on; the reference-semantics step keeps the official ops (the baseline)."""
-    token = _sdpa.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _sdpa.reset(token)
+#: inside ``with sdpa_attention():``, MAGE attention on CUDA half-precision inputs runs as
+#: ``scaled_dot_product_attention`` (the fast step turns it on; the reference step keeps the official ops)
+sdpa_attention = KernelSwitch("unlearn_fast_mage_sdpa_attention")
 
 
 class MageAttention(nn.Module):
@@ -49,7 +39,7 @@ class MageAttention(nn.Module):
     def forward(self, x):
         n, t, d = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        if _sdpa.get() and q.is_cuda and q.dtype in _HALF:
+        if sdpa_attention.on() and q.is_cuda and q.dtype in _HALF:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [N, H, T, d_h]
         else:
             with torch.autocast(device_type=x.device.type, enabled=False):

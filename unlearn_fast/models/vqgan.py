@@ -16,8 +16,6 @@ Token ids are row-major over the latent grid: ``ids[n, i * w + j]`` is the code 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import group_norm_silu
+from .kernel_switch import KernelSwitch
 from .state_dict_io import load_state_dict_strict, read_checkpoint
 
 #: ddconfig of the official tokenizer (MAGE's config/vqgan.yaml)
@@ -49,18 +48,9 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return s.mul_(x)  # same bits as x * s: IEEE products commute
 
 
-_fused_norms = contextvars.ContextVar("unlearn_fast_vqgan_fused_norms", default=False)
-
-
-@contextlib.contextmanager
-def fused_group_norms(enabled: bool = True):
-    """Inside, :func:`norm_swish` on CUDA without autograd runs GroupNorm + swish as one fused kernel. The
-    fast unlearning step turns it on; the reference-semantics step keeps torch's own ops (the baseline)."""
-    token = _fused_norms.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _fused_norms.reset(token)
+#: inside ``with fused_group_norms():``, :func:`norm_swish` on CUDA without autograd runs GroupNorm + swish as
+#: one fused kernel (the fast unlearning step turns it on; the reference-semantics step keeps torch's ops)
+fused_group_norms = KernelSwitch("unlearn_fast_vqgan_fused_norms")
 
 
 def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +59,7 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     directly, so the next conv reads what it would have cast to; torch's GroupNorm + SiLU + casts otherwise.
     Rounding differs from torch's only in the order of the fp32 statistics' sums."""
     tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, norm.weight, norm.bias))
-    if _fused_norms.get() and x.is_cuda and not tracked:
+    if fused_group_norms.on() and x.is_cuda and not tracked:
         out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True,
                                out_dtype=out_dtype)
