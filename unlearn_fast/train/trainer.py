@@ -149,15 +149,16 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     if dist is not None and ddp is None:
         raise ValueError("a multi-rank run needs the student wrapped in DDPStudent")
     writes = output_dir is not None and is_main
-    # one Philox key per rank for the fused noise, the same in the eager and the graphed step
+    # the rank's Philox key for the fused noise, the same in the eager and the graphed step (which always
+    # draws Philox noise: keyed by setup.seed when no noise_seed is given)
     noise_key = None if noise_seed is None else philox_noise_key(noise_seed, setup.rank)
     graphed = None
     if step_mode == "graphed":
         if dist is not None:  # DDP's reducer hooks cannot be captured: the step all-reduces the gradients itself
             ddp.use_flat_grads()
         graphed = GraphedUnlearnStep(setup, batch_size, forget_per_batch, image_shape,
-                                     noise_seed=(philox_noise_key(setup.seed, setup.rank) if noise_key is None
-                                                 else noise_key), dist=dist,
+                                     noise_seed=philox_noise_key(setup.seed if noise_seed is None else noise_seed,
+                                                                 setup.rank), dist=dist,
                                      all_reduce_in_graph=all_reduce_in_graph)
     trainable_names = [n for n, p in setup.student.named_parameters() if p.requires_grad]
 
@@ -192,9 +193,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         batches = DevicePrefetcher(epoch_batches(epoch), setup.device, limit=steps_per_epoch - first,
                                    enabled=step_mode != "reference")
         taken = 0  # batches of this epoch run by this call
-        for it, (images, labels) in enumerate(batches, start=first):
-            if it >= steps_per_epoch:
-                break
+        for it, (images, labels) in enumerate(batches, start=first):  # the limit ends it at steps_per_epoch
             taken += 1
             step = epoch * steps_per_epoch + it
             cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
