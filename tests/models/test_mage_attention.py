@@ -26,14 +26,6 @@ def test_cpu_output_is_bit_identical_inside_the_context(monkeypatch):
     assert calls == [] and torch.equal(fused_ctx, plain_bf16) and plain.dtype == torch.float32
 
 
-def test_context_nests_and_restores():
-    assert sdpa_attention.on() is False
-    with sdpa_attention():
-        assert sdpa_attention.on() is True
-        with sdpa_attention(False):
-            assert sdpa_attention.on() is False
-    assert sdpa_attention.on() is False
-
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])

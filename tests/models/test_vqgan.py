@@ -176,14 +176,3 @@ def test_fused_group_norms_leave_cpu_tokenisation_bit_identical(monkeypatch):
         with vqgan_mod.fused_group_norms():
             fused_ctx = vq.tokenize(x)
     assert torch.equal(plain, fused_ctx) and calls == []
-
-
-def test_fused_group_norms_context_nests_and_restores():
-    from unlearn_fast.models.vqgan import fused_group_norms
-    assert fused_group_norms.on() is False
-    with fused_group_norms():
-        assert fused_group_norms.on() is True
-        with fused_group_norms(False):
-            assert fused_group_norms.on() is False
-        assert fused_group_norms.on() is True
-    assert fused_group_norms.on() is False
