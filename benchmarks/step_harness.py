@@ -74,14 +74,16 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in channels_last); a ``_serial``
     suffix runs the teacher after the student on one stream (no overlap), an ``_unfused`` suffix the VQGAN's
     GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an ``_explicit_attn`` suffix MAGE's
-    attention written out (``--explicit_attention``)."""
+    attention written out (``--explicit_attention``), a ``_full_embed`` suffix MAE's conv patch embedding of every
+    patch (``--full_patch_embed``)."""
     fast = variant.startswith("fast")
     setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
                         precision="bf16" if "bf16" in variant else "reference", forget_alpha=cfg.forget_alpha,
                         fast=fast, capturable=capturable, share_tokenizer=variant == "fast_shared",
                         overlap_teacher=not variant.endswith("_serial"),
                         fuse_tokenizer_norms=not variant.endswith("_unfused"),
-                        sdpa_attention=not variant.endswith("_explicit_attn"))
+                        sdpa_attention=not variant.endswith("_explicit_attn"),
+                        visible_patch_embed=not variant.endswith("_full_embed"))
     if variant.endswith("_cl"):
         for m in (setup.student, setup.teacher):
             m.vqgan.to(memory_format=torch.channels_last)

@@ -43,9 +43,10 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run_pair(model, precision, optimizer="adamw", loss_rtol=1e-6):
+def _run_pair(model, precision, optimizer="adamw", loss_rtol=1e-6, visible_patch_embed=True):
     ref = build_setup(copy.deepcopy(model), "cpu", lr=1e-3, precision=precision, forget_alpha=0.5)
-    fast = build_setup(copy.deepcopy(model), "cpu", lr=1e-3, precision=precision, forget_alpha=0.5)
+    fast = build_setup(copy.deepcopy(model), "cpu", lr=1e-3, precision=precision, forget_alpha=0.5,
+                       visible_patch_embed=visible_patch_embed)
     if optimizer == "sgd":  # plain SGD does not amplify rounding noise (see the module docstring)
         for s in (ref, fast):
             s.optimizer = torch.optim.SGD(s.trainable, lr=1.0)
@@ -63,9 +64,11 @@ def _run_pair(model, precision, optimizer="adamw", loss_rtol=1e-6):
 @pytest.mark.parametrize("precision", ["fp32", "reference"])
 def test_fast_and_reference_trajectories_agree(make_mae_micro, monkeypatch, precision):
     """20 AdamW steps with the PyTorch twin of the fused loss: the fast step's pruned teacher, in-loss
-    LayerNorm and shared front end must not change the trajectory (<= 1e-6; bitwise on CPU today)."""
+    LayerNorm and shared front end must not change the trajectory (<= 1e-6; bitwise on CPU today). The
+    embedding of the visible patches alone sums in another order (a GEMM, not the conv): it is checked with
+    SGD in the next test, since AdamW turns its ulp-level gradient noise into O(lr) steps."""
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", "torch")
-    diff, moved = _run_pair(make_mae_micro(), precision)
+    diff, moved = _run_pair(make_mae_micro(), precision, visible_patch_embed=False)
     assert diff <= TRAJECTORY_TOL, f"fast and reference weights differ by {diff:.3g} after {N_STEPS} steps " \
                                    f"(movement {moved:.3g})"
 

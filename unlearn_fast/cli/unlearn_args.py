@@ -124,6 +124,10 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
                         "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
                         "checks)")
+    g.add_argument("--full_patch_embed", action="store_true",
+                   help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
+                        "ones, as the official code, instead of embedding the visible patches alone (for A/B "
+                        "checks)")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches hidden")
     g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")

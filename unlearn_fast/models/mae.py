@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapter import I2IModel, TaskDraw
 from .registry import register_model
+from .visible_patches import embed_visible_patches, visible_patch_embed
 from .vit_blocks import Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,9 +117,13 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
 
     # ---- encoder / decoder ------------------------------------------------------------------------
     def forward_encoder_task(self, inputs: torch.Tensor, task: TaskDraw, prenorm: bool = False) -> torch.Tensor:
-        x = self.patch_embed(self.normalize(inputs)) + self.pos_embed[:, 1:, :]  # [N, L, D]
         ids_keep, _, _ = self.mask_from_task(task)
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
+        if visible_patch_embed.on():  # the fast step: embed the K visible patches alone (visible_patches.py)
+            x = embed_visible_patches(self.patch_embed, inputs, ids_keep, self.normalize)
+            x = x + self.pos_embed[0, 1:, :][ids_keep]  # [N, K, D]
+        else:
+            x = self.patch_embed(self.normalize(inputs)) + self.pos_embed[:, 1:, :]  # [N, L, D]
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
         for blk in self.blocks:

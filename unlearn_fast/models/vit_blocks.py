@@ -18,9 +18,13 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
+    def check_size(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images [N, C, H, W], got shape "
+                             f"{tuple(x.shape)}")
+
     def forward(self, x):
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        self.check_size(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # [N, L, D]
 
 
