@@ -52,6 +52,13 @@ def test_cpu_step_fast_bf16(benchmark, cfg):
     _bench(benchmark, cfg, "fast_bf16", CPU_STEPS, CPU_WARMUP)
 
 
+@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed"])
+def test_cpu_step_mae_variants(benchmark, variant):
+    """The official conv patch embedding of every patch (``--full_patch_embed``) in the fast step: what
+    embedding the visible patches alone gains on the CPU."""
+    _bench(benchmark, CPU_CONFIGS["cpu_mae_small"], variant, CPU_STEPS, CPU_WARMUP)
+
+
 @needs_gpu
 @pytest.mark.parametrize("cfg", list(GPU_CONFIGS.values()), ids=list(GPU_CONFIGS))
 def test_gpu_step_reference(benchmark, cfg):
@@ -79,6 +86,16 @@ def test_gpu_step_mage_variants(benchmark, variant):
     reads in place (with torch's GroupNorm it was slower: H100, 2026-11-27 run 1, 204 ms vs 151 ms), and MAGE's
     attention written out as the official code instead of scaled_dot_product_attention."""
     _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed"])
+@pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
+                         ids=["gpu_mae_base", "gpu_mae_large"])
+def test_gpu_step_mae_variants(benchmark, cfg, variant):
+    """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
+    over the visible patches: what embedding the visible patches alone gains."""
+    _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 
 @needs_gpu

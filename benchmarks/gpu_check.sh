@@ -32,7 +32,7 @@ run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
 # MAGE shared tokenizer / channels_last, and the teacher not overlapped (what the side stream gains)
 run_for 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "mage_variants or not_overlapped" --benchmark-json="$OUT/bench_variants.json" \
+  -k "mage_variants or mae_variants or not_overlapped" --benchmark-json="$OUT/bench_variants.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "loss / noise ops: eager vs graph-replayed, profiler tables"
