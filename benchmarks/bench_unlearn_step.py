@@ -78,7 +78,7 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_bf16_cl",
+@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_cl", "fast_bf16_cl",
                                      "fast_bf16_explicit_attn"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with

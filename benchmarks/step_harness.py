@@ -71,7 +71,8 @@ def sync(device: str) -> None:
 
 def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     """The UnlearnSetup of ``variant``: reference | fast | fast_bf16 | compiled_reference, for MAGE fast_shared
-    (``--share_tokenizer`` at reference precision) and fast_bf16_cl (the VQGAN in channels_last); a ``_serial``
+    (``--share_tokenizer`` at reference precision) and fast_cl / fast_bf16_cl (the VQGAN encoder in channels_last,
+    ``--channels_last_tokenizer``); a ``_serial``
     suffix runs the teacher after the student on one stream (no overlap), an ``_unfused`` suffix the VQGAN's
     GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an ``_explicit_attn`` suffix MAGE's
     attention written out (``--explicit_attention``), a ``_full_embed`` suffix MAE's conv patch embedding of every
@@ -83,10 +84,8 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
                         overlap_teacher=not variant.endswith("_serial"),
                         fuse_tokenizer_norms=not variant.endswith("_unfused"),
                         sdpa_attention=not variant.endswith("_explicit_attn"),
-                        visible_patch_embed=not variant.endswith("_full_embed"))
-    if variant.endswith("_cl"):
-        for m in (setup.student, setup.teacher):
-            m.vqgan.to(memory_format=torch.channels_last)
+                        visible_patch_embed=not variant.endswith("_full_embed"),
+                        tokenizer_channels_last=variant.endswith("_cl"))
     return setup
 
 

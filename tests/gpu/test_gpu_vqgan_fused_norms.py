@@ -55,3 +55,32 @@ def test_fused_norms_off_by_default_and_with_autograd():
         a = vq.encoder(x)  # parameters require grad: the differentiable torch path
     b = vq.encoder(x)
     assert torch.equal(a, b) and a.requires_grad
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_channels_last_tokenizer_matches_nchw(monkeypatch, precision):
+    """``channels_last_tokenizer`` with the fused norms: every norm reads NHWC in place (no copy to NCHW), and
+    latents / ids match the NCHW run within the same bounds as above (another layout: other conv algorithms)."""
+    dtype, tol, id_share = CASES[precision]
+    torch.manual_seed(0)
+    vq = VQGAN().cuda().eval().requires_grad_(False)
+    images = torch.rand(3, 3, 256, 256, device="cuda")
+    layouts = []
+    real = vqgan_mod.group_norm_silu
+
+    def spy(x, *args, **kwargs):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(vqgan_mod, "group_norm_silu", spy)
+
+    def tokenize(channels_last: bool):
+        with torch.no_grad(), fused_group_norms(), vqgan_mod.channels_last_tokenizer(channels_last), \
+                torch.autocast("cuda", dtype=dtype):
+            return vq.tokenize(images)
+
+    ids_ref = tokenize(False)
+    assert layouts and not any(layouts)
+    layouts.clear()
+    ids = tokenize(True)
+    assert layouts and all(layouts)
+    assert (ids == ids_ref).float().mean().item() >= id_share

@@ -176,3 +176,29 @@ def test_fused_group_norms_leave_cpu_tokenisation_bit_identical(monkeypatch):
         with vqgan_mod.fused_group_norms():
             fused_ctx = vq.tokenize(x)
     assert torch.equal(plain, fused_ctx) and calls == []
+
+
+def test_channels_last_tokenizer_runs_the_encoder_nhwc_with_the_same_ids():
+    """Under ``channels_last_tokenizer`` every conv of the encoder sees NHWC input; the latent equals the NCHW
+    one up to fp32 summation order (1e-5 relative) and so do the ids (tiny random VQGAN, fp32 on the CPU)."""
+    from unlearn_fast.models.vqgan import VQGAN, VQGAN_F16_DDCONFIG, channels_last_tokenizer
+    torch.manual_seed(0)
+    vq = VQGAN(ddconfig=dict(VQGAN_F16_DDCONFIG, ch=32, ch_mult=(1, 2, 2), resolution=32), n_embed=64).eval()
+    images = torch.rand(2, 3, 32, 32)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+             for m in vq.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        z_ref = vq.encoder(images)
+        ids_ref = vq.tokenize(images)
+        assert not any(seen[:3])
+        seen.clear()
+        with channels_last_tokenizer():
+            ids = vq.tokenize(images)
+            z = vq.encoder(images.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    assert ((z - z_ref).abs().max() / z_ref.abs().max()).item() <= 1e-5
+    assert torch.equal(ids, ids_ref)
+    assert not channels_last_tokenizer.on()

@@ -124,6 +124,10 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
                         "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
                         "checks)")
+    g.add_argument("--channels_last_tokenizer", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
+                        "layout of cuDNN's half-precision convs, instead of NCHW (same arithmetic; opt-in until "
+                        "timed on a GPU)")
     g.add_argument("--full_patch_embed", action="store_true",
                    help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
                         "ones, as the official code, instead of embedding the visible patches alone (for A/B "

@@ -53,6 +53,13 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 fused_group_norms = KernelSwitch("unlearn_fast_vqgan_fused_norms")
 
 
+#: inside ``with channels_last_tokenizer():`` the encoder runs channels_last (NHWC): cuDNN's half-precision convs
+#: work in NHWC and otherwise transpose NCHW in and out of every conv (17.9 of 115.7 ms of the MAGE bf16 step's
+#: kernels on an H100); the fused norm reads NHWC in place. Same arithmetic, another memory layout. Opt-in
+#: (``--channels_last_tokenizer``) until a GPU run has timed it against NCHW.
+channels_last_tokenizer = KernelSwitch("unlearn_fast_vqgan_channels_last")
+
+
 def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``swish(norm(x))``. Under :func:`fused_group_norms` on a CUDA tensor with no gradient to track: one
     fused pass (fp32 statistics and math, as autocast's fp32 group_norm) that writes the autocast dtype
@@ -268,6 +275,8 @@ class VQGAN(nn.Module):
             raise TypeError(f"expected floating-point images in [0, 1], got {images.dtype} (convert uint8 with /255)")
         # a float64 / fp16 batch outside autocast would fail deep in conv_in; the weights' dtype is what's meant
         images = images.to(self.encoder.conv_in.weight.dtype)
+        if channels_last_tokenizer.on():  # convs, adds and pools keep the layout they are given
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.quantize.nearest_ids(self.encoder(images))
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -298,5 +307,5 @@ def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
 
 
 __all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG", "swish",
-           "norm_swish", "fused_group_norms",
+           "norm_swish", "fused_group_norms", "channels_last_tokenizer",
            "load_vqgan_checkpoint", "load_state_dict_strict"]

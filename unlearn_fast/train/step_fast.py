@@ -20,7 +20,7 @@ import torch
 
 from ..models.mage_attention import sdpa_attention
 from ..models.visible_patches import visible_patch_embed
-from ..models.vqgan import fused_group_norms
+from ..models.vqgan import channels_last_tokenizer, fused_group_norms
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .precision import student_autocast, student_dtype, teacher_autocast
@@ -64,12 +64,13 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
             return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
                                   share)  # [N, L, D]
 
-    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish) and MAGE's attention
-    # as scaled_dot_product_attention (models.mage_attention); everywhere MAE's patch embedding of the visible
-    # patches alone (models.visible_patches). The reference step keeps the official ops, so the baseline stays
-    # the reference's arithmetic
+    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish), optionally in NHWC,
+    # and MAGE's attention as scaled_dot_product_attention (models.mage_attention); everywhere MAE's patch
+    # embedding of the visible patches alone (models.visible_patches). The reference step keeps the official
+    # ops, so the baseline stays the reference's arithmetic
     cuda = dev.type == "cuda"
     with fused_group_norms(setup.fuse_tokenizer_norms and cuda), sdpa_attention(setup.sdpa_attention and cuda), \
+            channels_last_tokenizer(setup.tokenizer_channels_last and cuda), \
             visible_patch_embed(setup.visible_patch_embed):
         return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
