@@ -47,6 +47,43 @@ def _graph_ms(fn, reps=50):
     return _median_ms(g.replay, reps)
 
 
+def kernel_bandwidth() -> dict:
+    """The Triton kernels alone (kernel layer, no autograd or scalar ops), graph-replayed, at the step's size and
+    4x it, each beside a plain device copy of the same bytes (what the card's memory gives a kernel of that
+    size: launch and tail effects included). ``of_3_TB_per_s`` is the target's measure, ``of_copy`` the
+    kernel against the copy."""
+    from unlearn_fast.kernels import batch_noise, retain_forget_l2 as rf
+
+    out, dev = {}, "cuda"
+    for batch in (64, 256):
+        x = torch.randn(batch, 129, 768, device=dev)
+        guide, ng = torch.randn_like(x), torch.randn_like(x)
+        is_forget = torch.arange(batch, device=dev) % 2 == 0
+        grad = torch.randn_like(x)
+        one = torch.ones((), device=dev)
+        images = torch.rand(batch, 3, 256, 256, device=dev)
+        step = torch.zeros((), dtype=torch.int64, device=dev)
+        cases = {  # name: (call, bytes moved, bytes read by the copy it is compared with)
+            "loss_forward (read latent + guide, write grad)":
+                (lambda: rf.retain_forget_l2_loss_forward(x, guide, ng, is_forget), x.numel() * 12),
+            "loss_backward (read grad, write grad)":
+                (lambda: rf.retain_forget_l2_backward(grad, is_forget, one, one, 1.0), x.numel() * 8),
+            "noise_moments (read images)": (lambda: batch_noise.batch_mean_std(images), images.numel() * 4),
+            "noise_draw (write noise)":
+                (lambda: batch_noise.philox_standard_normal(images.shape, 0, step, device=images.device),
+                 images.numel() * 4),
+        }
+        for name, (fn, nbytes) in cases.items():
+            src = torch.empty(nbytes // 8, dtype=torch.float32, device=dev)  # a copy moving nbytes in all
+            dst = torch.empty_like(src)
+            ms, copy_ms = _graph_ms(fn), _graph_ms(lambda: dst.copy_(src))
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            out[f"{name}, batch {batch}"] = {"graph_ms": ms, "MB": nbytes / 1e6, "GB_per_s": gbs,
+                                              "of_3_TB_per_s": gbs / 3000.0, "copy_ms": copy_ms,
+                                              "of_copy": copy_ms / ms}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None, help="write the report here too")
@@ -96,6 +133,7 @@ def main(argv=None) -> int:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         results[name] = res
         lines += [f"== {name}: {json.dumps(res)}", table]
+    results["kernels"] = kernel_bandwidth()
     text = json.dumps(results, indent=2) + "\n" + "\n".join(lines)
     print(text)
     if a.out:
