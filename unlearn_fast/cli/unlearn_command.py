@@ -46,6 +46,7 @@ from ..train.lr_schedule import base_lr, effective_batch_size
 from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
+from .flag_scope import idle_flags
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -436,6 +437,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     with _silenced(not ctx.is_main):  # only rank 0 prints notices
         mode = resolve_step_mode(args.step, device, loss_type, args.accum_iter, args.forget_per_batch is not None,
                                  world_size=world)
+        for line in idle_flags(args, getattr(model, "family", ""), device.type, mode):
+            print(f"unlearn_fast: {line}")
     setup = build_setup(model, device, lr=lr, weight_decay=args.weight_decay, precision=args.precision,
                         retain_alpha=args.retain_alpha, forget_alpha=args.forget_alpha,
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,

@@ -1,0 +1,57 @@
+"""The fast path's A/B flags name themselves when they cannot act on a run (wrong model family, no GPU, the
+reference step) instead of silently doing nothing; a flag that acts stays quiet."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from unlearn_fast.cli.flag_scope import FLAG_SCOPES, idle_flags
+from unlearn_fast.cli.main import main
+from unlearn_fast.cli.unlearn_args import build_parser
+
+from tests.helpers import make_class_tree, save_random_pretrained
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _ns(**set_flags):
+    return argparse.Namespace(**{flag: set_flags.get(flag, False) for flag in FLAG_SCOPES})
+
+
+def test_every_scoped_flag_is_a_cli_flag():
+    for baseline in (False, True):
+        dests = {a.dest for a in build_parser(baseline=baseline)._actions}
+        assert set(FLAG_SCOPES) <= dests
+
+
+@pytest.mark.parametrize("flag,family,device,mode,idle", [
+    ("channels_last_tokenizer", "mage", "cuda", "graphed", False),
+    ("channels_last_tokenizer", "mae", "cuda", "graphed", True),    # no tokenizer
+    ("channels_last_tokenizer", "mage", "cpu", "fast", True),       # a GPU-only switch
+    ("explicit_attention", "mage", "cuda", "reference", True),      # the reference step has the official form
+    ("full_patch_embed", "mae", "cpu", "fast", False),
+    ("full_patch_embed", "mage", "cpu", "fast", True),
+    ("share_tokenizer", "mage", "cpu", "fast", False),
+    ("serial_teacher", "mae", "cpu", "fast", True),
+    ("serial_teacher", "palette", "cuda", "graphed", False),
+])
+def test_idle_flags(flag, family, device, mode, idle):
+    lines = idle_flags(_ns(**{flag: True}), family, device, mode)
+    assert (lines != []) == idle
+    if idle:
+        assert lines[0].startswith(f"--{flag} has no effect")
+    assert idle_flags(_ns(), family, device, mode) == []  # nothing set, nothing said
+
+
+def test_cli_names_a_flag_that_cannot_act(tmp_path, capsys):
+    data = make_class_tree(tmp_path / "train", ("cat", "bird"), 2, seed=3)
+    pre = save_random_pretrained(tmp_path / "pretrained.pth")
+    argv = ["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(data), "--forget_classes",
+            "cat", "--retain_classes", "bird", "--num_image_per_class", "2", "--batch_size", "4", "--epochs", "1",
+            "--num_workers", "0", "--output_dir", str(tmp_path / "out"), "--no_progress", "--device", "cpu",
+            "--resume", str(pre), "--channels_last_tokenizer", "--full_patch_embed"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--channels_last_tokenizer has no effect on this run (it acts on MAGE models, a CUDA device" in out
+    assert "--full_patch_embed has no effect" not in out  # MAE on the fast step: it acts
