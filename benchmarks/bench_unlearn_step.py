@@ -89,12 +89,13 @@ def test_gpu_step_mage_variants(benchmark, variant):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed"])
+@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher"])
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
                          ids=["gpu_mae_base", "gpu_mae_large"])
 def test_gpu_step_mae_variants(benchmark, cfg, variant):
     """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
-    over the visible patches: what embedding the visible patches alone gains."""
+    over the visible patches, and (bf16) the teacher casting its fp32 weights on every call instead of the
+    pre-cast copy: what each gains."""
     _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 

@@ -23,6 +23,7 @@ from ..models.visible_patches import visible_patch_embed
 from ..models.vqgan import channels_last_tokenizer, fused_group_norms
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
+from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_reference import StepOutput, optimizer_update
@@ -48,7 +49,7 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
     and encoder under its autocast, and the teacher's pre-norm hidden state of T(image) on retain rows and
     T(``draw_noise()``) on forget rows under no_grad and its autocast, on a side stream beside the student
     where a GPU allows (:mod:`.teacher_stream`). ``cache_enabled=False`` inside a CUDA-graph capture."""
-    student, teacher, dev = setup.student, setup.teacher, setup.device
+    student, teacher, dev = setup.student, step_teacher(setup), setup.device
     share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
 
     def front():

@@ -30,6 +30,7 @@ from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
+from .half_teacher import step_teacher
 from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, student_and_teacher
@@ -75,6 +76,7 @@ class GraphedUnlearnStep:
         self.warmup, self.done_warmup = warmup, 0
         self.side = torch.cuda.Stream(device=dev)
         teacher_stream_for(setup)  # made now, never during a capture
+        step_teacher(setup)  # likewise the bf16-weight teacher copy: its casts must run, not be captured
         self.eager_fallbacks = 0
         # several ranks: graph A (forward + backward) and graph B (update) around the gradient all-reduce
         self.dist, self.all_reduce_in_graph = dist, bool(all_reduce_in_graph)

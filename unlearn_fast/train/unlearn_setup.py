@@ -52,8 +52,10 @@ class UnlearnSetup:
     sdpa_attention: bool = True              # CUDA fast step: MAGE attention as scaled_dot_product_attention
     visible_patch_embed: bool = True         # fast step: MAE embeds the visible patches alone (one GEMM)
     tokenizer_channels_last: bool = False    # CUDA fast step: the VQGAN encoder in NHWC (opt-in, untimed)
+    half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
     trainable: list = field(default_factory=list)
     teacher_stream: Optional[object] = field(default=None, repr=False, compare=False)  # made on first use
+    half_teacher: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # half_teacher.py
 
     @property
     def trainable_params(self):
