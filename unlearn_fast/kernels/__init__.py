@@ -15,12 +15,13 @@ try:
                                    retain_forget_l2_loss_forward)
     from .multi_map_l2 import multi_map_l2_forward, multi_map_l2_scale
     from .group_norm_silu import group_norm_silu_forward
+    from .add_layer_norm import MAX_LAYER_NORM_D, add_layer_norm_backward, add_layer_norm_forward
     TRITON_AVAILABLE = True
 except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
     TRITON_AVAILABLE = False
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     NOISE_KINDS = ("normal", "uniform", "constant")
-    MAX_NORM_D = MAX_ROWS = 0
+    MAX_NORM_D = MAX_ROWS = MAX_LAYER_NORM_D = 0
 
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"unlearn_fast.kernels: Triton is unavailable ({TRITON_IMPORT_ERROR})")
@@ -28,8 +29,10 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
     batch_mean_std = philox_batch_noise = philox_standard_normal = retain_forget_l2_forward = _unavailable
     retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
     multi_map_l2_forward = multi_map_l2_scale = group_norm_silu_forward = _unavailable
+    add_layer_norm_forward = add_layer_norm_backward = _unavailable
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "MAX_ROWS", "batch_mean_std",
            "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
            "retain_forget_l2_backward", "rank_within_class",
            "multi_map_l2_forward", "multi_map_l2_scale", "group_norm_silu_forward"]
+__all__ += ["MAX_LAYER_NORM_D", "add_layer_norm_forward", "add_layer_norm_backward"]

@@ -1,4 +1,5 @@
 """Ops: one autograd op per file, each with a plain-PyTorch twin (the oracle and the fallback)."""
+from .add_layer_norm import add_layer_norm, add_layer_norm_reference
 from .forget_mask import forget_mask
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .multi_map_retain_forget_l2 import (multi_map_retain_forget_l2_loss,
@@ -13,3 +14,4 @@ __all__ = ["retain_forget_l2_loss", "retain_forget_l2_loss_compact", "retain_for
            "batch_mean_std", "NOISE_KINDS"]
 __all__ += ["multi_map_retain_forget_l2_loss", "multi_map_retain_forget_l2_loss_reference", "forget_mask"]
 __all__ += ["group_norm_silu", "group_norm_silu_reference"]
+__all__ += ["add_layer_norm", "add_layer_norm_reference"]
