@@ -18,19 +18,23 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CASES = {"fp32": (None, 5e-3, 0.95), "fp16": (torch.float16, 1e-2, 0.90), "bf16": (torch.bfloat16, 3e-2, 0.90)}
 
 
+def _spied_vqgan(monkeypatch, record):
+    """(a random full-size frozen VQGAN, 3 images) with ``record(x, kwargs)`` called on every fused-norm call."""
+    torch.manual_seed(0)
+    real = vqgan_mod.group_norm_silu
+
+    def spy(x, *args, **kwargs):
+        record(x, kwargs)
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(vqgan_mod, "group_norm_silu", spy)
+    return VQGAN().cuda().eval().requires_grad_(False), torch.rand(3, 3, 256, 256, device="cuda")
+
+
 @pytest.mark.parametrize("precision", list(CASES))
 def test_fused_norms_match_torch_ops(monkeypatch, precision):
     dtype, tol, id_share = CASES[precision]
-    torch.manual_seed(0)
-    vq = VQGAN().cuda().eval().requires_grad_(False)
-    images = torch.rand(3, 3, 256, 256, device="cuda")
     calls = []
-    real = vqgan_mod.group_norm_silu
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("out_dtype"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(vqgan_mod, "group_norm_silu", spy)
+    vq, images = _spied_vqgan(monkeypatch, lambda x, kwargs: calls.append(kwargs.get("out_dtype")))
 
     def encode(fused: bool):
         with torch.no_grad(), fused_group_norms(fused), \
@@ -59,19 +63,12 @@ def test_fused_norms_off_by_default_and_with_autograd():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_channels_last_tokenizer_matches_nchw(monkeypatch, precision):
-    """``channels_last_tokenizer`` with the fused norms: every norm reads NHWC in place (no copy to NCHW), and
-    latents / ids match the NCHW run within the same bounds as above (another layout: other conv algorithms)."""
-    dtype, tol, id_share = CASES[precision]
-    torch.manual_seed(0)
-    vq = VQGAN().cuda().eval().requires_grad_(False)
-    images = torch.rand(3, 3, 256, 256, device="cuda")
+    """``channels_last_tokenizer`` with the fused norms: every norm reads NHWC in place (no copy to NCHW), and the
+    ids match the NCHW run's as often as above (another layout: other conv algorithms)."""
+    dtype, _, id_share = CASES[precision]
     layouts = []
-    real = vqgan_mod.group_norm_silu
-
-    def spy(x, *args, **kwargs):
-        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return real(x, *args, **kwargs)
-    monkeypatch.setattr(vqgan_mod, "group_norm_silu", spy)
+    vq, images = _spied_vqgan(monkeypatch, lambda x, kwargs: layouts.append(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
 
     def tokenize(channels_last: bool):
         with torch.no_grad(), fused_group_norms(), vqgan_mod.channels_last_tokenizer(channels_last), \
