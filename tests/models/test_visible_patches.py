@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_fast
-from unlearn_fast.models.visible_patches import embed_visible_patches, gather_patches, visible_patch_embed
+from unlearn_fast.models.visible_patches import (embed_visible_patches, gather_patches, gemm_matches_conv,
+                                                  visible_patch_embed)
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_reference import reference_step
 from unlearn_fast.train.unlearn_setup import build_setup
@@ -121,3 +122,18 @@ def test_fast_step_embeds_visible_patches_and_reference_step_keeps_the_conv():
     _conv_forbidden(ref.student)
     with pytest.raises(AssertionError, match="conv patch embedding ran"):
         reference_step(ref, images, is_forget, 0)
+
+
+class _OnGpu:
+    is_cuda = True
+
+
+def test_fp32_on_a_gpu_keeps_the_conv_unless_tf32_settings_agree(monkeypatch):
+    """The reference's fp32 teacher embeds patches with cuDNN in TF32 (its default) while cuBLAS runs fp32 GEMMs in
+    full fp32 (its default): there the GEMM would be more exact than the reference, not equal, so the conv stays."""
+    assert gemm_matches_conv(torch.rand(1, 3, 8, 8))  # the CPU
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert not gemm_matches_conv(_OnGpu())
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert gemm_matches_conv(_OnGpu())

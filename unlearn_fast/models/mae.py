@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapter import I2IModel, TaskDraw
 from .registry import register_model
-from .visible_patches import embed_visible_patches, visible_patch_embed
+from .visible_patches import embed_visible_patches, gemm_matches_conv, visible_patch_embed
 from .vit_blocks import Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,7 +118,7 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
     # ---- encoder / decoder ------------------------------------------------------------------------
     def forward_encoder_task(self, inputs: torch.Tensor, task: TaskDraw, prenorm: bool = False) -> torch.Tensor:
         ids_keep, _, _ = self.mask_from_task(task)
-        if visible_patch_embed.on():  # the fast step: embed the K visible patches alone (visible_patches.py)
+        if visible_patch_embed.on() and gemm_matches_conv(inputs):  # the fast step: the K visible patches alone
             x = embed_visible_patches(self.patch_embed, inputs, ids_keep, self.normalize)
             x = x + self.pos_embed[0, 1:, :][ids_keep]  # [N, K, D]
         else:

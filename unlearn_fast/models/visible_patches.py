@@ -7,7 +7,8 @@ weight viewed as ``[D, C·p·p]``: a conv whose stride equals its kernel is that
 the same products and sums, in another summation order. The weight's gradient sums over the visible patches
 alone, where the official one also adds the exact zeros of the hidden ones. A quarter of the work at the
 default mask ratio, no ``[N, D, g, g]`` conv output, and a GEMM instead of a conv with 3 input channels (which
-cuDNN runs with a slow generic kernel in half precision). The reference-semantics step keeps the conv.
+cuDNN runs with a slow generic kernel in half precision). The reference-semantics step keeps the conv, and so
+does the fast step where the GEMM would round differently (fp32 on a GPU, see :func:`gemm_matches_conv`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ from .vit_blocks import PatchEmbed
 
 #: inside ``with visible_patch_embed():`` MAE embeds only the visible patches (the fast step turns it on)
 visible_patch_embed = KernelSwitch("unlearn_fast_mae_visible_patch_embed")
+
+
+def gemm_matches_conv(images: torch.Tensor) -> bool:
+    """Whether the GEMM rounds as the official conv does here: on the CPU and under half-precision autocast both
+    round their inputs alike and sum in fp32; in fp32 on a GPU only when cuDNN's TF32 setting (on by default, so
+    the reference's fp32 teacher embeds patches in TF32) equals cuBLAS's (off by default). Where it does not, the
+    fast step keeps the conv, so equal numerics stay equal."""
+    if not images.is_cuda:
+        return True
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16):
+        return True
+    return torch.backends.cudnn.allow_tf32 == torch.backends.cuda.matmul.allow_tf32
 
 
 def gather_patches(patch_embed: PatchEmbed, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -44,4 +57,4 @@ def embed_visible_patches(patch_embed: PatchEmbed, images: torch.Tensor, ids_kee
     return F.linear(patches.reshape(n, k, -1), proj.weight.reshape(proj.out_channels, -1), proj.bias)  # [N, K, D]
 
 
-__all__ = ["visible_patch_embed", "gather_patches", "embed_visible_patches"]
+__all__ = ["visible_patch_embed", "gemm_matches_conv", "gather_patches", "embed_visible_patches"]
