@@ -79,7 +79,7 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_cl", "fast_bf16_cl",
-                                     "fast_bf16_explicit_attn"])
+                                     "fast_bf16_explicit_attn", "fast_bf16_addnorm"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with
     torch's ops (what the fused kernel gains), and the VQGAN in channels_last (bf16), which the fused norm now
@@ -89,13 +89,14 @@ def test_gpu_step_mage_variants(benchmark, variant):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher"])
+@pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher",
+                                     "fast_bf16_addnorm"])
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
                          ids=["gpu_mae_base", "gpu_mae_large"])
 def test_gpu_step_mae_variants(benchmark, cfg, variant):
     """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
-    over the visible patches, and (bf16) the teacher casting its fp32 weights on every call instead of the
-    pre-cast copy: what each gains."""
+    over the visible patches, (bf16) the teacher casting its fp32 weights on every call instead of the pre-cast
+    copy, and (bf16) the opt-in fused residual add + LayerNorm: what each gains or would gain."""
     _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 

@@ -12,16 +12,18 @@ source "$(dirname "$0")/gpu_common.sh"
 phase "build extension"
 build_extension 120
 
-phase "GPU tests: fused norms, graphed DDP, multi-map, side stream; extension errors"
-timeout 75 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
+phase "GPU tests: fused norms, add + LayerNorm, opt-in paths, graphed DDP, multi-map, side stream; extension errors"
+timeout 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
+  "tests/gpu/test_gpu_fast_path.py::test_opt_in_fast_paths_capture_and_keep_the_trajectory" \
+  tests/gpu/test_gpu_add_layer_norm.py tests/models/test_visible_patches.py \
   tests/train/test_device_prefetch.py tests/models/test_mage_attention.py 2>&1 | tail -30 >>"$LOG"
 extension_tests
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn" \
+  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"

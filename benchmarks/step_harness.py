@@ -77,7 +77,8 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an ``_explicit_attn`` suffix MAGE's
     attention written out (``--explicit_attention``), a ``_full_embed`` suffix MAE's conv patch embedding of every
     patch (``--full_patch_embed``), an ``_autocast_teacher`` suffix the bf16 teacher casting its fp32 weights
-    every call (no pre-cast copy)."""
+    every call (no pre-cast copy), an ``_addnorm`` suffix the ViT blocks' residual adds fused with the next
+    LayerNorm (``--fused_block_norms``)."""
     fast = variant.startswith("fast")
     setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
                         precision="bf16" if "bf16" in variant else "reference", forget_alpha=cfg.forget_alpha,
@@ -86,7 +87,8 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
                         fuse_tokenizer_norms=not variant.endswith("_unfused"),
                         sdpa_attention=not variant.endswith("_explicit_attn"),
                         visible_patch_embed=not variant.endswith("_full_embed"),
-                        tokenizer_channels_last=variant.endswith("_cl"))
+                        tokenizer_channels_last=variant.endswith("_cl"),
+                        fuse_block_norms=variant.endswith("_addnorm"))
     setup.half_teacher_weights = not variant.endswith("_autocast_teacher")
     return setup
 

@@ -173,3 +173,23 @@ def test_teacher_on_side_stream_equals_sequential_teacher(model, precision, grap
     assert a.teacher_stream.concurrent and not b.teacher_stream.concurrent
     diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b.student))]
     assert max(diffs) <= 1e-6, max(diffs)
+
+
+@pytest.mark.parametrize("model,option", [("mae_micro", "fuse_block_norms"), ("mage_micro", "fuse_block_norms"),
+                                          ("mage_micro", "tokenizer_channels_last")])
+def test_opt_in_fast_paths_capture_and_keep_the_trajectory(model, option):
+    """The opt-in paths (``--fused_block_norms``, ``--channels_last_tokenizer``) capture into the CUDA-graph step,
+    and after 6 bf16 steps it ends where the eager fast step without them ends (2e-2, as graphed vs eager bf16)."""
+    a, b = _mae_setups("bf16", model=model)
+    setattr(b, option, True)
+    n, nf = 8, 4
+    graphed = GraphedUnlearnStep(b, n, nf, (3, 32, 32), noise_seed=7, warmup=2)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        images = torch.rand(n, 3, 32, 32, generator=g)
+        is_forget = torch.arange(n) < nf
+        fast_step(a, images, is_forget, step, noise_seed=7)
+        graphed(images, is_forget, step, 1e-3)
+    assert graphed.graph is not None
+    diffs = [_rel(p, q) for p, q in zip(_comparable(a.student), _comparable(b.student))]
+    assert max(diffs) <= 2e-2, max(diffs)

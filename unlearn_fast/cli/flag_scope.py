@@ -15,6 +15,7 @@ FLAG_SCOPES = {
     "unfused_tokenizer_norms": (("mage",), True),
     "explicit_attention": (("mage",), True),
     "channels_last_tokenizer": (("mage",), True),
+    "fused_block_norms": (("mae", "mage"), True),
     "full_patch_embed": (("mae",), False),
 }
 

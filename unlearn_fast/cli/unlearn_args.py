@@ -128,6 +128,10 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
                         "layout of cuDNN's half-precision convs, instead of NCHW (same arithmetic; opt-in until "
                         "timed on a GPU)")
+    g.add_argument("--fused_block_norms", action="store_true",
+                   help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
+                        "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
+                        "fp32 rounding; opt-in until timed on a GPU)")
     g.add_argument("--full_patch_embed", action="store_true",
                    help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
                         "ones, as the official code, instead of embedding the visible patches alone (for A/B "

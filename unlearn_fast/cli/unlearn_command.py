@@ -449,6 +449,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         sdpa_attention=not getattr(args, "explicit_attention", False),
                         visible_patch_embed=not getattr(args, "full_patch_embed", False),
                         tokenizer_channels_last=getattr(args, "channels_last_tokenizer", False),
+                        fuse_block_norms=getattr(args, "fused_block_norms", False),
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     start_epoch, start_step, epoch_progress = args.start_epoch, 0, None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapter import I2IModel, TaskDraw
+from .fused_blocks import run_blocks
 from .registry import register_model
 from .visible_patches import embed_visible_patches, gemm_matches_conv, visible_patch_embed
 from .vit_blocks import Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, xavier_conv_
@@ -126,8 +127,7 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x)  # [N, K, D]
         return x if prenorm else self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import I2IModel, TaskDraw
+from .fused_blocks import run_blocks
 from .mage_attention import MageAttention
 from .mage_masking import sample_mage_masks
 from .registry import register_model
@@ -209,8 +210,7 @@ class MaskedGenerativeEncoderViT(nn.Module, I2IModel):
         x = self.token_emb(ids)  # [N, 1+L, D]
         keep = self._kept_positions(drop, k)  # [N, K]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x)  # [N, K, D]
         return x if prenorm else self.norm(x)
 
     def _reference_task(self, images, token_drop_mask_raw, token_all_mask_raw):

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..models.fused_blocks import fused_block_norms
 from ..models.mage_attention import sdpa_attention
 from ..models.visible_patches import visible_patch_embed
 from ..models.vqgan import channels_last_tokenizer, fused_group_norms
@@ -66,13 +67,14 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
                                   share)  # [N, L, D]
 
     # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish), optionally in NHWC,
-    # and MAGE's attention as scaled_dot_product_attention (models.mage_attention); everywhere MAE's patch
+    # MAGE's attention as scaled_dot_product_attention (models.mage_attention), optionally each ViT residual add
+    # fused with the next LayerNorm (models.fused_blocks); everywhere MAE's patch
     # embedding of the visible patches alone (models.visible_patches). The reference step keeps the official
     # ops, so the baseline stays the reference's arithmetic
     cuda = dev.type == "cuda"
     with fused_group_norms(setup.fuse_tokenizer_norms and cuda), sdpa_attention(setup.sdpa_attention and cuda), \
             channels_last_tokenizer(setup.tokenizer_channels_last and cuda), \
-            visible_patch_embed(setup.visible_patch_embed):
+            fused_block_norms(setup.fuse_block_norms and cuda), visible_patch_embed(setup.visible_patch_embed):
         return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
 

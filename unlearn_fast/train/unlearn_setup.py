@@ -52,6 +52,7 @@ class UnlearnSetup:
     sdpa_attention: bool = True              # CUDA fast step: MAGE attention as scaled_dot_product_attention
     visible_patch_embed: bool = True         # fast step: MAE embeds the visible patches alone (one GEMM)
     tokenizer_channels_last: bool = False    # CUDA fast step: the VQGAN encoder in NHWC (opt-in, untimed)
+    fuse_block_norms: bool = False           # CUDA fast step: ViT residual add + LayerNorm fused (opt-in, untimed)
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
     trainable: list = field(default_factory=list)
     teacher_stream: Optional[object] = field(default=None, repr=False, compare=False)  # made on first use
@@ -67,7 +68,7 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 rank=0, loss_type=None, baseline_weighting="reference", share_tokenizer=False, fast=False,
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
-                tokenizer_channels_last=False) -> UnlearnSetup:
+                tokenizer_channels_last=False, fuse_block_norms=False) -> UnlearnSetup:
     """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student)."""
     device = torch.device(device)
     check_precision(precision)
@@ -93,5 +94,5 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                         loss_type=loss_type, baseline_weighting=baseline_weighting, share_tokenizer=share_tokenizer,
                         overlap_teacher=bool(overlap_teacher), fuse_tokenizer_norms=bool(fuse_tokenizer_norms),
                         sdpa_attention=bool(sdpa_attention), visible_patch_embed=bool(visible_patch_embed),
-                        tokenizer_channels_last=bool(tokenizer_channels_last),
+                        tokenizer_channels_last=bool(tokenizer_channels_last), fuse_block_norms=bool(fuse_block_norms),
                         trainable=[p for _, p in named])
