@@ -30,7 +30,6 @@ CPU, ``UNLEARN_FAST_BACKEND=torch``, ``cext``: the extension has no such kernel)
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -38,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from .backend import choose_backend, refuse_double_backward, say_once
+from .norm_args import NORM_DTYPES, check_affine, check_eps, resolve_out_dtype
 
 _OP = "add_layer_norm"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_KERNEL_D = 8192  # the kernel's row-in-registers limit (kernels.add_layer_norm.MAX_LAYER_NORM_D)
 
 
@@ -48,7 +47,7 @@ def _check_inputs(x, branch, weight, bias, eps, out_dtype) -> torch.dtype:
     """Raise a clear TypeError/ValueError for bad arguments; return the output dtype."""
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in NORM_DTYPES:
         raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must be [..., D] with D >= 1, got shape {tuple(x.shape)}")
@@ -58,32 +57,14 @@ def _check_inputs(x, branch, weight, bias, eps, out_dtype) -> torch.dtype:
             raise TypeError(f"branch must be a tensor or None, got {type(branch).__name__}")
         if branch.shape != x.shape:
             raise ValueError(f"branch must have x's shape {tuple(x.shape)}, got {tuple(branch.shape)}")
-        if branch.dtype not in _DTYPES:
+        if branch.dtype not in NORM_DTYPES:
             raise TypeError(f"branch must be fp32, fp16 or bf16, got {branch.dtype}")
         if branch.device != x.device:
             raise ValueError(f"branch is on {branch.device}, x on {x.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (d,):
-            raise ValueError(f"{name} must have shape ({d},) for x of shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be fp32, fp16 or bf16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a python number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and positive, got {eps}")
+    check_affine(weight, bias, d, x)
+    check_eps(eps)
     s_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
-    if out_dtype is None:
-        return s_dtype
-    if out_dtype not in _DTYPES:  # also rejects non-dtypes
-        raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None), got "
-                        f"{out_dtype!r}")
-    return out_dtype
+    return resolve_out_dtype(out_dtype, s_dtype)
 
 
 def _twin(x, branch, weight, bias, eps, out_dtype):

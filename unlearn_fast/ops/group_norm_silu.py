@@ -24,7 +24,6 @@ strided x (or channels_last with more than 4096 channels per group) is copied to
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .backend import choose_backend, say_once
+from .norm_args import NORM_DTYPES, check_affine, check_eps, resolve_out_dtype
 
 _OP = "group_norm_silu"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype) -> torch.dtype:
@@ -43,7 +42,7 @@ def _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype) -> torch.dt
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must be [N, C, *spatial] (at least 2 dims), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in NORM_DTYPES:
         raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
@@ -54,30 +53,11 @@ def _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype) -> torch.dt
         raise ValueError(f"x's spatial sizes must be positive (a group needs elements), got shape {tuple(x.shape)}")
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"{channels} channels are not divisible into num_groups={num_groups} groups")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},) for x of shape {tuple(x.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be fp32, fp16 or bf16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a python number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and positive, got {eps}")
+    check_affine(weight, bias, channels, x)
+    check_eps(eps)
     if not isinstance(silu, bool):
         raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
-    if out_dtype is None:
-        return x.dtype
-    if out_dtype not in _DTYPES:  # also rejects non-dtypes
-        raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None), got "
-                        f"{out_dtype!r}")
-    return out_dtype
+    return resolve_out_dtype(out_dtype, x.dtype)
 
 
 def _twin(x, num_groups, weight, bias, eps, silu, out_dtype) -> torch.Tensor:
