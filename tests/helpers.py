@@ -142,3 +142,16 @@ def read_reference_listing(name: str) -> list:
             key, shape, dtype = line.rstrip("\n").split("\t")
             rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
     return rows
+
+
+def triton_kernel_device(kernel) -> str:
+    """The device a Triton ``kernel`` runs on here: "cuda" when compiled with a GPU, "cpu" under TRITON_INTERPRET;
+    skips the test when Triton compiled but there is no GPU."""
+    import pytest
+    from unlearn_fast.kernels.launch_device import interpreted
+    in_interpreter = interpreted(kernel)
+    if torch.cuda.is_available() and not in_interpreter:
+        return "cuda"
+    if in_interpreter:
+        return "cpu"
+    pytest.skip("Triton compiled but no CUDA GPU")

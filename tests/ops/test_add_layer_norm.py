@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close_report
+from tests.helpers import assert_close_report, triton_kernel_device
 from unlearn_fast.ops import backend
 from unlearn_fast.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 
@@ -50,14 +50,7 @@ def kernel_device(monkeypatch):
     counts launcher calls ("forward", "backward")."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import add_layer_norm as module
-    from unlearn_fast.kernels.launch_device import interpreted
-    in_interpreter = interpreted(module._add_layer_norm_forward_kernel)
-    if torch.cuda.is_available() and not in_interpreter:
-        device = "cuda"
-    elif in_interpreter:
-        device = "cpu"
-    else:
-        pytest.skip("Triton compiled but no CUDA GPU")
+    device = triton_kernel_device(module._add_layer_norm_forward_kernel)
     calls = {"forward": 0, "backward": 0}
     for name in ("forward", "backward"):
         real = getattr(module, f"add_layer_norm_{name}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close_report, tol
+from tests.helpers import assert_close_report, tol, triton_kernel_device
 from unlearn_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 EPS = 1e-6
@@ -38,14 +38,7 @@ def kernel_device(monkeypatch):
     records the x of each launcher call."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import group_norm_silu as module
-    from unlearn_fast.kernels.launch_device import interpreted
-    in_interpreter = interpreted(module._group_norm_silu_forward_kernel)
-    if torch.cuda.is_available() and not in_interpreter:
-        device = "cuda"
-    elif in_interpreter:
-        device = "cpu"
-    else:
-        pytest.skip("Triton compiled but no CUDA GPU")
+    device = triton_kernel_device(module._group_norm_silu_forward_kernel)
     calls = []
     real = module.group_norm_silu_forward
 

@@ -30,13 +30,12 @@ CPU, ``UNLEARN_FAST_BACKEND=torch``, ``cext``: the extension has no such kernel)
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .backend import choose_backend, refuse_double_backward, say_once
+from .backend import choose_triton_or_twin, refuse_double_backward, say_once
 from .norm_args import NORM_DTYPES, check_affine, check_eps, resolve_out_dtype
 
 _OP = "add_layer_norm"
@@ -83,13 +82,7 @@ def add_layer_norm_reference(x: torch.Tensor, branch: Optional[torch.Tensor], we
 
 
 def _pick_backend(device: torch.device, d: int) -> str:
-    forced = os.environ.get("UNLEARN_FAST_BACKEND", "").strip().lower()
-    if device.type != "cuda" and forced != "triton":
-        return "torch"  # no CPU kernel (the C++ extension has none for this op either)
-    backend = choose_backend(device, _OP)  # honours UNLEARN_FAST_BACKEND
-    if backend == "cext":
-        say_once(f"{_OP}-cext", f"unlearn_fast: the extension has no {_OP} kernel; using the PyTorch twin")
-        return "torch"
+    backend = choose_triton_or_twin(device, _OP)
     if backend == "triton" and d > _MAX_KERNEL_D:
         say_once(f"{_OP}-triton-limit", f"unlearn_fast: {_OP} with D = {d} is beyond the Triton kernel's limit "
                                         f"of {_MAX_KERNEL_D}; using the PyTorch twin")

@@ -73,6 +73,20 @@ def choose_backend(device: torch.device, op: str) -> str:
     return "torch"
 
 
+def choose_triton_or_twin(device: torch.device, op: str) -> str:
+    """'triton' or 'torch' for an op that has a Triton kernel and no extension kernel: the twin on the CPU (no
+    warning: nothing is missing there) unless ``UNLEARN_FAST_BACKEND=triton`` asks for the interpreter; on CUDA
+    as :func:`choose_backend`, the twin (said once) where that would pick the extension."""
+    forced = os.environ.get("UNLEARN_FAST_BACKEND", "").strip().lower()
+    if device.type != "cuda" and forced != "triton":
+        return "torch"
+    backend = choose_backend(device, op)  # honours UNLEARN_FAST_BACKEND
+    if backend == "cext":
+        say_once(f"{op}-cext", f"unlearn_fast: the extension has no {op} kernel; using the PyTorch twin")
+        return "torch"
+    return backend
+
+
 def refuse_double_backward(op: str) -> None:
     """Called first in a fused op's backward. Its gradient comes from a stored constant, so a graph built
     through it (``create_graph=True``) would carry no second derivative: say so instead of being wrong."""

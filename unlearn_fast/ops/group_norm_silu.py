@@ -24,13 +24,12 @@ strided x (or channels_last with more than 4096 channels per group) is copied to
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .backend import choose_backend, say_once
+from .backend import choose_triton_or_twin
 from .norm_args import NORM_DTYPES, check_affine, check_eps, resolve_out_dtype
 
 _OP = "group_norm_silu"
@@ -76,17 +75,6 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional
     return _twin(x, num_groups, weight, bias, eps, silu, out_dtype)
 
 
-def _pick_backend(device: torch.device) -> str:
-    forced = os.environ.get("UNLEARN_FAST_BACKEND", "").strip().lower()
-    if device.type != "cuda" and forced != "triton":
-        return "torch"  # no CPU kernel (the C++ extension has none for this op either)
-    backend = choose_backend(device, _OP)  # honours UNLEARN_FAST_BACKEND
-    if backend == "cext":
-        say_once(f"{_OP}-cext", f"unlearn_fast: the extension has no {_OP} kernel; using the PyTorch twin")
-        return "torch"
-    return backend
-
-
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     eps: float, *, silu: bool, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``silu?(GroupNorm(x))`` rounded to ``out_dtype`` (default x's), forward-only when fused.
@@ -96,7 +84,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     docstring). Fused, a channels_last x is read without a copy and the output is channels_last too."""
     out_dtype = _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad or _pick_backend(x.device) != "triton":
+    if needs_grad or choose_triton_or_twin(x.device, _OP) != "triton":
         return _twin(x, num_groups, weight, bias, eps, silu, out_dtype)
     from ..kernels.group_norm_silu import (group_norm_silu_forward,  # importable: choose_backend checked Triton
                                            reads_channels_last)
