@@ -23,7 +23,7 @@ extension_tests
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm" \
+  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm or unpadded" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"

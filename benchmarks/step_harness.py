@@ -78,7 +78,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     attention written out (``--explicit_attention``), a ``_full_embed`` suffix MAE's conv patch embedding of every
     patch (``--full_patch_embed``), an ``_autocast_teacher`` suffix the bf16 teacher casting its fp32 weights
     every call (no pre-cast copy), an ``_addnorm`` suffix the ViT blocks' residual adds fused with the next
-    LayerNorm (``--fused_block_norms``)."""
+    LayerNorm (``--fused_block_norms``), an ``_unpadded`` suffix the VQGAN's RGB conv over its 3 channels."""
     fast = variant.startswith("fast")
     setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
                         precision="bf16" if "bf16" in variant else "reference", forget_alpha=cfg.forget_alpha,
@@ -90,6 +90,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
                         tokenizer_channels_last=variant.endswith("_cl"),
                         fuse_block_norms=variant.endswith("_addnorm"))
     setup.half_teacher_weights = not variant.endswith("_autocast_teacher")
+    setup.pad_tokenizer_input = not variant.endswith("_unpadded")
     return setup
 
 

@@ -81,3 +81,23 @@ def test_channels_last_tokenizer_matches_nchw(monkeypatch, precision):
     ids = tokenize(True)
     assert layouts and all(layouts)
     assert (ids == ids_ref).float().mean().item() >= id_share
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_aligned_input_conv_keeps_the_ids(precision):
+    """The RGB conv over 8 zero-padded channels (aligned_conv.py) under half autocast: the first conv's output
+    within one rounding of the autocast dtype of the plain conv's, and the ids as often equal as above."""
+    from unlearn_fast.models.aligned_conv import aligned_input_conv
+    dtype, _, id_share = CASES[precision]
+    torch.manual_seed(0)
+    vq = VQGAN().cuda().eval().requires_grad_(False)
+    images = torch.rand(3, 3, 256, 256, device="cuda")
+
+    def run(aligned: bool):  # (ids, conv_in's output)
+        with torch.no_grad(), aligned_input_conv(aligned), torch.autocast("cuda", dtype=dtype):
+            return vq.tokenize(images), vqgan_mod.input_conv(vq.encoder.conv_in, images)
+
+    (ids_ref, h_ref), (ids, h) = run(False), run(True)
+    assert h.dtype == h_ref.dtype == dtype
+    assert ((h.float() - h_ref.float()).abs().max() / h_ref.float().abs().max()).item() <= 2 * torch.finfo(dtype).eps
+    assert (ids == ids_ref).float().mean().item() >= id_share

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import group_norm_silu
+from .aligned_conv import input_conv
 from .kernel_switch import KernelSwitch
 from .state_dict_io import load_state_dict_strict, read_checkpoint
 
@@ -162,7 +163,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 1)
 
     def forward(self, x):
-        h = self.conv_in(x)
+        h = input_conv(self.conv_in, x)  # channel-padded in the fast step on a GPU (aligned_conv.py)
         last = len(self.down) - 1
         for i, level in enumerate(self.down):
             h = level(h)

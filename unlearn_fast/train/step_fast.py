@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..models.aligned_conv import aligned_input_conv
 from ..models.fused_blocks import fused_block_norms
 from ..models.mage_attention import sdpa_attention
 from ..models.visible_patches import visible_patch_embed
@@ -66,7 +67,8 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
             return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
                                   share)  # [N, L, D]
 
-    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish), optionally in NHWC,
+    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish), its RGB conv over
+    # channels padded to 8 (models.aligned_conv), optionally in NHWC,
     # MAGE's attention as scaled_dot_product_attention (models.mage_attention), optionally each ViT residual add
     # fused with the next LayerNorm (models.fused_blocks); everywhere MAE's patch
     # embedding of the visible patches alone (models.visible_patches). The reference step keeps the official
@@ -74,7 +76,8 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
     cuda = dev.type == "cuda"
     with fused_group_norms(setup.fuse_tokenizer_norms and cuda), sdpa_attention(setup.sdpa_attention and cuda), \
             channels_last_tokenizer(setup.tokenizer_channels_last and cuda), \
-            fused_block_norms(setup.fuse_block_norms and cuda), visible_patch_embed(setup.visible_patch_embed):
+            fused_block_norms(setup.fuse_block_norms and cuda), visible_patch_embed(setup.visible_patch_embed), \
+            aligned_input_conv(setup.pad_tokenizer_input and cuda):
         return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
 
