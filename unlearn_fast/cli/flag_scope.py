@@ -2,11 +2,13 @@
 
 Each flag changes how the fast or graphed step computes (never what): some act only on one model family
 (MAGE's tokenizer and attention, MAE's patch embedding), some only on a GPU. Given where a run is, the ones that
-would do nothing are listed with what they need.
+would do nothing are listed with what they need, and so are the ones a precision mode makes moot.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
+
+import torch
 
 # flag (argparse dest) -> (model families it acts on, None = any; needs a CUDA device)
 FLAG_SCOPES = {
@@ -30,14 +32,33 @@ def _needs(families: Optional[Sequence[str]], cuda: bool) -> str:
     return ", ".join(parts)
 
 
+def _moot_at_precision(flag: str, precision: str, device_type: str) -> Optional[str]:
+    """Why ``flag`` cannot act at ``precision`` (the same run would compute the same way without it), or None."""
+    if flag == "share_tokenizer" and precision in ("bf16", "fp32"):
+        return f"with --precision {precision} the teacher reuses the student's tokens anyway"
+    if flag == "explicit_attention" and precision == "fp32":
+        return "with --precision fp32 the attention is the written-out form anyway"
+    if (flag == "full_patch_embed" and precision == "fp32" and device_type == "cuda"
+            and torch.backends.cudnn.allow_tf32 != torch.backends.cuda.matmul.allow_tf32):
+        return ("with --precision fp32 on a GPU the patches are embedded with the conv anyway (its TF32 setting "
+                "differs from the matrix product's)")
+    return None
+
+
 def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]:
-    """One line per A/B flag that is set but cannot act on this run (``step_mode``: reference | fast | graphed)."""
+    """One line per A/B flag that is set but cannot act on this run (``step_mode``: reference | fast | graphed;
+    the precision is ``args.precision``, default reference)."""
+    precision = getattr(args, "precision", "reference")
     lines = []
     for flag, (families, cuda) in FLAG_SCOPES.items():
         if not getattr(args, flag, False):
             continue
         if (families and family not in families) or (cuda and device_type != "cuda") or step_mode == "reference":
             lines.append(f"--{flag} has no effect on this run (it acts on {_needs(families, cuda)})")
+            continue
+        why = _moot_at_precision(flag, precision, device_type)
+        if why:
+            lines.append(f"--{flag} has no effect on this run ({why})")
     return lines
 
 

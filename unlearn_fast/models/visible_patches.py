@@ -41,6 +41,9 @@ def gather_patches(patch_embed: PatchEmbed, images: torch.Tensor, ids_keep: torc
     output is flattened), ``[N, K, C, p, p]``."""
     patch_embed.check_size(images)
     n, c = images.shape[:2]
+    if c != patch_embed.proj.in_channels:  # else a broadcast error deep in the normalisation or the product
+        raise ValueError(f"expected images with {patch_embed.proj.in_channels} channels [N, C, H, W], got shape "
+                         f"{tuple(images.shape)}")
     p, g = patch_embed.patch_size, patch_embed.grid_size
     grid = images.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, C, p, p], a view
     rows = torch.arange(n, device=images.device).unsqueeze(1)  # [N, 1]
@@ -54,7 +57,8 @@ def embed_visible_patches(patch_embed: PatchEmbed, images: torch.Tensor, ids_kee
     patches = normalize(gather_patches(patch_embed, images, ids_keep))  # [N, K, C, p, p]
     n, k = ids_keep.shape
     proj = patch_embed.proj
-    return F.linear(patches.reshape(n, k, -1), proj.weight.reshape(proj.out_channels, -1), proj.bias)  # [N, K, D]
+    cpp = proj.in_channels * patch_embed.patch_size ** 2  # named, not -1: K = 0 (mask ratio near 1) or N = 0 reshape
+    return F.linear(patches.reshape(n, k, cpp), proj.weight.reshape(proj.out_channels, cpp), proj.bias)  # [N, K, D]
 
 
 __all__ = ["visible_patch_embed", "gemm_matches_conv", "gather_patches", "embed_visible_patches"]
