@@ -283,3 +283,21 @@ def test_init_is_maes(make_mae_micro):
 def test_bad_size_arguments_name_the_argument(kwargs):
     with pytest.raises(ValueError, match=list(kwargs)[0].replace("input_size", "img_size")):
         create_model("mae_micro", **kwargs)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_encoder_input_checks_and_fp64_images(make_mae_micro, fast):
+    """Both embedding paths refuse wrong channel counts and integer images with one clear error, and take fp64
+    images as the fp32 they would be normalised to (the conv's weights are fp32)."""
+    from unlearn_fast.models.visible_patches import visible_patch_embed
+    model = make_mae_micro()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    task = model.sample_task(x.float())
+    with visible_patch_embed(fast):
+        out = model.forward_encoder_task(x, task)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, model.forward_encoder_task(x.float(), task))
+        with pytest.raises(ValueError, match="3 channels"):
+            model.forward_encoder_task(torch.rand(2, 4, 32, 32), task)
+        with pytest.raises(TypeError, match="floating-point images"):
+            model.forward_encoder_task(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), task)

@@ -126,8 +126,8 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                         "checks)")
     g.add_argument("--channels_last_tokenizer", action="store_true",
                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
-                        "layout of cuDNN's half-precision convs, instead of NCHW (same arithmetic; opt-in until "
-                        "timed on a GPU)")
+                        "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
+                        "order: a near-tie code id can differ; opt-in until timed on a GPU)")
     g.add_argument("--fused_block_norms", action="store_true",
                    help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
                         "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "

@@ -117,7 +117,19 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
         return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
 
     # ---- encoder / decoder ------------------------------------------------------------------------
+    def _check_images(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] float images of the model's size and channels, in the buffers' dtype (what the
+        normalisation promotes half precision to anyway; fp64 would meet fp32 weights in the conv)."""
+        self.patch_embed.check_size(inputs)
+        if inputs.shape[1] != self.in_chans:
+            raise ValueError(f"expected images with {self.in_chans} channels [N, C, H, W], got shape "
+                             f"{tuple(inputs.shape)}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"expected floating-point images in [0, 1], got {inputs.dtype} (convert uint8 with /255)")
+        return inputs.to(self.input_mean.dtype)
+
     def forward_encoder_task(self, inputs: torch.Tensor, task: TaskDraw, prenorm: bool = False) -> torch.Tensor:
+        inputs = self._check_images(inputs)
         ids_keep, _, _ = self.mask_from_task(task)
         if visible_patch_embed.on() and gemm_matches_conv(inputs):  # the fast step: the K visible patches alone
             x = embed_visible_patches(self.patch_embed, inputs, ids_keep, self.normalize)

@@ -56,8 +56,9 @@ fused_group_norms = KernelSwitch("unlearn_fast_vqgan_fused_norms")
 
 #: inside ``with channels_last_tokenizer():`` the encoder runs channels_last (NHWC): cuDNN's half-precision convs
 #: work in NHWC and otherwise transpose NCHW in and out of every conv (17.9 of 115.7 ms of the MAGE bf16 step's
-#: kernels on an H100); the fused norm reads NHWC in place. Same arithmetic, another memory layout. Opt-in
-#: (``--channels_last_tokenizer``) until a GPU run has timed it against NCHW.
+#: kernels on an H100); the fused norm reads NHWC in place. The same math in another layout, so other conv
+#: algorithms sum in another order, which in half precision can move a near-tie code id (18 of 1024 ids,
+#: mage_micro, CPU bf16). Opt-in (``--channels_last_tokenizer``) until a GPU run has timed it against NCHW.
 channels_last_tokenizer = KernelSwitch("unlearn_fast_vqgan_channels_last")
 
 
