@@ -5,8 +5,10 @@
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written: log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_ops.json, bench_variants.json, bench_compiled.json,
-#   precision.json, profile.txt, profile_step.txt/.json, summary.txt
+# Files written (14; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
+#   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_variants_mage.json,
+#   bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json, precision.json, profile.txt,
+#   profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -23,25 +25,32 @@ run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu t
   tests/models/test_mage_attention.py 2>&1 | tail -40 >>"$LOG"
 extension_tests
 
-phase "GPU benchmarks (reference vs fast vs fast bf16; loss + noise; Palette loss; then the variants)"
-# one JSON per group: a group cut short by its time cap loses only its own figures
+phase "GPU benchmarks: reference vs fast vs fast bf16, then the A/B variants, each group its own JSON"
+# pytest-benchmark writes a JSON only when its run ends: a group cut short by its cap loses only its own figures,
+# so the groups go in the order the open targets need them
 run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16" --benchmark-json="$OUT/bench_gpu.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -16 >>"$LOG"
+# MAGE: shared tokenizer, unfused norms, channels_last, explicit attention, fused add + LayerNorm, unpadded conv_in
+run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "mage_variants" \
+  --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
+# MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, fused add + LayerNorm
+run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "gpu and mae_variants" \
+  --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
+
+phase "loss / noise ops: eager vs graph-replayed, the kernels alone beside a copy, profiler tables"
+run_for 50 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
+  || echo "profile failed" >>"$LOG"
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
-# MAGE shared tokenizer / channels_last, and the teacher not overlapped (what the side stream gains)
-run_for 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "mage_variants or mae_variants or not_overlapped" --benchmark-json="$OUT/bench_variants.json" \
-  --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
-
-phase "loss / noise ops: eager vs graph-replayed, profiler tables"
-run_for 40 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
-  || echo "profile failed" >>"$LOG"
 
 phase "whole-step kernel profile (MAGE-B, MAE-L: reference, fast, fast bf16): time by kernel category"
 run_for 60 python3 benchmarks/profile_step.py --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" \
   || echo "step profile failed or was cut short" >>"$LOG"
+
+phase "the teacher not overlapped (what the side stream gains)"
+run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "not_overlapped" \
+  --benchmark-json="$OUT/bench_serial.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
 
 phase "precision deviation (bf16 vs reference)"
 run_for 45 python3 benchmarks/precision_deviation.py --device cuda --model mae_vit_base_patch16 --steps 20 --batch 16 \
