@@ -18,13 +18,9 @@ from typing import Optional
 
 import torch
 
-from ..models.aligned_conv import aligned_input_conv
-from ..models.fused_blocks import fused_block_norms
-from ..models.mage_attention import sdpa_attention
-from ..models.visible_patches import visible_patch_embed
-from ..models.vqgan import channels_last_tokenizer, fused_group_norms
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
+from .fast_path_switches import fast_path_switches
 from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
@@ -67,17 +63,8 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
             return teacher_hidden(teacher, images, draw_noise(), inputs, task, is_forget, forget_rows,
                                   share)  # [N, L, D]
 
-    # on CUDA the frozen VQGAN's GroupNorm + swish as one kernel (models.vqgan.norm_swish), its RGB conv over
-    # channels padded to 8 (models.aligned_conv), optionally in NHWC,
-    # MAGE's attention as scaled_dot_product_attention (models.mage_attention), optionally each ViT residual add
-    # fused with the next LayerNorm (models.fused_blocks); everywhere MAE's patch
-    # embedding of the visible patches alone (models.visible_patches). The reference step keeps the official
-    # ops, so the baseline stays the reference's arithmetic
-    cuda = dev.type == "cuda"
-    with fused_group_norms(setup.fuse_tokenizer_norms and cuda), sdpa_attention(setup.sdpa_attention and cuda), \
-            channels_last_tokenizer(setup.tokenizer_channels_last and cuda), \
-            fused_block_norms(setup.fuse_block_norms and cuda), visible_patch_embed(setup.visible_patch_embed), \
-            aligned_input_conv(setup.pad_tokenizer_input and cuda):
+    # the models' fused forms for this step (fast_path_switches.py); the reference step keeps the official ops
+    with fast_path_switches(setup):
         return student_beside_teacher(teacher_stream_for(setup), front, encoder, teacher_pass, share)
 
 

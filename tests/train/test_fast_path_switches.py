@@ -1,0 +1,48 @@
+"""The fast step's switch table (train/fast_path_switches.py): which fused forms are on for a setup's knobs and
+device, and that every switch is restored on exit."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from unlearn_fast.models.aligned_conv import aligned_input_conv
+from unlearn_fast.models.fused_blocks import fused_block_norms
+from unlearn_fast.models.mage_attention import sdpa_attention
+from unlearn_fast.models.visible_patches import visible_patch_embed
+from unlearn_fast.models.vqgan import channels_last_tokenizer, fused_group_norms
+from unlearn_fast.train.fast_path_switches import fast_path_switches
+
+SWITCHES = {"fuse_tokenizer_norms": fused_group_norms, "pad_tokenizer_input": aligned_input_conv,
+            "tokenizer_channels_last": channels_last_tokenizer, "sdpa_attention": sdpa_attention,
+            "fuse_block_norms": fused_block_norms, "visible_patch_embed": visible_patch_embed}
+DEFAULTS = dict(fuse_tokenizer_norms=True, pad_tokenizer_input=True, tokenizer_channels_last=False,
+                sdpa_attention=True, fuse_block_norms=False, visible_patch_embed=True)
+
+
+def _state():
+    return {k: s.on() for k, s in SWITCHES.items()}
+
+
+@pytest.mark.parametrize("device,knobs,want_on", [
+    ("cuda", {}, {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention", "visible_patch_embed"}),
+    ("cuda", {"tokenizer_channels_last": True, "fuse_block_norms": True, "sdpa_attention": False},
+     {"fuse_tokenizer_norms", "pad_tokenizer_input", "tokenizer_channels_last", "fuse_block_norms",
+      "visible_patch_embed"}),
+    ("cpu", {"tokenizer_channels_last": True, "fuse_block_norms": True}, {"visible_patch_embed"}),
+    ("cpu", {"visible_patch_embed": False}, set()),
+])
+def test_switches_follow_the_knobs_and_the_device(device, knobs, want_on):
+    setup = SimpleNamespace(device=torch.device(device), **dict(DEFAULTS, **knobs))
+    assert not any(_state().values())
+    with fast_path_switches(setup):
+        assert {k for k, on in _state().items() if on} == want_on
+    assert not any(_state().values())
+
+
+def test_switches_are_restored_after_an_error():
+    setup = SimpleNamespace(device=torch.device("cuda"), **DEFAULTS)
+    with pytest.raises(RuntimeError), fast_path_switches(setup):
+        raise RuntimeError("step failed")
+    assert not any(_state().values())
