@@ -41,8 +41,9 @@ def input_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             and conv.padding_mode == "zeros" and _half_autocast_on_cuda()):
         return conv(x)
     padded = -(-c // _ALIGN) * _ALIGN
-    return F.conv2d(pad_channels(x, padded), pad_channels(conv.weight, padded), conv.bias, conv.stride,
-                    conv.padding, conv.dilation)
+    dtype = torch.get_autocast_dtype("cuda")  # cast before padding (what the conv would read): fewer bytes
+    return F.conv2d(pad_channels(x.to(dtype), padded), pad_channels(conv.weight.to(dtype), padded), conv.bias,
+                    conv.stride, conv.padding, conv.dilation)
 
 
 __all__ = ["aligned_input_conv", "input_conv", "pad_channels"]
