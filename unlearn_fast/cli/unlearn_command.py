@@ -43,7 +43,10 @@ from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import (BadImageError, UnlearnImageDataset, load_eval_images, reference_train_transform,
                                     verify_images)
 from ..train.lr_schedule import base_lr, effective_batch_size
+from ..train.precision import student_dtype
 from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
+from ..train.step_fast import tokenizer_shared_exactly
+from ..train.token_agreement import token_disagreement
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
 from .flag_scope import idle_flags
@@ -452,6 +455,9 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         fuse_block_norms=getattr(args, "fused_block_norms", False),
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
+    if args.share_tokenizer and ctx.is_main and mode != "reference" and not tokenizer_shared_exactly(setup) \
+            and getattr(model, "family", "") == "mage":
+        report_token_disagreement(setup, dataset, args.batch_size)
     start_epoch, start_step, epoch_progress = args.start_epoch, 0, None
     if resume_ckpt is not None:
         restore_optimizer(setup, resume_ckpt, args.resume, whole_model_groups)
@@ -506,6 +512,19 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
             print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
         raise
     return run_dir
+
+
+def report_token_disagreement(setup, dataset, batch_size: int) -> float:
+    """``--share_tokenizer`` at unequal precision: the share of code ids that sharing changes, measured on the
+    first training images (at most one batch, 16) with this run's weights, printed before training."""
+    n = min(len(dataset), batch_size, 16)
+    images = torch.stack([dataset[i][0] for i in range(n)])
+    rate = token_disagreement(setup, images)
+    dtype = str(student_dtype(setup.precision, setup.device)).replace("torch.", "")
+    print(f"unlearn_fast: --share_tokenizer: {100 * rate:.2f} % of the code ids of {n} training images differ "
+          f"between the student's {dtype} and the teacher's fp32 tokenisation; the teacher's retain-row guides "
+          "use the student's")
+    return rate
 
 
 def _silenced(yes: bool):
