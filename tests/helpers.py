@@ -10,6 +10,8 @@ start from the same inputs of that dtype:
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import Dict
 
@@ -155,3 +157,16 @@ def triton_kernel_device(kernel) -> str:
     if in_interpreter:
         return "cpu"
     pytest.skip("Triton compiled but no CUDA GPU")
+
+
+@contextlib.contextmanager
+def tf32_settings(matmul: bool, cudnn: bool):
+    """cuBLAS's and cuDNN's TF32 switches set for the block, then restored (through torch's own setters:
+    torch 2.11's cuBLAS module has no plain attribute that monkeypatch could swap)."""
+    cublas = torch.backends.cuda.matmul
+    old = (cublas.allow_tf32, torch.backends.cudnn.allow_tf32)
+    cublas.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    try:
+        yield
+    finally:
+        cublas.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 
 from unlearn_fast.cli.flag_scope import FLAG_SCOPES, idle_flags
 from unlearn_fast.cli.main import main
 from unlearn_fast.cli.unlearn_args import build_parser
 
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import make_class_tree, save_random_pretrained, tf32_settings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -80,13 +79,12 @@ def test_idle_at_precision(flag, family, device, precision, idle):
         assert lines[0].startswith(f"--{flag} has no effect") and f"--precision {precision}" in lines[0]
 
 
-def test_full_patch_embed_on_a_gpu_in_fp32_follows_the_tf32_settings(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert idle_flags(_ns("fp32", full_patch_embed=True), "mae", "cuda", "fast") != []
-    assert idle_flags(_ns("bf16", full_patch_embed=True), "mae", "cuda", "fast") == []
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert idle_flags(_ns("fp32", full_patch_embed=True), "mae", "cuda", "fast") == []
+def test_full_patch_embed_on_a_gpu_in_fp32_follows_the_tf32_settings():
+    with tf32_settings(matmul=False, cudnn=True):
+        assert idle_flags(_ns("fp32", full_patch_embed=True), "mae", "cuda", "fast") != []
+        assert idle_flags(_ns("bf16", full_patch_embed=True), "mae", "cuda", "fast") == []
+    with tf32_settings(matmul=True, cudnn=True):
+        assert idle_flags(_ns("fp32", full_patch_embed=True), "mae", "cuda", "fast") == []
 
 
 def test_cli_mae_fast_step_with_no_visible_patch(tmp_path, capsys):

@@ -22,6 +22,8 @@ from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_reference import reference_step
 from unlearn_fast.train.unlearn_setup import build_setup
 
+from tests.helpers import tf32_settings
+
 SIZES = [  # (img_size, patch, in_chans, embed_dim, batch, mask_ratio)
     (32, 8, 3, 48, 3, 0.75),
     (40, 8, 1, 40, 1, 0.5),   # one channel, N = 1, a 5x5 grid
@@ -128,12 +130,11 @@ class _OnGpu:
     is_cuda = True
 
 
-def test_fp32_on_a_gpu_keeps_the_conv_unless_tf32_settings_agree(monkeypatch):
+def test_fp32_on_a_gpu_keeps_the_conv_unless_tf32_settings_agree():
     """The reference's fp32 teacher embeds patches with cuDNN in TF32 (its default) while cuBLAS runs fp32 GEMMs in
     full fp32 (its default): there the GEMM would be more exact than the reference, not equal, so the conv stays."""
     assert gemm_matches_conv(torch.rand(1, 3, 8, 8))  # the CPU
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert not gemm_matches_conv(_OnGpu())
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert gemm_matches_conv(_OnGpu())
+    with tf32_settings(matmul=False, cudnn=True):
+        assert not gemm_matches_conv(_OnGpu())
+    with tf32_settings(matmul=True, cudnn=True):
+        assert gemm_matches_conv(_OnGpu())
