@@ -3,8 +3,8 @@
 # of the fast path's newest parts, the MAGE step benchmarks (fused vs unfused tokenizer norms), the bf16 step
 # profiles, then the torch.compile baseline of MAE-B if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files (9): log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json,
-# bench_compiled.json, profile_step.txt/.json, summary.txt (the device tool returns 8 files: point OUT elsewhere
+# Files (10): log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json,
+# bench_compiled.json, profile_group_norm.json, profile_step.txt/.json, summary.txt (the device tool returns 8 files: point OUT elsewhere
 # and tar it into the tool's $OUT, as for gpu_check.sh)
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=320  # the compile phase gets what is left
 source "$(dirname "$0")/gpu_common.sh"
@@ -30,6 +30,10 @@ phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"
 timeout 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_fast_bf16 and gpu_mae_large or mae_variants and gpu_mae_large and bf16" \
   --benchmark-json="$OUT/bench_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
+
+phase "fused GroupNorm + swish at the VQGAN's shapes: NCHW, NHWC per tile width, torch's ops"
+timeout 40 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
+  || echo "group-norm profile failed" >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
 timeout 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \

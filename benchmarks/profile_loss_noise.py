@@ -34,7 +34,7 @@ def _median_ms(fn, reps=50):
     return statistics.median(ts)
 
 
-def _graph_ms(fn, reps=50):
+def graph_replay_ms(fn, reps=50):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -76,7 +76,7 @@ def kernel_bandwidth() -> dict:
         for name, (fn, nbytes) in cases.items():
             src = torch.empty(nbytes // 8, dtype=torch.float32, device=dev)  # a copy moving nbytes in all
             dst = torch.empty_like(src)
-            ms, copy_ms = _graph_ms(fn), _graph_ms(lambda: dst.copy_(src))
+            ms, copy_ms = graph_replay_ms(fn), graph_replay_ms(lambda: dst.copy_(src))
             gbs = nbytes / (ms * 1e-3) / 1e9
             out[f"{name}, batch {batch}"] = {"graph_ms": ms, "MB": nbytes / 1e6, "GB_per_s": gbs,
                                               "of_3_TB_per_s": gbs / 3000.0, "copy_ms": copy_ms,
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     for name, fn, nbytes in ops:
         res = {"eager_ms": _median_ms(fn)}
         try:
-            res["graph_ms"] = _graph_ms(fn)
+            res["graph_ms"] = graph_replay_ms(fn)
             res["graph_GB_per_s"] = nbytes / (res["graph_ms"] * 1e-3) / 1e9
             res["of_3_TB_per_s"] = res["graph_GB_per_s"] / 3000.0  # the lent H100's measured copy bandwidth
         except Exception as e:  # an op that cannot be captured is itself a finding

@@ -1,0 +1,76 @@
+"""The fused GroupNorm + swish of the VQGAN on a GPU, at the tokenizer's own shapes: NCHW, channels_last with each
+``groups_per_program`` at the 128-channel maps (the encoder's costliest), and torch's GroupNorm + SiLU + cast under bf16 autocast, each replayed
+from a CUDA graph (kernels alone). Reports milliseconds and the bandwidth over the fewest bytes (read x twice:
+statistics then output, write the output once), to tune the channels_last kernel's tile
+(``kernels/group_norm_silu._NHWC_SECTOR_BYTES``) and to see whether NHWC costs the norm anything.
+
+    python3 benchmarks/profile_group_norm.py --out /tmp/gn.json
+
+Needs CUDA; prints a one-line reason and exits 0 without it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from profile_loss_noise import graph_replay_ms
+
+# (images, channels, side): the encoder's four widest maps at batch 64 + 32 (student and teacher tokenisations)
+SHAPES = ((96, 128, 256), (96, 128, 128), (96, 256, 64), (96, 512, 16))
+GROUPS = 32
+
+
+def _cases(x, weight, bias):
+    from unlearn_fast.kernels.group_norm_silu import group_norm_silu_forward
+    cases = {"nchw": lambda: group_norm_silu_forward(x, GROUPS, weight, bias, 1e-6, True, torch.bfloat16)}
+    cl = x.contiguous(memory_format=torch.channels_last)
+    cases["nhwc_default"] = lambda: group_norm_silu_forward(cl, GROUPS, weight, bias, 1e-6, True, torch.bfloat16)
+    gpp = 1
+    while x.shape[1] == 128 and gpp <= GROUPS:  # the sweep at the widest maps (4 channels per group), where it counts
+        cases[f"nhwc_gpp{gpp}"] = (lambda g: lambda: group_norm_silu_forward(
+            cl, GROUPS, weight, bias, 1e-6, True, torch.bfloat16, groups_per_program=g))(gpp)
+        gpp *= 2
+
+    def torch_ops():  # what the reference step runs under bf16 autocast: fp32 norm, SiLU, cast for the next conv
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.silu(F.group_norm(x, GROUPS, weight, bias, 1e-6)).to(torch.bfloat16)
+    cases["torch_group_norm_silu"] = torch_ops
+    return cases
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None, help="write the JSON report here too")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_group_norm: no CUDA device; nothing to profile")
+        return 0
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for n, c, side in SHAPES:
+        x = torch.randn(n, c, side, side, device="cuda", dtype=torch.bfloat16)
+        weight, bias = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+        nbytes = x.numel() * x.element_size() * 3
+        rows = {}
+        for name, fn in _cases(x, weight, bias).items():
+            try:
+                ms = graph_replay_ms(fn, reps=20)
+                rows[name] = {"ms": ms, "GB_per_s": nbytes / (ms * 1e-3) / 1e9}
+            except Exception as e:  # a configuration the kernel refuses is itself a finding
+                rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        report[f"{n}x{c}x{side}x{side} bf16"] = rows
+        del x
+        torch.cuda.empty_cache()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
