@@ -79,7 +79,8 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_cl", "fast_bf16_cl",
-                                     "fast_bf16_explicit_attn", "fast_bf16_addnorm", "fast_bf16_unpadded"])
+                                     "fast_bf16_explicit_attn", "fast_bf16_addnorm", "fast_bf16_unpadded",
+                                     "fast_bf16_cl_addnorm"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with
     torch's ops (what the fused kernel gains), and the VQGAN in channels_last (bf16), which the fused norm now

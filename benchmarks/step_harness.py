@@ -69,28 +69,49 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: variant words after "fast" / "fast_bf16": each changes one knob of the fast step (the CLI flag in brackets)
+VARIANT_WORDS = {
+    "shared": "share the tokenisation at reference precision (--share_tokenizer)",
+    "serial": "the teacher after the student on one stream (--serial_teacher)",
+    "unfused": "the VQGAN's GroupNorm + swish with torch's ops (--unfused_tokenizer_norms)",
+    "explicit_attn": "MAGE's attention written out (--explicit_attention)",
+    "full_embed": "MAE's conv patch embedding of every patch (--full_patch_embed)",
+    "autocast_teacher": "the bf16 teacher casting its fp32 weights every call (no pre-cast copy)",
+    "unpadded": "the VQGAN's RGB conv over its 3 channels (no zero-padding to 8)",
+    "cl": "the VQGAN encoder in channels_last (--channels_last_tokenizer)",
+    "addnorm": "each ViT residual add fused with the next LayerNorm (--fused_block_norms)",
+}
+
+
+def variant_words(variant: str) -> set:
+    """The :data:`VARIANT_WORDS` of ``variant`` (``fast_bf16_cl_addnorm`` -> {"cl", "addnorm"}); ValueError for
+    a word the harness does not know, so a misspelt variant never times the default step under another name."""
+    rest = variant.split("_", 1)[1] if "_" in variant else ""
+    rest = rest[len("bf16"):].lstrip("_") if rest.startswith("bf16") else rest
+    words, word = set(), ""
+    for part in rest.split("_") if rest else []:
+        word = f"{word}_{part}" if word else part
+        if word in VARIANT_WORDS:
+            words.add(word)
+            word = ""
+    if word:
+        raise ValueError(f"unknown benchmark variant {variant!r}: {word!r} is none of {sorted(VARIANT_WORDS)}")
+    return words
+
+
 def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
-    """The UnlearnSetup of ``variant``: reference | fast | fast_bf16 | compiled_reference, for MAGE fast_shared
-    (``--share_tokenizer`` at reference precision) and fast_cl / fast_bf16_cl (the VQGAN encoder in channels_last,
-    ``--channels_last_tokenizer``); a ``_serial``
-    suffix runs the teacher after the student on one stream (no overlap), an ``_unfused`` suffix the VQGAN's
-    GroupNorm + swish with torch's ops (``--unfused_tokenizer_norms``), an ``_explicit_attn`` suffix MAGE's
-    attention written out (``--explicit_attention``), a ``_full_embed`` suffix MAE's conv patch embedding of every
-    patch (``--full_patch_embed``), an ``_autocast_teacher`` suffix the bf16 teacher casting its fp32 weights
-    every call (no pre-cast copy), an ``_addnorm`` suffix the ViT blocks' residual adds fused with the next
-    LayerNorm (``--fused_block_norms``), an ``_unpadded`` suffix the VQGAN's RGB conv over its 3 channels."""
+    """The UnlearnSetup of ``variant``: ``reference`` | ``compiled_reference`` | ``fast`` | ``fast_bf16``, the
+    fast ones followed by any :data:`VARIANT_WORDS` joined with ``_`` (``fast_bf16_cl_addnorm``)."""
     fast = variant.startswith("fast")
+    w = variant_words(variant) if fast else set()
     setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
                         precision="bf16" if "bf16" in variant else "reference", forget_alpha=cfg.forget_alpha,
-                        fast=fast, capturable=capturable, share_tokenizer=variant == "fast_shared",
-                        overlap_teacher=not variant.endswith("_serial"),
-                        fuse_tokenizer_norms=not variant.endswith("_unfused"),
-                        sdpa_attention=not variant.endswith("_explicit_attn"),
-                        visible_patch_embed=not variant.endswith("_full_embed"),
-                        tokenizer_channels_last=variant.endswith("_cl"),
-                        fuse_block_norms=variant.endswith("_addnorm"))
-    setup.half_teacher_weights = not variant.endswith("_autocast_teacher")
-    setup.pad_tokenizer_input = not variant.endswith("_unpadded")
+                        fast=fast, capturable=capturable, share_tokenizer="shared" in w,
+                        overlap_teacher="serial" not in w, fuse_tokenizer_norms="unfused" not in w,
+                        sdpa_attention="explicit_attn" not in w, visible_patch_embed="full_embed" not in w,
+                        tokenizer_channels_last="cl" in w, fuse_block_norms="addnorm" in w)
+    setup.half_teacher_weights = "autocast_teacher" not in w
+    setup.pad_tokenizer_input = "unpadded" not in w
     return setup
 
 
