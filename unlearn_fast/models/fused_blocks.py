@@ -7,7 +7,7 @@ as ``(x, h) = add_layer_norm(x, branch, norm)`` pairs (:mod:`unlearn_fast.ops.ad
 one kernel adds the previous branch to the residual stream, normalises the sum in fp32 and writes it already in
 the autocast dtype, and one kernel (plus a small reduction for the norm's parameters) does its backward. The
 values are the ones the unfused blocks compute, up to the order of the fp32 statistics' sums (on the CPU the op
-is its PyTorch twin: the same arithmetic as the blocks). The fast step turns it on for CUDA where asked
+is its PyTorch twin: the blocks' own arithmetic, bit for bit). The fast step turns it on for CUDA where asked
 (``--fused_block_norms``); the reference-semantics step keeps the blocks' own forward.
 """
 from __future__ import annotations
