@@ -10,14 +10,13 @@ Needs CUDA; prints a one-line reason and exits 0 without it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from profile_loss_noise import graph_replay_ms
+from profile_loss_noise import emit, graph_replay_ms, profile_args
 
 # (images, channels, side): the encoder's four widest maps at batch 64 + 32 (student and teacher tokenisations)
 SHAPES = ((96, 128, 256), (96, 128, 128), (96, 256, 64), (96, 512, 16))
@@ -43,11 +42,8 @@ def _cases(x, weight, bias):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=None, help="write the JSON report here too")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_group_norm: no CUDA device; nothing to profile")
+    a = profile_args("profile_group_norm", argv)
+    if a is None:
         return 0
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for n, c, side in SHAPES:
@@ -64,11 +60,7 @@ def main(argv=None) -> int:
         report[f"{n}x{c}x{side}x{side} bf16"] = rows
         del x
         torch.cuda.empty_cache()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text)
+    emit(json.dumps(report, indent=2), a.out)
     return 0
 
 

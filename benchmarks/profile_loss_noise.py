@@ -84,12 +84,28 @@ def kernel_bandwidth() -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+def profile_args(name: str, argv):
+    """The parsed ``--out`` of a GPU profile script, or None (after one line saying so) without a CUDA device."""
+    p = argparse.ArgumentParser(prog=name)
     p.add_argument("--out", default=None, help="write the report here too")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("profile_loss_noise: no CUDA device; nothing to profile")
+        print(f"{name}: no CUDA device; nothing to profile")
+        return None
+    return a
+
+
+def emit(text: str, out) -> None:
+    """Print the report, and write it to ``out`` when given."""
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+
+
+def main(argv=None) -> int:
+    a = profile_args("profile_loss_noise", argv)
+    if a is None:
         return 0
     from unlearn_fast.ops import retain_forget_l2_loss, sample_batch_noise
     from unlearn_fast.ops.backend import choose_backend
@@ -135,10 +151,7 @@ def main(argv=None) -> int:
         lines += [f"== {name}: {json.dumps(res)}", table]
     results["kernels"] = kernel_bandwidth()
     text = json.dumps(results, indent=2) + "\n" + "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text)
+    emit(text, a.out)
     return 0
 
 

@@ -3,7 +3,6 @@ unsafe pickle gives one CheckpointError (a ValueError) naming the file, for Pale
 API), PeriodicEvaluator's best.pth, and the same one-line message for evaluation weights."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
