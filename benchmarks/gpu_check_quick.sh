@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The short GPU check for a lease with little time left (about 5 minutes): build the extension, the GPU tests
-# of the fast path's newest parts, the MAGE step benchmarks (fused vs unfused tokenizer norms), the bf16 step
-# profiles, then the torch.compile baseline of MAE-B if time is left. Results under $OUT.
+# The short GPU check (GPU_CHECK_BUDGET seconds, default 420; each phase gets its cap or what is left): build the
+# extension, the GPU tests of the fast path's newest parts, the MAGE and MAE-L step benchmarks with their A/B
+# variants, the fused norm at the VQGAN's shapes, the bf16 step profiles, then the torch.compile baseline of MAE-B
+# if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files (10): log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json,
-# bench_compiled.json, profile_group_norm.json, profile_step.txt/.json, summary.txt (the device tool returns 8 files: point OUT elsewhere
-# and tar it into the tool's $OUT, as for gpu_check.sh)
-OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=320  # the compile phase gets what is left
+# Files (10; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
+# log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json, bench_compiled.json,
+# profile_group_norm.json, profile_step.txt/.json, summary.txt
+OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=420  # each phase: its cap or what is left
 source "$(dirname "$0")/gpu_common.sh"
 
 phase "build extension"
 build_extension 120
 
 phase "GPU tests: fused norms, add + LayerNorm, opt-in paths, graphed DDP, multi-map, side stream; extension errors"
-timeout 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
+run_for 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
   "tests/gpu/test_gpu_fast_path.py::test_opt_in_fast_paths_capture_and_keep_the_trajectory" \
@@ -22,21 +23,21 @@ timeout 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/t
 extension_tests
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
-timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm or unpadded" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"
-timeout 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_fast_bf16 and gpu_mae_large or mae_variants and gpu_mae_large and bf16" \
   --benchmark-json="$OUT/bench_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
 
 phase "fused GroupNorm + swish at the VQGAN's shapes: NCHW, NHWC per tile width, torch's ops"
-timeout 40 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
+run_for 40 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
   || echo "group-norm profile failed" >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
-timeout 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
+run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
   --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" || echo "profile cut short" >>"$LOG"
 
 phase "torch.compile baseline, MAE-B"
