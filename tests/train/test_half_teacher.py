@@ -78,3 +78,19 @@ def test_fast_step_uses_the_copy_in_bf16_mode_only_and_keeps_the_trajectory(make
         assert (s.half_teacher is not None) == use_copy
         runs.append(s.student)
     assert max_param_diff(runs[0], model) > 0 and max_param_diff(*runs) == 0.0
+
+
+def test_no_copy_is_made_or_refreshed_inside_a_graph_capture(make_mae_micro, monkeypatch):
+    """Inside a capture the copy's kernels would only be recorded: a changed teacher there is a clear error."""
+    setup = build_setup(make_mae_micro(), "cpu", precision="bf16")
+    half = step_teacher(setup)  # made before any capture, as the graphed step does
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert step_teacher(setup) is half  # unchanged teacher: nothing to do, nothing refused
+    with torch.no_grad():
+        next(setup.teacher.parameters()).add_(1.0)  # weights changed in place
+    with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+        step_teacher(setup)
+    setup.teacher = make_teacher(make_mae_micro(seed=1))  # another teacher
+    with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+        step_teacher(setup)

@@ -70,6 +70,14 @@ def _refresh(half: nn.Module) -> None:
         dst.copy_(src)
 
 
+def _refuse_in_capture(what: str) -> None:
+    """Inside a CUDA-graph capture the copy's kernels would be recorded, not run: the graph would replay them every
+    step and the copy would hold garbage until then. The graphed step makes the copy before it captures."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} during a CUDA-graph capture: the teacher changed after the graphed step was "
+                           "built; build the graphed step again")
+
+
 def step_teacher(setup) -> nn.Module:
     """The teacher the fast step runs: in bf16 mode the bf16-weight copy (made on first use, kept on the setup
     and kept in step with ``setup.teacher``, see the module docstring), else (or with
@@ -79,6 +87,7 @@ def step_teacher(setup) -> nn.Module:
     teacher, half = setup.teacher, setup.half_teacher
     source = getattr(half, "_half_source", None)
     if half is None or source is None or source() is not teacher or _storages(half._half_watch) != half._half_storages:
+        _refuse_in_capture("a new bf16 teacher copy")
         setup.half_teacher = half = None  # the old copy's memory goes before the new one is made
         half = with_half_gemm_weights(teacher)
         # the teacher's tensors as they were copied: a weak reference, so a dropped teacher is not kept alive
@@ -89,6 +98,7 @@ def step_teacher(setup) -> nn.Module:
         return half
     versions = _versions(half._half_watch)
     if versions != half._half_versions:  # weights loaded in place: round them again, into the same tensors
+        _refuse_in_capture("re-rounding the bf16 teacher copy")
         _refresh(half)
         half._half_versions = versions
     return half
