@@ -1,4 +1,5 @@
-"""unlearn_fast/kernels/group_norm_silu.py: fused GroupNorm (+ SiLU) against a float64 restatement.
+"""unlearn_fast/kernels/group_norm_silu.py and group_norm_silu_nhwc.py: fused GroupNorm (+ SiLU) against a float64
+restatement, NCHW and channels_last (3-D and flat tiles).
 
 Runs on the CPU under TRITON_INTERPRET=1 (see conftest.py), compiled on a GPU when there is one. Shapes are
 tiny; ``block=`` and ``split=`` force the loop over blocks and the two-launch split path on them, and
@@ -22,8 +23,10 @@ from tests.helpers import assert_close_report
 
 pytest.importorskip("triton")
 from unlearn_fast.kernels import group_norm_silu as kernels  # noqa: E402
-from unlearn_fast.kernels.group_norm_silu import (_block_and_warps, _nhwc_tile_and_warps,  # noqa: E402
-                                                  _split_count, group_norm_silu_forward, reads_channels_last)
+from unlearn_fast.kernels import group_norm_silu_nhwc as nhwc_kernels  # noqa: E402
+from unlearn_fast.kernels.group_norm_silu import (_block_and_warps, _split_count,  # noqa: E402
+                                                  group_norm_silu_forward, reads_channels_last)
+from unlearn_fast.kernels.group_norm_silu_nhwc import _nhwc_tile_and_warps  # noqa: E402
 
 EPS = 1e-6
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.float16: dict(rtol=2.0 ** -10, atol=1e-5),
@@ -260,23 +263,24 @@ class _LaunchSpy:
     """Stands in for a Triton kernel: records the arguments of each launch, then launches the real one."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+        self.kernel, self.launches, self.flat_flags = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append(args)
+            self.flat_flags.append(kwargs.get("FLAT"))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
 
 @pytest.fixture
 def spies(monkeypatch):
-    names = ["_group_norm_moments_kernel", "_group_norm_silu_forward_kernel", "_group_norm_nhwc_moments_kernel",
-             "_group_norm_silu_nhwc_forward_kernel"]
     found = {}
-    for name in names:
-        found[name] = _LaunchSpy(getattr(kernels, name))
-        monkeypatch.setattr(kernels, name, found[name])
+    for module, name in ((kernels, "_group_norm_moments_kernel"), (kernels, "_group_norm_silu_forward_kernel"),
+                         (nhwc_kernels, "_group_norm_nhwc_moments_kernel"),
+                         (nhwc_kernels, "_group_norm_silu_nhwc_forward_kernel")):
+        found[name] = _LaunchSpy(getattr(module, name))
+        monkeypatch.setattr(module, name, found[name])
     return found
 
 
@@ -341,3 +345,38 @@ def test_nhwc_tile_heuristic():
     assert _nhwc_tile_and_warps(3, 3, 35, 4, None, None) == (64, 4, 4, 4)  # Cg 3 -> 4 lanes, GPP capped by G
     assert _nhwc_tile_and_warps(4096, 1, 9, 2, None, None) == (1, 1, 4096, 8)  # one pixel per tile
     assert _nhwc_tile_and_warps(4, 32, 65536, 2, 64, 1) == (16, 1, 4, 2)  # overrides
+
+
+# (N, C, G, H, W, block, split, groups_per_program) where flat tiles are allowed (Cg a power of two, GPP | G)
+FLAT_SHAPES = [
+    (2, 16, 4, 5, 7, None, None, None),  # Cg 4, all four groups in one program
+    (1, 16, 4, 9, 9, 64, None, 2),  # Cg 4, two programs of two groups, 8-pixel tiles looped
+    (2, 16, 8, 13, 11, 64, 3, 4),  # Cg 2, split path (moments kernel flat too)
+    (1, 32, 2, 3, 5, None, None, 1),  # Cg 16, one group per program
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,groups,h,w,block,split,gpp", FLAT_SHAPES)
+def test_flat_and_3d_tiles_agree_with_the_reference(device, n, c, groups, h, w, block, split, gpp, dtype):
+    x, wt, b = _inputs((n, c, h, w), dtype, device, seed=n * 10 + c + h)
+    x = _channels_last(x)
+    ref = _reference64(x, groups, wt, b, EPS, True)
+    outs = [group_norm_silu_forward(x, groups, wt, b, EPS, True, block=block, split=split, groups_per_program=gpp,
+                                    flat_tiles=flat) for flat in (True, False)]
+    for flat, out in zip((True, False), outs):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close_report(out, ref, **TOL[dtype], name=f"flat={flat} {dtype}")
+    double = {k: 2 * v for k, v in TOL[dtype].items()}
+    assert_close_report(outs[0], outs[1], **double, name="flat vs 3-D tiles")
+
+
+def test_flat_tiles_are_the_default_where_allowed_and_refused_elsewhere(device, spies):
+    x, w, b = _inputs((1, 16, 3, 3), torch.float32, device, seed=21)
+    x = _channels_last(x)
+    group_norm_silu_forward(x, 4, w, b, EPS, True)  # Cg 4, GPP divides G: flat
+    group_norm_silu_forward(_channels_last(_inputs((1, 12, 3, 3), torch.float32, device, seed=22)[0]), 4, None,
+                            None, EPS, True)  # Cg 3: 3-D tiles
+    assert spies["_group_norm_silu_nhwc_forward_kernel"].flat_flags == [True, False]
+    with pytest.raises(ValueError, match="flat tiles need"):
+        group_norm_silu_forward(x, 4, w, b, EPS, True, groups_per_program=8, flat_tiles=True)  # GPP 8 > G 4

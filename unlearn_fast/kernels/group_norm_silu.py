@@ -24,14 +24,7 @@ per block; otherwise each element finds its channel by ``offset // HW`` and gath
 Offsets are int64 at the group base (N*C*HW may exceed 2^31); within a group int32 (a group holds fewer than
 2^31 - 4096 elements).
 
-channels_last (NHWC) x ``[N, C, H, W]`` is read in place and the output written channels_last (the VQGAN's
-bf16 convs run NHWC; a copy would cost a transpose each way). Element (n, c, p) sits at ``n*HW*C + p*C + c``,
-so group g is Cg = C/G contiguous channels at each of the HW pixels, C apart. A program handles GPP adjacent
-groups of one sample (GPP*Cg channels side by side: enough bytes per pixel to fill a 32-byte sector, where one
-group of 4 bf16 channels alone would use a quarter of each) and walks pixel tiles ``[BLOCK_P, GPP, BLOCK_C]``,
-``BLOCK_C = next_power_of_2(Cg)`` masked to Cg; weight/bias are loaded once per program. Statistics are the
-same shifted/Chan scheme, a lane being (pixel row of the tile, group, channel); the split path splits the
-pixels. Offsets: int64 at each tile's first pixel, int32 within a tile.
+channels_last (NHWC) x is read in place by the kernels of :mod:`.group_norm_silu_nhwc`.
 """
 from __future__ import annotations
 
@@ -50,7 +43,6 @@ _MIN_BLOCK = 64
 _MAX_GROUP_NUMEL = 2 ** 31 - 1 - _MAX_BLOCK  # int32 offsets inside a group, with one block of headroom
 _PROGRAMS_PER_SM = 4  # target for the split path: enough programs in flight to saturate HBM
 _MAX_SPLIT = 256
-_NHWC_SECTOR_BYTES = 32  # channels_last: a program's groups together span at least this many bytes per pixel
 
 
 @triton.jit
@@ -160,126 +152,6 @@ def _group_norm_silu_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, g
 _IN_INTERPRETER = interpreted(_group_norm_silu_forward_kernel)  # fixed when triton defines the kernels
 
 
-@triton.jit
-def _nhwc_program_groups(hw, channels, num_groups, CG: tl.constexpr, GPP: tl.constexpr):
-    """The groups of program_id(0), sample n's groups g0 .. g0+GPP-1: (int64 offset of (n, pixel 0, channel
-    g0*CG), g0, group lanes gi [GPP], which of them exist [GPP], their rows n*G + g [GPP])."""
-    pid = tl.program_id(0)
-    group_blocks = tl.cdiv(num_groups, GPP)
-    n = pid // group_blocks
-    g0 = (pid % group_blocks) * GPP
-    gi = tl.arange(0, GPP)
-    group_ok = g0 + gi < num_groups
-    rows = n.to(tl.int64) * num_groups + g0 + gi  # [GPP]
-    base = n.to(tl.int64) * hw * channels + g0 * CG
-    return base, g0, gi, group_ok, rows
-
-
-@triton.jit
-def _nhwc_chunk_moments(x_tile, channels, length, k_ref, group_ok, CG: tl.constexpr, BLOCK_P: tl.constexpr,
-                        GPP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per group, (mean - k_ref, M2) in fp32 [GPP] of ``length`` (> 0) pixels from pointer ``x_tile`` (pixel
-    start, channel g0*CG). Lane (p, g, j) keeps sums of x - k_lane over pixels p, p + BLOCK_P, ...."""
-    pix = tl.arange(0, BLOCK_P)[:, None, None]
-    j = tl.arange(0, BLOCK_C)[None, None, :]
-    lane_ok = group_ok[None, :, None] & (j < CG)  # [1, GPP, BLOCK_C]
-    offs = pix * channels + tl.arange(0, GPP)[None, :, None] * CG + j  # [BLOCK_P, GPP, BLOCK_C]
-    k_lane = tl.load(x_tile + offs, mask=lane_ok & (pix < length), other=0.0).to(tl.float32)
-    s1 = tl.zeros((BLOCK_P, GPP, BLOCK_C), tl.float32)
-    s2 = tl.zeros((BLOCK_P, GPP, BLOCK_C), tl.float32)
-    for p0 in range(0, length, BLOCK_P):
-        mask = lane_ok & (pix < length - p0)
-        x = tl.load(x_tile + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - k_lane, 0.0)
-        s1 += d
-        s2 += d * d
-        x_tile += BLOCK_P * channels  # the pointer carries the int64 offset
-    n_row = ((length - pix + BLOCK_P - 1) // BLOCK_P).to(tl.float32)  # [BLOCK_P, 1, 1] pixels a row saw
-    n_lane = tl.where(lane_ok, n_row, 0.0)  # [BLOCK_P, GPP, BLOCK_C]
-    seen = n_lane > 0.0
-    inv_n = 1.0 / tl.maximum(n_lane, 1.0)
-    lane_mean = tl.where(seen, (k_lane - k_ref[None, :, None]) + s1 * inv_n, 0.0)
-    lane_m2 = tl.where(seen, s2 - s1 * s1 * inv_n, 0.0)
-    mean = tl.sum(tl.sum(n_lane * lane_mean, axis=2), axis=0) / (length * CG * 1.0)  # [GPP]
-    dev = tl.where(seen, lane_mean - mean[None, :, None], 0.0)
-    m2 = tl.sum(tl.sum(lane_m2 + n_lane * dev * dev, axis=2), axis=0)
-    return mean, m2
-
-
-@triton.jit
-def _group_norm_nhwc_moments_kernel(x_ptr, partial_ptr, hw, channels, num_groups, chunk, n_chunks,
-                                    CG: tl.constexpr, BLOCK_P: tl.constexpr, GPP: tl.constexpr,
-                                    BLOCK_C: tl.constexpr):
-    # split path, launch 1: pixel chunk `part` of the program's groups -> partial[row, part] = (mean - k_ref, M2)
-    part = tl.program_id(1)
-    base, g0, gi, group_ok, rows = _nhwc_program_groups(hw, channels, num_groups, CG, GPP)
-    k_ref = tl.load(x_ptr + base + gi * CG, mask=group_ok, other=0.0).to(tl.float32)  # [GPP]
-    start = part * chunk
-    x_tile = x_ptr + base + start.to(tl.int64) * channels
-    mean, m2 = _nhwc_chunk_moments(x_tile, channels, tl.minimum(chunk, hw - start), k_ref, group_ok, CG,
-                                   BLOCK_P, GPP, BLOCK_C)
-    slot = (rows * n_chunks + part) * 2
-    tl.store(partial_ptr + slot, mean, mask=group_ok)
-    tl.store(partial_ptr + slot + 1, m2, mask=group_ok)
-
-
-@triton.jit
-def _group_norm_silu_nhwc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, hw, channels, num_groups,
-                                         chunk, n_chunks, eps, CG: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr,
-                                         MAX_CHUNKS: tl.constexpr, BLOCK_P: tl.constexpr, GPP: tl.constexpr,
-                                         BLOCK_C: tl.constexpr):
-    # grid (N * cdiv(G, GPP), n_chunks): program (pid, part) writes pixel chunk `part` of its GPP groups; out has
-    # x's (channels_last) offsets. Statistics from the split partials, or from a first pass here.
-    part = tl.program_id(1)
-    base, g0, gi, group_ok, rows = _nhwc_program_groups(hw, channels, num_groups, CG, GPP)
-    k_ref = tl.load(x_ptr + base + gi * CG, mask=group_ok, other=0.0).to(tl.float32)  # [GPP]
-    total = hw * CG * 1.0
-    if SPLIT:
-        jc = tl.arange(0, MAX_CHUNKS)[None, :]
-        ok = group_ok[:, None] & (jc < n_chunks)  # [GPP, MAX_CHUNKS]
-        count = tl.where(ok, tl.minimum(hw - jc * chunk, chunk) * CG, 0).to(tl.float32)
-        slots = (rows[:, None] * n_chunks + jc) * 2
-        chunk_mean = tl.load(partial_ptr + slots, mask=ok, other=0.0)
-        chunk_m2 = tl.load(partial_ptr + slots + 1, mask=ok, other=0.0)
-        mean = tl.sum(count * chunk_mean, axis=1) / total  # [GPP]
-        dev = tl.where(ok, chunk_mean - mean[:, None], 0.0)
-        m2 = tl.sum(chunk_m2 + count * dev * dev, axis=1)
-    else:
-        mean, m2 = _nhwc_chunk_moments(x_ptr + base, channels, hw, k_ref, group_ok, CG, BLOCK_P, GPP, BLOCK_C)
-    rstd = 1.0 / tl.sqrt(tl.maximum(m2 / total, 0.0) + eps)  # [GPP], biased variance as GroupNorm
-    k_ref = k_ref[None, :, None]  # [1, GPP, 1]
-    mean = mean[None, :, None]
-    rstd = rstd[None, :, None]
-    j = tl.arange(0, BLOCK_C)[None, :]
-    col_ok = group_ok[:, None] & (j < CG)  # [GPP, BLOCK_C]
-    c = gi[:, None] * CG + j  # [GPP, BLOCK_C] channel - g0*CG
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + g0 * CG + c, mask=col_ok, other=1.0).to(tl.float32)[None, :, :]
-    if HAS_BIAS:
-        b = tl.load(b_ptr + g0 * CG + c, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
-    pix = tl.arange(0, BLOCK_P)[:, None, None]
-    offs = pix * channels + c[None, :, :]  # [BLOCK_P, GPP, BLOCK_C]
-    start = part * chunk
-    length = tl.minimum(chunk, hw - start)
-    tile = base + start.to(tl.int64) * channels
-    x_tile = x_ptr + tile
-    out_tile = out_ptr + tile
-    for p0 in range(0, length, BLOCK_P):
-        mask = col_ok[None, :, :] & (pix < length - p0)
-        x = tl.load(x_tile + offs, mask=mask, other=0.0).to(tl.float32)
-        y = ((x - k_ref) - mean) * rstd
-        if HAS_WEIGHT:
-            y = y * w
-        if HAS_BIAS:
-            y = y + b
-        if SILU:
-            y = _silu_fp32(y)
-        tl.store(out_tile + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        x_tile += BLOCK_P * channels
-        out_tile += BLOCK_P * channels
-
-
 @lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -340,74 +212,28 @@ def _check_launch(x, num_groups, weight, bias, out_dtype) -> None:
             raise ValueError(f"{name} must be a contiguous fp32/fp16/bf16 tensor [{x.shape[1]}] on {x.device}")
 
 
-def _nhwc_tile_and_warps(channels_per_group: int, num_groups: int, hw: int, elem_bytes: int,
-                         block: Optional[int], groups_per_program: Optional[int]):
-    """(BLOCK_P, GPP, BLOCK_C, warps) of the channels_last kernels: a tile [BLOCK_P, GPP, BLOCK_C] of about
-    ``block`` elements (at least one pixel row), GPP groups side by side so a pixel row spans a sector."""
-    block_c = triton.next_power_of_2(channels_per_group)
-    if groups_per_program is None:
-        gpp = triton.next_power_of_2(triton.cdiv(_NHWC_SECTOR_BYTES, channels_per_group * elem_bytes))
-        gpp = max(1, min(gpp, triton.next_power_of_2(num_groups), _MAX_BLOCK // block_c))
-    elif groups_per_program < 1 or groups_per_program & (groups_per_program - 1):
-        raise ValueError(f"groups_per_program must be a power of two >= 1, got {groups_per_program}")
-    else:
-        gpp = groups_per_program
-    row = gpp * block_c  # elements of one pixel row of the tile
-    if block is None:
-        block = min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(hw) * row))
-    elif block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-    block_p = max(1, block // row)
-    tile = block_p * row
-    return block_p, gpp, block_c, (8 if tile >= 4096 else 4 if tile >= 1024 else 2)
-
-
-def _forward_channels_last(x, num_groups, weight, bias, eps, silu, out_dtype, block, split, groups_per_program):
-    # x: [N, C, H, W] channels_last, read in place; out the same layout
-    out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
-    n, c, h, w = x.shape
-    hw, cg = h * w, c // num_groups
-    if cg * hw > _MAX_GROUP_NUMEL:
-        raise ValueError(f"a group holds {cg * hw} elements, more than the kernel's {_MAX_GROUP_NUMEL}")
-    block_p, gpp, block_c, warps = _nhwc_tile_and_warps(cg, num_groups, hw, x.element_size(), block,
-                                                        groups_per_program)
-    if c * (block_p + 1) >= 2 ** 31:
-        raise ValueError(f"{c} channels times {block_p} pixels per tile overflow int32 offsets; use a smaller block")
-    programs = n * triton.cdiv(num_groups, gpp)
-    n_tiles = triton.cdiv(hw, block_p)
-    n_chunks = _split_count(x.device, programs, n_tiles, split)
-    chunk = triton.cdiv(n_tiles, n_chunks) * block_p  # pixels per chunk
-    tile_meta = dict(CG=cg, BLOCK_P=block_p, GPP=gpp, BLOCK_C=block_c, num_warps=warps)
-    partial = x  # unused pointer stand-in when not split
-    if n_chunks > 1:
-        partial = torch.empty((n * num_groups, n_chunks, 2), dtype=torch.float32, device=x.device)
-        _group_norm_nhwc_moments_kernel[(programs, n_chunks)](x, partial, hw, c, num_groups, chunk, n_chunks,
-                                                              **tile_meta)
-    _group_norm_silu_nhwc_forward_kernel[(programs, n_chunks)](
-        x, x if weight is None else weight, x if bias is None else bias, out, partial, hw, c, num_groups, chunk,
-        n_chunks, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-        SPLIT=n_chunks > 1, MAX_CHUNKS=triton.next_power_of_2(n_chunks), **tile_meta)
-    return out
-
-
 def group_norm_silu_forward(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], eps: float, silu: bool,
                             out_dtype: Optional[torch.dtype] = None, *, block: Optional[int] = None,
-                            split: Optional[int] = None, groups_per_program: Optional[int] = None) -> torch.Tensor:
+                            split: Optional[int] = None, groups_per_program: Optional[int] = None,
+                            flat_tiles: Optional[bool] = None) -> torch.Tensor:
     """GroupNorm (+ SiLU) of ``x [N, C, *spatial]`` into a new tensor of ``out_dtype`` (default x's).
 
     x is contiguous (NCHW; out is contiguous) or 4-D channels_last-contiguous (see :func:`reads_channels_last`;
     read in place, out is channels_last). ``weight, bias: [C]`` or None (identity). No autograd. ``block``
     (elements per loop step, a power of two) and ``split`` (chunks per group) override the heuristics, for
     tests of the block loop and the split path; ``groups_per_program`` (a power of two, channels_last only)
-    overrides how many adjacent groups one program walks. Launches: 1 (one program per group, or per GPP
-    groups) or 2 (split: partial moments, then normalise).
+    overrides how many adjacent groups one program walks, ``flat_tiles`` (channels_last only) whether its tiles
+    are flat [pixels, GPP*Cg] (the default where every group is present and Cg is a power of two) or 3-D
+    [pixels, GPP, next_pow2(Cg)]. Launches: 1 (one program per group, or per GPP groups) or 2 (split: partial
+    moments, then normalise).
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_launch(x, num_groups, weight, bias, out_dtype)
     if not x.is_contiguous():  # channels_last, checked
-        return _forward_channels_last(x, num_groups, weight, bias, eps, silu, out_dtype, block, split,
-                                      groups_per_program)
+        from .group_norm_silu_nhwc import group_norm_silu_nhwc_forward  # imports this module's helpers
+        return group_norm_silu_nhwc_forward(x, num_groups, weight, bias, eps, silu, out_dtype, block, split,
+                                      groups_per_program, flat_tiles)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() == 0:
         return out
