@@ -1,8 +1,8 @@
 """The fused GroupNorm + swish of the VQGAN on a GPU, at the tokenizer's own shapes: NCHW, channels_last with each
-``groups_per_program`` at the 128-channel maps (the encoder's costliest), and torch's GroupNorm + SiLU + cast under bf16 autocast, each replayed
+``groups_per_program`` and flat or 3-D tiles at the 128-channel maps (the encoder's costliest), and torch's GroupNorm + SiLU + cast under bf16 autocast, each replayed
 from a CUDA graph (kernels alone). Reports milliseconds and the bandwidth over the fewest bytes (read x twice:
 statistics then output, write the output once), to tune the channels_last kernel's tile
-(``kernels/group_norm_silu._NHWC_SECTOR_BYTES``) and to see whether NHWC costs the norm anything.
+(``kernels/group_norm_silu_nhwc._NHWC_SECTOR_BYTES``, flat tiles) and to see whether NHWC costs the norm anything.
 
     python3 benchmarks/profile_group_norm.py --out /tmp/gn.json
 
@@ -30,8 +30,9 @@ def _cases(x, weight, bias):
     cases["nhwc_default"] = lambda: group_norm_silu_forward(cl, GROUPS, weight, bias, 1e-6, True, torch.bfloat16)
     gpp = 1
     while x.shape[1] == 128 and gpp <= GROUPS:  # the sweep at the widest maps (4 channels per group), where it counts
-        cases[f"nhwc_gpp{gpp}"] = (lambda g: lambda: group_norm_silu_forward(
-            cl, GROUPS, weight, bias, 1e-6, True, torch.bfloat16, groups_per_program=g))(gpp)
+        for flat in (True, False):  # flat tiles (16-byte accesses) or 3-D ones (8-byte at 4 bf16 channels)
+            cases[f"nhwc_gpp{gpp}_{'flat' if flat else '3d'}"] = (lambda g, f: lambda: group_norm_silu_forward(
+                cl, GROUPS, weight, bias, 1e-6, True, torch.bfloat16, groups_per_program=g, flat_tiles=f))(gpp, flat)
         gpp *= 2
 
     def torch_ops():  # what the reference step runs under bf16 autocast: fp32 norm, SiLU, cast for the next conv
