@@ -41,7 +41,7 @@ run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
 phase "loss / noise ops: eager vs graph-replayed, the kernels alone beside a copy, profiler tables"
 run_for 50 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
   || echo "profile failed" >>"$LOG"
-run_for 40 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
+run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
   || echo "group-norm profile failed" >>"$LOG"
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"

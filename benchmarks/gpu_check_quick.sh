@@ -33,7 +33,7 @@ run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
   --benchmark-json="$OUT/bench_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
 
 phase "fused GroupNorm + swish at the VQGAN's shapes: NCHW, NHWC per tile width, torch's ops"
-run_for 40 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
+run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
   || echo "group-norm profile failed" >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"

@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         report[f"{n}x{c}x{side}x{side} bf16"] = rows
         del x
         torch.cuda.empty_cache()
+        if a.out:  # after every shape: a run cut short by its time cap keeps what it measured
+            with open(a.out, "w") as fh:
+                fh.write(json.dumps(report, indent=2))
     emit(json.dumps(report, indent=2), a.out)
     return 0
 
