@@ -130,14 +130,16 @@ def test_channels_last_op_on_vqgan_shapes(monkeypatch, shape, dtype):
     assert_close_report(out, nchw, **_double(TOL[dtype]), name=f"nhwc vs nchw {shape} {dtype}")
 
 
+@pytest.mark.parametrize("flat_tiles", [None, False])
 @pytest.mark.parametrize("split,groups_per_program", [(None, None), (1, None), (3, None), (None, 1), (None, 8)])
-def test_channels_last_launch_shapes_agree_and_are_deterministic(split, groups_per_program):
-    # [2, 128, 256, 256] bf16, Cg 4: by default 4 groups (32 bytes) per program and split, as there are only
-    # 16 programs; split=1 walks 256 tiles of 256 pixels in each program; GPP 1 and 8 for the tuning knob
+def test_channels_last_launch_shapes_agree_and_are_deterministic(split, groups_per_program, flat_tiles):
+    # [2, 128, 256, 256] bf16, Cg 4: by default 4 groups (32 bytes) per program in flat tiles, and split, as there
+    # are only 16 programs; split=1 walks 256 tiles of 256 pixels in each program; GPP 1 and 8 for the tuning
+    # knob; flat_tiles=False the 3-D tiles
     from unlearn_fast.kernels.group_norm_silu import group_norm_silu_forward
     x, w, b = _activations((2, 128, 256, 256), torch.bfloat16, seed=8)
     x = x.to(memory_format=torch.channels_last)
-    kwargs = dict(split=split, groups_per_program=groups_per_program)
+    kwargs = dict(split=split, groups_per_program=groups_per_program, flat_tiles=flat_tiles)
     out = group_norm_silu_forward(x, GROUPS, w, b, EPS, True, **kwargs)
     assert torch.equal(out, group_norm_silu_forward(x, GROUPS, w, b, EPS, True, **kwargs))
     assert out.is_contiguous(memory_format=torch.channels_last)
