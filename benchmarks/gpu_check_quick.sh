@@ -4,9 +4,9 @@
 # variants, the fused norm at the VQGAN's shapes, the bf16 step profiles, then the torch.compile baseline of MAE-B
 # if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files (10; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
+# Files (11; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
 # log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json, bench_compiled.json,
-# profile_group_norm.json, profile_step.txt/.json, summary.txt
+# profile_group_norm.json, profile_add_layer_norm.json, profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=420  # each phase: its cap or what is left
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -35,6 +35,8 @@ run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
 phase "fused GroupNorm + swish at the VQGAN's shapes: NCHW, NHWC per tile width, torch's ops"
 run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
   || echo "group-norm profile failed" >>"$LOG"
+run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
+  2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
 run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
