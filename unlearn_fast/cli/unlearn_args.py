@@ -111,31 +111,6 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--teacher", type=str, default=None,
                    help="checkpoint of the model before unlearning (default: --resume when it is a pretrained "
                         "checkpoint; the original pretrained file recorded in an unlearning checkpoint otherwise)")
-    g.add_argument("--share_tokenizer", action="store_true",
-                   help="MAGE: reuse the student's tokenisation for the teacher even at reference precision "
-                        "(fp16 vs fp32 ids can differ on near-ties)")
-    g.add_argument("--serial_teacher", action="store_true",
-                   help="fast/graphed steps on a GPU: run the teacher after the student on one CUDA stream instead "
-                        "of on a side stream beside it (same results; for profiling and debugging)")
-    g.add_argument("--unfused_tokenizer_norms", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
-                        "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
-    g.add_argument("--explicit_attention", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
-                        "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
-                        "checks)")
-    g.add_argument("--channels_last_tokenizer", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
-                        "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
-                        "order: a near-tie code id can differ; opt-in until timed on a GPU)")
-    g.add_argument("--fused_block_norms", action="store_true",
-                   help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
-                        "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
-                        "fp32 rounding; opt-in until timed on a GPU)")
-    g.add_argument("--full_patch_embed", action="store_true",
-                   help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
-                        "ones, as the official code, instead of embedding the visible patches alone (for A/B "
-                        "checks)")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches hidden")
     g.add_argument("--readback_every", type=int, default=20, help="read losses back to the host every N steps")
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap steps per epoch (quick checks)")
@@ -160,9 +135,41 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                             "on retain rows); corrected: forget term on forget rows")
 
 
+def add_fast_path_switches(p: argparse.ArgumentParser) -> None:
+    """The fast step's A/B switches: how it computes, never what (sums may run in another order)."""
+    ab = p.add_argument_group("fast-path switches (how the fast step computes, never what; for A/B checks)")
+    ab.add_argument("--share_tokenizer", action="store_true",
+                   help="MAGE: reuse the student's tokenisation for the teacher even at reference precision "
+                        "(fp16 vs fp32 ids can differ on near-ties; the run prints how many differ on its first "
+                         "images)")
+    ab.add_argument("--serial_teacher", action="store_true",
+                   help="fast/graphed steps on a GPU: run the teacher after the student on one CUDA stream instead "
+                        "of on a side stream beside it (same results; for profiling and debugging)")
+    ab.add_argument("--unfused_tokenizer_norms", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
+                        "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
+    ab.add_argument("--explicit_attention", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
+                        "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
+                        "checks)")
+    ab.add_argument("--channels_last_tokenizer", action="store_true",
+                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
+                        "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
+                        "order: a near-tie code id can differ; opt-in until timed on a GPU)")
+    ab.add_argument("--fused_block_norms", action="store_true",
+                   help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
+                        "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
+                        "fp32 rounding; opt-in until timed on a GPU)")
+    ab.add_argument("--full_patch_embed", action="store_true",
+                   help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
+                        "ones, as the official code, instead of embedding the visible patches alone (for A/B "
+                        "checks)")
+
+
 def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
                                                         else "Encoder unlearning (main_unlearn.py flags)"))
     add_reference_flags(p, baseline)
     add_fast_flags(p, baseline)
+    add_fast_path_switches(p)
     return p
