@@ -139,31 +139,31 @@ def add_fast_path_switches(p: argparse.ArgumentParser) -> None:
     """The fast step's A/B switches: how it computes, never what (sums may run in another order)."""
     ab = p.add_argument_group("fast-path switches (how the fast step computes, never what; for A/B checks)")
     ab.add_argument("--share_tokenizer", action="store_true",
-                   help="MAGE: reuse the student's tokenisation for the teacher even at reference precision "
-                        "(fp16 vs fp32 ids can differ on near-ties; the run prints how many differ on its first "
+                    help="MAGE: reuse the student's tokenisation for the teacher even at reference precision "
+                         "(fp16 vs fp32 ids can differ on near-ties; the run prints how many differ on its first "
                          "images)")
     ab.add_argument("--serial_teacher", action="store_true",
-                   help="fast/graphed steps on a GPU: run the teacher after the student on one CUDA stream instead "
-                        "of on a side stream beside it (same results; for profiling and debugging)")
+                    help="fast/graphed steps on a GPU: run the teacher after the student on one CUDA stream instead "
+                         "of on a side stream beside it (same results; for profiling and debugging)")
     ab.add_argument("--unfused_tokenizer_norms", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
-                        "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
+                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN's GroupNorm + swish with torch's "
+                         "ops instead of one fused kernel (differs only in fp32 rounding; for A/B checks)")
     ab.add_argument("--explicit_attention", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
-                        "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
-                        "checks)")
+                    help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
+                         "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
+                         "checks)")
     ab.add_argument("--channels_last_tokenizer", action="store_true",
-                   help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
-                        "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
-                        "order: a near-tie code id can differ; opt-in until timed on a GPU)")
+                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
+                         "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
+                         "order: a near-tie code id can differ; opt-in until timed on a GPU)")
     ab.add_argument("--fused_block_norms", action="store_true",
-                   help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
-                        "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
-                        "fp32 rounding; opt-in until timed on a GPU)")
+                    help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
+                         "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
+                         "fp32 rounding; opt-in until timed on a GPU)")
     ab.add_argument("--full_patch_embed", action="store_true",
-                   help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
-                        "ones, as the official code, instead of embedding the visible patches alone (for A/B "
-                        "checks)")
+                    help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
+                         "ones, as the official code, instead of embedding the visible patches alone (for A/B "
+                         "checks)")
 
 
 def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
