@@ -137,25 +137,13 @@ def _group_norm_nhwc_moments_kernel(x_ptr, partial_ptr, hw, channels, num_groups
 
 
 @triton.jit
-def _nhwc_normalise(x_tile, out_tile, w_ptr, b_ptr, channels, length, k_ref, mean, rstd, gi, group_ok,
-                    CG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                    BLOCK_P: tl.constexpr, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The output pass on tiles [BLOCK_P, GPP, BLOCK_C] (pointers at the chunk's first pixel, channel g0*CG; w/b at
-    channel g0*CG); groups past G and lanes past CG masked."""
-    k_ref = k_ref[None, :, None]  # [1, GPP, 1]
-    mean = mean[None, :, None]
-    rstd = rstd[None, :, None]
-    j = tl.arange(0, BLOCK_C)[None, :]
-    col_ok = group_ok[:, None] & (j < CG)  # [GPP, BLOCK_C]
-    c = gi[:, None] * CG + j  # [GPP, BLOCK_C] channel - g0*CG
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + c, mask=col_ok, other=1.0).to(tl.float32)[None, :, :]
-    if HAS_BIAS:
-        b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
-    pix = tl.arange(0, BLOCK_P)[:, None, None]
-    offs = pix * channels + c[None, :, :]  # [BLOCK_P, GPP, BLOCK_C]
+def _nhwc_output_loop(x_tile, out_tile, offs, lane_ok, pix, length, k_ref, mean, rstd, w, b, channels,
+                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The output pass over a chunk's pixel tiles, either tiling: ``offs`` a tile's offsets, ``lane_ok`` its lanes
+    that exist (broadcast over pixels), ``pix`` its pixel rows; k_ref / mean / rstd / w / b broadcast to the tile
+    (w, b unused without HAS_WEIGHT / HAS_BIAS)."""
     for p0 in range(0, length, BLOCK_P):
-        mask = col_ok[None, :, :] & (pix < length - p0)
+        mask = lane_ok & (pix < length - p0)
         x = tl.load(x_tile + offs, mask=mask, other=0.0).to(tl.float32)
         y = ((x - k_ref) - mean) * rstd
         if HAS_WEIGHT:
@@ -170,34 +158,44 @@ def _nhwc_normalise(x_tile, out_tile, w_ptr, b_ptr, channels, length, k_ref, mea
 
 
 @triton.jit
+def _nhwc_normalise(x_tile, out_tile, w_ptr, b_ptr, channels, length, k_ref, mean, rstd, gi, group_ok,
+                    CG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                    BLOCK_P: tl.constexpr, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The output pass on tiles [BLOCK_P, GPP, BLOCK_C] (pointers at the chunk's first pixel, channel g0*CG; w/b at
+    channel g0*CG); groups past G and lanes past CG masked."""
+    j = tl.arange(0, BLOCK_C)[None, :]
+    col_ok = group_ok[:, None] & (j < CG)  # [GPP, BLOCK_C]
+    c = gi[:, None] * CG + j  # [GPP, BLOCK_C] channel - g0*CG
+    w = 1.0
+    b = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + c, mask=col_ok, other=1.0).to(tl.float32)[None, :, :]
+    if HAS_BIAS:
+        b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
+    pix = tl.arange(0, BLOCK_P)[:, None, None]
+    offs = pix * channels + c[None, :, :]  # [BLOCK_P, GPP, BLOCK_C]
+    _nhwc_output_loop(x_tile, out_tile, offs, col_ok[None, :, :], pix, length, k_ref[None, :, None],
+                      mean[None, :, None], rstd[None, :, None], w, b, channels, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_P)
+
+
+@triton.jit
 def _nhwc_normalise_flat(x_tile, out_tile, w_ptr, b_ptr, channels, length, k_ref, mean, rstd, CG: tl.constexpr,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_P: tl.constexpr, GPP: tl.constexpr):
     """The output pass on flat tiles [BLOCK_P, GPP*CG] (pointers at the chunk's first pixel, channel g0*CG; w/b at
-    channel g0*CG): the same per-element arithmetic as the 3-D tiles, in wide vectors."""
+    channel g0*CG): the same per-element arithmetic as the 3-D tiles, in wide vectors (every lane exists)."""
     col = tl.arange(0, GPP * CG)
-    k_c = _spread_groups(k_ref, GPP, CG)[None, :]  # [1, GPP*CG]
-    mean_c = _spread_groups(mean, GPP, CG)[None, :]
-    rstd_c = _spread_groups(rstd, GPP, CG)[None, :]
+    w = 1.0
+    b = 0.0
     if HAS_WEIGHT:
         w = tl.load(w_ptr + col).to(tl.float32)[None, :]
     if HAS_BIAS:
         b = tl.load(b_ptr + col).to(tl.float32)[None, :]
     pix = tl.arange(0, BLOCK_P)[:, None]
     offs = pix * channels + col[None, :]  # [BLOCK_P, GPP*CG]
-    for p0 in range(0, length, BLOCK_P):
-        row_ok = pix < length - p0
-        x = tl.load(x_tile + offs, mask=row_ok, other=0.0).to(tl.float32)
-        y = ((x - k_c) - mean_c) * rstd_c
-        if HAS_WEIGHT:
-            y = y * w
-        if HAS_BIAS:
-            y = y + b
-        if SILU:
-            y = _silu_fp32(y)
-        tl.store(out_tile + offs, y.to(out_tile.dtype.element_ty), mask=row_ok)
-        x_tile += BLOCK_P * channels
-        out_tile += BLOCK_P * channels
+    _nhwc_output_loop(x_tile, out_tile, offs, True, pix, length, _spread_groups(k_ref, GPP, CG)[None, :],
+                      _spread_groups(mean, GPP, CG)[None, :], _spread_groups(rstd, GPP, CG)[None, :], w, b, channels,
+                      HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_P)
 
 
 @triton.jit
