@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from profile_loss_noise import emit, graph_replay_ms, profile_args
+from profile_loss_noise import emit, graph_rows, profile_args
 
 # (rows, tokens, width): MAE-L's student batch (1 + 49 visible tokens), MAGE-B's (129 kept tokens)
 SHAPES = ((64, 50, 1024), (64, 129, 768))
@@ -60,16 +60,8 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for n, t, d in SHAPES:
         cases, forward_bytes = _cases(n, t, d)
-        rows = {}
-        for name, fn in cases.items():
-            try:
-                ms = graph_replay_ms(fn, reps=50)
-                rows[name] = {"ms": ms}
-                if name.endswith("_forward"):
-                    rows[name]["GB_per_s"] = forward_bytes / (ms * 1e-3) / 1e9
-            except Exception as e:  # a path that cannot be captured is itself a finding
-                rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
-        report[f"{n}x{t}x{d} fp32 stream + bf16 branch"] = rows
+        report[f"{n}x{t}x{d} fp32 stream + bf16 branch"] = graph_rows(
+            cases, 50, lambda name: forward_bytes if name.endswith("_forward") else None)
     emit(json.dumps(report, indent=2), a.out)
     return 0
 

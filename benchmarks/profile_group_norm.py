@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from profile_loss_noise import emit, graph_replay_ms, profile_args
+from profile_loss_noise import emit, graph_rows, profile_args
 
 # (images, channels, side): the encoder's four widest maps at batch 64 + 32 (student and teacher tokenisations)
 SHAPES = ((96, 128, 256), (96, 128, 128), (96, 256, 64), (96, 512, 16))
@@ -51,14 +51,7 @@ def main(argv=None) -> int:
         x = torch.randn(n, c, side, side, device="cuda", dtype=torch.bfloat16)
         weight, bias = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
         nbytes = x.numel() * x.element_size() * 3
-        rows = {}
-        for name, fn in _cases(x, weight, bias).items():
-            try:
-                ms = graph_replay_ms(fn, reps=20)
-                rows[name] = {"ms": ms, "GB_per_s": nbytes / (ms * 1e-3) / 1e9}
-            except Exception as e:  # a configuration the kernel refuses is itself a finding
-                rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
-        report[f"{n}x{c}x{side}x{side} bf16"] = rows
+        report[f"{n}x{c}x{side}x{side} bf16"] = graph_rows(_cases(x, weight, bias), 20, lambda name: nbytes)
         del x
         torch.cuda.empty_cache()
         if a.out:  # after every shape: a run cut short by its time cap keeps what it measured

@@ -84,6 +84,24 @@ def kernel_bandwidth() -> dict:
     return out
 
 
+def graph_rows(cases: dict, reps: int, nbytes=None) -> dict:
+    """{case: {"ms"[, "GB_per_s"]} or {"error"}} of each callable replayed from a CUDA graph; ``nbytes(case)``,
+    where given and not None, the fewest bytes the case moves. A case that fails (cannot be captured, refused
+    configuration) is recorded, not raised: it is itself a finding."""
+    rows = {}
+    for name, fn in cases.items():
+        try:
+            ms = graph_replay_ms(fn, reps=reps)
+        except Exception as e:
+            rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            continue
+        rows[name] = {"ms": ms}
+        moved = nbytes(name) if nbytes is not None else None
+        if moved is not None:
+            rows[name]["GB_per_s"] = moved / (ms * 1e-3) / 1e9
+    return rows
+
+
 def profile_args(name: str, argv):
     """The parsed ``--out`` of a GPU profile script, or None (after one line saying so) without a CUDA device."""
     p = argparse.ArgumentParser(prog=name)
