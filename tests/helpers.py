@@ -170,3 +170,12 @@ def tf32_settings(matmul: bool, cudnn: bool):
         yield
     finally:
         cublas.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def record_launcher_calls(monkeypatch, module, names) -> list:
+    """Replace the launchers ``names`` of kernel ``module`` with recorders (no kernel runs); returns the list of
+    the names called, in order (for tests that a path launches nothing)."""
+    calls = []
+    for name in names:
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: calls.append(_n))
+    return calls

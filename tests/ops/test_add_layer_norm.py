@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close_report, triton_kernel_device
+from tests.helpers import assert_close_report, record_launcher_calls, triton_kernel_device
 from unlearn_fast.ops import backend
 from unlearn_fast.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 
@@ -69,10 +69,7 @@ def launcher_calls(monkeypatch):
     """A list that records any launcher call, without forcing a backend."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import add_layer_norm as module
-    calls = []
-    for name in ("add_layer_norm_forward", "add_layer_norm_backward"):
-        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: calls.append(_n))
-    return calls
+    return record_launcher_calls(monkeypatch, module, ("add_layer_norm_forward", "add_layer_norm_backward"))
 
 
 def _torch_autocast_path(x, branch, w, b, out_dtype):

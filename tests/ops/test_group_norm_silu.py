@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close_report, tol, triton_kernel_device
+from tests.helpers import assert_close_report, record_launcher_calls, tol, triton_kernel_device
 from unlearn_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 EPS = 1e-6
@@ -56,9 +56,7 @@ def launcher_calls(monkeypatch):
     """A list that records launcher calls, without forcing a backend."""
     pytest.importorskip("triton")
     from unlearn_fast.kernels import group_norm_silu as module
-    calls = []
-    monkeypatch.setattr(module, "group_norm_silu_forward", lambda *a, **k: calls.append(a) or None)
-    return calls
+    return record_launcher_calls(monkeypatch, module, ("group_norm_silu_forward",))
 
 
 def _bad(**changes):
