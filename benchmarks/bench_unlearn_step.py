@@ -80,13 +80,14 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_cl", "fast_bf16_cl",
                                      "fast_bf16_explicit_attn", "fast_bf16_addnorm", "fast_bf16_unpadded",
-                                     "fast_bf16_cl_addnorm"])
+                                     "fast_bf16_cl_addnorm", "fast_bf16_split_pool"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with
     torch's ops (what the fused kernel gains), and the VQGAN in channels_last (bf16), which the fused norm now
     reads in place (with torch's GroupNorm it was slower: H100, 2026-11-27 run 1, 204 ms vs 151 ms), MAGE's
     attention written out as the official code instead of scaled_dot_product_attention, the opt-in fused residual
-    add + LayerNorm of the ViT blocks, and the VQGAN's RGB conv over its 3 channels instead of 8 (zero-padded)."""
+    add + LayerNorm of the ViT blocks, the VQGAN's RGB conv over its 3 channels instead of 8 (zero-padded), and each
+    VQGAN level's last residual add and its pool as torch's two ops instead of one fused pass."""
     _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
 
 

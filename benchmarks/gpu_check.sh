@@ -5,10 +5,10 @@
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written (16; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
+# Files written (17; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
 #   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_variants_mage.json,
 #   bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json, precision.json, profile.txt,
-#   profile_group_norm.json, profile_add_layer_norm.json, profile_step.txt/.json, summary.txt
+#   profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -45,6 +45,8 @@ run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_no
   || echo "group-norm profile failed" >>"$LOG"
 run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
   2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
+run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_residual_pool.json" >/dev/null \
+  2>>"$LOG" || echo "residual pool profile failed" >>"$LOG"
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
 

@@ -4,9 +4,9 @@
 # variants, the fused norm at the VQGAN's shapes, the bf16 step profiles, then the torch.compile baseline of MAE-B
 # if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files (11; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
+# Files (12; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
 # log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json, bench_compiled.json,
-# profile_group_norm.json, profile_add_layer_norm.json, profile_step.txt/.json, summary.txt
+# profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=420  # each phase: its cap or what is left
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -18,13 +18,13 @@ run_for 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/t
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
   "tests/gpu/test_gpu_fast_path.py::test_opt_in_fast_paths_capture_and_keep_the_trajectory" \
-  tests/gpu/test_gpu_add_layer_norm.py tests/models/test_visible_patches.py \
+  tests/gpu/test_gpu_add_layer_norm.py tests/gpu/test_gpu_residual_avg_pool.py tests/models/test_visible_patches.py \
   tests/train/test_device_prefetch.py tests/models/test_mage_attention.py 2>&1 | tail -30 >>"$LOG"
 extension_tests
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm or unpadded" \
+  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm or unpadded or split_pool" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"
@@ -37,6 +37,8 @@ run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_no
   || echo "group-norm profile failed" >>"$LOG"
 run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
   2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
+run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_residual_pool.json" >/dev/null \
+  2>>"$LOG" || echo "residual pool profile failed" >>"$LOG"
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
 run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \

@@ -80,6 +80,7 @@ VARIANT_WORDS = {
     "unpadded": "the VQGAN's RGB conv over its 3 channels (no zero-padding to 8)",
     "cl": "the VQGAN encoder in channels_last (--channels_last_tokenizer)",
     "addnorm": "each ViT residual add fused with the next LayerNorm (--fused_block_norms)",
+    "split_pool": "a VQGAN level's last residual add and its 2x2 pool as torch's two ops (no fused pass)",
 }
 
 
@@ -112,6 +113,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
                         tokenizer_channels_last="cl" in w, fuse_block_norms="addnorm" in w)
     setup.half_teacher_weights = "autocast_teacher" not in w
     setup.pad_tokenizer_input = "unpadded" not in w
+    setup.fuse_residual_pools = "split_pool" not in w
     return setup
 
 

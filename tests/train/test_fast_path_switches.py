@@ -11,14 +11,15 @@ from unlearn_fast.models.aligned_conv import aligned_input_conv
 from unlearn_fast.models.fused_blocks import fused_block_norms
 from unlearn_fast.models.mage_attention import sdpa_attention
 from unlearn_fast.models.visible_patches import visible_patch_embed
-from unlearn_fast.models.vqgan import channels_last_tokenizer, fused_group_norms
+from unlearn_fast.models.vqgan import channels_last_tokenizer, fused_group_norms, fused_residual_pools
 from unlearn_fast.train.fast_path_switches import fast_path_switches
 
 SWITCHES = {"fuse_tokenizer_norms": fused_group_norms, "pad_tokenizer_input": aligned_input_conv,
             "tokenizer_channels_last": channels_last_tokenizer, "sdpa_attention": sdpa_attention,
-            "fuse_block_norms": fused_block_norms, "visible_patch_embed": visible_patch_embed}
+            "fuse_block_norms": fused_block_norms, "visible_patch_embed": visible_patch_embed,
+            "fuse_residual_pools": fused_residual_pools}
 DEFAULTS = dict(fuse_tokenizer_norms=True, pad_tokenizer_input=True, tokenizer_channels_last=False,
-                sdpa_attention=True, fuse_block_norms=False, visible_patch_embed=True)
+                sdpa_attention=True, fuse_block_norms=False, visible_patch_embed=True, fuse_residual_pools=True)
 
 
 def _state():
@@ -26,8 +27,10 @@ def _state():
 
 
 @pytest.mark.parametrize("device,knobs,want_on", [
-    ("cuda", {}, {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention", "visible_patch_embed"}),
-    ("cuda", {"tokenizer_channels_last": True, "fuse_block_norms": True, "sdpa_attention": False},
+    ("cuda", {}, {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention", "visible_patch_embed",
+                  "fuse_residual_pools"}),
+    ("cuda", {"tokenizer_channels_last": True, "fuse_block_norms": True, "sdpa_attention": False,
+              "fuse_residual_pools": False},
      {"fuse_tokenizer_norms", "pad_tokenizer_input", "tokenizer_channels_last", "fuse_block_norms",
       "visible_patch_embed"}),
     ("cpu", {"tokenizer_channels_last": True, "fuse_block_norms": True}, {"visible_patch_embed"}),

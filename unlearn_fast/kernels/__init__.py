@@ -16,6 +16,7 @@ try:
     from .multi_map_l2 import multi_map_l2_forward, multi_map_l2_scale
     from .group_norm_silu import group_norm_silu_forward
     from .add_layer_norm import MAX_LAYER_NORM_D, add_layer_norm_backward, add_layer_norm_forward
+    from .residual_avg_pool import add_avg_pool2d_forward
     TRITON_AVAILABLE = True
 except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
     TRITON_AVAILABLE = False
@@ -29,10 +30,11 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
     batch_mean_std = philox_batch_noise = philox_standard_normal = retain_forget_l2_forward = _unavailable
     retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
     multi_map_l2_forward = multi_map_l2_scale = group_norm_silu_forward = _unavailable
-    add_layer_norm_forward = add_layer_norm_backward = _unavailable
+    add_layer_norm_forward = add_layer_norm_backward = add_avg_pool2d_forward = _unavailable
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "MAX_ROWS", "batch_mean_std",
            "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
            "retain_forget_l2_backward", "rank_within_class",
            "multi_map_l2_forward", "multi_map_l2_scale", "group_norm_silu_forward"]
 __all__ += ["MAX_LAYER_NORM_D", "add_layer_norm_forward", "add_layer_norm_backward"]
+__all__ += ["add_avg_pool2d_forward"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import group_norm_silu
+from ..ops import add_avg_pool2d, group_norm_silu
 from .aligned_conv import input_conv
 from .kernel_switch import KernelSwitch
 from .state_dict_io import load_state_dict_strict, read_checkpoint
@@ -60,6 +60,12 @@ fused_group_norms = KernelSwitch("unlearn_fast_vqgan_fused_norms")
 #: algorithms sum in another order, which in half precision can move a near-tie code id (18 of 1024 ids,
 #: mage_micro, CPU bf16). Opt-in (``--channels_last_tokenizer``) until a GPU run has timed it against NCHW.
 channels_last_tokenizer = KernelSwitch("unlearn_fast_vqgan_channels_last")
+
+
+#: inside ``with fused_residual_pools():`` each encoder level but the last ends with its last ResnetBlock's
+#: residual add and the 2x2 average pool as one pass (:func:`~unlearn_fast.ops.add_avg_pool2d`: the
+#: full-resolution sum is never written; the same bits as torch's two ops on a GPU, its twin on the CPU)
+fused_residual_pools = KernelSwitch("unlearn_fast_vqgan_fused_residual_pools")
 
 
 def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +106,17 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = (nn.Conv2d(out_channels, out_channels, 1, bias=False)
                              if in_channels != out_channels else None)
 
-    def forward(self, x):
+    def branches(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of the block's output ``left + right`` (the residual add left to the caller)."""
         h = self.conv1(norm_swish(self.norm1, x))
         h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
         if self.nin_shortcut is not None:
-            return self.nin_shortcut(h) + h
-        return x + h
+            return self.nin_shortcut(h), h
+        return x, h
+
+    def forward(self, x):
+        left, right = self.branches(x)
+        return left + right
 
 
 class _Level(nn.Module):
@@ -122,6 +133,15 @@ class _Level(nn.Module):
             x = blk(x)
         up = getattr(self, "upsample", None)
         return up(x) if up is not None else x
+
+    def forward_pooled(self, x):
+        """``avg_pool2d(self(x), 2, 2)`` (encoder levels); under :data:`fused_residual_pools` the last block's
+        residual add and the pool run as one op."""
+        if not fused_residual_pools.on() or not len(self.block) or hasattr(self, "upsample"):
+            return F.avg_pool2d(self(x), 2, 2)
+        for blk in self.block[:-1]:
+            x = blk(x)
+        return add_avg_pool2d(*self.block[-1].branches(x))
 
 
 class _Mid(nn.Module):
@@ -167,9 +187,7 @@ class Encoder(nn.Module):
         h = input_conv(self.conv_in, x)  # channel-padded in the fast step on a GPU (aligned_conv.py)
         last = len(self.down) - 1
         for i, level in enumerate(self.down):
-            h = level(h)
-            if i < last:
-                h = F.avg_pool2d(h, 2, 2)
+            h = level.forward_pooled(h) if i < last else level(h)
         h = self.mid(h)
         return self.conv_out(norm_swish(self.norm_out, h))
 
@@ -309,5 +327,5 @@ def load_vqgan_checkpoint(model_or_vqgan: nn.Module, path: str) -> nn.Module:
 
 
 __all__ = ["VQGAN", "Encoder", "Decoder", "ResnetBlock", "VectorQuantizer", "VQGAN_F16_DDCONFIG", "swish",
-           "norm_swish", "fused_group_norms", "channels_last_tokenizer",
+           "norm_swish", "fused_group_norms", "channels_last_tokenizer", "fused_residual_pools",
            "load_vqgan_checkpoint", "load_state_dict_strict"]

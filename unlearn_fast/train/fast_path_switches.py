@@ -7,6 +7,7 @@ step by a context-local switch (models/kernel_switch.py); the reference-semantic
 |----------------------------------------------|---------------------------------------|---------------------------------|
 | fused_group_norms (models.vqgan)             | CUDA                                  | --unfused_tokenizer_norms: off  |
 | aligned_input_conv (models.aligned_conv)     | CUDA, half autocast                   | pad_tokenizer_input (A/B only)  |
+| fused_residual_pools (models.vqgan)          | CUDA                                  | fuse_residual_pools (A/B only)  |
 | channels_last_tokenizer (models.vqgan)       | CUDA, asked                           | --channels_last_tokenizer       |
 | sdpa_attention (models.mage_attention)       | CUDA, half inputs                     | --explicit_attention: off       |
 | fused_block_norms (models.fused_blocks)      | CUDA, asked                           | --fused_block_norms             |
@@ -20,7 +21,7 @@ from ..models.aligned_conv import aligned_input_conv
 from ..models.fused_blocks import fused_block_norms
 from ..models.mage_attention import sdpa_attention
 from ..models.visible_patches import visible_patch_embed
-from ..models.vqgan import channels_last_tokenizer, fused_group_norms
+from ..models.vqgan import channels_last_tokenizer, fused_group_norms, fused_residual_pools
 
 
 def fast_path_switches(setup) -> contextlib.ExitStack:
@@ -29,6 +30,7 @@ def fast_path_switches(setup) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for switch, on in ((fused_group_norms, setup.fuse_tokenizer_norms and cuda),
                        (aligned_input_conv, setup.pad_tokenizer_input and cuda),
+                       (fused_residual_pools, setup.fuse_residual_pools and cuda),
                        (channels_last_tokenizer, setup.tokenizer_channels_last and cuda),
                        (sdpa_attention, setup.sdpa_attention and cuda),
                        (fused_block_norms, setup.fuse_block_norms and cuda),

@@ -54,6 +54,7 @@ class UnlearnSetup:
     tokenizer_channels_last: bool = False    # CUDA fast step: the VQGAN encoder in NHWC (opt-in, untimed)
     fuse_block_norms: bool = False           # CUDA fast step: ViT residual add + LayerNorm fused (opt-in, untimed)
     pad_tokenizer_input: bool = True         # CUDA fast step, half precision: the VQGAN's conv_in over 8 channels
+    fuse_residual_pools: bool = True         # CUDA fast step: a VQGAN level's last residual add + its pool fused
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
     trainable: list = field(default_factory=list)
     teacher_stream: Optional[object] = field(default=None, repr=False, compare=False)  # made on first use
