@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, benchmark_steps, make_runner,
-                          peak_memory_mb, reference_seconds)
+                          peak_memory_mb, record_row, reference_seconds)
 
 CPU_STEPS, CPU_WARMUP = 9, 2  # medians of 9: 3 steps gave ratios that moved by 0.3 between runs
 GPU_STEPS, GPU_WARMUP = 8, 4
@@ -35,6 +35,7 @@ def _bench(benchmark, cfg, variant, steps, warmup):
         "reference_step_s": ref, "step_s": med, "steps_per_s": 1.0 / med, "images_per_s": batch / med,
         "speedup_vs_reference": ref / med, "peak_memory_mb": peak_memory_mb(cfg.device),
     })
+    record_row(benchmark.name, med, dict(benchmark.extra_info))
 
 
 @pytest.mark.parametrize("cfg", list(CPU_CONFIGS.values()), ids=list(CPU_CONFIGS))

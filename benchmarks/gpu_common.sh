@@ -6,6 +6,7 @@ OUT=${OUT:-$OUT_DEFAULT}
 mkdir -p "$OUT"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export UNLEARN_FAST_BENCH_ROWS=$OUT/bench_rows.jsonl  # each step benchmark's row as it ends (step_harness.py)
 LOG=$OUT/log.txt
 t0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-$BUDGET_DEFAULT}  # seconds for the whole script; later phases shrink or are skipped
@@ -54,7 +55,7 @@ extension_tests() {
 
 summarize() {
   phase "summary"
-  python3 benchmarks/summarize_bench.py "$OUT"/bench_*.json >"$OUT/summary.txt" 2>>"$LOG"
+  python3 benchmarks/summarize_bench.py "$OUT"/bench_*.json "$UNLEARN_FAST_BENCH_ROWS" >"$OUT/summary.txt" 2>>"$LOG"
   cat "$OUT/summary.txt"
   phase "done"
 }

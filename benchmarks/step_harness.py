@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -191,6 +193,19 @@ def reference_seconds(cfg: StepConfig, steps: int, warmup: int) -> float:
     if cfg.name not in _reference_seconds:
         _reference_seconds[cfg.name] = time_steps(make_runner(cfg, "reference"), cfg.device, steps, warmup)
     return _reference_seconds[cfg.name]
+
+
+#: where each step benchmark appends its row the moment it ends (JSON lines), when set: pytest-benchmark writes its
+#: JSON only when the whole session ends, so a group cut short by a time cap would otherwise keep no figure
+ROWS_ENV = "UNLEARN_FAST_BENCH_ROWS"
+
+
+def record_row(name: str, median_s: float, extra_info: dict) -> None:
+    """Append ``{"name", "median_s", "extra_info"}`` to the file named by :data:`ROWS_ENV` (nothing if unset)."""
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"name": name, "median_s": median_s, "extra_info": extra_info}) + "\n")
 
 
 def peak_memory_mb(device: str) -> float:

@@ -1,16 +1,30 @@
 """Print a table of pytest-benchmark JSON files: name, median, speedup vs reference, images/s, GB/s, memory; then
 each A/B step variant against its base step (``fast`` or ``fast_bf16``, same configuration, any of the files).
+A ``.jsonl`` file holds the step benchmarks' rows as each ended (``step_harness.record_row``): its rows that no
+JSON file has (a group cut short by a time cap) are listed too, and count for the A/B lines.
 
-    python benchmarks/summarize_bench.py bench_gpu.json [more.json ...]
+    python benchmarks/summarize_bench.py bench_gpu.json [more.json ...] [bench_rows.jsonl]
 """
 import json
+import os
 import sys
 
 
-def rows(path):
+def load(path) -> dict:
+    """A pytest-benchmark JSON file, or a ``.jsonl`` of recorded rows in the same form (``benchmarks`` with
+    ``name``, ``stats.median``, ``extra_info``)."""
     with open(path) as fh:
-        data = json.load(fh)
-    for b in data.get("benchmarks", []):
+        if not path.endswith(".jsonl"):
+            return json.load(fh)
+        recorded = [json.loads(line) for line in fh if line.strip()]
+    return {"benchmarks": [{"name": r["name"], "stats": {"median": r["median_s"]}, "extra_info": r["extra_info"]}
+                           for r in recorded]}
+
+
+def rows(path, skip=frozenset()):
+    for b in load(path).get("benchmarks", []):
+        if b["name"] in skip:
+            continue
         e = b.get("extra_info", {})
         yield (b["name"], b["stats"]["median"] * 1e3, e.get("speedup_vs_reference"), e.get("images_per_s"),
                e.get("fused_GB_per_s"), e.get("peak_memory_mb"), e.get("device", ""))
@@ -23,10 +37,9 @@ def fmt(v, spec):
 def step_medians(paths):
     """{(config, variant): median seconds} of the step benchmarks in ``paths`` (the first file that has it)."""
     out = {}
-    for p in paths:
+    for p in sorted(paths, key=lambda p: p.endswith(".jsonl")):  # pytest-benchmark's own files first
         try:
-            with open(p) as fh:
-                data = json.load(fh)
+            data = load(p)
         except (OSError, ValueError):
             continue
         for b in data.get("benchmarks", []):
@@ -52,13 +65,21 @@ def ab_lines(medians):
 
 def main(paths):
     print(f"{'benchmark':58s} {'median ms':>10s} {'x ref':>7s} {'img/s':>9s} {'GB/s':>8s} {'peak MB':>9s}  device")
-    for p in paths:
+    shown = set()
+    for p in sorted(paths, key=lambda p: p.endswith(".jsonl")):
+        if p.endswith(".jsonl") and not os.path.exists(p):
+            continue  # no step benchmark ran
         try:
-            for name, ms, sp, ips, gbs, mem, dev in rows(p):
-                print(f"{name:58s} {ms:10.3f} {fmt(sp, '7.2f')} {fmt(ips, '9.1f')} {fmt(gbs, '8.1f')} "
-                      f"{fmt(mem, '9.0f')}  {dev}")
+            listed = list(rows(p, skip=shown if p.endswith(".jsonl") else frozenset()))
         except (OSError, ValueError) as e:
             print(f"# {p}: {e}")
+            continue
+        if p.endswith(".jsonl") and listed:
+            print(f"# recorded as they ended, in no JSON file (a group cut short?): {p}")
+        for name, ms, sp, ips, gbs, mem, dev in listed:
+            shown.add(name)
+            print(f"{name:58s} {ms:10.3f} {fmt(sp, '7.2f')} {fmt(ips, '9.1f')} {fmt(gbs, '8.1f')} "
+                  f"{fmt(mem, '9.0f')}  {dev}")
     lines = ab_lines(step_medians(paths))
     if lines:
         print("\nA/B variants against their base step (same configuration):")
