@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU check: build the CUDA extension, run the GPU tests and the GPU benchmarks, write results under $OUT.
+# GPU check: run the GPU tests (the CUDA extension building beside them), the GPU benchmarks and profiles, then
+# the extension's tests; results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Needs torch + triton + pytest-benchmark installed and a CUDA GPU; no internet. The whole script keeps within
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase
 # costs the last ones (the torch.compile baseline first), never the whole run.
-# Files written (17; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
-#   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_variants_mage.json,
+# Files written (18; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
+#   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_rows.jsonl, bench_variants_mage.json,
 #   bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json, precision.json, profile.txt,
 #   profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
@@ -17,13 +18,11 @@ phase "environment"
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 } >>"$LOG" 2>&1
 
-phase "build extension (CPU + CUDA sources)"
-build_extension 150
-
-phase "GPU tests"
+phase "GPU tests, the extension (CPU + CUDA sources) building beside them"
+start_extension_build
 run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu tests/train/test_device_prefetch.py \
   tests/models/test_mage_attention.py 2>&1 | tail -40 >>"$LOG"
-extension_tests
+finish_extension_build 120
 
 phase "GPU benchmarks: reference vs fast vs fast bf16, then the A/B variants, each group its own JSON"
 # pytest-benchmark writes a JSON only when its run ends: a group cut short by its cap loses only its own figures,
@@ -31,16 +30,23 @@ phase "GPU benchmarks: reference vs fast vs fast bf16, then the A/B variants, ea
 run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16" --benchmark-json="$OUT/bench_gpu.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -16 >>"$LOG"
-# MAGE: shared tokenizer, unfused norms, channels_last, explicit attention, fused add + LayerNorm, unpadded conv_in
+# MAGE: shared tokenizer, unfused norms, channels_last, explicit attention, fused add + LayerNorm, unpadded conv_in,
+# torch's add + pool
 run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "mage_variants" \
   --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
 # MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, fused add + LayerNorm
 run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "gpu and mae_variants" \
   --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
-phase "loss / noise ops: eager vs graph-replayed, the kernels alone beside a copy, profiler tables"
+phase "loss / noise kernels: eager vs graph-replayed, the kernels alone beside a copy (the bandwidth target)"
 run_for 50 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
   || echo "profile failed" >>"$LOG"
+
+phase "whole-step kernel profile (MAGE-B, MAE-L: reference, fast, fast bf16): time by kernel category, GEMM rate"
+run_for 60 python3 benchmarks/profile_step.py --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" \
+  || echo "step profile failed or was cut short" >>"$LOG"
+
+phase "the fused norms and pool at the models' shapes; the loss / noise ops through the op layer"
 run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
   || echo "group-norm profile failed" >>"$LOG"
 run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
@@ -50,9 +56,8 @@ run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_resid
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
 
-phase "whole-step kernel profile (MAGE-B, MAE-L: reference, fast, fast bf16): time by kernel category"
-run_for 60 python3 benchmarks/profile_step.py --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" \
-  || echo "step profile failed or was cut short" >>"$LOG"
+phase "the extension's tests (tests/csrc one file per process; the GPU tests' extension cases)"
+extension_tests
 
 phase "the teacher not overlapped (what the side stream gains)"
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "not_overlapped" \

@@ -1,26 +1,25 @@
 #!/usr/bin/env bash
-# The short GPU check (GPU_CHECK_BUDGET seconds, default 420; each phase gets its cap or what is left): build the
-# extension, the GPU tests of the fast path's newest parts, the MAGE and MAE-L step benchmarks with their A/B
+# The short GPU check (GPU_CHECK_BUDGET seconds, default 420; each phase gets its cap or what is left): the GPU
+# tests of the fast path's newest parts (the extension building beside them), the MAGE and MAE-L step benchmarks with their A/B
 # variants, the fused norm at the VQGAN's shapes, the bf16 step profiles, then the torch.compile baseline of MAE-B
 # if time is left. Results under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check_quick.sh
-# Files (12; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
+# Files (13; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
 # log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json, bench_compiled.json,
-# profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
+# profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt,
+# bench_rows.jsonl
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=420  # each phase: its cap or what is left
 source "$(dirname "$0")/gpu_common.sh"
 
-phase "build extension"
-build_extension 120
-
-phase "GPU tests: fused norms, add + LayerNorm, opt-in paths, graphed DDP, multi-map, side stream; extension errors"
+phase "GPU tests: fused norms, add + LayerNorm, pool, opt-in paths, graphed DDP, multi-map, side stream (the extension building beside them)"
+start_extension_build
 run_for 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
   "tests/gpu/test_gpu_fast_path.py::test_opt_in_fast_paths_capture_and_keep_the_trajectory" \
   tests/gpu/test_gpu_add_layer_norm.py tests/gpu/test_gpu_residual_avg_pool.py tests/models/test_visible_patches.py \
   tests/train/test_device_prefetch.py tests/models/test_mage_attention.py 2>&1 | tail -30 >>"$LOG"
-extension_tests
+finish_extension_build 120
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
@@ -43,6 +42,9 @@ run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_resid
 phase "bf16 step profiles (MAE-L, MAGE-B)"
 run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
   --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" || echo "profile cut short" >>"$LOG"
+
+phase "the extension's tests (tests/csrc one file per process; the GPU tests' extension cases)"
+extension_tests
 
 phase "torch.compile baseline, MAE-B"
 run_for "$BUDGET" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \

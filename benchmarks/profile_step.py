@@ -96,7 +96,7 @@ def report(name: str, times) -> dict:
     for k, (us, _) in times.items():
         by_cat[category(k)] += us
     total = sum(by_cat.values())
-    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:20]
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:30]
     lines = [f"== {name}: {total / 1e3:.2f} ms of kernels per step, {sum(c for _, c in times.values()):.0f} launches"]
     lines += [f"   {cat:22s} {us / 1e3:8.2f} ms  {100 * us / max(total, 1e-9):5.1f} %"
               for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1])]
