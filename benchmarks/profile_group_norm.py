@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from profile_loss_noise import emit, graph_rows, profile_args
+from profile_loss_noise import emit, graph_rows, profile_args, save_so_far
 
 # (images, channels, side): the encoder's four widest maps at batch 64 + 32 (student and teacher tokenisations)
 SHAPES = ((96, 128, 256), (96, 128, 128), (96, 256, 64), (96, 512, 16))
@@ -54,9 +54,7 @@ def main(argv=None) -> int:
         report[f"{n}x{c}x{side}x{side} bf16"] = graph_rows(_cases(x, weight, bias), 20, lambda name: nbytes)
         del x
         torch.cuda.empty_cache()
-        if a.out:  # after every shape: a run cut short by its time cap keeps what it measured
-            with open(a.out, "w") as fh:
-                fh.write(json.dumps(report, indent=2))
+        save_so_far(report, a.out)
     emit(json.dumps(report, indent=2), a.out)
     return 0
 

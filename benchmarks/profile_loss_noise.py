@@ -113,6 +113,14 @@ def profile_args(name: str, argv):
     return a
 
 
+def save_so_far(report: dict, out) -> None:
+    """Write ``report`` to ``out`` (when given) after each shape: a run cut short by its time cap keeps what it
+    measured."""
+    if out:
+        with open(out, "w") as fh:
+            fh.write(json.dumps(report, indent=2))
+
+
 def emit(text: str, out) -> None:
     """Print the report, and write it to ``out`` when given."""
     print(text)

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from profile_loss_noise import emit, graph_rows, profile_args
+from profile_loss_noise import emit, graph_rows, profile_args, save_so_far
 
 SHAPES = ((96, 128, 256), (96, 128, 128), (96, 256, 64), (96, 256, 32))  # (images, channels, side) entering a pool
 
@@ -36,9 +36,7 @@ def main(argv=None) -> int:
             report[f"{n}x{c}x{side}x{side} bf16 {layout}"] = graph_rows(cases, 20, lambda name: fewest)
             del x, h
             torch.cuda.empty_cache()
-        if a.out:  # after every shape: a run cut short by its time cap keeps what it measured
-            with open(a.out, "w") as fh:
-                fh.write(json.dumps(report, indent=2))
+        save_so_far(report, a.out)
     emit(json.dumps(report, indent=2), a.out)
     return 0
 
