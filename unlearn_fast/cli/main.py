@@ -107,6 +107,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # host memory
+        print(f"unlearn-fast: error: out of host memory ({e or 'MemoryError'}); lower --batch_size (raise "
+              "--accum_iter to keep the effective batch) or --num_workers; checkpoints written so far are intact",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        import torch
+        if not isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+            raise  # anything else is a bug: its traceback is what a report needs
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        print(f"unlearn-fast: error: {first}; lower --batch_size (raise --accum_iter to keep the effective batch) "
+              "or use --precision bf16; checkpoints written so far are intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", 2)  # RunStopped (SIGINT or SIGTERM during a run), else Ctrl-C
         if from_command_line:  # the process exits now: no teardown tracebacks of half-built DataLoader workers

@@ -8,8 +8,9 @@
 Everything that can be checked is checked before the run directory is created, so bad input leaves
 nothing half-written. A failure after that and before the first checkpoint (a corrupt image found in
 epoch 0, a full disk, a NaN loss, Ctrl-C, SIGTERM) removes the run directory again: a run directory without a
-checkpoint is never left behind (except after a SIGKILL, which no process can handle). Only rank 0
-writes; it chooses the run directory name (a timestamp) and sends it to the other ranks.
+checkpoint is never left behind (except after a SIGKILL, which no process can handle); a failure after a
+checkpoint names the newest one to --resume. Only rank 0 writes; it creates the run directory (named with a
+timestamp, never shared with another run started in the same second) and sends its name to the other ranks.
 SIGINT / SIGTERM end the run with exit code 130 / 143. An official checkpoint-N.pth (optimizer over the
 whole model, pickled Namespace args) continues with --resume and --teacher (its optimizer is re-indexed).
 """
@@ -44,7 +45,7 @@ from ..train.image_datasets import (BadImageError, UnlearnImageDataset, load_eva
                                     verify_images)
 from ..train.lr_schedule import base_lr, effective_batch_size
 from ..train.precision import student_dtype
-from ..train.run_outputs import check_output_dir, run_dir_name, write_opt_yaml
+from ..train.run_outputs import create_run_dir, run_dir_name, write_opt_yaml
 from ..train.step_fast import tokenizer_shared_exactly
 from ..train.token_agreement import token_disagreement
 from ..train.trainer import resolve_step_mode, train_loop
@@ -177,8 +178,16 @@ def load_training_state(args, model):
     ckpt = load_checkpoint_file(args.resume)
     load_model_state(model, model_state_from(ckpt, args.resume), args.resume)
     is_unlearning_run = "optimizer" in ckpt and "epoch" in ckpt
+    if "unlearn_fast" in ckpt and not is_unlearning_run:
+        # one of our checkpoints that lost an entry: as a 'pretrained' file it would restart at epoch 0 with the
+        # partly unlearned model as the teacher
+        missing = " and ".join(repr(k) for k in ("optimizer", "epoch") if k not in ckpt)
+        raise CheckpointError(f"{args.resume} is a checkpoint of an unlearning run without its {missing} entry, so "
+                              "the run cannot continue from it (damaged?). Resume from another checkpoint of the "
+                              "run, or save {'model': ckpt['model']} to start a new unlearning run from its weights")
     if not is_unlearning_run:
         return None, args.teacher or args.resume
+    resume_position(ckpt, args.resume)  # a damaged position fails here, before any state is restored
     saved = ckpt.get("args") or {}
     if isinstance(saved, dict) and "unlearn_fast" in ckpt:  # our own run: the objective must be the same
         was, now = saved.get("loss_type"), getattr(args, "loss_type", None)
@@ -237,7 +246,7 @@ def restore_optimizer(setup, ckpt: dict, path: str, whole_model_groups=None) -> 
 
 def resume_point(args, ckpt: dict, steps: int):
     """(start_epoch, start_step_in_epoch, epoch_progress) of a resumed unlearning run."""
-    pos = resume_position(ckpt)
+    pos = resume_position(ckpt, args.resume)
     start_epoch, start_step = pos["start_epoch"], pos["start_step_in_epoch"]
     if start_step:
         saved = pos.get("steps_per_epoch")
@@ -248,11 +257,31 @@ def resume_point(args, ckpt: dict, steps: int):
         if pos.get("seed") is not None and int(pos["seed"]) != args.seed:
             print(f"unlearn_fast: warning: {args.resume} was trained with --seed {pos['seed']}, continuing with "
                   f"--seed {args.seed} (data, masks and noise differ from the interrupted run)")
+    changed = _changed_trajectory_flags(ckpt, args)
+    if changed:
+        print(f"unlearn_fast: warning: {args.resume} was trained with " + ", ".join(changed) + "; the continued run "
+              "is not the one the interrupted run would have made")
     if start_epoch >= args.epochs:
         raise ValueError(f"{args.resume} already finished epoch {start_epoch - 1} of --epochs {args.epochs}")
     progress = ({k: pos[k] for k in ("epoch_sums", "epoch_steps", "epoch_lr_sum")}
                 if start_step and "epoch_sums" in pos else None)
     return start_epoch, start_step, progress
+
+
+# flags that change the numbers of the steps still to come (the seed has its own warning, mid-epoch)
+_TRAJECTORY_FLAGS = ("precision", "batch_size", "accum_iter", "forget_per_batch", "max_steps_per_epoch", "epochs",
+                     "warmup_epochs", "blr", "min_lr", "weight_decay", "grad_clip", "forget_alpha", "retain_alpha",
+                     "noise_type", "input_size", "mask_ratio", "mask_ratio_min", "mask_ratio_max", "mask_ratio_mu",
+                     "mask_ratio_std")
+
+
+def _changed_trajectory_flags(ckpt: dict, args) -> list:
+    """``--flag SAVED (now NEW)`` for each trajectory flag of one of our checkpoints that this run changes."""
+    saved = ckpt.get("args")
+    if "unlearn_fast" not in ckpt or not isinstance(saved, dict):
+        return []
+    return [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in _TRAJECTORY_FLAGS
+            if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
 
 
 def _worker_error_cleaned(exc: Exception):
@@ -285,8 +314,15 @@ def _stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a DataLoader worker forked during the run (Ctrl-C signals the whole group):
+            # the main process stops the run and its workers; raised here, RunStopped would print the worker's
+            # traceback when it lands during the worker's start-up
+            if signum == signal.SIGTERM:
+                raise SystemExit(0)
+            return
         _stop_signal.append(signum)
         raise RunStopped(signum)
 
@@ -328,21 +364,20 @@ def loader_batches(loader):
 
 
 def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
-    """Rank 0 picks the run directory (its name holds a timestamp), checks that it can write there and
-    writes opt.yaml; every rank gets the same (path, created by this run), or the same error."""
+    """Rank 0 creates the run directory (its name holds a timestamp; a folder of that name that exists, e.g.
+    another run's started in the same second, is never shared: see ``create_run_dir``), checks that it can
+    write there and writes opt.yaml; every rank gets the same (path, created by this run), or the same error."""
     outcome = None
     if ctx.is_main:
-        run_dir = os.path.join(args.output_dir, run_dir_name(args, baseline))
-        existed = os.path.isdir(run_dir)
+        run_dir = None
         try:
-            check_output_dir(run_dir)
+            run_dir = create_run_dir(args.output_dir, lambda: run_dir_name(args, baseline))
             # as the reference, whose args.output_dir and log_dir are the run directory when it dumps them
             args_dict["log_dir"] = args_dict["output_dir"] = run_dir
-            # appended, as the reference does (a second run started in the same second shares the folder)
             write_opt_yaml(run_dir, args_dict)
-            outcome = ("ok", run_dir, not existed)
+            outcome = ("ok", run_dir, True)
         except BaseException as e:  # a bad folder (ValueError), or a signal while creating it
-            if not existed:
+            if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
             if not isinstance(e, ValueError):
                 raise
@@ -474,6 +509,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                      lr=lr, lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
                      world_size=world)
     run_dir, created = prepare_run_dir(args, baseline, ctx, args_dict)
+    saved = []  # checkpoint files of this run, oldest first
     try:  # from here on a failure or a signal removes a run directory that holds no checkpoint yet
         args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
         if ctx.is_main:
@@ -505,13 +541,22 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                    output_dir=run_dir, args_dict=args_dict, step_mode=mode, readback_every=args.readback_every,
                    progress=not args.no_progress and ctx.is_main, forget_per_batch=args.forget_per_batch,
                    batch_size=args.batch_size, image_shape=image_shape, save_every_steps=args.save_every_steps,
-                   epoch_progress=epoch_progress, dist=ctx, on_epoch_end=evaluator)
+                   epoch_progress=epoch_progress, dist=ctx, on_epoch_end=evaluator, on_checkpoint=saved.append)
     except BaseException:
         if ctx.is_main and created and not _has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
             print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
+        if ctx.is_main:
+            _print_how_to_continue(saved[-1] if saved else (args.resume if resume_ckpt is not None else None))
         raise
     return run_dir
+
+
+def _print_how_to_continue(checkpoint) -> None:
+    """After a run stopped early: the checkpoint to continue from (stderr, beside the CLI's error line)."""
+    if checkpoint:
+        print(f"unlearn_fast: to continue, run the same command with --resume {checkpoint}", file=sys.stderr,
+              flush=True)
 
 
 def report_token_disagreement(setup, dataset, batch_size: int) -> float:

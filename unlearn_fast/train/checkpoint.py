@@ -18,7 +18,9 @@ the new lines, to a temporary file, then renamed. A write that fails (disk full,
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import tempfile
 from typing import Dict, Optional
 
@@ -104,9 +106,12 @@ def atomic_link_or_copy(src: str, dst: str) -> None:
         return
     try:
         os.replace(tmp, dst)
-    except OSError as e:
-        os.unlink(tmp)
-        raise OutputWriteError(f"cannot write {dst}: {e.strerror or e}") from None
+    except BaseException as e:  # also a signal between the link and the rename: no stray temporary link
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputWriteError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise
 
 
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
@@ -214,19 +219,55 @@ def accumulated_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def restore_accumulated_grads(model: nn.Module, ckpt: dict) -> None:
-    grads = (ckpt.get("unlearn_fast") or {}).get("accumulated_grads") or {}
+    pos = ckpt.get("unlearn_fast")
+    grads = (pos.get("accumulated_grads") if isinstance(pos, dict) else None) or {}
+    if not isinstance(grads, dict):
+        raise CheckpointError(f"the accumulated gradients in the checkpoint are a {type(grads).__name__}, not a dict")
     params = dict(model.named_parameters())
     for name, g in grads.items():
-        if name not in params or params[name].shape != g.shape:
+        if name not in params or not torch.is_tensor(g) or params[name].shape != g.shape:
             raise CheckpointError(f"accumulated gradient {name!r} in the checkpoint does not fit the model")
         params[name].grad = g.to(params[name].device, params[name].dtype).clone()
 
 
-def resume_position(ckpt: dict) -> dict:
+def _whole_number(value, what: str, path: str, least: int = 0) -> int:
+    """``value`` as an int >= ``least`` (an int, an integral float, a digit string or a one-element tensor),
+    else a CheckpointError naming ``path``."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < least):
+        raise CheckpointError(f"checkpoint {path!r} is damaged: its {what} is {value!r}, not a whole number "
+                              f">= {least}")
+    return int(value)
+
+
+def resume_position(ckpt: dict, path: str = "") -> dict:
     """Where a checkpoint continues: its saved ``'unlearn_fast'`` position plus ``start_epoch`` and
-    ``start_step_in_epoch`` (an official or epoch-end file: the start of the epoch after ``ckpt['epoch']``)."""
+    ``start_step_in_epoch`` (an official or epoch-end file: the start of the epoch after ``ckpt['epoch']``).
+    A position that is not whole numbers >= 0 (a damaged or hand-edited file) is a CheckpointError naming
+    ``path``: a negative epoch would otherwise train with a negative lr."""
     pos = ckpt.get("unlearn_fast")
-    pos = dict(pos) if isinstance(pos, dict) else {}
-    pos["start_epoch"] = int(pos.get("next_epoch", int(ckpt.get("epoch", -1)) + 1))
-    pos["start_step_in_epoch"] = int(pos.get("step_in_epoch", 0))
+    if pos is not None and not isinstance(pos, dict):
+        raise CheckpointError(f"checkpoint {path!r} is damaged: its 'unlearn_fast' entry is a "
+                              f"{type(pos).__name__}, not the saved position")
+    pos = dict(pos or {})
+    if "next_epoch" in pos:
+        pos["start_epoch"] = _whole_number(pos["next_epoch"], "'unlearn_fast' next_epoch", path)
+    else:  # the reference's 'epoch' is the last finished one (-1: none)
+        pos["start_epoch"] = _whole_number(ckpt.get("epoch", -1), "'epoch'", path, least=-1) + 1
+    pos["start_step_in_epoch"] = _whole_number(pos.get("step_in_epoch", 0), "'unlearn_fast' step_in_epoch", path)
+    for key in ("steps_per_epoch", "seed", "epoch_steps"):
+        if pos.get(key) is not None:
+            pos[key] = _whole_number(pos[key], f"'unlearn_fast' {key}", path)
+    sums = pos.get("epoch_sums")
+    if sums is not None and not (isinstance(sums, (list, tuple)) and len(sums) == 3
+                                 and all(isinstance(v, (int, float)) for v in sums)):
+        raise CheckpointError(f"checkpoint {path!r} is damaged: its 'unlearn_fast' epoch_sums is {sums!r}, "
+                              "not three numbers")
+    lr_sum = pos.get("epoch_lr_sum")
+    if lr_sum is not None and (isinstance(lr_sum, bool) or not isinstance(lr_sum, (int, float))):
+        raise CheckpointError(f"checkpoint {path!r} is damaged: its 'unlearn_fast' epoch_lr_sum is {lr_sum!r}")
     return pos

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from .checkpoint import atomic_append_text
@@ -38,6 +39,44 @@ def check_output_dir(path: str) -> None:
     finally:
         if os.path.exists(probe):
             os.unlink(probe)
+
+
+# a run directory's name holds the time to the second; runs started in the same second wait for the next one
+RUN_DIR_NAME_TRIES = 30
+
+
+def create_run_dir(output_dir: str, name) -> str:
+    """Create the new run directory ``output_dir/name()`` (``name``: e.g. ``lambda: run_dir_name(args)``) and
+    return its path; a ValueError names a folder that cannot be created or written.
+
+    The folder is made with an exclusive ``mkdir``: the reference lets a second run started in the same second
+    (same timestamp) write into the first one's folder, so their checkpoints overwrite each other and their
+    log lines interleave. Here that run waits for the next second's name instead (still the reference's
+    format). A failure or a signal after the mkdir removes the folder again."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output directory {output_dir!r}: {e.strerror}") from None
+    for _ in range(RUN_DIR_NAME_TRIES):
+        taken = name()
+        path = os.path.join(output_dir, taken)
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # another run's (or one that ended within this second)
+            deadline = time.monotonic() + 2.0
+            while name() == taken and time.monotonic() < deadline:
+                time.sleep(0.05)
+            continue
+        except OSError as e:
+            raise ValueError(f"cannot create run directory {path!r}: {e.strerror}") from None
+        try:
+            check_output_dir(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return path
+    raise ValueError(f"cannot create a new run directory in {output_dir!r}: the names of the last "
+                     f"{RUN_DIR_NAME_TRIES} seconds are taken (other runs writing there?)")
 
 
 def write_opt_yaml(output_dir: str, args_dict: dict) -> None:

@@ -124,7 +124,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                save_every_epoch: bool = True, noise_seed: Optional[int] = None, forget_per_batch: Optional[int] = None,
                batch_size: Optional[int] = None, image_shape=None, on_epoch_end: Optional[Callable] = None,
                save_every_steps: Optional[int] = None, epoch_progress: Optional[dict] = None,
-               dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False) -> List[dict]:
+               dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False,
+               on_checkpoint: Optional[Callable[[str], None]] = None) -> List[dict]:
     """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
     ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
     batches, and give the epoch's remaining batches (one that ends early is a ValueError, raised before the
@@ -135,12 +136,15 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     sums) that a resumed run passes back in. ``dist``: several ranks (the student a :class:`DDPStudent`);
     only rank 0 writes and prints. With ``step_mode='graphed'`` the student runs without DDP's reducer and
     the graphed step all-reduces a flat gradient buffer between its two graphs (or, ``all_reduce_in_graph``,
-    inside the first one).
+    inside the first one). ``on_checkpoint(path)``: called after each checkpoint file is complete (the newest
+    one is what a stopped run resumes from).
     """
     if steps_per_epoch < 1:
         raise ValueError("the data gives no full batch: lower --batch_size or add images")
     if save_every_steps is not None and save_every_steps < 1:
         raise ValueError(f"--save_every_steps must be >= 1, got {save_every_steps}")
+    if start_epoch < 0:  # a negative epoch would train at a negative lr (warmup of a negative fraction)
+        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
     if not 0 <= start_step_in_epoch < steps_per_epoch:
         raise ValueError(f"start_step_in_epoch must be in [0, {steps_per_epoch}), got {start_step_in_epoch}")
     dist = dist if dist is not None and dist.enabled else None
@@ -175,8 +179,11 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         grads = accumulated_grads(setup.student) if graphed is None else {}
         if grads:  # only at an epoch end that is not an update (mid-epoch saves follow an update)
             position["accumulated_grads"] = grads
-        return save_unlearn_checkpoint(output_dir, epoch_done, setup.student, setup.optimizer, setup.scaler,
+        path = save_unlearn_checkpoint(output_dir, epoch_done, setup.student, setup.optimizer, setup.scaler,
                                        args_dict, trainable_names, position, tag=tag, safetensors=safetensors)
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+        return path
 
     history = []
     accum = setup.accum_iter
@@ -254,6 +261,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                 last_path = os.path.join(output_dir, "checkpoint-last.pth")
                 if path is not None:
                     atomic_link_or_copy(path, last_path)
+                    if on_checkpoint is not None:
+                        on_checkpoint(last_path)
                 else:
                     save("last", epoch, position, safetensors=False)
             append_log_line(output_dir, stats)
