@@ -29,12 +29,12 @@ import torch
 
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import per_image_errors
-from ..train.checkpoint import atomic_write_text
+from ..train.checkpoint import atomic_write_text, load_checkpoint_file, load_model_state, model_state_from
 from ..train.data_split import FORGET_LABEL, seeded_shuffle
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.seeding import derive_seed
-from .unlearn_command import class_lists, load_model_from, resolve_device, select_data
+from .unlearn_command import build_model, class_lists, resolve_device, select_data
 
 AUDIT_FILE = "forget_audit.json"
 
@@ -44,8 +44,11 @@ def read_run_args(run_dir: str) -> dict:
     path = os.path.join(run_dir, "opt.yaml")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} is not an unlearning run directory (no opt.yaml)")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not readable (not UTF-8 text: {e})") from None
     dec, pos, last = json.JSONDecoder(), 0, None
     while True:
         while pos < len(text) and text[pos].isspace():
@@ -66,6 +69,20 @@ def latest_checkpoint(run_dir: str) -> str:
     if not found:
         raise ValueError(f"{run_dir} has no checkpoint-<epoch>.pth yet; pass --checkpoint")
     return os.path.join(run_dir, max(found)[1])
+
+
+def load_audited_model(args, path: str, teacher: str):
+    """The model of checkpoint ``path``. A file of the trained parameters only (``checkpoint-<e>.safetensors``,
+    ``best.pth``) is laid over the teacher's weights: everything else was frozen during unlearning."""
+    model = build_model(args)
+    state = model_state_from(load_checkpoint_file(path), path)
+    own = model.state_dict()
+    if state and path != teacher and set(state) < set(own):  # a proper subset of the keys: trained params only
+        full = dict(model_state_from(load_checkpoint_file(teacher), teacher))
+        full.update(state)
+        state = full
+    load_model_state(model, state, path)
+    return model
 
 
 def _pick(paths: List[str], count: int, seed: int, what: str) -> List[str]:
@@ -110,7 +127,7 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
             "retain": (_pick(train["retain"], images, args.seed, "retain"), held.retain)}
 
     dev = resolve_device(device)
-    models = {when: load_model_from(args, path).to(dev).eval()
+    models = {when: load_audited_model(args, path, teacher).to(dev).eval()
               for when, path in (("before", teacher), ("after", checkpoint))}
     errors = {w: {} for w in models}
     for name, (seen, unseen) in sets.items():
@@ -146,7 +163,8 @@ def audit_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast audit", description="forget audit (membership AUC) of a run, "
                                                                        "before and after unlearning")
     p.add_argument("run_dir")
-    p.add_argument("--checkpoint", default=None, help="the unlearned model (default: the last checkpoint-<e>.pth)")
+    p.add_argument("--checkpoint", default=None, help="the unlearned model (default: the last checkpoint-<e>.pth); "
+                   "a file of the trained parameters only (.safetensors, best.pth) is laid over the teacher")
     p.add_argument("--teacher", default=None, help="the original model (default: the run's teacher checkpoint)")
     p.add_argument("--images", type=int, default=64, help="images per group (seen / unseen) and per set")
     p.add_argument("--data_path", default=None, help="the run's data folder, if it moved")
@@ -158,4 +176,4 @@ def audit_main(argv: List[str]) -> int:
     return 0
 
 
-__all__ = ["run_audit", "audit_main", "read_run_args", "format_audit", "AUDIT_FILE"]
+__all__ = ["run_audit", "audit_main", "read_run_args", "format_audit", "load_audited_model", "AUDIT_FILE"]

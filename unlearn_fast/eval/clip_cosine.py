@@ -5,8 +5,9 @@ score = mean_i < g_i / |g_i| , o_i / |o_i| >   over pairs (generated_i, original
 Embedding follows ``clip_embed.py``: the open_clip eval preprocess on the PIL image as read, then, for
 BGR-on-disk generated files, a channel flip *after* the preprocess (so CLIP's per-channel normalisation was
 applied in BGR order: a reference quirk kept for comparable numbers; ``flip_after_preprocess=False``
-flips before instead). Embeddings are L2-normalised in float32 (as the reference), and the cosine is
-accumulated in float64 (the reference reads them back from text files as float64).
+flips before instead). Embeddings are L2-normalised in float32 (as the reference), and the score is the mean
+of the plain dot products of those float32 unit rows, accumulated in float64 (the reference reads them back
+from text files as float64 and does not normalise again).
 """
 from __future__ import annotations
 
@@ -95,10 +96,11 @@ def clip_cosine_for_pairs(pairs: Sequence[ImagePair], model: torch.nn.Module, pr
         raise ValueError("no image pairs to compare")
     gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
                        batch_size=batch_size, device=device)
-    if original_embeddings is None:
+    given = original_embeddings is not None  # given rows may not be unit length: normalise those
+    if not given:
         original_embeddings = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
                                            batch_size=batch_size, device=device)
-    return paired_cosine_mean(gen, original_embeddings), gen, np.asarray(original_embeddings)
+    return (paired_cosine_mean(gen, original_embeddings, normalize=given), gen, np.asarray(original_embeddings))
 
 
 def save_embeddings(path: str, embeddings: np.ndarray, names: Sequence[str] | None = None) -> None:

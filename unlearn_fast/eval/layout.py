@@ -104,7 +104,7 @@ def collect_mage_pairs(dst: str, split: str, prefix: str, data_root: str, *,
     pairs, skipped = [], []
     for wnid in sorted(os.listdir(split_dir)):
         wnid_dir = os.path.join(split_dir, wnid)
-        if not os.path.isdir(wnid_dir):
+        if wnid.startswith(".") or not os.path.isdir(wnid_dir):  # the reference's glob "*/" skips hidden folders
             continue
         for fname in sorted(os.listdir(wnid_dir)):
             path = os.path.join(wnid_dir, fname)

@@ -28,7 +28,7 @@ from .frechet import fid_from_features
 from .inception_score import inception_score_from_probs
 from .preprocess import cleanfid_input, mage_is_input, places365_is_input, upsample_for_inception
 
-__all__ = ["cleanfid_features", "classifier_probs", "run_eval", "run_clip_eval", "run_palette_eval",
+__all__ = ["cleanfid_features", "classifier_probs", "originals_root", "run_eval", "run_clip_eval", "run_palette_eval",
            "run_palette_clip_eval"]
 
 
@@ -67,6 +67,18 @@ def _batches(paths, load, batch_size: int, num_workers: int):
         yield batch
 
 
+def _check_csv_target(csv_dir: str, csv_name: str) -> None:
+    """Fail before any network runs if the CSV cannot be appended there (a file where the folder should be)."""
+    path = os.path.join(csv_dir, csv_name)
+    if os.path.isdir(path):
+        raise ValueError(f"the CSV path {path} is a folder; pass another csv_dir (--csv_dir)")
+    probe = os.path.abspath(csv_dir)
+    while not os.path.exists(probe):  # the nearest existing ancestor must be a folder: the rest is created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"csv_dir (--csv_dir) {csv_dir} is not a folder: {probe} is a file")
+
+
 def _check_counts(n: int, what: str, splits: int | None) -> None:
     """FID needs two images for a covariance; the IS needs one per split (checked before any work)."""
     if n < 2:
@@ -86,8 +98,21 @@ def _warn_uneven(plan: dict, where: str) -> None:
                   "was the generation interrupted?", file=sys.stderr)
 
 
+def originals_root(dst: str, data_root: str) -> str:
+    """The folder holding ``<wnid>/<name>`` originals: ``data_root`` (eval.py's ``.../imagenet1k/val/``), or its
+    ``val/`` when only that has the generated class folders (clip_embed.py's ``--data_root ../dataset/imagenet1k/``)."""
+    wnids = {w for split in layout.SPLITS if os.path.isdir(os.path.join(dst, split))
+             for w in os.listdir(os.path.join(dst, split)) if not w.startswith(".")}
+    val = os.path.join(data_root, "val")
+    if wnids and not any(os.path.isdir(os.path.join(data_root, w)) for w in wnids) and any(
+            os.path.isdir(os.path.join(val, w)) for w in wnids):
+        return val
+    return data_root
+
+
 def _mage_plan(dst: str, data_root: str, modes, name_pattern: str, splits: int | None) -> dict:
     """{(mode, k): {split: pairs}} for every ratio, collected and checked before any network runs."""
+    data_root = originals_root(dst, data_root)
     plan = {}
     for mode, k in modes:
         prefix = layout.generated_prefix(mode, k)
@@ -163,7 +188,8 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     """FID and IS of a MAGE generation folder, one ``fid_is_eval_{task}.csv`` row per (mode, ratio).
 
     dst: the ``<ckpt>-<task>/`` folder with ``retain/`` and ``forget/``; data_root: the ImageNet ``val/``
-    folder with the uncropped originals (``<data_root>/<wnid>/<name>``). FID compares the generated images
+    folder with the uncropped originals (``<data_root>/<wnid>/<name>``; the ImageNet root works too, see
+    :func:`originals_root`). FID compares the generated images
     (BGR on disk unless ``generated_bgr=False``) with the originals, clean-fid style; IS is the torchvision
     Inception-v3 score of the generated images. Weights come from local files (see feature_extractors).
     ``allow_pickle`` lets the Inception state dict be unpickled in full (trusted files only).
@@ -173,6 +199,7 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     Returns the rows as dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
     """
     modes = list(modes) if modes is not None else layout.eval_modes(task)
+    _check_csv_target(csv_dir, csv_rows.fid_is_csv_name(task))
     dev = _device(device)
     fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
     is_model = load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle)
@@ -199,6 +226,8 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
                   name_pattern: str = "ILSVRC2012_*.JPEG") -> list[dict]:
     """CLIP cosine of a MAGE generation folder, one ``clip_cosine_{task}.csv`` row per (mode, k in {4, 8}).
 
+    data_root: the ImageNet ``val/`` folder, or the ImageNet root as clip_embed.py takes it (``<root>/val/``).
+
     Embeddings are written for the T-SNE: ``<img_folder>/<mode>_<k>_{retain,forget}_clip_norm_5k.<fmt>``
     and the originals' ``<img_folder>/original_{retain,forget}_clip_norm_5k.<fmt>`` (fmt ``npy`` or ``txt``).
     Returns rows {"name", "retain": cosine, "forget": cosine}.
@@ -206,6 +235,7 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
     if embeddings_format not in ("npy", "txt"):
         raise ValueError(f"embeddings_format must be 'npy' or 'txt', got {embeddings_format!r}")
     modes = list(modes) if modes is not None else layout.clip_modes(task)
+    _check_csv_target(csv_dir, csv_rows.clip_cosine_csv_name(task))
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
     plan = _mage_plan(img_folder, data_root, modes, name_pattern, None)
@@ -222,7 +252,7 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
             orig = np.stack([cache[p.original] for p in pairs])
             gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
                                batch_size=batch_size, device=dev)
-            row[split] = paired_cosine_mean(gen, orig)
+            row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
             names = [f"{p.folder}/{p.name}" for p in pairs]
             save_embeddings(os.path.join(img_folder, f"{mode}_{k}_{split}_clip_norm_5k.{embeddings_format}"),
                             gen, names)
@@ -249,6 +279,7 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
     """
     if is_model not in ("places365", "inception"):
         raise ValueError(f"is_model must be 'places365' or 'inception', got {is_model!r}")
+    _check_csv_target(csv_dir, csv_rows.fid_is_csv_name(None))
     split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     plan = {}
     for split in layout.SPLITS:
@@ -276,6 +307,7 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
                           clip_weights: str | None = None, csv_dir: str = ".", device=None,
                           batch_size: int = 64) -> dict:
     """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row."""
+    _check_csv_target(csv_dir, csv_rows.clip_cosine_csv_name(None))
     split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     plan = {}
     for split in layout.SPLITS:
@@ -292,7 +324,7 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
                            batch_size=batch_size, device=dev)
         orig = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
                             batch_size=batch_size, device=dev)
-        row[split] = paired_cosine_mean(gen, orig)
+        row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
         save_embeddings(os.path.join(dst, f"{split}_clip_norm.npy"), gen, [p.name for p in pairs])
     csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(None)),
                                 [csv_rows.clip_cosine_row(dst, row["retain"], row["forget"])])

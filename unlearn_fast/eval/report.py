@@ -51,6 +51,14 @@ def format_number(value) -> str:
     return str(value)
 
 
+def _finite(value) -> bool:
+    """A plottable number: finite as a float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
 def _esc(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -97,8 +105,7 @@ def _tick_label(t: float, ticks: list[float]) -> str:
 def svg_line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str,
                    width: int = 640, height: int = 300) -> str:
     """An inline ``<svg>`` with one polyline per named series of (x, y) points; non-finite points are dropped."""
-    clean = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
-             for name, pts in series.items()}
+    clean = {name: [(float(x), float(y)) for x, y in pts if _finite(x) and _finite(y)] for name, pts in series.items()}
     clean = {k: v for k, v in clean.items() if v}
     left, right, top, bottom = 70, 160, 30, 45
     pw, ph = width - left - right, height - top - bottom
@@ -218,7 +225,7 @@ def _audit_section(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             audit = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         return f'<h2>Forget audit</h2><p class="note">{_esc(path)} is unreadable: {_esc(e)}</p>'
     rows = []
     for key, label in (("forget", "forget classes"), ("retain_control", "retain classes (control)")):
@@ -254,7 +261,7 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
         try:
             with open(metrics_path, encoding="utf-8") as f:
                 metrics = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # json.JSONDecodeError or UnicodeDecodeError
             raise ValueError(f"{metrics_path} is not valid JSON: {e}") from e
         if not isinstance(metrics, dict):
             raise ValueError(f"{metrics_path} must hold a JSON object")
@@ -283,6 +290,11 @@ def write_report(run_dir: str, out_html: str | None = None, *, title: str | None
     if os.path.isdir(out_html):
         raise ValueError(f"the report path is a folder, not an .html file: {out_html}")
     folder = os.path.dirname(os.path.abspath(out_html))
+    probe = folder
+    while not os.path.exists(probe):  # the nearest existing ancestor must be a folder: the rest is created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"cannot write the report to {out_html}: {probe} is a file, not a folder")
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)
     try:

@@ -179,7 +179,7 @@ def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
 
 def _find_one(folder: str, stem_pattern: str) -> str:
     for ext in (".npy", ".txt"):
-        hits = sorted(glob.glob(os.path.join(folder, stem_pattern + ext)))
+        hits = sorted(glob.glob(os.path.join(glob.escape(folder), stem_pattern + ext)))  # "[" in a path is literal
         if hits:
             return hits[0]
     raise FileNotFoundError(f"no embedding file {stem_pattern}.npy or .txt in {folder}")
@@ -209,6 +209,9 @@ def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size:
         raise ValueError(f"the embedding files differ in dimension: {dims}")
     sets = [s[::stride] for s in sets]
     x = np.concatenate(sets)  # [4 * n, D]
+    if x.shape[0] <= 20:  # the reference perplexity
+        raise ValueError(f"t-SNE needs more than 20 points: every {stride}-th row of the four embedding files "
+                         f"gives {x.shape[0]} ({', '.join(str(len(s)) for s in sets)}); lower the stride (--stride)")
     labels = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])
     y = tsne_embed(x, seed=seed, backend=backend)
     return plot_tsne(y, labels, out_stem, title=title)
