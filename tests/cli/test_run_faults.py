@@ -273,3 +273,19 @@ def test_out_of_memory_is_one_message_with_what_to_change(monkeypatch, capsys):
     monkeypatch.setattr(cli_main, "_run", raise_(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli_main.main(["unlearn"])
+
+
+@pytest.mark.parametrize("exc,needle", [
+    (IsADirectoryError(21, "Is a directory", "out/report.html"), "Is a directory: 'out/report.html'"),
+    (OSError(28, "No space left on device", "run/log.txt"), "No space left on device: 'run/log.txt'"),
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"), "pip install matplotlib"),
+])
+def test_os_errors_and_missing_packages_are_one_message(monkeypatch, capsys, exc, needle):
+    import unlearn_fast.cli.main as cli_main
+
+    def run(*args):
+        raise exc
+    monkeypatch.setattr(cli_main, "_run", run)
+    assert cli_main.main(["tsne"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
