@@ -97,6 +97,9 @@ def test_bad_arguments_are_named(fn):
         fn(a, b[:, :2])
     with pytest.raises(ValueError, match="at least 2"):
         fn(a[..., :1], b[..., :1])
+    with pytest.raises(ValueError, match="one channel"):
+        fn(a[:, :0], b[:, :0])
+    assert fn(a[:0], b[:0]).shape == (0, 3, 3, 4)  # an empty batch is torch's empty result
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="is on"):
             fn(a, b.cuda())

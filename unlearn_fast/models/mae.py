@@ -209,6 +209,9 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
 def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
     cfg = dict(defaults)
     if "input_size" in kwargs:
+        if "img_size" in kwargs and kwargs["img_size"] != kwargs["input_size"]:
+            raise ValueError(f"input_size={kwargs['input_size']!r} and img_size={kwargs['img_size']!r} name one size "
+                             "(input_size is the reference flag's name); give one")
         kwargs["img_size"] = kwargs.pop("input_size")
     for k, v in kwargs.items():  # sizes and counts: a string or float here fails deep inside otherwise
         if k in _INT_ARGS and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):

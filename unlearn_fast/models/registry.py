@@ -25,9 +25,14 @@ def list_models() -> List[str]:
 def create_model(name: str, **kwargs):
     """Build a registered model: ``create_model("mae_micro")``, ``create_model("mage", depth=2)``."""
     _import_families()
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:  # name the model the keyword was meant for, not only its class
+        if "unexpected keyword argument" in str(e):
+            raise TypeError(f"create_model({name!r}): {e}") from e
+        raise
 
 
 def _import_families():

@@ -17,12 +17,12 @@ def forget_mask(is_forget, n: int, device, name: str = "is_forget") -> torch.Ten
     if not torch.is_tensor(is_forget) or is_forget.dim() != 1 or is_forget.shape[0] != n:
         got = tuple(is_forget.shape) if torch.is_tensor(is_forget) else type(is_forget).__name__
         raise ValueError(f"{name} must be a tensor [N] with N = {n}, got {got}")
+    if is_forget.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it has no values)")
     if is_forget.dtype == torch.bool:
         return is_forget.to(device)
     if is_forget.is_floating_point() or is_forget.is_complex():
         raise TypeError(f"{name} must be bool (True = forget), got {is_forget.dtype}; {_HINT}")
-    if is_forget.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device (it has no values)")
     if n and not bool(((is_forget == 0) | (is_forget == 1)).all()):
         bad = sorted({int(v) for v in is_forget[(is_forget != 0) & (is_forget != 1)].unique()[:4].tolist()})
         raise ValueError(f"{name} as an integer tensor must hold only 0 (retain) and 1 (forget), got {bad}; "

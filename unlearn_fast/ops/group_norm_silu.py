@@ -24,6 +24,7 @@ strided x (or channels_last with more than 4096 channels per group) is copied to
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,6 +53,9 @@ def _check_inputs(x, num_groups, weight, bias, eps, silu, out_dtype) -> torch.dt
         raise ValueError(f"x's spatial sizes must be positive (a group needs elements), got shape {tuple(x.shape)}")
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"{channels} channels are not divisible into num_groups={num_groups} groups")
+    if x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:  # torch's group_norm refuses it too
+        raise ValueError(f"x of shape {tuple(x.shape)} with num_groups={num_groups} gives one group of one value: "
+                         "nothing to normalise")
     check_affine(weight, bias, channels, x)
     check_eps(eps)
     if not isinstance(silu, bool):

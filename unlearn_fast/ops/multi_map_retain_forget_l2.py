@@ -39,6 +39,7 @@ def multi_map_retain_forget_l2_loss_reference(features_student: Sequence[torch.T
                                               features_teacher: Sequence[torch.Tensor],
                                               is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch twin, with the reference's masked copies (the test oracle): (retain, forget)."""
+    _check_map_pairs(features_student, features_teacher)  # zip would silently drop unpaired maps
     retain, forget = [], []
     is_forget = forget_mask(is_forget, features_student[0].shape[0], features_student[0].device)
     for fs, ft in zip(features_student, features_teacher):
@@ -133,14 +134,14 @@ class MultiMapRetainForgetL2Function(torch.autograd.Function):
         return (None, None, *outs) + none_teachers
 
 
-def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor:
+def _check_map_pairs(features_student, features_teacher) -> None:
+    """Two equally long, non-empty lists of tensors, map k of one shape ``[N, ...]`` in both (shared by the twin)."""
     for name, maps in (("features_student", features_student), ("features_teacher", features_teacher)):
         if not isinstance(maps, SequenceABC) or isinstance(maps, (str, bytes)):
             raise TypeError(f"{name} must be a list or tuple of tensors, got {type(maps).__name__}")
     if len(features_student) == 0 or len(features_student) != len(features_teacher):
         raise ValueError(f"need the same non-zero number of student and teacher maps, got {len(features_student)} "
                          f"and {len(features_teacher)}")
-    first_s, first_t = features_student[0], features_teacher[0]
     for k, (fs, ft) in enumerate(zip(features_student, features_teacher)):
         if not torch.is_tensor(fs) or not torch.is_tensor(ft):
             raise TypeError(f"map {k}: student and teacher maps must be tensors, got {type(fs).__name__} and "
@@ -148,6 +149,12 @@ def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor
         if fs.shape != ft.shape or fs.dim() < 1:
             raise ValueError(f"map {k}: student {tuple(fs.shape)} vs teacher {tuple(ft.shape)}: need one shape "
                              "[N, ...]")
+
+
+def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor:
+    _check_map_pairs(features_student, features_teacher)
+    first_s, first_t = features_student[0], features_teacher[0]
+    for k, (fs, ft) in enumerate(zip(features_student, features_teacher)):
         if fs.shape[0] != first_s.shape[0]:
             raise ValueError(f"map {k} has N = {fs.shape[0]}, map 0 has N = {first_s.shape[0]}")
         if fs.numel() == 0:

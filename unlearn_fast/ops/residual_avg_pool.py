@@ -33,6 +33,8 @@ def _check_inputs(a, b) -> None:
         raise ValueError(f"a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device}, b on {b.device}")
+    if a.shape[1] < 1:
+        raise ValueError(f"a and b need at least one channel, got shape {tuple(a.shape)}")
     if a.shape[2] < 2 or a.shape[3] < 2:
         raise ValueError(f"a 2x2 pool needs H and W of at least 2, got shape {tuple(a.shape)}")
 

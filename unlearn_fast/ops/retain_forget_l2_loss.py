@@ -31,6 +31,8 @@ reach the guide. The fused op has no second derivative: backward with ``create_g
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -59,7 +61,10 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     # [N, ...] -> [N, T, D] with D the last dim (the norm's dim)
     if x.dim() == 2:
         return x.unsqueeze(1)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    t = 1
+    for size in x.shape[1:-1]:
+        t *= size
+    return x.reshape(x.shape[0], t, x.shape[-1])  # T spelled out: a table with 0 rows cannot infer -1
 
 
 def _row_index(is_forget: torch.Tensor) -> torch.Tensor:
@@ -308,6 +313,8 @@ def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optio
                              f"{tuple(p.shape) if torch.is_tensor(p) else type(p).__name__}")
         if p.device != latent.device:
             raise ValueError(f"{name} is on {p.device}, latent on {latent.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0 (the LayerNorm's), got {eps!r}")
     norm = (norm_weight.detach(), norm_bias.detach(), float(eps))
     return _compact_loss(latent, guide_hidden_rows, noise_hidden_rows, is_forget, row_index,
                          ("guide_hidden_rows", "noise_hidden_rows"), norm)

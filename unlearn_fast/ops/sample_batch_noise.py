@@ -18,6 +18,7 @@ Two ways to draw:
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Optional, Tuple, Union
 
@@ -55,6 +56,9 @@ def _check_key(value, name: str, bits: int):
 
 def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased std over all elements, as fp32 0-d tensors (fp64 accumulation on CPU)."""
+    if not torch.is_tensor(images) or images.numel() == 0:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a non-empty tensor, got {got}")
     x = images.detach()
     if choose_backend(x.device, "batch_mean_std") == "triton":  # CUDA, or forced (CPU: Triton's interpreter)
         return triton_kernels().batch_mean_std(x)
@@ -97,6 +101,9 @@ def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Op
         raise ValueError("images must be a non-empty tensor")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point, got {images.dtype}")
+    if not all(isinstance(v, numbers.Real) or (torch.is_tensor(v) and v.numel() == 1) for v in (low, high)):
+        raise TypeError(f"low and high must be numbers, got {type(low).__name__} and {type(high).__name__}")
+    low, high = float(low), float(high)  # python or numpy numbers, or 1-element tensors: the kernels take floats
     if not low <= high:
         raise ValueError(f"the clamp range must have low <= high, got low={low}, high={high}")
     if generator is not None:

@@ -7,13 +7,14 @@ from ..objective import (max_loss, noisy_label_loss, random_encoder_loss, random
                          retain_label_loss)
 from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
-from .step_reference import StepOutput, check_finite, optimizer_update
+from .step_reference import StepOutput, check_finite, check_step_inputs, optimizer_update
 from .unlearn_setup import UnlearnSetup
 
 
 def baseline_step(setup: UnlearnSetup, images: torch.Tensor, is_forget: torch.Tensor, step: int,
                   update: bool = True) -> StepOutput:
     student, teacher, dev = setup.student, setup.teacher, setup.device
+    is_forget = check_step_inputs(images, is_forget, step)  # ±1 / ±100 labels refused, not read as all-forget
     images = images.to(dev, non_blocking=True)
     is_forget = is_forget.to(dev, torch.bool, non_blocking=True)
     seed_step_globals(setup.seed, setup.rank, step)

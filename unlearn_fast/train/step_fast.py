@@ -24,7 +24,7 @@ from .fast_path_switches import fast_path_switches
 from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
-from .step_reference import StepOutput, optimizer_update
+from .step_reference import StepOutput, check_step_inputs, optimizer_update
 from .teacher_guides import teacher_hidden
 from .teacher_stream import student_beside_teacher, teacher_stream_for
 from .unlearn_setup import UnlearnSetup
@@ -70,12 +70,14 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
 
 def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Tensor, step: int,
               update: bool = True, noise_seed: Optional[int] = None) -> StepOutput:
-    """One micro-step. ``is_forget_cpu [N]`` must be the batch's labels on the host.
+    """One micro-step. ``is_forget_cpu [N]``: the batch's forget mask on the host, bool (True = forget) or integer
+    0/1 (the reference's ±100 labels are refused: pass ``labels < 100``).
 
     ``noise_seed``: None draws the noise from the (seed, rank, step) generator exactly as the reference
     step does; an int uses the fused counter-based Philox sampler keyed by (noise_seed, step).
     """
     student, teacher, dev = setup.student, setup.teacher, setup.device
+    is_forget_cpu = check_step_inputs(images, is_forget_cpu, step)  # bool: its row split is exact
     images = images.to(dev, non_blocking=True)
     forget_rows = forget_row_indices(is_forget_cpu, dev)
     is_forget = is_forget_cpu.to(dev, torch.bool, non_blocking=True)

@@ -6,12 +6,13 @@ only small things happen outside the graph: the H2D copy of the images, the task
 (seed, rank, step) generator) copied into static buffers, the lr written into the optimizer's lr tensor
 and the step counter the fused Philox noise reads. Inside the graph: student forward (autocast),
 pruned teacher and fused noise (on a side stream: a parallel branch of the graph), fused loss, backward,
-unscale, clip, fused AdamW (skipped on inf/NaN grads), scaler update, and the loss sums the trainer reads
-back every N steps. No host sync.
+unscale, clip, fused AdamW (skipped on inf/NaN grads under fp16 loss scaling), scaler update, and the loss
+sums the trainer reads back every N steps. No host sync.
 
 The first ``warmup`` steps run the same body eagerly on a side stream (real training steps; CUDA needs
 them before capture), so the trajectory is that of the fast eager step. Batches that do not have
-exactly F forget rows run the eager fast step instead, with a one-time notice.
+exactly F forget rows, or not N rows, run the eager fast step instead, with a one-time notice; images of another
+shape than the graph's ``image_shape`` are refused (build a new step for them).
 
 Several ranks (``dist``): DDP's reducer hooks cannot be captured, so the student runs without them
 (``DDPStudent.use_flat_grads()``) and the gradients live in one flat buffer (:mod:`flat_grads`). The step
@@ -35,7 +36,7 @@ from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, student_and_teacher
 from .teacher_stream import teacher_stream_for
-from .step_reference import optimizer_update
+from .step_reference import check_step_inputs, optimizer_update
 from .unlearn_setup import UnlearnSetup
 
 
@@ -50,7 +51,11 @@ class GraphedUnlearnStep:
     def __init__(self, setup: UnlearnSetup, batch_size: int, num_forget: int, image_shape, noise_seed: int,
                  warmup: int = 3, dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False):
         if setup.device.type != "cuda":
-            raise ValueError("CUDA-graph steps need a CUDA device")
+            raise ValueError(f"CUDA-graph steps need a CUDA device, the setup is on {setup.device}; use fast_step "
+                             "(step_fast.py) there")
+        if not 0 <= num_forget <= batch_size or batch_size < 1:
+            raise ValueError(f"need 0 <= num_forget <= batch_size and batch_size >= 1, got num_forget={num_forget}, "
+                             f"batch_size={batch_size}")
         dist = dist if dist is not None and dist.enabled else None
         if all_reduce_in_graph and dist is None:
             raise ValueError("all_reduce_in_graph needs a process group (dist): a single process has no all-reduce")
@@ -65,7 +70,8 @@ class GraphedUnlearnStep:
             raise ValueError("CUDA-graph steps need an optimizer built with capturable=True (tensor lr)")
         self.setup, self.n, self.f = setup, batch_size, num_forget
         dev = setup.device
-        self.x = torch.zeros((batch_size,) + tuple(image_shape), device=dev)  # [N, C, H, W], forget rows first
+        self.image_shape = tuple(int(v) for v in image_shape)  # [C, H, W]: the captured graph's, fixed
+        self.x = torch.zeros((batch_size,) + self.image_shape, device=dev)  # [N, C, H, W], forget rows first
         self.is_forget = torch.arange(batch_size, device=dev) < num_forget
         self.forget_rows = torch.arange(num_forget, device=dev)
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
@@ -125,7 +131,7 @@ class GraphedUnlearnStep:
         f = is_forget_cpu.to("cpu", torch.bool)
         order = torch.cat([f.nonzero().squeeze(1), (~f).nonzero().squeeze(1)])  # forget rows first
         dev = self.x.device
-        staged = images_cpu.to(dev, non_blocking=True)  # pinned host memory -> async copy
+        staged = images_cpu.to(dev, self.x.dtype, non_blocking=True)  # pinned host memory -> async copy
         torch.index_select(staged, 0, order.to(dev, non_blocking=True), out=self.x)
         s = self.setup
         seed_step_globals(s.seed, s.rank, step)
@@ -138,8 +144,20 @@ class GraphedUnlearnStep:
                     self.task[k].copy_(v)
         self.step_t.fill_(step)
 
+    def check_batch(self, images_cpu: torch.Tensor, is_forget_cpu: torch.Tensor, step: int) -> torch.Tensor:
+        """``is_forget_cpu`` as bool; an image shape other than the graph's is an error (its buffers are static:
+        a copy into them would resize them under the graph), another batch size runs eagerly."""
+        is_forget_cpu = check_step_inputs(images_cpu, is_forget_cpu, step)
+        if tuple(images_cpu.shape[1:]) != self.image_shape:
+            raise ValueError(f"the images changed shape: {tuple(images_cpu.shape[1:])} per image, the captured graph "
+                             f"has {self.image_shape}; build a new GraphedUnlearnStep for the new shape")
+        if not images_cpu.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images_cpu.dtype}")
+        return is_forget_cpu
+
     def __call__(self, images_cpu: torch.Tensor, is_forget_cpu: torch.Tensor, step: int, lr: float) -> None:
         s = self.setup
+        is_forget_cpu = self.check_batch(images_cpu, is_forget_cpu, step)
         if images_cpu.shape[0] != self.n or int(is_forget_cpu.sum()) != self.f:
             self._eager_fallback(images_cpu, is_forget_cpu, step, lr)
             return

@@ -9,12 +9,13 @@ non-finite check every step, loss scaling, unscale, clip, step, update. Randomne
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
 
 from ..objective import unlearn_loss
-from ..ops import sample_batch_noise
+from ..ops import forget_mask, sample_batch_noise
 from .precision import student_autocast, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .unlearn_setup import UnlearnSetup
@@ -36,8 +37,28 @@ def check_finite(value: float, step: int) -> None:
                                  "The last saved checkpoint is intact.")
 
 
+def check_step_inputs(images, is_forget, step) -> torch.Tensor:
+    """One clear error for what a training step cannot take; returns ``is_forget`` as a bool ``[N]`` on its own
+    device (labels ±1 / ±100 or float would otherwise read as all-forget once cast to bool)."""
+    if not torch.is_tensor(images) or images.dim() < 1 or images.shape[0] == 0:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a non-empty tensor [N, C, H, W], got {got}")
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError("a training step needs autograd: it was called under torch.no_grad() or "
+                           "torch.inference_mode()")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    dev = is_forget.device if torch.is_tensor(is_forget) else "cpu"
+    return forget_mask(is_forget, images.shape[0], dev)
+
+
 def optimizer_update(setup: UnlearnSetup) -> None:
-    """unscale -> clip (global L2 norm) -> step (skipped on inf/NaN grads) -> scaler update -> zero_grad."""
+    """unscale -> clip (global L2 norm) -> step -> scaler update -> zero_grad. The step is skipped on inf/NaN
+    grads only where loss scaling is on (fp16 student); with bf16 / fp32 it is taken, as torch's scaler does."""
     scaler, opt = setup.scaler, setup.optimizer
     if setup.grad_clip is not None:
         scaler.unscale_(opt)
@@ -62,6 +83,7 @@ def reference_step(setup: UnlearnSetup, images: torch.Tensor, is_forget: torch.T
     """One micro-step of the paper's objective with reference semantics. ``images [N, C, H, W]``,
     ``is_forget [N] bool``. ``update`` runs the optimizer (every ``accum_iter`` micro-steps)."""
     student, teacher, dev = setup.student, setup.teacher, setup.device
+    is_forget = check_step_inputs(images, is_forget, step)
     images = images.to(dev, non_blocking=True)
     is_forget = is_forget.to(dev, non_blocking=True)
     seed_step_globals(setup.seed, setup.rank, step)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,6 +23,51 @@ def make_teacher(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device must be a torch.device or a name like 'cpu' or 'cuda:0', got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here")
+    return device
+
+
+def _check_model(model, name: str) -> None:
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "encoder_parameter_names", None)):
+        raise TypeError(f"{name} must be a model from unlearn_fast.create_model (an nn.Module with the I2I "
+                        f"protocol, models/adapter.py), got {type(model).__name__}")
+
+
+def _check_teacher(teacher, model) -> None:
+    _check_model(teacher, "teacher")
+    if teacher is model:
+        raise ValueError("teacher is the model itself: the teacher must be a separate frozen copy (omit it to "
+                         "have one made)")
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    t_shapes = {n: tuple(p.shape) for n, p in teacher.state_dict().items()}
+    if shapes != t_shapes:
+        diff = sorted(set(shapes.items()) ^ set(t_shapes.items()))[:4]
+        raise ValueError(f"teacher ({type(teacher).__name__}) and model ({type(model).__name__}) differ in "
+                         f"architecture; first differing state-dict entries: {diff}")
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _check_real(value, name: str, low: Optional[float]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f"{name} must be finite{'' if low is None else f' and >= {low}'}, got {value}")
+    return float(value)
 
 
 def freeze_all_but(model: nn.Module, names) -> None:
@@ -64,6 +111,13 @@ class UnlearnSetup:
     def trainable_params(self):
         return self.trainable
 
+    def __getstate__(self):
+        # the side stream and the bf16 teacher copy are caches made on first use: a CUDA stream and the copy's weak
+        # reference to its source cannot be pickled, and a deep copy must make its own
+        state = dict(self.__dict__)
+        state["teacher_stream"] = state["half_teacher"] = None
+        return state
+
 
 def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float = 0.05, precision="reference",
                 retain_alpha=1.0, forget_alpha=0.0, noise_type="normal", grad_clip=3.0, accum_iter=1, seed=0,
@@ -71,21 +125,39 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
                 tokenizer_channels_last=False, fuse_block_norms=False) -> UnlearnSetup:
-    """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student)."""
-    device = torch.device(device)
+    """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student).
+
+    ``model``: a registered I2I model (:func:`unlearn_fast.create_model`); the encoder parameters it marks
+    trainable are trained (``requires_grad=False`` ones, e.g. MAE's fixed ``pos_embed``, stay frozen).
+    ``teacher``: the frozen original (default: a copy of ``model`` made now); same architecture, another object.
+    """
+    device = _check_device(device)
+    _check_model(model, "model")
     check_precision(precision)
     if noise_type not in NOISE_KINDS:
         raise ValueError(f"unknown --noise_type {noise_type!r}; valid: {', '.join(NOISE_KINDS)}")
     if loss_type is not None:
         check_loss_type(loss_type)
     check_weighting(baseline_weighting)
-    if accum_iter < 1:
-        raise ValueError(f"--accum_iter must be >= 1, got {accum_iter}")
+    accum_iter, seed, rank = (_check_int(v, name, low) for v, name, low in
+                              ((accum_iter, "--accum_iter", 1), (seed, "--seed", 0), (rank, "rank", 0)))
+    lr, weight_decay, retain_alpha, forget_alpha = (
+        _check_real(v, name, low) for v, name, low in ((lr, "--lr", 0.0), (weight_decay, "--weight_decay", 0.0),
+                                                       (retain_alpha, "--retain_alpha", None),
+                                                       (forget_alpha, "--forget_alpha", None)))
+    if grad_clip is not None and _check_real(grad_clip, "--grad_clip", None) <= 0:
+        raise ValueError(f"--grad_clip must be > 0 (or None: no clipping), got {grad_clip}")
+    if teacher is not None:
+        _check_teacher(teacher, model)
     model = model.to(device)
     teacher = make_teacher(model) if teacher is None else teacher.to(device).eval().requires_grad_(False)
     encoder_only = loss_type is None or TRAINS_ENCODER_ONLY[loss_type]
     if encoder_only:
-        freeze_all_but(model, model.encoder_parameter_names())
+        names = list(model.encoder_parameter_names())
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no trainable encoder parameter (requires_grad is False on "
+                             "all of them): nothing to unlearn; pass a model whose encoder is not frozen")
+        freeze_all_but(model, names)
     # whole-model baselines train what the model leaves trainable (not the tokenizer or fixed pos embeds)
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
