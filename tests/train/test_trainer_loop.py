@@ -188,3 +188,20 @@ def test_log_line_keys_follow_the_reference_per_objective():
         assert list(line) == ["train_lr", "train_loss", "train_retain_loss", "train_forget_loss", "epoch"]
         assert (line["train_retain_loss"], line["train_forget_loss"], line["train_loss"], line["epoch"]) == (1.0, 2.0,
                                                                                                           3.0, 4)
+
+
+def test_every_epoch_trains_in_train_mode(make_mae_micro):
+    """As the reference's train_one_epoch (``model.train(True)``): an epoch-end callback that leaves the student in
+    eval() (dropout off) must not change how the next epoch trains."""
+    data = _data(2)
+    setup = build_setup(make_mae_micro(), "cpu", lr=LR, precision="fp32", forget_alpha=0.5)
+    seen = []
+    real_forward = setup.student.forward_encoder_task
+
+    def spy(*args, **kwargs):
+        seen.append(setup.student.training)
+        return real_forward(*args, **kwargs)
+    setup.student.forward_encoder_task = spy
+    train_loop(setup, lambda e: iter(data[e]), STEPS, epochs=2, lr=LR, step_mode="fast", progress=False,
+               on_epoch_end=lambda *a, **k: setup.student.eval())
+    assert seen == [True] * (2 * STEPS)

@@ -188,6 +188,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     history = []
     accum = setup.accum_iter
     for epoch in range(start_epoch, epochs):
+        setup.student.train(True)  # as the reference's train_one_epoch: a callback may have left it in eval()
         bar = progress_bar(steps_per_epoch, progress and is_main, f"epoch {epoch + 1}/{epochs}")
         first = start_step_in_epoch if epoch == start_epoch else 0
         meter = _EpochMeter(setup.device, graphed, dist, epoch_progress if first else None)
