@@ -7,18 +7,23 @@
     write_paint_outputs(out, "gen", ["retain"] * N, wnids, names, "center", 0.25)
 
 Per image (the reference does one image at a time; here a batch shares one mode and ratio):
-1. pixel mask: ``center`` = a centred square of side ``int(R * r)``; ``outpaint`` = the four borders, each
-   ``int(R * r / 2)`` px wide. Masked pixels are set to the ImageNet mean.
-2. token mask = every token touching a masked pixel, grown by 1 token (a 3x3 dilation on the token grid):
-   36 tokens for r = 0.25 and 100 for r = 0.5 at 256².
+1. pixel mask: ``center`` = a square of side ``int(R * r)`` from ``int(R * 0.5 * (1 - r))``; ``outpaint`` = the
+   four borders, each ``int(R * r * 0.5)`` px wide. Masked pixels are set to the ImageNet mean.
+2. token mask, the reference's rule (``latent_margin`` 1): a pixel rectangle ``[s, e)`` masks the tokens
+   ``[s // p - 1, e // p + 1)`` (p = R / grid) in each direction. That is the touched tokens grown by 1 on the low
+   side, but on the high side only when ``e`` is a multiple of p (otherwise the token holding pixel ``e - 1`` is
+   the last): 36 tokens for r = 0.25 and 100 for r = 0.5 at 256²; asymmetric for odd k of outpaint r = k/16
+   (87 tokens, not 112, at r = 1/16).
 3. the masked image is tokenised; masked tokens become [MASK]; MAGE decoding for ``num_iter`` (20)
    steps: step k has ratio (k+1)/num_iter and schedule cos(π/2 · ratio); steps whose schedule value is ≥
    the initial masked fraction are skipped; each step samples the code of every position from
    softmax(logits[:, 1:, :codebook]), scores unknown positions by ``log p + T (1 - ratio) gumbel``
    (T = choice_temperature 6.0; known positions score log(1e20) + noise, as the reference), and re-masks
    the ``clamp(floor(L cos), 1, #unknown - 1)`` lowest. The last step's samples are decoded by the VQGAN.
-4. composite: soft mask = the pixel mask grown by 14 px, Gaussian-blurred (σ = 7 px, truncated at 3σ,
-   edges replicated); ``out = clamp(gen, 0, 1) · m + masked · (1 - m)``.
+4. composite: soft mask = the pixel mask grown by 14 px, as 8-bit image blurred by PIL's
+   ``GaussianBlur(radius=7)`` and read back as ``uint8 / 255`` (the reference's exact steps; a true Gaussian
+   with σ = 7 only if PIL is missing); ``out = clamp(gen · m + masked · (1 - m), 0, 1)`` (the reference clips
+   after compositing, not the generation before it).
 Pixel sizes (14, 7) scale with R / 256 so the tiny test model behaves alike.
 
 Randomness: the reference resets ``torch.manual_seed(0)`` / ``np.random.seed(0)`` before every image.
@@ -36,6 +41,7 @@ cv2's encoder (same quality, a different libjpeg setup).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -62,15 +68,17 @@ def paint_settings(task: str) -> List[Tuple[str, float]]:
 
 def pixel_mask(img_size: int, mode: str, ratio: float) -> torch.Tensor:
     """bool [R, R], True = unknown (to be generated)."""
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"ratio must be a number in (0, 1), got {ratio!r}")
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     m = torch.zeros(img_size, img_size, dtype=torch.bool)
     if mode == "center":
         side = int(img_size * ratio)
-        lo = (img_size - side) // 2
+        lo = int(img_size * 0.5 * (1 - ratio))  # testpaint.py's arithmetic (not (R - side) // 2: r = 0.3 differs)
         m[lo:lo + side, lo:lo + side] = True
     elif mode == "outpaint":
-        w = int(img_size * ratio / 2)
+        w = int(img_size * ratio * 0.5)
         m[:] = True
         m[w:img_size - w, w:img_size - w] = False
     else:
@@ -79,14 +87,24 @@ def pixel_mask(img_size: int, mode: str, ratio: float) -> torch.Tensor:
 
 
 def token_mask_from_pixels(pmask: torch.Tensor, grid: int, grow: int = 1) -> torch.Tensor:
-    """bool [grid*grid] (row-major): tokens touching an unknown pixel, dilated by ``grow`` tokens."""
+    """bool [grid*grid] (row-major): the reference's token mask of a union of pixel rectangles.
+
+    A rectangle ``[s, e)`` (per axis) masks tokens ``[s // p - grow, e // p + grow)``, p = size / grid, as
+    testpaint.py. Equivalently: the tokens touching pixels ``[s - grow p, e + (grow - 1) p]``, so the pixel mask
+    is dilated by ``grow p`` px towards lower indices and ``(grow - 1) p + 1`` px towards higher ones (both
+    dilations distribute over the union of the outpaint borders), then pooled to tokens."""
     size = pmask.shape[-1]
+    if pmask.dim() != 2 or pmask.shape[0] != size:
+        raise ValueError(f"expected a square pixel mask [R, R], got {tuple(pmask.shape)}")
     if size % grid:
         raise ValueError(f"image size {size} is not a multiple of the token grid {grid}")
-    t = F.max_pool2d(pmask.float()[None, None], size // grid)  # [1, 1, g, g]
-    if grow > 0:
-        t = F.max_pool2d(t, 2 * grow + 1, stride=1, padding=grow)
-    return t.view(-1) > 0
+    if grow < 1:
+        raise ValueError(f"grow must be >= 1 token (the reference's latent_margin is 1), got {grow}")
+    p = size // grid
+    low, high = grow * p, (grow - 1) * p + 1  # how far a masked pixel reaches to lower / higher indices
+    m = F.pad(pmask.float()[None, None], (high, low, high, low))  # out[i] = max(m[i - high .. i + low])
+    m = F.max_pool2d(m, (low + high + 1), stride=1)  # [1, 1, R, R]
+    return F.max_pool2d(m, p).view(-1) > 0  # [g*g]
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -102,11 +120,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def soft_composite_mask(pmask: torch.Tensor, grow_px: int, sigma: float) -> torch.Tensor:
-    """float [R, R] in [0, 1]: the unknown region dilated by ``grow_px`` then Gaussian-blurred."""
+    """float [R, R] in [0, 1]: the unknown region dilated by ``grow_px``, then blurred as the reference does it:
+    an 8-bit image through PIL's ``GaussianBlur(radius=sigma)`` (three extended box blurs), read back as
+    ``uint8 / 255``. Without PIL: a true Gaussian (within 0.017 of PIL's at σ = 7)."""
     m = pmask.double()[None, None]  # float64 so the flat parts come out exactly 0 and 1
     if grow_px > 0:
         m = F.max_pool2d(m, 2 * grow_px + 1, stride=1, padding=grow_px)
-    return gaussian_blur(m, sigma)[0, 0].clamp(0, 1).float()
+    try:
+        from PIL import Image, ImageFilter
+    except ImportError:  # pragma: no cover - PIL ships with torchvision
+        return gaussian_blur(m, sigma)[0, 0].clamp(0, 1).float()
+    img = Image.fromarray(np.uint8(m[0, 0].cpu().numpy() * 255.0))  # mode "L"; every RGB band blurs the same
+    if sigma > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / np.float32(255.0))
 
 
 def _generators(seeds: Sequence[int], device) -> Tuple[List[torch.Generator], Optional[torch.Tensor]]:
@@ -135,6 +162,8 @@ def mage_decode_tokens(model, ids: torch.Tensor, unknown: torch.Tensor, seeds: S
     """Iterative decoding. ids [N, L] (codes; values at unknown positions are ignored), unknown bool [L]
     shared by the batch. Returns the final code ids [N, L]."""
     n, seq_len = ids.shape
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1 decoding step, got {num_iter}")
     dev = ids.device
     num_unknown0 = int(unknown.sum())  # the token mask lives on the host: no device sync
     unknown = unknown.to(dev)
@@ -178,10 +207,13 @@ def paint_batch(model, images: torch.Tensor, mode: str, ratio: float, seed: Unio
 
     Returns the composited images [N, 3, R, R] in [0, 1]; with ``return_parts`` also a dict with the
     masked input, the raw generation, the soft mask [R, R] and the token mask [L]."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [N, 3, R, R], got {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch of square images [N, 3, R, R], got {tuple(images.shape)}")
     n, _, size, _ = images.shape
-    seeds = [seed] * n if isinstance(seed, int) else list(seed)
+    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):
+        seeds = [int(seed)] * n
+    else:
+        seeds = [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} images")
     pmask = pixel_mask(size, mode, ratio)
@@ -192,9 +224,9 @@ def paint_batch(model, images: torch.Tensor, mode: str, ratio: float, seed: Unio
     masked = torch.where(pm, mean, images)  # [N, 3, R, R]
     ids = model.prepare_inputs(masked)
     codes = mage_decode_tokens(model, ids, tmask, seeds, num_iter, choice_temperature)
-    gen = model.vqgan.decode_ids(codes).float().clamp(0, 1)
+    gen = model.vqgan.decode_ids(codes).float()  # unclamped, as the reference composites it
     soft = soft_composite_mask(pmask, round(_scaled(14, size)), _scaled(7, size)).to(images.device, images.dtype)
-    out = gen.to(images.dtype) * soft + masked * (1 - soft)
+    out = (gen.to(images.dtype) * soft + masked * (1 - soft)).clamp(0, 1)  # the reference clips the composite
     if return_parts:
         return out, dict(masked=masked, generated=gen, soft_mask=soft, token_mask=tmask, codes=codes)
     return out
@@ -216,6 +248,10 @@ def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str
     from PIL import Image
     if channel_order not in ("bgr", "rgb"):
         raise ValueError(f"channel_order must be 'bgr' (reference files) or 'rgb', got {channel_order!r}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()):  # a diverged checkpoint: NaN would be written as black pixels
+        raise ValueError("the generated images hold NaN or inf values (diverged checkpoint?); nothing written")
     if not (len(splits) == len(wnids) == len(names) == images.shape[0]):
         raise ValueError(f"{images.shape[0]} images but {len(splits)} splits, {len(wnids)} wnids, {len(names)} names")
     known = Image.registered_extensions()  # ".png" -> "PNG", ".JPEG" is looked up lower-cased
