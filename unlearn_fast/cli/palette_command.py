@@ -22,6 +22,7 @@ image, a non-finite loss, Ctrl-C) removes its directory again.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 from typing import List, Optional
@@ -230,7 +231,7 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
                       start_epoch) -> None:
     """config.json, then the epochs (everything up to here was checked before the run directory existed)."""
     n_forget = sum(1 for _, lab in items if lab < 0)
-    written = dict(cfg, name=job.opt_name, phase="train", distributed=False)
+    written = dict(config_with_batch(cfg, args.batch), name=job.opt_name, phase="train", distributed=False)
     written["unlearn_fast"] = dict(
         approach=approach, fix_decoder=args.fix_decoder, forget_alpha=args.forget_alpha, max_loss=args.max_loss,
         learn_noise=args.learn_noise, learn_others=args.learn_others,
@@ -258,7 +259,22 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
                        checkpoint_subdir=job.checkpoint_subdir, step_mode=args.step,
                        readback_every=args.readback_every, progress=not args.no_progress, log_iter=job.log_iter,
                        save_checkpoint_epoch=job.save_checkpoint_epoch, start_epoch=start_epoch,
-                       start_iters=resume.iters if resume else 0, save_position=True)
+                       start_iters=resume.iters if resume else 0, save_position=True, ema_start=job.ema_start,
+                       ema_iter=job.ema_iter)
+
+
+def config_with_batch(cfg: dict, batch: Optional[int], phase: str = "train") -> dict:
+    """The config as the reference's parser saves it: ``-b`` replaces datasets.<phase>.dataloader.args.batch_size
+    (a copy; unchanged where -b is not given or that path is not a chain of JSON objects)."""
+    if batch is None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    node = out
+    for key in ("datasets", phase, "dataloader", "args"):
+        node = node.setdefault(key, {}) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node["batch_size"] = int(batch)
+    return out
 
 
 def resume_prefix_of(args, job) -> Optional[str]:
@@ -370,4 +386,4 @@ def palette_test_main(argv: Optional[List[str]] = None) -> int:
 
 __all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
            "palette_test_main", "find_class_list", "read_palette_state", "load_network_file", "resume_prefix_of",
-           "check_ckpt_is_teacher", "debug_subset", "check_training_items"]
+           "check_ckpt_is_teacher", "debug_subset", "check_training_items", "config_with_batch"]

@@ -17,6 +17,8 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     MODEL.optimizers[0].lr            5e-5
     MODEL.optimizers[0].weight_decay  0
     MODEL.ema_scheduler.ema_decay     0.9999; without ema_scheduler (or null): no EMA, no _ema.pth (as the reference)
+    MODEL.ema_scheduler.ema_start     1; the EMA is updated after a step when the images seen so far (the
+    MODEL.ema_scheduler.ema_iter      1  reference's iter) are > ema_start and a multiple of ema_iter
     MODEL.sample_num                  8 (test)
     DS.name                           train: ForgetInpaintDataset | OpenForgetInpaintDataset;
                                       test: TestForgetInpaintDataset ("name" or ["data.dataset", "name"])
@@ -28,7 +30,7 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     DL.batch_size                     REQUIRED unless -b
     DL.num_workers                    4 (--num_workers overrides)
     train.n_epoch                     REQUIRED for training (exactly this many epochs run)
-    train.log_iter                    1e4 (a train/mse_loss line each time this many more images were seen)
+    train.log_iter                    1e4 (a train/mse_loss line when the images seen so far are a multiple of it)
     train.save_checkpoint_epoch       1
     debug                             in debug mode (-d, or "debug" in that name, as the reference) its keys
                                       replace those of "train", and debug.debug_split (an image count, or a
@@ -203,6 +205,8 @@ class PaletteJob:
     checkpoint_subdir: str
     seed: int
     resume_state: Optional[str] = None
+    ema_start: float = 1.0  # the EMA updates after a step iff images seen > ema_start and % ema_iter == 0
+    ema_iter: int = 1
     debug_split: Union[int, float, None] = None  # debug mode: train (or test) on this many / this share of images
 
     def debug_subset_size(self, n_items: int) -> int:
@@ -271,9 +275,13 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     cfg_seed = get("seed", -1)
     if not _is_int(cfg_seed):
         raise ValueError(f"{source}: seed must be an integer (< 0: unlearn_fast uses 0), got {cfg_seed!r}")
+    ema_cfg = get("model.which_model.args.ema_scheduler", None)
+    if ema_cfg is not None:
+        _object(ema_cfg, "model.which_model.args.ema_scheduler", source)
     ema_decay = get("model.which_model.args.ema_scheduler.ema_decay", None)
-    if get("model.which_model.args.ema_scheduler", None) is not None and ema_decay is None:
+    if ema_cfg is not None and ema_decay is None:
         ema_decay = 0.9999
+    ema_cfg = ema_cfg or {}
     resume_state = get("path.resume_state", None) if phase == "train" else None
     if resume_state is not None and not (isinstance(resume_state, str) and resume_state.strip()):
         raise ValueError(f"{source}: path.resume_state must be null or a checkpoint prefix such as "
@@ -299,6 +307,8 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=str(get("path.checkpoint", "checkpoint")),
         seed=int(seed) if seed is not None else max(int(cfg_seed), 0),
         resume_state=resume_state, debug_split=debug_split,
+        ema_start=_float(1 if ema_cfg.get("ema_start") is None else ema_cfg["ema_start"], "ema_scheduler.ema_start"),
+        ema_iter=_int(1 if ema_cfg.get("ema_iter") is None else ema_cfg["ema_iter"], "ema_scheduler.ema_iter"),
     )
 
 

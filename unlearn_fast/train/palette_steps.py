@@ -226,27 +226,30 @@ def _to_device(setup: PaletteSetup, batch: Any, is_forget: torch.Tensor):
     return batch, is_forget.to(setup.device, torch.bool, non_blocking=True)
 
 
-def palette_reference_step(setup: PaletteSetup, batch: Any, is_forget: torch.Tensor, step: int) -> StepOutput:
-    """One step with the reference's semantics and costs (see the module docstring)."""
+def palette_reference_step(setup: PaletteSetup, batch: Any, is_forget: torch.Tensor, step: int,
+                           update_ema: bool = True) -> StepOutput:
+    """One step with the reference's semantics and costs (see the module docstring). ``update_ema``: whether
+    this step updates the EMA (the trainer applies the config's ema_start / ema_iter, as the reference)."""
     batch, is_forget = _to_device(setup, batch, is_forget)
     setup.optimizer.zero_grad(set_to_none=False)  # torch 1.13's default
     out = palette_step_loss(setup, batch, is_forget, step, fused=False)
     check_finite(out.loss.item(), step)  # the reference's loss.item() every step
     out.loss.backward()
     setup.optimizer.step()
-    if setup.ema is not None:
+    if setup.ema is not None and update_ema:
         setup.ema.update_reference()
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 
 
-def palette_fast_step(setup: PaletteSetup, batch: Any, is_forget_cpu: torch.Tensor, step: int) -> StepOutput:
+def palette_fast_step(setup: PaletteSetup, batch: Any, is_forget_cpu: torch.Tensor, step: int,
+                      update_ema: bool = True) -> StepOutput:
     """One step, same math, no host sync (the trainer reads the losses back every N steps)."""
     batch, is_forget = _to_device(setup, batch, is_forget_cpu)
     out = palette_step_loss(setup, batch, is_forget, step, fused=True)
     out.loss.backward()
     setup.optimizer.step()
     setup.optimizer.zero_grad(set_to_none=True)
-    if setup.ema is not None:
+    if setup.ema is not None and update_ema:
         setup.ema.update()
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 

@@ -307,17 +307,23 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
                        n_epoch: int, run_dir: Optional[str] = None, checkpoint_subdir: str = "checkpoint",
                        step_mode: str = "fast", readback_every: int = 20, progress: bool = True,
                        log_iter: float = 1e4, save_checkpoint_epoch: int = 1, start_epoch: int = 1,
-                       start_iters: int = 0, save_position: bool = False) -> List[dict]:
+                       start_iters: int = 0, save_position: bool = False, ema_start: float = 0,
+                       ema_iter: int = 1) -> List[dict]:
     """Run epochs ``start_epoch``..``n_epoch`` (1-based). ``epoch_batches(epoch)`` yields ``(sample dict, labels)``
     with the reference's keys (gt_image, cond_image, mask) and labels +1 retain / −1 forget. Returns one stats
     dict per epoch run. A resumed run passes ``start_epoch = resume.start_epoch`` and ``start_iters =
     resume.iters``; step numbers (which key every draw) continue as ``(epoch − 1)·steps_per_epoch + i``.
-    ``save_position``: each ``.state`` also gets the ``'unlearn_fast'`` key (the command line always sets it)."""
+    ``save_position``: each ``.state`` also gets the ``'unlearn_fast'`` key (the command line always sets it).
+    As the reference's ``unlearn_step``, with ``iters`` the images seen after a step: a ``train/mse_loss`` line
+    (the epoch's running mean) when ``iters % log_iter == 0``, and an EMA update when ``iters > ema_start`` and
+    ``iters % ema_iter == 0`` (the config's ema_scheduler; 1 and 1 update after every step of a batch > 1)."""
     if step_mode not in PALETTE_STEP_MODES:
         raise ValueError(f"unknown step mode {step_mode!r}; valid: {', '.join(PALETTE_STEP_MODES)}")
     if steps_per_epoch < 1 or n_epoch < 1 or readback_every < 1 or save_checkpoint_epoch < 1:
         raise ValueError(f"need steps_per_epoch, n_epoch, readback_every, save_checkpoint_epoch >= 1; got "
                          f"{steps_per_epoch}, {n_epoch}, {readback_every}, {save_checkpoint_epoch}")
+    if not ema_iter >= 1 or not ema_start >= 0:
+        raise ValueError(f"need ema_iter >= 1 and ema_start >= 0; got {ema_iter}, {ema_start}")
     if not 1 <= start_epoch <= n_epoch or start_iters < 0:
         raise ValueError(f"start_epoch must be in [1, n_epoch={n_epoch}] and start_iters >= 0; got {start_epoch}, "
                          f"{start_iters}")
@@ -326,9 +332,7 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
     if run_dir:
         ckpt_dir = os.path.join(run_dir, checkpoint_subdir)
         os.makedirs(ckpt_dir, exist_ok=True)
-    # logged_at: the images count at the last train/mse_loss line; every epoch ends with a read-back that logs
-    # when a multiple of log_iter was passed, so at an epoch end it is in the same log_iter bucket as iters
-    history, iters, logged_at = [], int(start_iters), int(start_iters)
+    history, iters = [], int(start_iters)
     for epoch in range(start_epoch, n_epoch + 1):
         bar = progress_bar(steps_per_epoch, progress, f"epoch {epoch}/{n_epoch}")
         sums = torch.zeros(3, dtype=torch.float64)  # loss, retain, forget over the epoch
@@ -336,8 +340,8 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
         n_pending = n_steps = images = 0
         t0 = time.perf_counter()
 
-        def read_back(last_step: int) -> None:  # the only host sync of the fast path
-            nonlocal n_pending, logged_at
+        def read_back(last_step: int, log_line: bool = False) -> None:  # the only host sync of the fast path
+            nonlocal n_pending
             vals = pending.to("cpu", torch.float64)
             pending.zero_()
             if not all(math.isfinite(v) for v in vals.tolist()):
@@ -349,9 +353,8 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
                 bar.set_postfix(loss=f"{vals[0].item() / n_pending:.4g}",
                                 img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}")
             n_pending = 0
-            if int(iters // log_iter) > int(logged_at // log_iter):  # passed a multiple of log_iter images
+            if log_line:
                 log.value("train/mse_loss", sums[0].item() / n_steps)  # the epoch's running mean
-                logged_at = iters
 
         step = (epoch - 1) * steps_per_epoch
         for it, (sample, labels) in enumerate(epoch_batches(epoch)):
@@ -360,17 +363,20 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
             step = (epoch - 1) * steps_per_epoch + it
             batch = as_palette_batch(sample)
             is_forget = torch.as_tensor(labels) < 0  # s = -1 (CPU)
+            seen = iters + batch.gt.shape[0]  # the reference's self.iter after this step
+            update_ema = seen > ema_start and seen % ema_iter == 0
             if step_mode == "reference":
-                out = palette_reference_step(setup, batch, is_forget, step)
+                out = palette_reference_step(setup, batch, is_forget, step, update_ema)
             else:
-                out = palette_fast_step(setup, batch, is_forget, step)
+                out = palette_fast_step(setup, batch, is_forget, step, update_ema)
             pending += torch.stack(list(out))
             n_pending += 1
             n_steps += 1
-            iters += batch.gt.shape[0]
+            iters = seen
             images += batch.gt.shape[0]
-            if n_pending >= readback_every:
-                read_back(step)
+            log_line = iters % log_iter == 0  # the reference logs at exact multiples of log_iter images
+            if n_pending >= readback_every or log_line:
+                read_back(step, log_line)
             if bar is not None:
                 bar.update(1)
         if n_pending:
