@@ -104,6 +104,22 @@ def save_random_pretrained(path, model_name: str = "mae_micro", seed: int = 0):
     return str(path)
 
 
+def micro_unlearn_argv(data, pretrained, out, *extra, forget="cat,dog", retain="bird", per_class=4, batch=4,
+                      epochs=1, warmup=0):
+    """``unlearn`` flags for a tiny CPU run of mae_micro at 32 px from ``pretrained`` on the class tree ``data``
+    (no workers, no progress bars), then ``extra`` (later flags win)."""
+    return ["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(data), "--forget_classes",
+            forget, "--retain_classes", retain, "--num_image_per_class", str(per_class), "--batch_size", str(batch),
+            "--epochs", str(epochs), "--warmup_epochs", str(warmup), "--num_workers", "0", "--output_dir", str(out),
+            "--no_progress", "--device", "cpu", "--resume", str(pretrained), *extra]
+
+
+def only_run_dir(out) -> str:
+    """The one run directory a finished ``unlearn`` run left in ``out``."""
+    (name,) = os.listdir(out)
+    return os.path.join(out, name)
+
+
 def forget_pattern(n: int, which: str) -> torch.Tensor:
     """``is_forget [N]`` bool: "all_forget", "all_retain", or mixed (every third row from the second; the first
     row is a retain row, so forget rows are not first)."""

@@ -18,7 +18,7 @@ from unlearn_fast.train.holdout_split import select_holdout_files
 from unlearn_fast.train.image_datasets import load_eval_images
 from unlearn_fast.train.seeding import derive_seed
 
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import make_class_tree, micro_unlearn_argv, only_run_dir, save_random_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,9 @@ def run(tmp_path_factory):
     root = make_class_tree(tmp_path_factory.mktemp("data") / "train", ("cat", "dog", "bird"), 8, seed=2)
     pre = save_random_pretrained(tmp_path_factory.mktemp("ckpt") / "pretrained.pth")
     out = tmp_path_factory.mktemp("out")
-    assert main(["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(root),
-                 "--forget_classes", "cat,dog", "--retain_classes", "bird", "--num_image_per_class", "5",
-                 "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
-                 "--output_dir", str(out), "--no_progress", "--device", "cpu", "--forget_alpha", "1.0",
-                 "--lr", "3e-3", "--resume", str(pre)]) == 0
-    (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
-    return dict(root=str(root), pretrained=str(pre), run_dir=run_dir)
+    assert main(micro_unlearn_argv(root, pre, out, "--forget_alpha", "1.0", "--lr", "3e-3", per_class=5,
+                                   epochs=2)) == 0
+    return dict(root=str(root), pretrained=str(pre), run_dir=only_run_dir(out))
 
 
 def test_audit_matches_a_plain_restatement(run, capsys):

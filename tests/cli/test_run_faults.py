@@ -24,7 +24,8 @@ from unlearn_fast.train.run_outputs import create_run_dir
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
 
-from tests.helpers import assert_cli_fails_cleanly, make_class_tree, save_random_pretrained
+from tests.helpers import (assert_cli_fails_cleanly, make_class_tree, micro_unlearn_argv, only_run_dir,
+                           save_random_pretrained)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,16 +33,11 @@ EPOCHS, SAVE_EVERY = 2, 2  # 16 images, batch 4: 4 steps per epoch; checkpoint-l
 
 
 def _args(data, pretrained, out, *extra):
-    return ["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", data, "--forget_classes",
-            "cat,dog", "--retain_classes", "bird", "--num_image_per_class", "4", "--batch_size", "4",
-            "--epochs", str(EPOCHS), "--warmup_epochs", "1", "--num_workers", "0", "--output_dir", str(out),
-            "--no_progress", "--device", "cpu", "--forget_alpha", "0.2", "--save_every_steps", str(SAVE_EVERY),
-            "--resume", pretrained, *extra]
+    return micro_unlearn_argv(data, pretrained, out, "--forget_alpha", "0.2", "--save_every_steps", str(SAVE_EVERY),
+                              *extra, epochs=EPOCHS, warmup=1)
 
 
-def _run_dir(out):
-    (name,) = os.listdir(out)
-    return os.path.join(out, name)
+_run_dir = only_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from unlearn_fast.eval.report import render_report, write_report
 from unlearn_fast.eval.tsne import run_tsne
 
 from tests.eval.stand_ins import TinyClassifier, TinyVisual, preprocess_plain, save_png
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import make_class_tree, micro_unlearn_argv, only_run_dir, save_random_pretrained
 
 N = 3  # generated images per split
 
@@ -113,13 +113,8 @@ def audit_run(tmp_path_factory):
     root = make_class_tree(tmp_path_factory.mktemp("data") / "train", ("cat", "bird"), 7, seed=3)
     pre = save_random_pretrained(tmp_path_factory.mktemp("ckpt") / "pretrained.pth")
     out = tmp_path_factory.mktemp("out")
-    assert main(["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(root),
-                 "--forget_classes", "cat", "--retain_classes", "bird", "--num_image_per_class", "4",
-                 "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
-                 "--output_dir", str(out), "--no_progress", "--device", "cpu", "--forget_alpha", "1.0",
-                 "--lr", "3e-3", "--resume", str(pre)]) == 0
-    (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
-    return run_dir
+    assert main(micro_unlearn_argv(root, pre, out, "--forget_alpha", "1.0", "--lr", "3e-3", forget="cat")) == 0
+    return only_run_dir(out)
 
 
 def test_audit_of_the_trained_parameters_file_equals_the_full_checkpoint(audit_run, tmp_path, capsys):

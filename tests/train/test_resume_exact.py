@@ -25,7 +25,7 @@ from unlearn_fast.train.checkpoint import (OutputWriteError, load_checkpoint_fil
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
 
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import make_class_tree, micro_unlearn_argv, only_run_dir, save_random_pretrained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,16 +40,11 @@ def data_and_weights(tmp_path_factory):
 
 
 def _args(data, pretrained, out, *extra):
-    return ["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", data, "--forget_classes",
-            "cat,dog", "--retain_classes", "bird", "--num_image_per_class", "6", "--batch_size", "4",
-            "--epochs", str(EPOCHS), "--warmup_epochs", "1", "--num_workers", "0", "--output_dir", str(out),
-            "--no_progress", "--device", "cpu", "--forget_alpha", "0.2", "--save_every_steps", str(SAVE_EVERY),
-            "--resume", pretrained, *extra]
+    return micro_unlearn_argv(data, pretrained, out, "--forget_alpha", "0.2", "--save_every_steps", str(SAVE_EVERY),
+                              *extra, per_class=6, epochs=EPOCHS, warmup=1)
 
 
-def _run_dir(out):
-    (d,) = os.listdir(out)
-    return os.path.join(out, d)
+_run_dir = only_run_dir
 
 
 # the killed run: the CLI with each step slowed by 50 ms (same numbers), so the test can kill it mid-epoch
