@@ -62,9 +62,13 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--data_path", default="../dataset/imagenet1k/train/", type=str,
                    help="class-folder image tree (ImageNet layout: <data_path>/<wnid>/*.JPEG)")
     g.add_argument("--use_coco", action="store_true",
-                   help="proxy retain images from a COCO-style folder (see --proxy_path); crop scale (0.2, 0.5)")
+                   help="take the proxy (see --opendata_to_forget_ratio) from a COCO-style folder (--proxy_path) "
+                        "instead of the other class folders of --data_path; the crop scale becomes (0.2, 0.5) for all "
+                        "images")
     g.add_argument("--opendata_to_forget_ratio", type=_none_or_float, default=None,
-                   help="proxy images relative to the forget set; None = no proxy")
+                   help="proxy retain images = ratio x forget images (F forget classes x num_image_per_class): from "
+                        "every class folder of --data_path that is neither forget nor retain (ceil(ratio*F*n/P) from "
+                        "each of the P folders), or with --use_coco from --proxy_path; None or 0 = no proxy")
     g.add_argument("--num_image_per_class", type=int, default=120, help="forget images per forget class")
     g.add_argument("--retainset_ratio", type=float, default=1.0,
                    help="retain images per retain class = ceil(num_image_per_class * ratio); 0 = proxy only")
@@ -105,7 +109,8 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="comma-separated class-folder names to forget (default: the reference ImageNet split)")
     g.add_argument("--retain_classes", type=str, default=None, help="comma-separated class-folder names to retain")
     g.add_argument("--proxy_path", type=str, default=None,
-                   help="external proxy folder for --use_coco (default: <data_path>/../../coco/train2017)")
+                   help="with --use_coco: the proxy image folder, searched recursively (default: "
+                        "<data_path>/../../coco/train2017, as the reference); not read without --use_coco")
     g.add_argument("--vqgan_ckpt", type=str, default=None,
                    help="MAGE: the VQGAN tokenizer checkpoint (vqgan_jax_strongaug.ckpt)")
     g.add_argument("--teacher", type=str, default=None,

@@ -135,7 +135,8 @@ class BalancedUnlearnSampler(_ShardedBatchSampler):
             raise ValueError(
                 f"a batch larger than the data: {world_size} rank(s) x ({forget_per_batch} forget + "
                 f"{self.retain_per_batch} retain) rows per step, but the data has {len(self.forget_indices)} "
-                f"forget and {len(self.retain_indices)} retain rows; lower batch_size or use drop_last=False")
+                f"forget and {len(self.retain_indices)} retain rows; lower batch_size (--batch_size), move "
+                "forget_per_batch (--forget_per_batch) so that both kinds fit, or pass drop_last=False")
         self._finish_init(start_step)
 
     @property

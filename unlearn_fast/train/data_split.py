@@ -62,7 +62,10 @@ def default_class_split(root) -> tuple[list[str], list[str]]:
 def parse_class_list(spec: str) -> list[str]:
     """Class names from 'a,b,c' or from a text file (one name per line, '#' comments)."""
     if os.path.isfile(spec):
-        lines = Path(spec).read_text().splitlines()
+        try:
+            lines = Path(spec).read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"class list file {spec} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         names = [line.split("#", 1)[0].strip() for line in lines]
     else:
         names = [name.strip() for name in spec.split(",")]
@@ -143,6 +146,9 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
         raise ValueError(f"class folder(s) not found under {root}: {', '.join(absent[:5])}"
                          + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
 
+    folder_proxy = open_ratio > 0 and proxy_root is None
+    _refuse_aliased_forget_folders(root, forget_classes, [c for c in folders if c not in set(forget_classes)]
+                                   if folder_proxy else retain_classes)
     n = int(num_image_per_class)
     forget = _take_per_class(root, forget_classes, n, seed)
     retain = _take_per_class(root, retain_classes, _ceil_count(n * retainset_ratio), seed)
@@ -182,7 +188,8 @@ def select_unlearning_files(root, forget_classes: Sequence[str], retain_classes:
     with `proxy_root` (COCO-style, searched recursively) ceil(ratio * F * n) files in total (a proxy_root
     that holds forget-class images is refused; a ratio so large that the count overflows takes every file).
     Then retain is repeated to max(|proxy|, |forget|) and forget is repeated, shuffled and cut to
-    max(|proxy| + |retain|, F * n), so forget rows make up about half of the list.
+    max(|proxy| + |retain|, F * n), so forget rows make up about half of the list (more when the classes
+    hold fewer than n files: forget is still repeated up to F * n, as the reference's 100 * n).
     """
     return select_unlearning_subsets(root, forget_classes, retain_classes, num_image_per_class,
                                      retainset_ratio, opendata_to_forget_ratio, proxy_root, seed).items()
@@ -200,7 +207,8 @@ def read_file_list_csv(path, root=None, forget_classes: Sequence[str] | None = N
         forget_classes, retain_classes = reference_class_split()
     forget_set, retain_set = set(forget_classes or ()), set(retain_classes or ())
     items: list[Item] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the header
+    # -sig: a byte-order mark is not part of the header; surrogateescape: file names that are not UTF-8 round-trip
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             row = [cell.strip() for cell in row]
             if not row or not any(row):
@@ -231,7 +239,8 @@ def read_file_list_csv(path, root=None, forget_classes: Sequence[str] | None = N
 
 def write_file_list_csv(path, items: Sequence[Item]) -> None:
     """Write [(path, label)] as the reference's `imgs,labels` CSV (labels like -100.0 / 100.0)."""
-    with open(str(path), "w", newline="") as f:
+    # UTF-8 whatever the locale; a file name that is not UTF-8 (Linux allows any bytes) is written byte for byte
+    with open(str(path), "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["imgs", "labels"])
         for file, label in items:
@@ -265,6 +274,17 @@ def _check_classes(forget_classes, retain_classes) -> tuple[list[str], list[str]
     if both:
         raise ValueError(f"class(es) both in forget and retain: {', '.join(both[:5])}")
     return forget_classes, retain_classes
+
+
+def _refuse_aliased_forget_folders(root: str, forget_classes, others) -> None:
+    """A retain or proxy class folder (``others``) that is a symlink to a forget class folder (or the
+    reverse) would train the forget images as retain (+100): refused, as a proxy holding forget images."""
+    forget_real = {os.path.realpath(os.path.join(root, c)): c for c in forget_classes}
+    for cls in others:
+        twin = forget_real.get(os.path.realpath(os.path.join(root, cls)))
+        if twin is not None:
+            raise ValueError(f"class folder {os.path.join(root, cls)} is the forget class folder {twin} (a symlink); "
+                             "its images would be trained as retain images: remove the link or pick other classes")
 
 
 def _is_nonneg(x) -> bool:

@@ -27,9 +27,16 @@ class HoldoutFiles(NamedTuple):
 
 
 def _unseen_per_class(root: str, classes: Sequence[str], exclude: set, seed: int) -> list[list[str]]:
-    out = []
+    """Per class, its files whose real file is neither trained on nor already taken (by real path, so a
+    symlink to a training image is not "unseen", and two links to one file count once)."""
+    out, taken = [], set(exclude)
     for cls in classes:
-        files = [f for f in list_images(os.path.join(root, cls)) if os.path.abspath(f) not in exclude]
+        files = []
+        for f in list_images(os.path.join(root, cls)):
+            real = os.path.realpath(f)
+            if real not in taken:
+                taken.add(real)
+                files.append(f)
         out.append(seeded_shuffle(files, seed, "holdout", cls))
     return out
 
@@ -54,7 +61,7 @@ def select_holdout_files(root: str, forget_classes: Sequence[str], retain_classe
         raise ValueError(f"per_set must be an integer >= 1, got {per_set!r}")
     if not os.path.isdir(str(root)):
         raise ValueError(f"data path {root} does not exist or is not a folder")
-    exclude = {os.path.abspath(p) for p in exclude}
+    exclude = {os.path.realpath(p) for p in exclude}
     sets = {}
     for name, classes in (("forget", list(forget_classes)), ("retain", list(retain_classes or []))):
         sets[name] = _round_robin(_unseen_per_class(str(root), classes, exclude, seed), per_set)

@@ -16,6 +16,7 @@ import numbers
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -29,13 +30,30 @@ class BadImageError(ValueError):
     """An image file that is missing, unreadable or corrupt; the message names the file."""
 
 
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def load_rgb_image(path: str) -> Image.Image:
-    """Open and fully decode `path` as RGB (decoding here, so a truncated file fails now, by name)."""
+    """Open and fully decode `path` as RGB (decoding here, so a truncated file fails now, by name).
+
+    As the reference's `Image.open(path).convert('RGB')` (no EXIF rotation, alpha dropped), except for
+    16-bit grey PNGs: PIL's convert clips their 0-65535 values at 255 (an all-white image), so they are
+    reduced to 8 bits first, as PIL already does for 16-bit RGB and grey+alpha PNGs."""
     try:
         with Image.open(path) as image:
+            if image.mode in _SIXTEEN_BIT_GREY or (image.mode == "I" and image.format == "PNG"):
+                return _grey16_to_rgb(image)
             return image.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _grey16_to_rgb(image: Image.Image) -> Image.Image:
+    """0-65535 grey -> 8-bit RGB by the high byte, as PIL reduces 16-bit RGB PNGs; older PIL opens such
+    grey PNGs as mode "I"."""
+    grey = np.asarray(image).astype(np.int64)  # [H, W]
+    grey8 = (grey.clip(0, 65535) >> 8).astype(np.uint8)
+    return Image.fromarray(grey8).convert("RGB")
 
 
 def verify_images(items: Sequence, num_threads: int = 8) -> None:
@@ -101,6 +119,11 @@ class SeededTrainTransform:
         if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(_is_real(x) for x in scale)
                 and 0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"crop scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+        if not (isinstance(ratio, (tuple, list)) and len(ratio) == 2 and all(_is_real(x) for x in ratio)
+                and 0 < ratio[0] <= ratio[1] < math.inf):
+            raise ValueError(f"crop aspect ratio must be (low, high) with 0 < low <= high, got {ratio!r}")
+        if not (_is_real(flip_p) and 0 <= flip_p <= 1):
+            raise ValueError(f"flip probability must be in [0, 1], got {flip_p!r}")
         self.input_size, self.scale, self.ratio, self.flip_p = input_size, tuple(scale), tuple(ratio), flip_p
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
