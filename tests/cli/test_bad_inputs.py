@@ -109,6 +109,7 @@ def test_unreadable_image_names_the_file(good, tree_with, tmp_path, capsys, monk
     (["--retain_classes", "zebra"], ["class folder(s) not found", "zebra"]),   # named but absent
     (["--forget_classes", "cat,bird"], ["both in forget and retain", "bird"]),
     (["--data_path", "/nonexistent/train"], ["/nonexistent/train"]),
+    (["--proxy_path", "/some/coco"], ["--proxy_path is read only with --use_coco"]),  # was silently ignored
 ])
 def test_bad_class_selection(good, tmp_path, capsys, flags, needles):
     out = tmp_path / "out"

@@ -68,6 +68,8 @@ def validate_args(args, baseline: bool) -> None:
         need(value is None or math.isfinite(value), f"--{flag} must be a finite number, got {value}")
     need(_device_type(args.device) in ("auto", "cpu", "cuda"),
          f"--device {args.device!r} is not supported (use cuda, cuda:N, cpu or auto)")
+    need(args.proxy_path is None or args.use_coco, "--proxy_path is read only with --use_coco (the COCO-style proxy "
+         "folder); add --use_coco or drop --proxy_path")
     need(args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")
     need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     need(args.accum_iter >= 1, f"--accum_iter must be >= 1, got {args.accum_iter}")
