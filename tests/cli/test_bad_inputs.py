@@ -110,6 +110,7 @@ def test_unreadable_image_names_the_file(good, tree_with, tmp_path, capsys, monk
     (["--forget_classes", "cat,bird"], ["both in forget and retain", "bird"]),
     (["--data_path", "/nonexistent/train"], ["/nonexistent/train"]),
     (["--proxy_path", "/some/coco"], ["--proxy_path is read only with --use_coco"]),  # was silently ignored
+    (["--input_size", "34"], ["--input_size 34", "not a multiple of patch_size 4"]),  # named the model's argument
 ])
 def test_bad_class_selection(good, tmp_path, capsys, flags, needles):
     out = tmp_path / "out"
@@ -209,3 +210,18 @@ def test_resume_mid_epoch_with_other_batching_is_refused(good, tmp_path, capsys)
     # and a finished run cannot be continued past its --epochs
     _fails_cleanly(_args(good[0], out, "--resume", str(run_out / run / "checkpoint-0.pth")), out, capsys,
                    "already finished epoch 0 of --epochs 1")
+
+
+def test_use_coco_without_a_ratio_says_it_takes_no_proxy(good, tmp_path, capsys):
+    """The reference crashes on --use_coco with no --opendata_to_forget_ratio; here the run takes no proxy images
+    and says so (the flag still narrows the crop scale)."""
+    from types import SimpleNamespace
+    from unlearn_fast.cli.unlearn_command import select_data
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    args = SimpleNamespace(data_path=good[0], forget_classes="cat", retain_classes="bird", use_coco=True,
+                           proxy_path=str(coco), num_image_per_class=2, retainset_ratio=1.0,
+                           opendata_to_forget_ratio=None, seed=0, verify_images=False)
+    items = select_data(args, (["cat"], ["bird"]))
+    assert "takes no proxy images" in capsys.readouterr().out
+    assert items and all(str(coco) not in str(path) for path, _ in items)

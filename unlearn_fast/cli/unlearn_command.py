@@ -145,7 +145,10 @@ def model_kwargs(args) -> dict:
 
 
 def build_model(args):
-    model = create_model(args.model, **model_kwargs(args))
+    try:
+        model = create_model(args.model, **model_kwargs(args))
+    except ValueError as e:  # a size or ratio the architecture cannot take: name the flags that set it
+        raise ValueError(f"--model {args.model} with --input_size {args.input_size}: {e}") from None
     if args.vqgan_ckpt:
         from ..models.vqgan import load_vqgan_checkpoint
         load_vqgan_checkpoint(model, args.vqgan_ckpt)
@@ -410,6 +413,9 @@ def select_data(args, classes=None):
     proxy_root = None
     if args.use_coco:
         proxy_root = args.proxy_path or reference_coco_root(args.data_path)
+        if not args.opendata_to_forget_ratio:  # the reference crashes on None here; we train without a proxy
+            print("unlearn_fast: notice: --use_coco without --opendata_to_forget_ratio takes no proxy images "
+                  "(it still narrows the crop scale to (0.2, 0.5), as the reference's --use_coco)", flush=True)
     items = select_unlearning_files(args.data_path, forget, retain, args.num_image_per_class, args.retainset_ratio,
                                     args.opendata_to_forget_ratio, proxy_root, args.seed)
     if args.verify_images:
