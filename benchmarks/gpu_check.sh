@@ -47,12 +47,7 @@ run_for 60 python3 benchmarks/profile_step.py --out "$OUT/profile_step.txt" >/de
   || echo "step profile failed or was cut short" >>"$LOG"
 
 phase "the fused norms and pool at the models' shapes; the loss / noise ops through the op layer"
-run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
-  || echo "group-norm profile failed" >>"$LOG"
-run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
-  2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
-run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_residual_pool.json" >/dev/null \
-  2>>"$LOG" || echo "residual pool profile failed" >>"$LOG"
+fused_op_profiles
 run_for 40 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_loss_noise.py benchmarks/bench_palette_loss.py \
   -k gpu --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
 

@@ -31,13 +31,8 @@ run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
   -k "gpu_step_fast_bf16 and gpu_mae_large or mae_variants and gpu_mae_large and bf16" \
   --benchmark-json="$OUT/bench_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
 
-phase "fused GroupNorm + swish at the VQGAN's shapes: NCHW, NHWC per tile width, torch's ops"
-run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
-  || echo "group-norm profile failed" >>"$LOG"
-run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
-  2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
-run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_residual_pool.json" >/dev/null \
-  2>>"$LOG" || echo "residual pool profile failed" >>"$LOG"
+phase "the fused norms and pool at the models' shapes against torch's ops"
+fused_op_profiles
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
 run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \

@@ -76,6 +76,17 @@ extension_tests() {
   fi
 }
 
+# the fused GroupNorm + swish, residual add + LayerNorm and residual add + pool at the models' shapes, against
+# torch's ops (graph-replayed; each writes its JSON after every shape)
+fused_op_profiles() {
+  run_for 60 python3 benchmarks/profile_group_norm.py --out "$OUT/profile_group_norm.json" >/dev/null 2>>"$LOG" \
+    || echo "group-norm profile failed" >>"$LOG"
+  run_for 40 python3 benchmarks/profile_add_layer_norm.py --out "$OUT/profile_add_layer_norm.json" >/dev/null \
+    2>>"$LOG" || echo "add + LayerNorm profile failed" >>"$LOG"
+  run_for 30 python3 benchmarks/profile_residual_pool.py --out "$OUT/profile_residual_pool.json" >/dev/null \
+    2>>"$LOG" || echo "residual pool profile failed" >>"$LOG"
+}
+
 summarize() {
   phase "summary"
   python3 benchmarks/summarize_bench.py "$OUT"/bench_*.json "$UNLEARN_FAST_BENCH_ROWS" >"$OUT/summary.txt" 2>>"$LOG"
