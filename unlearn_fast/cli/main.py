@@ -104,14 +104,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, CheckpointError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # an optional package a command needs (matplotlib for tsne, ...)
         print(f"unlearn-fast: error: {e}; this command needs it (pip install {e.name or 'it'})", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file or folder that cannot be read or written; the message names it
-        print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 2
     except MemoryError as e:  # host memory
         print(f"unlearn-fast: error: out of host memory ({e or 'MemoryError'}); lower --batch_size (raise "
