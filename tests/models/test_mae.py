@@ -258,6 +258,37 @@ def test_attention_equals_explicit_softmax(gen):
         assert_close_report(attn(x), expected, **FP32)
 
 
+def _graph_node_names(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(nxt for nxt, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+def test_attention_gradient_equals_timm_select_form_without_its_zero_filled_sums(gen):
+    """timm's ``qkv[0], qkv[1], qkv[2]`` backward zero-fills three [3, N, H, L, d_h] tensors and sums them;
+    ``unbind`` stacks the three grads once: the same gradient, bit for bit (adding exact zeros)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        attn = Attention(24, 3)
+    x = torch.randn(3, 5, 24, generator=gen, requires_grad=True)
+    up = torch.randn(3, 5, 24, generator=gen)
+    out = attn(x)
+    assert "SelectBackward0" not in _graph_node_names(out) and "UnbindBackward0" in _graph_node_names(out)
+    got = torch.autograd.grad(out, [x, attn.qkv.weight, attn.qkv.bias], up)
+    n, l, d = x.shape
+    qkv = attn.qkv(x).reshape(n, l, 3, 3, d // 3).permute(2, 0, 3, 1, 4)
+    timm = attn.proj(torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+                     .transpose(1, 2).reshape(n, l, d))
+    want = torch.autograd.grad(timm, [x, attn.qkv.weight, attn.qkv.bias], up)
+    assert torch.equal(out, timm)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_bad_configs_and_inputs_raise(make_mae_micro):
     with pytest.raises(ValueError, match="mask_ratio"):
         make_mae_micro(mask_ratio=1.0)

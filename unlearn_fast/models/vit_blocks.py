@@ -39,9 +39,11 @@ class Attention(nn.Module):
 
     def forward(self, x):
         n, l, d = x.shape
-        qkv = self.qkv(x).reshape(n, l, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind, not timm's qkv[0], qkv[1], qkv[2]: the same values, but the backward stacks the three grads
+        # once instead of zero-filling and summing three [3, N, H, L, d_h] tensors
+        q, k, v = self.qkv(x).reshape(n, l, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         # fused SDPA: same math as softmax(q k^T / sqrt(d_h)) v, without materialising the map
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, H, L, d_h]
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, d_h]
         return self.proj(out.transpose(1, 2).reshape(n, l, d))
 
 
