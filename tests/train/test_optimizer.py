@@ -75,3 +75,11 @@ def test_no_trainable_parameters_is_an_error():
     m = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_adamw(m.named_parameters(), 1e-3, 0.05, torch.device("cpu"))
+
+
+def test_device_by_name_and_unnamed_params():
+    m = _Odd()
+    opt = build_adamw(m.named_parameters(), 1e-3, 0.05, "cpu")  # a device name works like a torch.device
+    assert [len(g["params"]) for g in opt.param_groups] == [4, 3]
+    with pytest.raises(TypeError, match="named_parameters"):
+        build_adamw(m.parameters(), 1e-3, 0.05, torch.device("cpu"))  # bare tensors: no names to group by

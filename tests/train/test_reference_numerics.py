@@ -235,9 +235,7 @@ def test_reference_step_run_matches_the_restatement(make_mae_micro, case):
     case = dict(case)
     data = _data(case["epochs"], case["steps"], case.pop("labels", MIX))
     steps = case.pop("steps")
-    # train_lr with accum_iter > 1: a known deviation, see test_logged_lr_is_the_optimizer_lr_of_each_micro_step
-    keys = LOG_KEYS if case.get("accum", 1) == 1 else LOG_KEYS[1:]
-    _assert_same_run(*_run_both(make_mae_micro, data, steps, **case), keys=keys)
+    _assert_same_run(*_run_both(make_mae_micro, data, steps, **case), keys=LOG_KEYS)
 
 
 def test_fast_step_run_matches_the_restatement(make_mae_micro):

@@ -13,7 +13,9 @@ student's embedding of T(x) with the frozen teacher's. What the trainer needs fr
 - ``encoder_final_norm()``: that final LayerNorm (or None if the family has none).
 - ``encoder_parameter_names()``: the parameters the unlearning loss reaches.
 - ``task_loss_terms(inputs, task, target=None)``: the family's own training loss per token, for the
-  MAX LOSS / NOISY LABEL baselines: ``(loss [N, L'], weight [N, L'])``.
+  MAX LOSS / NOISY LABEL baselines: ``(loss [N, L'], weight [N, L'])``;
+  ``task_loss_terms_of_outputs(outputs, inputs, task, target=None)`` the same loss of given
+  ``forward_outputs`` (NOISY LABEL scores two targets on one forward, as the reference).
 - ``task_target(inputs, task)`` / ``noisy_task_target(target, generator)``: the default training target
   and the NOISY LABEL replacement for it.
 - ``forward_outputs(inputs, task)``: the decoder's full output (RETAIN LABEL compares it to the teacher's).
@@ -74,6 +76,11 @@ class I2IModel(ABC):
     @abstractmethod
     def task_loss_terms(self, inputs: Any, task: TaskDraw, target: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    @abstractmethod
+    def task_loss_terms_of_outputs(self, outputs: torch.Tensor, inputs: Any, task: TaskDraw,
+                                   target: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         ...
 
     @abstractmethod

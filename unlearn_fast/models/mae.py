@@ -182,9 +182,12 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
 
     def task_loss_terms(self, inputs: torch.Tensor, task: TaskDraw, target: Optional[torch.Tensor] = None):
         """Pixel MSE per patch and the mask of hidden patches (MAE's training loss, per token)."""
-        pred = self.forward_outputs(inputs, task)
+        return self.task_loss_terms_of_outputs(self.forward_outputs(inputs, task), inputs, task, target)
+
+    def task_loss_terms_of_outputs(self, outputs: torch.Tensor, inputs: torch.Tensor, task: TaskDraw,
+                                   target: Optional[torch.Tensor] = None):
         _, mask, _ = self.mask_from_task(task)
-        return self._pixel_loss(pred, self.task_target(inputs, task) if target is None else target, mask)
+        return self._pixel_loss(outputs, self.task_target(inputs, task) if target is None else target, mask)
 
     # ---- protocol bits ----------------------------------------------------------------------------
     def encoder_final_norm(self) -> nn.LayerNorm:

@@ -314,8 +314,11 @@ class MaskedGenerativeEncoderViT(nn.Module, I2IModel):
 
     def task_loss_terms(self, inputs: torch.Tensor, task: TaskDraw, target: Optional[torch.Tensor] = None):
         """MAGE's loss per token: label-smoothed (0.1) CE over the code logits, weight = all masked positions."""
-        logits = self.forward_outputs(inputs, task)
-        return self._token_ce(logits, self.task_target(inputs, task) if target is None else target, task)
+        return self.task_loss_terms_of_outputs(self.forward_outputs(inputs, task), inputs, task, target)
+
+    def task_loss_terms_of_outputs(self, outputs: torch.Tensor, inputs: torch.Tensor, task: TaskDraw,
+                                   target: Optional[torch.Tensor] = None):
+        return self._token_ce(outputs, self.task_target(inputs, task) if target is None else target, task)
 
     # ---- protocol bits ----------------------------------------------------------------------------
     def encoder_final_norm(self) -> nn.LayerNorm:

@@ -258,8 +258,13 @@ class Network(nn.Module, I2IModel):
         """Palette's training loss per element: ``((mask·ε̂ − mask·ε)² [N, C·H·W], ones)``; summed per class and
         divided by the number of elements this gives the reference's whole-batch ``weighted_mse``."""
         batch = as_palette_batch(inputs)
+        return self.task_loss_terms_of_outputs(self.predict_noise(batch, task), batch, task, target)
+
+    def task_loss_terms_of_outputs(self, outputs: torch.Tensor, inputs: Any, task: TaskDraw,
+                                   target: Optional[torch.Tensor] = None):
+        mask = as_palette_batch(inputs).mask
         target = task["noise"] if target is None else target
-        sq = (batch.mask * self.predict_noise(batch, task) - batch.mask * target).float().pow(2).flatten(1)
+        sq = (mask * outputs - mask * target).float().pow(2).flatten(1)  # [N, C·H·W]
         return sq, torch.ones_like(sq)
 
     def noisy_task_target(self, target: torch.Tensor, generator: Optional[torch.Generator] = None):

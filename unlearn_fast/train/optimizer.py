@@ -14,7 +14,11 @@ def param_groups_weight_decay(named_params: Iterable[Tuple[str, nn.Parameter]], 
     """[no-decay group, decay group], as timm 0.3.2: its test is ``len(shape) == 1``, so a 0-d param DOES
     decay (newer timm's ``ndim <= 1`` would not). Frozen params are left out."""
     decay, no_decay = [], []
-    for name, p in named_params:
+    for item in named_params:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError("param_groups_weight_decay takes (name, parameter) pairs, e.g. model.named_parameters(); "
+                            f"got an item of type {type(item).__name__}")
+        name, p = item
         if not p.requires_grad:
             continue
         (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
@@ -25,6 +29,7 @@ def build_adamw(named_params, lr: float, weight_decay: float, device: torch.devi
                 capturable: bool = False) -> torch.optim.AdamW:
     """The reference optimizer. ``fast`` uses the fused CUDA kernel (one launch for all params);
     ``capturable`` keeps lr and step on the device so the update can live in a CUDA graph."""
+    device = torch.device(device)  # a name such as "cpu" or "cuda:0" too
     groups = param_groups_weight_decay(named_params, weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: nothing to unlearn")

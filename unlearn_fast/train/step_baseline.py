@@ -28,8 +28,11 @@ def baseline_step(setup: UnlearnSetup, images: torch.Tensor, is_forget: torch.Te
             out = max_loss(loss_tok, weight, is_forget, a_f)
         elif kind == "full_model_noise":
             target = student.task_target(inputs, task)
-            clean, weight = student.task_loss_terms(inputs, task, target)
-            noisy, _ = student.task_loss_terms(inputs, task, student.noisy_task_target(target, g))
+            # both targets scored on ONE forward, as the reference (one draw of MAGE's embedding dropout)
+            outputs = student.forward_outputs(inputs, task)
+            clean, weight = student.task_loss_terms_of_outputs(outputs, inputs, task, target)
+            noisy, _ = student.task_loss_terms_of_outputs(outputs, inputs, task,
+                                                          student.noisy_task_target(target, g))
             out = noisy_label_loss(clean, noisy, weight, is_forget, a_f)
         elif kind == "encoder_noise":
             latent = student.forward_encoder_task(inputs, task)
