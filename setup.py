@@ -86,7 +86,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["unlearn_fast", "unlearn_fast.*"]),
     package_data={"unlearn_fast": ["data/*"]},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "safetensors"],
+    install_requires=["torch>=2.11", "torchvision", "numpy", "Pillow", "tqdm", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["unlearn-fast = unlearn_fast.cli.main:main"]},
     ext_modules=ext_modules,

@@ -269,3 +269,25 @@ def test_serial_teacher_runs_and_is_recorded(good, tmp_path):
     assert main(_args(good[0], out, "--resume", good[1], "--serial_teacher", "--max_steps_per_epoch", "1")) == 0
     with open(os.path.join(_run_dir(out), "opt.yaml")) as f:
         assert json.load(f)["serial_teacher"] is True
+
+
+def test_list_models_has_help_and_refuses_extra_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["list-models", "--help"])
+    assert e.value.code == 0 and "registered model names" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["list-models", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_pipe_ends_the_command_quietly():
+    """`unlearn-fast list-models | head -1`: the reader leaving is no error to report."""
+    import subprocess
+    import sys
+    child = ("import sys, unlearn_fast.models as m; m.list_models = lambda: ['x' * 99] * 5000; "
+             "sys.argv = ['unlearn-fast', 'list-models']; from unlearn_fast.cli.main import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes (its 500 kB of names overflow the pipe)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert "Traceback" not in err and "Broken pipe" not in err, err

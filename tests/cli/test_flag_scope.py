@@ -90,3 +90,16 @@ def test_full_patch_embed_on_a_gpu_in_fp32_follows_the_tf32_settings():
 def test_cli_mae_fast_step_with_no_visible_patch(tmp_path, capsys):
     assert main(_cli_argv(tmp_path, "--mask_ratio", "0.99", "--step", "fast", "--precision", "bf16")) == 0
     assert "step 'fast'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, family, named", [
+    (["--mask_ratio", "0.5"], "mage", ["--mask_ratio "]),
+    (["--mask_ratio_min", "0.3", "--mask_ratio_std", "0.1"], "mae", ["--mask_ratio_min ", "--mask_ratio_std "]),
+    (["--mask_ratio", "0.5"], "mae", []),                # its own family: acts
+    (["--mask_ratio_mu", "0.6"], "mage", []),
+    (["--mask_ratio", "0.75"], "mage", []),               # the default value: nothing was asked
+])
+def test_another_familys_masking_flag_is_named(argv, family, named):
+    from unlearn_fast.cli.unlearn_args import build_parser
+    lines = idle_flags(build_parser().parse_args(argv), family, "cpu", "fast")
+    assert [line.split("has no effect")[0] for line in lines] == named

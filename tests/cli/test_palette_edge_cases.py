@@ -265,3 +265,13 @@ def test_official_config_shape_runs_unchanged(places, tmp_path):
                                       "--max_steps_per_epoch", "1", "-gpu", "0,1", "-P", "1234")) == 0
     (run,) = glob.glob(str(out / "*"))
     assert sorted(os.listdir(os.path.join(run, "checkpoint"))) == ["1.state", "1_Network.pth", "1_Network_ema.pth"]
+
+
+@pytest.mark.parametrize("command", ["palette-unlearn", "palette-test"])
+def test_palette_commands_refuse_a_torchrun_launch(monkeypatch, capsys, command):
+    """Under torchrun each process would train alone into its own run folder: one clear refusal instead."""
+    from unlearn_fast.cli.main import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main([command, "-c", "does-not-matter.json"]) == 2
+    assert "runs in one process" in capsys.readouterr().err

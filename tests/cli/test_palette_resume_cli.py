@@ -84,8 +84,9 @@ def test_resume_to_three_epochs_equals_an_uninterrupted_run(places, first_epoch,
     assert all(torch.equal(v, pre[k]) for k, v in teacher.items())
     assert any(not torch.equal(teacher[k], one[k]) for k in teacher if "input_blocks" in k)
     # the train.log of the resumed run has the uninterrupted run's lines for epochs 2 and 3
-    def lines(run):
-        return [x.split(" - ", 1)[1] for x in open(os.path.join(run, "train.log"))]  # without the time stamp
+    def lines(run):  # the lines after the opening ones (which name the run folder), without the time stamp
+        text = open(os.path.join(run, "train.log")).read().split(" - INFO: Begin model train.\n", 1)[1]
+        return [x.split(" - ", 1)[1] for x in text.splitlines()]
     assert lines(resumed) == lines(full)[-len(lines(resumed)):]
 
 

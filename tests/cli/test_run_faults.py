@@ -225,7 +225,7 @@ def _signal_self(signum):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_worker_forked_during_the_run_ends_quietly_on_a_signal(signum, capfd):
     """Ctrl-C signals the whole process group: a DataLoader worker starting up must not print a traceback."""
-    with unlearn_command._stop_signals():
+    with unlearn_command.stop_signals():
         proc = multiprocessing.get_context("fork").Process(target=_signal_self, args=(signum,))
         proc.start()
         proc.join(30)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unlearn_fast import create_model
-from unlearn_fast.models.palette_sampler import (image_grid, palette_restore, palette_test_result_dir,
+from unlearn_fast.models.palette_sampler import (image_grid, palette_restore,
                                                  restoration_images, tensor_to_uint8, write_restoration_images)
 
 SIZE, N, T = 8, 2, 6  # tiny: the sampler runs the UNet T times per call
@@ -162,8 +162,3 @@ def test_writer_jpeg_and_bad_names(tmp_path, batch):
         write_restoration_images(str(tmp_path), ["a", "b.jpg"], y_0, vis, mask)
     with pytest.raises(ValueError, match="names"):
         write_restoration_images(str(tmp_path), ["a.jpg"], y_0, vis, mask)
-
-
-def test_result_dir():
-    assert palette_test_result_dir("exp/ckpt/16_Network.pth") == "exp/ckpt/16_Network/results/test/0/0.50"
-    assert palette_test_result_dir("x/3_Network", mask_ratio=0.25).endswith("results/test/0/0.25")

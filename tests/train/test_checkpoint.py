@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 
 import pytest
 import torch
@@ -150,3 +151,18 @@ def test_wrong_architecture_names_missing_unexpected_and_shapes(make_mae_micro):
     # non-strict: missing/unexpected keys are tolerated, shape mismatches are not
     state.pop("norm.weight")
     load_model_state(make_mae_micro(), state, strict=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """mkstemp makes 0600 files: checkpoints and logs were unreadable to the group where torch.save's are not."""
+    from unlearn_fast.train.checkpoint import atomic_save
+    old = os.umask(umask)
+    try:
+        atomic_save({"x": torch.zeros(1)}, str(tmp_path / "c.pth"))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o666 & ~umask

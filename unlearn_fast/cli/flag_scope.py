@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .unlearn_args import build_parser
+
 # flag (argparse dest) -> (model families it acts on, None = any; needs a CUDA device)
 FLAG_SCOPES = {
     "share_tokenizer": (("mage",), False),
@@ -20,6 +22,9 @@ FLAG_SCOPES = {
     "fused_block_norms": (("mae", "mage"), True),
     "full_patch_embed": (("mae",), False),
 }
+# task-transform flags read by one family only: a value changed from its default on another family is named
+FAMILY_VALUE_FLAGS = {"mask_ratio": "mae", "mask_ratio_min": "mage", "mask_ratio_max": "mage",
+                      "mask_ratio_mu": "mage", "mask_ratio_std": "mage"}
 
 
 def _needs(families: Optional[Sequence[str]], cuda: bool) -> str:
@@ -59,7 +64,12 @@ def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]
         why = _moot_at_precision(flag, precision, device_type)
         if why:
             lines.append(f"--{flag} has no effect on this run ({why})")
+    defaults = build_parser().parse_args([])
+    for flag, owner in FAMILY_VALUE_FLAGS.items():
+        if family != owner and getattr(args, flag, getattr(defaults, flag)) != getattr(defaults, flag):
+            lines.append(f"--{flag} has no effect on this run (it sets the {owner.upper()} task's masking, not "
+                         f"this {family.upper() or 'other'} model's)")
     return lines
 
 
-__all__ = ["FLAG_SCOPES", "idle_flags"]
+__all__ = ["FLAG_SCOPES", "FAMILY_VALUE_FLAGS", "idle_flags"]

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -76,6 +77,9 @@ def _run(command: str, argv: List[str]) -> int:
         from .demo import main as demo_main
         return demo_main(argv)
     if command == "list-models":
+        import argparse
+        argparse.ArgumentParser(prog="unlearn-fast list-models", description="print the registered model names, "
+                                "one per line (the values of --model)").parse_args(argv)  # --help; extras refused
         from ..models import list_models
         print("\n".join(list_models()))
         return 0
@@ -104,6 +108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # the reader of our stdout left (`unlearn-fast list-models | head -1`): nothing to say
+        if from_command_line:  # keep Python's exit-time flush of stdout from raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
     except (ValueError, CheckpointError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"unlearn-fast: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,12 @@ directory, with the same flags. The teacher is the original model stored in ``1_
 needed (given, it must be that original model). A state that already finished ``train.n_epoch`` is an error
 (nothing to do, exit code 2). See unlearn_fast.train.palette_trainer for what makes the resume exact.
 
+A run writes what the reference writes: ``<base_dir>/<run name>/`` (train) or ``<ckpt without .pth>/`` (test) gets
+config.json, train.log / test.log (the reference's logger format) and the config's path folders (code, tb_logger,
+results, checkpoint); test images go to ``results/test/0/<mask_ratio:.2f>/`` ({GT_,Process_,Out_,Mask_}<name>),
+which appears only once every image is written (``<mask_ratio>.partial/`` until then; a test that stops leaves it
+so named). No tensorboard events are written (tb_logger/ stays empty).
+
 The flags pick the approach (``--fix_decoder 1``: Ours; see unlearn_fast.train.palette_steps for the table).
 Which config keys are read, and their defaults: unlearn_fast.cli.palette_config. Everything that can be
 checked is checked before the run directory is created; a run that stops before its first checkpoint (a bad
@@ -31,18 +37,20 @@ import torch
 
 from ..models.palette import SCHEDULE_BUFFERS, Network, load_palette_checkpoint
 from ..models.state_dict_io import read_checkpoint
-from ..models.palette_sampler import palette_restore, palette_test_result_dir, write_restoration_images
+from ..models.palette_sampler import palette_restore, write_restoration_images
 from ..train.balanced_sampler import ReferenceShuffleBatchSampler
 from ..train.palette_data import (PaletteInpaintDataset, read_class_list, select_places365_test,
                                   select_places365_train)
 from ..train.palette_steps import PALETTE_PRECISIONS, WITH_TEACHER, approach_from_flags, build_palette_setup
-from ..train.palette_trainer import (PALETTE_STEP_MODES, check_palette_resume_fits, load_resumed_network,
-                                     palette_resume_start, palette_run_dir_name, palette_train_loop,
-                                     read_palette_resume, restore_palette_training, write_config_json)
-from ..train.run_outputs import check_output_dir
+from ..train.palette_trainer import (PALETTE_STEP_MODES, PaletteRunLog, check_palette_resume_fits,
+                                     load_resumed_network, log_run_start, make_run_folders, palette_resume_start,
+                                     palette_run_dir_name, palette_train_loop, read_palette_resume,
+                                     restore_palette_training, write_config_json)
+from ..train.distributed import env_ranks
+from ..train.run_outputs import create_run_dir
 from ..train.seeding import step_generator
 from .palette_config import load_palette_config, resolve_palette_job
-from .unlearn_command import loader_batches, resolve_device
+from .unlearn_command import stop_signals, loader_batches, resolve_device
 
 REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")
 
@@ -206,20 +214,20 @@ def run_palette_unlearn(args) -> str:
         restore_palette_training(setup, resume)
 
     base = args.output_dir or job.base_dir
-    run_dir = os.path.join(base, palette_run_dir_name(job.opt_name, args.learn_others, args.fix_decoder,
-                                                      args.forget_alpha, args.max_loss, args.learn_noise))
-    _need(not (os.path.isdir(run_dir) and os.listdir(run_dir)),
-          f"run directory {run_dir} already exists and is not empty (runs are named by the second they start)")
-    created = not os.path.isdir(run_dir)
-    try:
-        check_output_dir(run_dir)
-        _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset, sampler, steps, setup, resume,
-                          start_epoch)
-    except BaseException:
-        if created and not _has_checkpoint(os.path.join(run_dir, job.checkpoint_subdir)):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
-            print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
-        raise
+    run_dir = None
+    with stop_signals():  # SIGINT / SIGTERM raise here, so the cleanup below runs (exit 130 / 143)
+        try:
+            # a new folder of the reference's name; a run started in the same second takes the next second's
+            run_dir = create_run_dir(base, lambda: palette_run_dir_name(
+                job.opt_name, args.learn_others, args.fix_decoder, args.forget_alpha, args.max_loss,
+                args.learn_noise))
+            _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset, sampler, steps, setup,
+                              resume, start_epoch)
+        except BaseException:
+            if run_dir is not None and not _has_checkpoint(os.path.join(run_dir, job.checkpoint_subdir)):
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
+                print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
+            raise
     return run_dir
 
 
@@ -241,6 +249,8 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
         n_epoch=job.n_epoch,
         steps_per_epoch=steps, images=len(items), forget_images=n_forget, data_root=job.data_root)
     write_config_json(run_dir, written)
+    make_run_folders(run_dir, job.folders)
+    log_run_start(PaletteRunLog(os.path.join(run_dir, "train.log")), run_dir, "train", len(items))
     print(f"unlearn_fast: Palette '{approach}', {len(items)} images ({n_forget} forget), {steps} steps/epoch x "
           f"{job.n_epoch} epochs, batch {job.batch_size}, step '{args.step}', {args.precision}, device {device}")
     print(f"unlearn_fast: writing to {run_dir}")
@@ -321,8 +331,33 @@ def load_network_file(network: Network, path: str, test: bool = False) -> None:
                                       "step(s); diffusion needs at least 2")
 
 
+def palette_test_root(ckpt: str) -> str:
+    """The test run's folder: ``<ckpt without .pth>`` (the reference's ``ckpt.replace('.pth', '')``, applied
+    to the file name's ending only)."""
+    return ckpt[:-len(".pth")] if ckpt.endswith(".pth") else ckpt
+
+
+def check_test_result_dir(result_dir: str) -> str:
+    """The folder the images are sampled into (``<result_dir>.partial``, renamed to ``result_dir`` once every
+    image is written), after checking that neither holds an earlier test's images."""
+    staging = result_dir + ".partial"
+    _need(not (os.path.isdir(result_dir) and os.listdir(result_dir)) and not os.path.isfile(result_dir),
+          f"{result_dir} already holds the results of an earlier palette-test of this checkpoint; move or delete it "
+          "to sample again")
+    _need(not os.path.lexists(staging),
+          f"{staging} exists: an earlier palette-test of this checkpoint was interrupted (or one is running now); "
+          "delete it to sample again")
+    return staging
+
+
 def run_palette_test(args) -> str:
-    """Sample the test set with ``--ckpt``; returns ``<ckpt without .pth>/results/test/0/<mask_ratio>``."""
+    """Sample the test set with ``--ckpt``; returns ``<ckpt without .pth>/results/test/0/<mask_ratio>``.
+
+    Writes what ``run.py -p test`` writes in ``<ckpt without .pth>/``: config.json, test.log (appended: the
+    reference's opening lines, then ``test/mae``, ``epoch``, ``iters``), the config's path folders (code,
+    tb_logger, results, checkpoint) and the images. The images are sampled into ``<mask_ratio>.partial/`` and
+    the folder takes its final name only when all are written: a test that stops (Ctrl-C, SIGTERM, an error)
+    leaves no folder that looks complete."""
     cfg = load_palette_config(args.config)
     job = resolve_palette_job(cfg, "test", source=args.config, batch=args.batch, data_root=args.data_root,
                               num_workers=args.num_workers, seed=args.seed, debug=args.debug)
@@ -343,36 +378,97 @@ def run_palette_test(args) -> str:
                                     mask_ratio=job.mask_ratio)
     loader = torch.utils.data.DataLoader(dataset, batch_size=job.batch_size, shuffle=False,
                                          num_workers=job.num_workers, pin_memory=device.type == "cuda")
-    result_dir = palette_test_result_dir(args.ckpt, job.mask_ratio, epoch=0)
-    try:  # before sampling: e.g. a --ckpt without .pth puts the results under the checkpoint file itself
-        os.makedirs(result_dir, exist_ok=True)
+    root = palette_test_root(args.ckpt)
+    result_dir = os.path.join(root, job.folders["results"], "test", "0", f"{job.mask_ratio:.2f}")
+    staging = check_test_result_dir(result_dir)
+    _need(not os.path.isfile(root), f"cannot create the result folder {result_dir} (<--ckpt without .pth>/results/"
+                                    f"...): {root} is a file")
+    make_run_folders(root, job.folders)  # a ValueError naming the folder, e.g. on a read-only disk
+    try:
+        os.makedirs(os.path.dirname(staging), exist_ok=True)
+        os.mkdir(staging)  # exclusive: a second palette-test of this checkpoint stops here
+    except FileExistsError:
+        check_test_result_dir(result_dir)
+        raise
     except OSError as e:
-        raise ValueError(f"cannot create the result folder {result_dir} (<--ckpt without .pth>/results/test/...): "
-                         f"{e.strerror}") from None
-    print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, "
-          f"{args.steps or network.num_timesteps} steps, device {device} -> {result_dir}")
+        raise ValueError(f"cannot create the result folder {staging}: {e.strerror}") from None
+    n_steps = args.steps or network.num_timesteps
+    written = dict(config_with_batch(cfg, args.batch, "test"), name=job.opt_name, phase="test", distributed=False)
+    written["unlearn_fast"] = dict(ckpt=os.path.abspath(args.ckpt), seed=job.seed, device=str(device),
+                                   batch_size=job.batch_size, sample_num=job.sample_num, steps=n_steps,
+                                   timesteps=network.num_timesteps, images=len(items), data_root=job.data_root,
+                                   max_images=args.max_images, result_dir=os.path.abspath(result_dir))
+    log = PaletteRunLog(os.path.join(root, "test.log"))
+    try:
+        write_config_json(root, written)
+        log_run_start(log, root, "test", len(items))
+        if n_steps < network.num_timesteps:
+            log.info(f"--steps {n_steps}: the sampler stops after {n_steps} of {network.num_timesteps} steps "
+                     "(timing/smoke only: the images are not finished samples)")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, {n_steps} steps, "
+          f"device {device} -> {result_dir}")
+    done, mae_sum, n_batches = 0, 0.0, 0
+    with stop_signals():
+        try:
+            done, mae_sum, n_batches = _sample_test_set(args, job, network, device, loader, staging, len(items))
+        except BaseException as e:
+            why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped ({type(e).__name__})"
+            done = len([n for n in os.listdir(staging) if n.startswith("Out_")]) if os.path.isdir(staging) else 0
+            msg = (f"palette-test {why}: {done} of {len(items)} images were written to {staging} (incomplete; "
+                   "delete it before sampling again)")
+            log.info(msg)
+            print(f"unlearn_fast: {msg}", flush=True)
+            raise
+        if os.path.isdir(result_dir):
+            os.rmdir(result_dir)  # an empty folder of that name (checked above)
+        os.rename(staging, result_dir)  # all images written: the folder takes its final name
+    log.value("test/mae", mae_sum / max(n_batches, 1))
+    log.value("epoch", 0)
+    log.value("iters", done)
+    return result_dir
+
+
+def _sample_test_set(args, job, network, device, loader, out_dir: str, n_items: int):
+    """Sample every batch into ``out_dir``; returns (images, sum of per-batch mean |gt - output|, batches), the
+    reference's test/mae (``nn.L1Loss`` per batch, averaged over batches)."""
     bar = None
     if not args.no_progress:
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(items), desc="palette-test", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=n_items, desc="palette-test", dynamic_ncols=True, leave=False)
         except ImportError:
             pass
-    for i, (sample, _labels) in enumerate(loader_batches(loader)):
-        gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
-        g = step_generator(job.seed, 0, i, "noise", device)
-        _, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,
-                                     steps=args.steps)
-        write_restoration_images(result_dir, list(sample["path"]), gt.cpu(), visuals.cpu(), mask.cpu())
+    done, mae_sum, n_batches = 0, 0.0, 0
+    try:
+        for i, (sample, _labels) in enumerate(loader_batches(loader)):
+            gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
+            g = step_generator(job.seed, 0, i, "noise", device)
+            output, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,
+                                              steps=args.steps)
+            mae_sum += torch.nn.functional.l1_loss(output.float(), gt.float()).item()
+            n_batches += 1
+            write_restoration_images(out_dir, list(sample["path"]), gt.cpu(), visuals.cpu(), mask.cpu())
+            done += gt.shape[0]
+            if bar is not None:
+                bar.update(gt.shape[0])
+    finally:
         if bar is not None:
-            bar.update(gt.shape[0])
-    if bar is not None:
-        bar.close()
-    return result_dir
+            bar.close()
+    return done, mae_sum, n_batches
+
+
+def _one_process(command: str) -> None:
+    # N torchrun copies would each train alone into their own run folder: refuse instead
+    _need(env_ranks()[1] == 1, f"{command} runs in one process (no DDP); start it with "
+                               "python / unlearn-fast, not torchrun (WORLD_SIZE > 1 is set)")
 
 
 def palette_unlearn_main(argv: Optional[List[str]] = None) -> int:
     args = build_palette_parser("unlearn-fast palette-unlearn").parse_args(argv)
+    _one_process("palette-unlearn")
     run_palette_unlearn(args)
     return 0
 
@@ -380,10 +476,12 @@ def palette_unlearn_main(argv: Optional[List[str]] = None) -> int:
 def palette_test_main(argv: Optional[List[str]] = None) -> int:
     args = build_palette_parser("unlearn-fast palette-test", default_phase="test").parse_args(argv)
     _need(args.phase == "test", "palette-test samples the test set; use palette-unlearn -p train to unlearn")
+    _one_process("palette-test")
     run_palette_test(args)
     return 0
 
 
 __all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
            "palette_test_main", "find_class_list", "read_palette_state", "load_network_file", "resume_prefix_of",
-           "check_ckpt_is_teacher", "debug_subset", "check_training_items", "config_with_batch"]
+           "check_ckpt_is_teacher", "debug_subset", "check_training_items", "config_with_batch", "palette_test_root",
+           "check_test_result_dir"]

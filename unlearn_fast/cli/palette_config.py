@@ -9,6 +9,10 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
                                       finetune_<name> when finetune_norm is true), as core/praser.py
     seed                              an integer, used when --seed is not given and it is >= 0; else 0
     path.base_dir, path.checkpoint    "experiments", "checkpoint" (--output_dir overrides base_dir)
+    path.<other keys>                 every path key whose name holds none of "resume", "base", "root" (the
+                                      reference's code, tb_logger, results, checkpoint) is a folder made inside
+                                      the run directory, as core/praser.py makes them; test results go under
+                                      path.results ("results"). Each must be a relative path inside the run folder
     path.resume_state                 train: null; "RUN/checkpoint/3" resumes from 3_Network.pth, 3_Network_ema.pth
                                       and 3.state (--resume_state overrides; see palette_command)
     NET.unet                          REQUIRED: the UNet arguments
@@ -40,7 +44,8 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
 Read but ignored, as the reference ignores them or because unlearn_fast does them differently: gpu_ids (one
 process; --device), finetune_norm (beyond the name), path.code/tb_logger/results, dataloader validation_split and
 val_args (no per-epoch validation), shuffle/drop_last/pin_memory (always shuffle and drop_last), data_len,
-init_type (weights come from --ckpt), train.n_iter/val_epoch/tensorboard, which_losses, which_metrics.
+init_type (weights come from --ckpt), train.n_iter/val_epoch/tensorboard (no tensorboard events are written:
+tb_logger/ stays empty), which_losses, which_metrics (palette-test logs test/mae, the reference's metric).
 """
 from __future__ import annotations
 
@@ -109,6 +114,13 @@ def _float(value: Any, key: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def _mask_ratio(value: Any, where: str) -> float:
+    """The test hole's side as a share of the image side: in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{where}.mask_config.mask_ratio must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 # the UNet arguments the config may give, by type (unlearn_fast.models.palette_unet.UNet's keyword names)
 _UNET_INTS = ("image_size", "in_channel", "inner_channel", "out_channel", "res_blocks", "num_heads",
               "num_head_channels", "num_heads_upsample")
@@ -169,6 +181,34 @@ def _object(value: Any, key: str, source: str) -> dict:
     return value
 
 
+def run_folders(cfg: dict, source: str) -> dict:
+    """``{path key: folder}`` of the folders core/praser.py makes inside the run directory: every ``path`` key
+    whose name holds none of "resume", "base", "root". Each must be a relative path that stays inside the run
+    folder (an absolute or ``..`` one would let two runs share their checkpoints)."""
+    path = config_value(cfg, "path", {}, source)
+    if not isinstance(path, dict):
+        raise ValueError(f"{source}: path must be a JSON object (base_dir, checkpoint, ...), got {path!r}")
+    base = path.get("base_dir")
+    if base is not None and not (isinstance(base, str) and base.strip()):
+        raise ValueError(f"{source}: path.base_dir must be a non-empty string, got {base!r}")
+    folders = {}
+    for key, value in path.items():
+        if any(word in key for word in ("resume", "base", "root")):
+            continue
+        if value is None and key not in ("checkpoint", "results"):
+            continue  # the reference would fail on it; nothing to make
+        inside = isinstance(value, str) and value.strip() and not os.path.isabs(value) and \
+            os.path.normpath(value).split(os.sep)[0] not in (os.curdir, os.pardir)
+        if value is not None and not inside:
+            raise ValueError(f"{source}: path.{key} must be a folder name inside the run directory (a relative "
+                             f"path such as {key!r}), got {value!r}")
+        if value is not None:
+            folders[key] = value
+    folders.setdefault("checkpoint", "checkpoint")
+    folders.setdefault("results", "results")
+    return folders
+
+
 def dataset_class_name(cfg: dict, phase: str, source: str) -> str:
     name = config_value(cfg, f"datasets.{phase}.which_dataset.name", source=source)
     if isinstance(name, list) and name:
@@ -203,6 +243,7 @@ class PaletteJob:
     save_checkpoint_epoch: int
     base_dir: str
     checkpoint_subdir: str
+    folders: dict  # path key -> folder made inside the run directory (see run_folders)
     seed: int
     resume_state: Optional[str] = None
     ema_start: float = 1.0  # the EMA updates after a step iff images seen > ema_start and % ema_iter == 0
@@ -282,6 +323,7 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
     if ema_cfg is not None and ema_decay is None:
         ema_decay = 0.9999
     ema_cfg = ema_cfg or {}
+    folders = run_folders(cfg, source)
     resume_state = get("path.resume_state", None) if phase == "train" else None
     if resume_state is not None and not (isinstance(resume_state, str) and resume_state.strip()):
         raise ValueError(f"{source}: path.resume_state must be null or a checkpoint prefix such as "
@@ -298,13 +340,13 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         number_img_per_class=_int(get(f"{ds_args}.number_img_per_class", DEFAULT_IMAGES_PER_CLASS[dataset]),
                                   "number_img_per_class"),
         image_size=(_int(size[0], "image_size[0]", 8), _int(size[1], "image_size[1]", 8)),
-        mask_mode=mask_mode, mask_ratio=_float(mask_cfg.get("mask_ratio", 0.5), "mask_config.mask_ratio", 1e-6),
+        mask_mode=mask_mode, mask_ratio=_mask_ratio(mask_cfg.get("mask_ratio", 0.5), f"{source}: {ds_args}"),
         batch_size=_int(batch_size, "batch size (-b or dataloader.args.batch_size)"),
         num_workers=_int(workers, "num_workers", 0),
         n_epoch=_int(train_cfg.get("n_epoch", 1), "train.n_epoch"),
         log_iter=_float(train_cfg.get("log_iter", 1e4), "train.log_iter", 1.0),
         save_checkpoint_epoch=_int(train_cfg.get("save_checkpoint_epoch", 1), "train.save_checkpoint_epoch"),
-        base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=str(get("path.checkpoint", "checkpoint")),
+        base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=folders["checkpoint"], folders=folders,
         seed=int(seed) if seed is not None else max(int(cfg_seed), 0),
         resume_state=resume_state, debug_split=debug_split,
         ema_start=_float(1 if ema_cfg.get("ema_start") is None else ema_cfg["ema_start"], "ema_scheduler.ema_start"),
@@ -313,4 +355,4 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
 
 
 __all__ = ["load_palette_config", "config_value", "resolve_palette_job", "PaletteJob", "dataset_class_name",
-           "check_unet_args", "check_beta_schedule", "TRAIN_DATASETS", "TEST_DATASETS"]
+           "run_folders", "check_unet_args", "check_beta_schedule", "TRAIN_DATASETS", "TEST_DATASETS"]

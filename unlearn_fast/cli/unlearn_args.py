@@ -54,7 +54,8 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     else:
         g.add_argument("--noise_type", type=str, default="normal",
                        help=f"forget target input: {', '.join(NOISE_KINDS)}")
-    g.add_argument("--mask_ratio_min", type=float, default=0.5, help="MAGE: fraction of tokens dropped")
+    g.add_argument("--mask_ratio_min", type=float, default=0.5,
+                   help="MAGE: the truncated-normal mask rate's lower bound, and the fraction of tokens dropped")
     g.add_argument("--mask_ratio_max", type=float, default=1.0, help="MAGE: truncated-normal mask rate max")
     g.add_argument("--mask_ratio_mu", type=float, default=0.55, help="MAGE: truncated-normal mask rate mean")
     g.add_argument("--mask_ratio_std", type=float, default=0.25, help="MAGE: truncated-normal mask rate std")
@@ -88,8 +89,11 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--world_size", default=1, type=int,
                    help="number of distributed processes (taken from torchrun's WORLD_SIZE when launched by it)")
     g.add_argument("--local_rank", default=-1, type=int, help="unused: torchrun's LOCAL_RANK is read instead")
-    g.add_argument("--dist_on_itp", action="store_true")
-    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    g.add_argument("--dist_on_itp", action="store_true",
+                   help="ranks from Open MPI's OMPI_COMM_WORLD_* variables (a job started by mpirun)")
+    g.add_argument("--dist_url", default="env://",
+                   help="the job's rendezvous: env:// reads MASTER_ADDR / MASTER_PORT (torchrun sets "
+                        "them), or tcp://HOST:PORT")
     g.add_argument("--use_sagemaker", default=0, type=int, help="unused (as the reference)")
 
 
@@ -110,7 +114,7 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--retain_classes", type=str, default=None, help="comma-separated class-folder names to retain")
     g.add_argument("--proxy_path", type=str, default=None,
                    help="with --use_coco: the proxy image folder, searched recursively (default: "
-                        "<data_path>/../../coco/train2017, as the reference); not read without --use_coco")
+                        "<data_path>/../../coco/train2017, as the reference); refused without --use_coco")
     g.add_argument("--vqgan_ckpt", type=str, default=None,
                    help="MAGE: the VQGAN tokenizer checkpoint (vqgan_jax_strongaug.ckpt)")
     g.add_argument("--teacher", type=str, default=None,

@@ -38,8 +38,8 @@ from ..train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_f
                                 restore_accumulated_grads, resume_position)
 from ..train.data_split import (default_class_split, parse_class_list, reference_coco_root,
                                 select_unlearning_files)
-from ..train.distributed import (DDPStudent, broadcast_object, cleanup_distributed, env_ranks, init_distributed,
-                                 rank_device)
+from ..train.distributed import (DDPStudent, broadcast_object, check_same_on_all_ranks, cleanup_distributed, env_ranks,
+                                 init_distributed, peer_failures_explained, rank_device)
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import (BadImageError, UnlearnImageDataset, load_eval_images, reference_train_transform,
                                     verify_images)
@@ -285,8 +285,12 @@ def _changed_trajectory_flags(ckpt: dict, args) -> list:
     saved = ckpt.get("args")
     if "unlearn_fast" not in ckpt or not isinstance(saved, dict):
         return []
-    return [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in _TRAJECTORY_FLAGS
-            if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in _TRAJECTORY_FLAGS
+               if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if saved.get("world_size") is not None and saved["world_size"] != getattr(args, "world_size", None):
+        # the effective batch (and the lr from --blr) scale with the number of processes
+        changed.append(f"{saved['world_size']} processes (now {args.world_size})")
+    return changed
 
 
 def _worker_error_cleaned(exc: Exception):
@@ -307,11 +311,11 @@ class RunStopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_stop_signal = []  # the signal received during this run, if any (see _stop_signals)
+_stop_signal = []  # the signal received during this run, if any (see stop_signals)
 
 
 @contextlib.contextmanager
-def _stop_signals():
+def stop_signals():
     """SIGINT and SIGTERM raise RunStopped in the main thread, so the run's cleanup runs (the default SIGTERM
     kills the process on the spot, leaving a run directory without a checkpoint). The signal is also
     remembered: CPython drops an exception raised while it runs an at-fork callback (a DataLoader starting
@@ -427,11 +431,12 @@ def run_unlearn(args, baseline: bool = False) -> str:
     """Run the job (one process, or one rank of a torchrun job); returns the run directory."""
     apply_reference_resume_default(args, baseline)
     validate_args(args, baseline)
-    rank, world, local_rank = env_ranks()
+    rank, world, local_rank = env_ranks(args.dist_on_itp)
     device = rank_device(args.device, local_rank, world)
-    ctx = init_distributed(device)
+    ctx = init_distributed(device, dist_url=args.dist_url, dist_on_itp=args.dist_on_itp)
     try:
-        with _stop_signals():
+        with stop_signals(), peer_failures_explained(ctx):
+            check_same_on_all_ranks(vars(args), ctx)  # torchrun gives every rank one command; a manual launch may not
             return _run_unlearn(args, baseline, ctx, device)
     finally:
         cleanup_distributed(ctx)
@@ -490,7 +495,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,
                         accum_iter=args.accum_iter, seed=args.seed, rank=rank, loss_type=loss_type,
                         baseline_weighting=getattr(args, "baseline_weighting", "reference"),
-                        share_tokenizer=args.share_tokenizer, overlap_teacher=not getattr(args, "serial_teacher", False),
+                        share_tokenizer=args.share_tokenizer,
+                        overlap_teacher=not getattr(args, "serial_teacher", False),
                         fuse_tokenizer_norms=not getattr(args, "unfused_tokenizer_norms", False),
                         sdpa_attention=not getattr(args, "explicit_attention", False),
                         visible_patch_embed=not getattr(args, "full_patch_embed", False),
@@ -584,5 +590,5 @@ def _silenced(yes: bool):
     return contextlib.redirect_stdout(io.StringIO()) if yes else contextlib.nullcontext()
 
 
-__all__ = ["run_unlearn", "validate_args", "resolve_device", "class_lists", "select_data", "build_model",
+__all__ = ["run_unlearn", "stop_signals", "validate_args", "resolve_device", "class_lists", "select_data", "build_model",
            "load_model_from"]

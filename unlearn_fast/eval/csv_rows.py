@@ -25,6 +25,7 @@ import tempfile
 from numbers import Real
 from typing import Iterable, Sequence
 
+from ..train.checkpoint import new_file_mode
 from .layout import generated_prefix
 
 __all__ = [
@@ -81,12 +82,6 @@ def clip_row_name(img_folder: str, mode: str, k: int) -> str:
     return os.path.join(img_folder, f"{mode}_{k}_")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def append_rows_atomic(path: str | os.PathLike, rows: Iterable[str]) -> None:
     """Append ``rows`` (each ending in "\\n") to ``path``: write old + new to a temp file, then ``os.replace``."""
     rows = list(rows)
@@ -109,7 +104,7 @@ def append_rows_atomic(path: str | os.PathLike, rows: Iterable[str]) -> None:
             f.write("".join(rows).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~_current_umask())  # as open(path, "a") would
+        os.chmod(tmp, mode if mode is not None else new_file_mode())  # as open(path, "a") would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,6 +22,8 @@ import math
 import os
 import tempfile
 
+from ..train.checkpoint import new_file_mode
+
 __all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number"]
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -300,7 +302,7 @@ def write_report(run_dir: str, out_html: str | None = None, *, title: str | None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, out_html)
     except BaseException:
         if os.path.exists(tmp):

@@ -137,9 +137,3 @@ def write_restoration_images(result_dir: str, names: Sequence[str], gt: torch.Te
         Image.fromarray(tensor_to_uint8(tensor)).save(path)
         paths.append(path)
     return paths
-
-
-def palette_test_result_dir(ckpt_path: str, mask_ratio: float = 0.5, epoch: int = 0) -> str:
-    """``<ckpt without .pth>/results/test/{epoch}/{mask_ratio:.2f}``, where ``run.py -p test`` writes."""
-    root = ckpt_path[:-len(".pth")] if ckpt_path.endswith(".pth") else ckpt_path
-    return os.path.join(root, "results", "test", str(epoch), f"{mask_ratio:.2f}")

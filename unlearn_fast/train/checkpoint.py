@@ -49,6 +49,13 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under this process's umask (mkstemp's files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_atomically(path: str, write) -> None:
     """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. On any failure the
     temporary file is removed and ``path`` is untouched; an OSError becomes an OutputWriteError."""
@@ -57,6 +64,7 @@ def _write_atomically(path: str, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), new_file_mode())  # readable as the reference's torch.save output is
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -17,6 +17,11 @@ What each rank does:
   rank's own batch statistics, as the reference computes them per GPU;
 - only rank 0 writes the run directory, checkpoints and logs; logged losses are the mean over ranks.
 
+Faults: every rank must run the same command (:func:`check_same_on_all_ranks` refuses a job whose ranks were
+given different flags); a rank that stops (an error, a kill) makes the others fail in their next collective,
+which :func:`peer_failures_explained` turns into one :class:`PeerProcessError` line instead of gloo's traceback;
+a rank whose peers never join says so after ``JOIN_NOTICE_AFTER_S`` seconds instead of waiting in silence.
+
 The CUDA-graph step cannot capture DDP's reducer (autograd hooks). For it, ``DDPStudent.use_flat_grads()``
 runs without a reducer (DDP is built lazily, so it is then never built): the trainable weights are broadcast
 from rank 0 as DDP's constructor would, and the step all-reduces one flat gradient buffer itself
@@ -26,6 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,10 +71,20 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-def env_ranks() -> tuple:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not launched by it."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+def env_ranks(dist_on_itp: bool = False) -> tuple:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not launched by it.
+    ``dist_on_itp`` (the reference's flag): from Open MPI's OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK instead
+    (``mpirun``; MASTER_ADDR / MASTER_PORT still name the rendezvous, as in the reference)."""
+    if dist_on_itp:
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+        missing = [n for n in names if os.environ.get(n, "") == ""]
+        if missing:
+            raise ValueError(f"--dist_on_itp reads Open MPI's {', '.join(names)}, but {', '.join(missing)} "
+                             "is not set: launch with mpirun, or drop --dist_on_itp (torchrun sets RANK/WORLD_SIZE)")
+        rank, world, local = (_env_int(n, 0) for n in names)
+    else:
+        world = _env_int("WORLD_SIZE", 1)
+        rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
     return rank, world, local
@@ -93,9 +111,23 @@ def rank_device(spec: str, local_rank: int, world_size: int) -> torch.device:
     return dev
 
 
-def init_distributed(device: torch.device) -> DistContext:
-    """Join the torchrun job (``env://``): nccl on CUDA, gloo on CPU. A single process needs no group."""
-    rank, world, local = env_ranks()
+# a rank still in the rendezvous after this long says what it waits for (the process group's own timeout
+# is 30 minutes; a peer that was never started, or failed before joining, would otherwise look like a hang)
+JOIN_NOTICE_AFTER_S = 30.0
+
+
+def _rendezvous_address(dist_url: str) -> str:
+    if dist_url == "env://":
+        return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return dist_url
+
+
+def init_distributed(device: torch.device, dist_url: str = "env://", dist_on_itp: bool = False,
+                     notice_after_s: float = JOIN_NOTICE_AFTER_S) -> DistContext:
+    """Join the job: nccl on CUDA, gloo on CPU. A single process needs no group. ``dist_url``: the rendezvous
+    (``env://`` reads MASTER_ADDR / MASTER_PORT; ``tcp://HOST:PORT`` as the reference's --dist_url);
+    ``dist_on_itp``: ranks from Open MPI's variables (see :func:`env_ranks`)."""
+    rank, world, local = env_ranks(dist_on_itp)
     if world == 1:
         return DistContext()
     if not dist.is_available():
@@ -104,13 +136,105 @@ def init_distributed(device: torch.device) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+        where = _rendezvous_address(dist_url)
+        notice = threading.Timer(notice_after_s, lambda: print(
+            f"unlearn_fast: process {rank} of {world} is still waiting for the other processes of the job at "
+            f"{where} (WORLD_SIZE={world} is set: every process must be started, e.g. by torchrun; unset RANK and "
+            "WORLD_SIZE for a one-process run)", file=sys.stderr, flush=True))
+        notice.daemon = True
+        notice.start()
+        try:
+            dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world)
+        except dist.DistNetworkError as e:
+            text = str(e)
+            if "EADDRINUSE" in text or "address already in use" in text:
+                raise ValueError(f"cannot start the job's rendezvous at {where}: the port is already in use by "
+                                 "another program (another run?); choose a free MASTER_PORT (torchrun --standalone "
+                                 "picks one)") from None
+            raise ValueError(f"cannot join the job's rendezvous at {where}: {_first_line(text)}") from None
+        finally:
+            notice.cancel()
     return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend)
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
+    """Leave the process group. Errors are dropped: this runs in ``finally`` after a peer was lost, where
+    destroying the group may fail, and must not replace the error that stopped the run."""
     if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:
+            pass
+
+
+def _first_line(text: str, limit: int = 240) -> str:
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _backend_detail(text: str) -> str:
+    """The gist of a backend error: gloo's '[.../pair.cc:561] Connection closed by peer [ADDR]:PORT. This is
+    typically caused by ...' -> 'Connection closed by peer [ADDR]:PORT'."""
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", _first_line(text))
+    return line.split(". This is typically")[0].rstrip(". ")
+
+
+class PeerProcessError(ConnectionError):
+    """Another process of the job stopped (an error, a kill), so this one's collective failed. A ConnectionError
+    (an OSError): the CLI prints it as one line; the other process's own error is the cause."""
+
+
+# how gloo / nccl / the store report a peer that went away (gloo raises a plain RuntimeError)
+_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "remote process exited", "Socket Timeout", "Connection refused", "Timed out waiting")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank is gone (not for this rank's own faults)."""
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):  # not DistBackendError: may be our own fault
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _PEER_LOST_MARKERS)
+
+
+@contextlib.contextmanager
+def peer_failures_explained(ctx: DistContext):
+    """Inside: a collective that fails because another rank stopped raises :class:`PeerProcessError` with one
+    line that names this rank and points at the other's error, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (ctx.enabled and is_peer_failure(e)):
+            raise
+        raise PeerProcessError(f"process {ctx.rank} of {ctx.world_size}: another process of this job stopped (its "
+                               "own error, or the launcher's report of it, is the cause); stopping too "
+                               f"({_backend_detail(str(e))})") from None
+
+
+# flags that may differ between the processes of one job: torch.distributed.launch's per-process --local_rank,
+# what only rank 0 uses (the run directory), per-process performance settings, and paths (nodes may mount the
+# same files at different places)
+PER_PROCESS_KEYS = frozenset({"local_rank", "output_dir", "log_dir", "num_workers", "pin_mem", "no_progress",
+                              "device", "data_path", "proxy_path", "resume", "teacher", "vqgan_ckpt"})
+
+
+def check_same_on_all_ranks(values: dict, ctx: DistContext, what: str = "flags",
+                            ignore=PER_PROCESS_KEYS) -> None:
+    """Raise the same ValueError on every rank when ``values`` (e.g. ``vars(args)``) differ between ranks
+    (except the keys in ``ignore``): a job whose ranks run different seeds, batch sizes or epochs would train
+    on inconsistent data, or stop with one rank waiting in a collective. Collective: every rank calls it."""
+    if not ctx.enabled:
+        return
+    mine = {k: v for k, v in values.items() if k not in ignore}
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, mine)
+    keys = sorted(set().union(*every), key=str)
+    differing = [k for k in keys if any(v.get(k, "<unset>") != every[0].get(k, "<unset>") for v in every[1:])]
+    if differing:
+        shown = "; ".join(f"--{k}: " + ", ".join(f"{v.get(k, '<unset>')!r} (rank {r})" for r, v in enumerate(every))
+                          for k in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise ValueError(f"the {ctx.world_size} processes of this job were started with different {what}: {shown}"
+                         f"{more}; every process must run the same command")
 
 
 def broadcast_object(obj, ctx: DistContext):
@@ -279,4 +403,5 @@ class DDPStudent:
 
 
 __all__ = ["DistContext", "DDPStudent", "env_ranks", "rank_device", "init_distributed", "cleanup_distributed",
-           "broadcast_object", "all_reduce_mean_", "broadcast_parameters_"]
+           "broadcast_object", "all_reduce_mean_", "broadcast_parameters_", "PeerProcessError", "is_peer_failure",
+           "peer_failures_explained", "check_same_on_all_ranks", "PER_PROCESS_KEYS", "JOIN_NOTICE_AFTER_S"]

@@ -2,9 +2,14 @@
 
     <base_dir>/<run name>/config.json
                          /train.log                      "yy-mm-dd HH:MM:SS.mmm - INFO: train/mse_loss: 0.0123\t"
+                         /code/, /tb_logger/, /results/  the config's other path folders (left empty here)
                          /checkpoint/{epoch}_Network.pth  buffers + denoise_fn.* (+ teacher_denoise_fn.*)
                          /checkpoint/{epoch}_Network_ema.pth   denoise_fn.* only
                          /checkpoint/{epoch}.state        {'epoch', 'iter', 'schedulers': [], 'optimizers': [Adam]}
+
+The test phase (``palette-test``, the reference's ``run.py -p test``) uses ``<ckpt without .pth>/`` as its run
+directory: config.json, test.log (appended), the same path folders, and the images in
+``results/test/0/<mask_ratio:.2f>/``.
 
 Epochs are numbered 1..n_epoch as the reference numbers them, but exactly ``n_epoch`` run: the reference's
 ``while epoch <= n_epoch`` runs one more (§11). No per-epoch validation sampling (the reference samples its
@@ -34,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from ..models.palette import Network, as_palette_batch, load_palette_checkpoint
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint_file
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint_file
 from .palette_steps import WITH_TEACHER, PaletteSetup, approach_flags, palette_fast_step, palette_reference_step
 from .progress import progress_bar
 from .step_reference import NonFiniteLossError
@@ -76,8 +81,29 @@ class PaletteRunLog:
 
 
 def write_config_json(run_dir: str, config: dict) -> None:
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=4, sort_keys=False, default=str)
+    """``config.json`` as core/praser.py writes it (indent 4, key order kept); atomic, since a test run
+    rewrites the one beside its checkpoint."""
+    atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=4, sort_keys=False, default=str))
+
+
+def make_run_folders(run_dir: str, folders: Dict[str, str]) -> None:
+    """The config's path folders (code, tb_logger, results, checkpoint, ...) inside ``run_dir``, as the reference
+    makes them for every run, train or test; a ValueError names one that cannot be made."""
+    for key, sub in folders.items():
+        path = os.path.join(run_dir, sub)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create {path!r} (the config's path.{key}): {e.strerror or e}") from None
+
+
+def log_run_start(log: "PaletteRunLog", run_dir: str, phase: str, n_images: int) -> None:
+    """The first lines the reference logs in every run (with 0 validation images: none are held out here)."""
+    log.info(f"Create the log file in directory {run_dir}.\n")
+    log.info(f"Dataset for {phase} have {n_images} samples.")
+    if phase == "train":
+        log.info("Dataset for val have 0 samples.")
+    log.info(f"Begin model {phase}.")
 
 
 def save_palette_epoch(checkpoint_dir: str, epoch: int, iters: int, setup: PaletteSetup,
@@ -401,7 +427,8 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
     return history
 
 
-__all__ = ["palette_train_loop", "palette_run_dir_name", "save_palette_epoch", "write_config_json",
+__all__ = ["palette_train_loop", "palette_run_dir_name", "save_palette_epoch", "write_config_json", "make_run_folders",
+           "log_run_start",
            "PaletteRunLog", "PALETTE_STEP_MODES", "PALETTE_STATE_FORMAT", "OFFICIAL_STATE_KEYS", "PaletteResume",
            "palette_resume_paths", "read_palette_resume", "check_palette_resume_fits", "load_resumed_network",
            "restore_palette_training", "palette_resume_start"]

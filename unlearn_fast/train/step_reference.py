@@ -34,7 +34,7 @@ class StepOutput(NamedTuple):
 def check_finite(value: float, step: int) -> None:
     if not math.isfinite(value):
         raise NonFiniteLossError(f"loss is {value} at step {step}; stopping (lower the lr, or check the data). "
-                                 "The last saved checkpoint is intact.")
+                                 "Checkpoints already written are intact.")
 
 
 def check_step_inputs(images, is_forget, step) -> torch.Tensor:

@@ -91,7 +91,7 @@ class _EpochMeter:
         self.n_pending = 0
         if not all(math.isfinite(v) for v in vals.tolist()):
             raise NonFiniteLossError(f"loss became non-finite within steps {step - n + 1}..{step} (epoch {epoch}); "
-                                     "stopping. The last saved checkpoint is intact.")
+                                     "stopping. Checkpoints already written are intact.")
         self.sums += vals.double()
         return vals / n
 
@@ -170,7 +170,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         # on every rank (their weights are equal), so all ranks stop together
         if output_dir is not None and not _weights_finite(setup):
             raise NonFiniteLossError(f"the weights became non-finite before the checkpoint at global step "
-                                     f"{global_step}; stopping. The last saved checkpoint is intact.")
+                                     f"{global_step}; stopping. Checkpoints already written are intact.")
 
     def save(tag, epoch_done: int, position: dict, safetensors: bool) -> str:
         position = dict(position, steps_per_epoch=steps_per_epoch, seed=setup.seed,
@@ -246,7 +246,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if first + taken < steps_per_epoch:  # the losses since the last read-back, the epoch's log line, the
             # checkpoint's position and the lr schedule all assume steps_per_epoch steps: stop instead of writing them
             raise ValueError(f"epoch {epoch} produced {first + taken} of its {steps_per_epoch} batches (the batch "
-                             "source ended early); stopping. The last saved checkpoint is intact.")
+                             "source ended early); stopping. Checkpoints already written are intact.")
         n_steps, sums = meter.n_steps, meter.sums
         loss, retain, forget = (v / n_steps for v in sums.tolist())
         stats = epoch_log_line(setup.loss_type, meter.lr_sum / n_steps, loss, retain, forget, epoch)
