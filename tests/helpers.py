@@ -95,6 +95,46 @@ def make_class_tree(root, classes, per_class: int, seed: int, size=(36, 40)):
     return str(root)
 
 
+def labelled_batches(epochs: int, steps: int, labels_cycle, seed: int = 1, size: int = 32) -> dict:
+    """{epoch: [(images [N, 3, size, size], labels [N])] * steps}: random images, the labels taken in turn from
+    ``labels_cycle`` (a list of per-batch label lists, the reference's ±100 convention or 0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    out, k = {}, 0
+    for e in range(epochs):
+        out[e] = []
+        for _ in range(steps):
+            labels = torch.tensor(labels_cycle[k % len(labels_cycle)])
+            out[e].append((torch.rand(len(labels), 3, size, size, generator=g), labels))
+            k += 1
+    return out
+
+
+def make_places_tree(base, classes, per_split=(("train_256", 2), ("val_256", 1)), ext="png", size=(40, 36),
+                     seed=0, first=0) -> dict:
+    """A tiny Places-365 layout under ``base`` (random images named as the reference's lists name them), its
+    class list and a random ``palette_micro`` checkpoint ``16_Network.pth``: the paths, as a dict."""
+    import numpy as np
+    from PIL import Image
+
+    from unlearn_fast.models import create_model
+    from unlearn_fast.models.palette import save_palette_checkpoint
+    from unlearn_fast.train.palette_data import class_folder
+    root = base / "places365"
+    rng = np.random.default_rng(seed)
+    for split, per in per_split:
+        for c in classes:
+            d = class_folder(str(root), split, c)
+            os.makedirs(d)
+            for k in range(per):
+                name = f"{c.strip('/').replace('/', '_')}_Places365_{split[:3]}_{first + k:08d}.{ext}"
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(os.path.join(d, name))
+    (base / "class.txt").write_text("\n".join(classes) + "\n")
+    torch.manual_seed(0)
+    ckpt = base / "16_Network.pth"
+    save_palette_checkpoint(create_model("palette_micro"), ckpt)
+    return dict(base=base, root=str(root), class_list=str(base / "class.txt"), ckpt=str(ckpt))
+
+
 def save_random_pretrained(path, model_name: str = "mae_micro", seed: int = 0):
     """A ``{"model": state_dict}`` file of a randomly initialised model (global RNG untouched); returns ``str(path)``."""
     import unlearn_fast

@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import make_places_tree
 from unlearn_fast.cli.palette_command import palette_test_main, palette_unlearn_main
-from unlearn_fast.models import create_model
-from unlearn_fast.models.palette import MICRO_SCHEDULE, MICRO_UNET, SCHEDULE_BUFFERS, save_palette_checkpoint
-from unlearn_fast.train.palette_data import class_folder
+from unlearn_fast.models.palette import MICRO_SCHEDULE, MICRO_UNET, SCHEDULE_BUFFERS
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 CLASSES = [f"/{chr(97 + i % 26)}/k{i:03d}" + ("/in" if i % 11 == 0 else "") for i in range(102)]
@@ -25,21 +24,7 @@ CLASSES = [f"/{chr(97 + i % 26)}/k{i:03d}" + ("/in" if i % 11 == 0 else "") for 
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
-    base = tmp_path_factory.mktemp("palette_cli")
-    root = base / "places365"
-    rng = np.random.default_rng(0)
-    for split, per in (("train_256", 2), ("val_256", 1)):
-        for c in CLASSES:
-            d = class_folder(str(root), split, c)
-            os.makedirs(d)
-            for k in range(per):
-                name = f"{c.strip('/').replace('/', '_')}_Places365_{split[:3]}_{k:08d}.png"
-                Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(os.path.join(d, name))
-    (base / "class.txt").write_text("\n".join(CLASSES) + "\n")
-    torch.manual_seed(0)
-    ckpt = base / "16_Network.pth"
-    save_palette_checkpoint(create_model("palette_micro"), ckpt)
-    return dict(base=base, root=str(root), class_list=str(base / "class.txt"), ckpt=str(ckpt))
+    return make_places_tree(tmp_path_factory.mktemp("palette_cli"), CLASSES)
 
 
 def _config(places, **edits):

@@ -12,19 +12,16 @@ import re
 import signal
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.helpers import make_places_tree
 from unlearn_fast.cli import palette_command
 from unlearn_fast.cli.palette_command import palette_test_main, palette_unlearn_main
 from unlearn_fast.cli.palette_config import resolve_palette_job
-from unlearn_fast.models import create_model
 from unlearn_fast.models.palette import MICRO_SCHEDULE, MICRO_UNET, Network, load_palette_checkpoint
-from unlearn_fast.models.palette import save_palette_checkpoint
 from unlearn_fast.models.palette_sampler import palette_restore
-from unlearn_fast.train.palette_data import PaletteInpaintDataset, class_folder, read_class_list, select_places365_test
+from unlearn_fast.train.palette_data import PaletteInpaintDataset, read_class_list, select_places365_test
 from unlearn_fast.train.seeding import step_generator
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -37,20 +34,8 @@ REFERENCE_PATH = {"base_dir": "experiments", "code": "code", "tb_logger": "tb_lo
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
-    base = tmp_path_factory.mktemp("palette_outputs")
-    root = base / "places365"
-    rng = np.random.default_rng(1)
-    for split in ("train_256", "val_256"):
-        for c in CLASSES:
-            d = class_folder(str(root), split, c)
-            os.makedirs(d)
-            name = f"{c.strip('/').replace('/', '_')}_Places365_{split[:3]}_00000001.jpg"
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(os.path.join(d, name))
-    (base / "class.txt").write_text("\n".join(CLASSES) + "\n")
-    torch.manual_seed(0)
-    ckpt = base / "16_Network.pth"
-    save_palette_checkpoint(create_model("palette_micro"), ckpt)
-    return dict(base=base, root=str(root), class_list=str(base / "class.txt"), ckpt=str(ckpt))
+    return make_places_tree(tmp_path_factory.mktemp("palette_outputs"), CLASSES, (("train_256", 1), ("val_256", 1)),
+                            ext="jpg", size=(36, 40), seed=1, first=1)
 
 
 def _config(places, path=None, train_batch=4, test_batch=3):

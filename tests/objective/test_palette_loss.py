@@ -8,7 +8,8 @@ from unlearn_fast.objective.palette_loss import (palette_max_loss, palette_noisy
                                                  palette_random_encoder_loss, palette_random_encoder_targets,
                                                  palette_retain_label_loss, palette_unlearn_loss,
                                                  palette_unlearn_loss_reference, palette_unlearn_loss_terms,
-                                                 weighted_mse_loss, weighted_mse_loss_reference)
+                                                 palette_unlearn_loss_terms_reference, weighted_mse_loss,
+                                                 weighted_mse_loss_reference)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # "extension not built" notice on CPU
 TOL = dict(rtol=1e-5, atol=1e-7)
@@ -78,6 +79,23 @@ def test_reference_twin_is_the_masked_copy_formula():
         wr, wf = ((1 + s) / 2).view(-1, 1, 1, 1), ((1 - s) / 2).view(-1, 1, 1, 1)
         want = want + F.mse_loss(a * wr, b * wr) + 0.3 * F.mse_loss(a * wf, b * wf)
     torch.testing.assert_close(palette_unlearn_loss_reference(fs, ft, s < 0, 0.3), want, **TOL)
+
+
+def test_reference_twin_adds_maps_in_the_reference_order():
+    """Bit for bit ``Network.forward``: ``loss = 0; loss += retain_k + α·(1 − 2·max_loss)·forget_k`` map by map, each
+    term from the masked copies ``t·(labels + 1)·0.5`` / ``t·(1 − labels)·0.5`` (not Σ retain + α·Σ forget, whose
+    rounding differs for some of these draws)."""
+    labels = torch.tensor([1.0, -1.0, -1.0]).view(-1, 1, 1, 1)
+    for seed in range(8):
+        fs, ft = _maps(3, 2 * seed + 5), _maps(3, 2 * seed + 6)
+        want = 0
+        for a, b in zip(fs, ft):
+            r = F.mse_loss(a * (labels + 1.0) * 0.5, b * (labels + 1.0) * 0.5)
+            f = (1 - 2.0 * 0) * F.mse_loss(a * (1.0 - labels) * 0.5, b * (1.0 - labels) * 0.5)
+            want += r + 0.3 * f
+        got = palette_unlearn_loss_terms_reference(fs, ft, labels.view(-1) < 0, 0.3)
+        assert torch.equal(got.loss, want), seed
+        torch.testing.assert_close(got.loss, got.retain + 0.3 * got.forget, **TOL)
 
 
 def test_weighted_mse_on_2d_and_1d(op_backend):
@@ -173,3 +191,16 @@ def test_random_encoder_targets_and_loss():
     fs = [x.requires_grad_(True) for x in _maps(3, 9)]
     out = palette_random_encoder_loss(fs, ft, is_forget, 0.1, torch.Generator().manual_seed(4))
     torch.testing.assert_close(out.loss, palette_unlearn_loss_reference(fs, targets, is_forget, 0.1), **TOL)
+
+
+def test_random_encoder_names_a_bad_map_argument():
+    """A tensor instead of the list of maps: one message naming the argument, before any draw (it used to iterate
+    the tensor's rows as maps and complain about is_forget)."""
+    fs, ft = _maps(4, 1), _maps(4, 2)
+    is_forget = torch.tensor([True, False, True, False])
+    with pytest.raises(TypeError, match="features_student must be a list or tuple"):
+        palette_random_encoder_loss(fs[0], ft[0], is_forget, 0.1)
+    with pytest.raises(TypeError, match="features_teacher must be a list or tuple"):
+        palette_random_encoder_targets(ft[0], is_forget)
+    with pytest.raises(ValueError, match="number of student and teacher maps"):
+        palette_random_encoder_loss(fs, ft[:2], is_forget, 0.1)

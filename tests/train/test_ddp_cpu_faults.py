@@ -145,10 +145,10 @@ def _fault_worker(rank, world, port, out_dir):
             json.dump(seen, f)
 
 
-def test_two_ranks_flags_mismatch_and_a_killed_peer(tmp_path):
-    port = _free_port()
-    procs = [mp.get_context("spawn").Process(target=_fault_worker, args=(r, 2, port, str(tmp_path)))
-             for r in range(2)]
+def _run_ranks_with_deadline(target, *args, world: int = 2):
+    """Spawn ``world`` processes ``target(rank, world, *args)``, wait at most DEADLINE_S for all of them (a rank
+    still running then is a hang: killed, and the test fails), and return them (for their exit codes)."""
+    procs = [mp.get_context("spawn").Process(target=target, args=(r, world, *args)) for r in range(world)]
     for p in procs:
         p.start()
     end = time.monotonic() + DEADLINE_S
@@ -160,6 +160,12 @@ def test_two_ranks_flags_mismatch_and_a_killed_peer(tmp_path):
             p.kill()
             p.join()
     assert not hung, f"rank(s) {hung} still running after {DEADLINE_S} s: a hang"
+    return procs
+
+
+def test_two_ranks_flags_mismatch_and_a_killed_peer(tmp_path):
+    port = _free_port()
+    procs = _run_ranks_with_deadline(_fault_worker, port, str(tmp_path))
     assert procs[1].exitcode == -signal.SIGKILL
     assert procs[0].exitcode == 0
     seen = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(1)]
@@ -196,18 +202,7 @@ def test_cli_refuses_ranks_with_different_seeds_and_a_bad_image_stops_both_clean
     base = micro_unlearn_argv(data, pre, out, batch=2)
     runs = [(_free_port(), [base + ["--seed", "0"], base + ["--seed", "1"]]),  # refused before any image is read
             (_free_port(), [base, base])]
-    procs = [mp.get_context("spawn").Process(target=_cli_worker, args=(r, 2, runs, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    end = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(timeout=max(1.0, end - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"rank(s) {hung} still running after {DEADLINE_S} s: a hang"
+    _run_ranks_with_deadline(_cli_worker, runs, str(tmp_path))
     rcs = [json.load(open(tmp_path / f"rc{r}.json")) for r in range(2)]
     err = capfd.readouterr().err
     assert rcs == [[2, 2], [2, 2]], err

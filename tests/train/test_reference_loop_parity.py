@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import make_class_tree, save_random_pretrained
+from tests.helpers import labelled_batches, make_class_tree, save_random_pretrained
 from unlearn_fast.models import create_model
 from unlearn_fast.ops import sample_batch_noise_reference
 from unlearn_fast.train.seeding import seed_step_globals, step_generator
@@ -185,18 +185,6 @@ def _perturbed_teacher(model):
     return teacher
 
 
-def _data(epochs, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out, k = {}, 0
-    for e in range(epochs):
-        out[e] = []
-        for _ in range(steps):
-            labels = torch.tensor(MIX[k % len(MIX)])
-            out[e].append((torch.rand(len(labels), 3, 32, 32, generator=g), labels))
-            k += 1
-    return out
-
-
 def _weight_diff(a, b):
     worst = 0.0
     for (n, p), (m, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -246,7 +234,7 @@ CASES = [  # (model, loss_type, weighting, accum_iter, steps per epoch)
                          ids=[f"{c[0]}-{c[1]}-{c[2][:3]}-acc{c[3]}" for c in CASES])
 def test_train_loop_equals_the_restated_reference(name, kind, weighting, accum, steps):
     epochs, warmup = 2, 1
-    data = _data(epochs, steps)
+    data = labelled_batches(epochs, steps, MIX)
     model = _model(name)
     teacher = _perturbed_teacher(model)
     plain = copy.deepcopy(model)

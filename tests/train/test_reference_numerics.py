@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import max_param_diff
+from tests.helpers import labelled_batches, max_param_diff
 from unlearn_fast.ops import sample_batch_noise_reference
 from unlearn_fast.train import step_reference
 from unlearn_fast.train.lr_schedule import base_lr, effective_batch_size, lr_at
@@ -156,18 +156,6 @@ def plain_reference_run(student, teacher, data, steps, *, epochs, lr, min_lr=0.0
 
 # ---- helpers --------------------------------------------------------------------------------------------
 
-def _data(epochs, steps, labels_cycle, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out, k = {}, 0
-    for e in range(epochs):
-        out[e] = []
-        for _ in range(steps):
-            labels = torch.tensor(labels_cycle[k % len(labels_cycle)])
-            out[e].append((torch.rand(len(labels), 3, 32, 32, generator=g), labels))
-            k += 1
-    return out
-
-
 def _perturbed_teacher(model):
     """A frozen copy 1e-2 away from the student, so no gradient starts at exactly 0 (see the docstring)."""
     teacher = make_teacher(model)
@@ -233,13 +221,13 @@ MIX = [[100.0, -100.0, 100.0, -100.0, -100.0]]
 ], ids=["warmup", "accum2", "warmup==epochs", "min_lr", "clip", "no_clip", "fa0", "one_kind", "batch1"])
 def test_reference_step_run_matches_the_restatement(make_mae_micro, case):
     case = dict(case)
-    data = _data(case["epochs"], case["steps"], case.pop("labels", MIX))
+    data = labelled_batches(case["epochs"], case["steps"], case.pop("labels", MIX))
     steps = case.pop("steps")
     _assert_same_run(*_run_both(make_mae_micro, data, steps, **case), keys=LOG_KEYS)
 
 
 def test_fast_step_run_matches_the_restatement(make_mae_micro):
-    data = _data(2, 4, MIX)
+    data = labelled_batches(2, 4, MIX)
     _assert_same_run(*_run_both(make_mae_micro, data, 4, epochs=2, accum=2, warmup=1, step_mode="fast"),
                      keys=LOG_KEYS[1:])
 
@@ -247,12 +235,12 @@ def test_fast_step_run_matches_the_restatement(make_mae_micro):
 # Accumulation at the epoch's end and the logged lr, as the reference's train_one_epoch.
 
 def test_partial_accumulation_window_is_dropped_at_the_epoch_end(make_mae_micro):
-    data = _data(3, 3, MIX)  # 3 micro-steps, accum 2: the 3rd of each epoch never updates
+    data = labelled_batches(3, 3, MIX)  # 3 micro-steps, accum 2: the 3rd of each epoch never updates
     _assert_same_run(*_run_both(make_mae_micro, data, 3, epochs=3, accum=2, warmup=1), keys=LOG_KEYS[1:])
 
 
 def test_logged_lr_is_the_optimizer_lr_of_each_micro_step(make_mae_micro):
-    data = _data(2, 4, MIX)
+    data = labelled_batches(2, 4, MIX)
     setup, plain, model, expected, got = _run_both(make_mae_micro, data, 4, epochs=2, accum=2, warmup=1)
     assert _weight_diff(setup.student, plain) <= WEIGHT_TOL  # the updates themselves agree
     for g, x in zip(got, expected):
@@ -260,7 +248,7 @@ def test_logged_lr_is_the_optimizer_lr_of_each_micro_step(make_mae_micro):
 
 
 def test_accum_iter_beyond_the_epoch_never_updates(make_mae_micro):
-    data = _data(2, 2, MIX)
+    data = labelled_batches(2, 2, MIX)
     setup, plain, model, expected, got = _run_both(make_mae_micro, data, 2, epochs=2, accum=5, warmup=1)
     assert max_param_diff(setup.student, model) == 0.0 and max_param_diff(plain, model) == 0.0
     for g, x in zip(got, expected):
@@ -275,7 +263,7 @@ def test_forget_alpha_zero_makes_the_noise_irrelevant(make_mae_micro, step_mode)
     input: the forget term adds exactly nothing to the gradient, and its draws disturb no other draw."""
     model = make_mae_micro()
     teacher = _perturbed_teacher(model)
-    data = _data(1, 3, MIX)
+    data = labelled_batches(1, 3, MIX)
     runs = []
     for noise_type in ("normal", "uniform", "constant"):
         setup = build_setup(copy.deepcopy(model), "cpu", lr=LR, precision="fp32", forget_alpha=0.0,

@@ -34,6 +34,7 @@ from ..train.data_split import FORGET_LABEL, seeded_shuffle
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.seeding import derive_seed
+from .tools import DefaultsHelpFormatter
 from .unlearn_command import build_model, class_lists, resolve_device, select_data
 
 AUDIT_FILE = "forget_audit.json"
@@ -90,8 +91,9 @@ def _pick(paths: List[str], count: int, seed: int, what: str) -> List[str]:
 
 
 def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, device: str = "auto",
-              data_path: Optional[str] = None, teacher: Optional[str] = None) -> dict:
-    """Audit ``run_dir`` (see the module docstring); returns what it writes to ``forget_audit.json``."""
+              data_path: Optional[str] = None, teacher: Optional[str] = None, announce: bool = False) -> dict:
+    """Audit ``run_dir`` (see the module docstring); returns what it writes to ``forget_audit.json``.
+    ``announce``: print what is compared before the work starts (the CLI)."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"not a run directory: {run_dir}")
     if images < 1:
@@ -122,11 +124,24 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
     train["retain"] = [p for p, lab in items if lab != FORGET_LABEL
                        and os.path.dirname(os.path.abspath(p)) in retain_dirs]  # not the proxy
     held = select_holdout_files(args.data_path, forget_classes, retain_classes, exclude=[p for p, _ in items],
-                                per_set=images, seed=args.seed, need=("forget",))
+                                per_set=images, seed=args.seed, need=())
+    if not held.forget:  # the audit cannot free any: the run's own flags decided what it trained on
+        raise ValueError(f"cannot audit {run_dir}: the run trained on every image of its forget classes under "
+                         f"{args.data_path}, so none is left unseen to compare with (an unlearning run with a "
+                         "lower --num_image_per_class keeps some)")
     sets = {"forget": (_pick(train["forget"], images, args.seed, "forget"), held.forget),
             "retain": (_pick(train["retain"], images, args.seed, "retain"), held.retain)}
+    skipped = None
+    if not (sets["retain"][0] and sets["retain"][1]):
+        skipped = ("the run trained on no retain-class image (proxy only)" if not sets["retain"][0] else
+                   "the run trained on every image of its retain classes")
 
     dev = resolve_device(device)
+    if announce:
+        counts = ", ".join(f"{name} classes {len(seen)} trained + {len(unseen)} unseen"
+                           for name, (seen, unseen) in sets.items() if seen and unseen)
+        print(f"unlearn-fast audit: before = {teacher}, after = {checkpoint}; {counts} images, device {dev}",
+              flush=True)
     models = {when: load_audited_model(args, path, teacher).to(dev).eval()
               for when, path in (("before", teacher), ("after", checkpoint))}
     errors = {w: {} for w in models}
@@ -141,6 +156,8 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
     result = {"forget": forget_audit_summary(errors["before"]["forget"], errors["after"]["forget"])}
     if "retain" in errors["before"]:
         result["retain_control"] = forget_audit_summary(errors["before"]["retain"], errors["after"]["retain"])
+    else:
+        result["retain_control_skipped"] = skipped
     result["config"] = {"run_dir": os.path.abspath(run_dir), "teacher": os.path.abspath(teacher),
                         "checkpoint": os.path.abspath(checkpoint), "model": args.model, "images_per_set": images,
                         "seed": args.seed, "error": "per-image task error under fixed masks (MAE: hidden-pixel "
@@ -156,21 +173,24 @@ def format_audit(result: dict) -> str:
         if key in result:
             b, a = result[key]["before"], result[key]["after"]
             rows.append(f"{label:<16}{b['auc']:>12.3f}{a['auc']:>12.3f}{b['n_forget_train']:>9}{b['n_unseen']:>10}")
+    if result.get("retain_control_skipped"):
+        rows.append(f"(no retain-class control: {result['retain_control_skipped']})")
     return "\n".join(rows)
 
 
 def audit_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast audit", description="forget audit (membership AUC) of a run, "
-                                                                       "before and after unlearning")
+    p = argparse.ArgumentParser(prog="unlearn-fast audit", formatter_class=DefaultsHelpFormatter,
+                                description="forget audit (membership AUC) of a run, before and after unlearning; "
+                                            "writes RUN_DIR/forget_audit.json (replacing an earlier audit's)")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default=None, help="the unlearned model (default: the last checkpoint-<e>.pth); "
                    "a file of the trained parameters only (.safetensors, best.pth) is laid over the teacher")
     p.add_argument("--teacher", default=None, help="the original model (default: the run's teacher checkpoint)")
     p.add_argument("--images", type=int, default=64, help="images per group (seen / unseen) and per set")
     p.add_argument("--data_path", default=None, help="the run's data folder, if it moved")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
     a = p.parse_args(argv)
-    result = run_audit(a.run_dir, a.checkpoint, a.images, a.device, a.data_path, a.teacher)
+    result = run_audit(a.run_dir, a.checkpoint, a.images, a.device, a.data_path, a.teacher, announce=True)
     print(format_audit(result))
     print(f"unlearn-fast audit: wrote {os.path.join(a.run_dir, AUDIT_FILE)}")
     return 0

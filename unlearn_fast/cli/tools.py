@@ -8,15 +8,30 @@
     unlearn-fast tsne --ckpt_folder out/run/checkpoint-5-inpaint/ --crop_size 8
     unlearn-fast report out/run/
 Weights are read from local files only (flags, environment variables or ./pretrained/); a missing file
-is named with the flag that points to it.
+is named with the flag that points to it. ``generate`` writes into ``<output>.partial/`` and renames it to
+``<output>`` once every image is written: a stopped run leaves no folder that ``eval`` would take for complete,
+and an ``<output>`` that already holds files is never written into.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 from typing import List
 
 import torch
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each flag's default (those that have one: not None, not False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "%(default)" in text \
+                or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _device(spec: str) -> torch.device:
@@ -46,9 +61,10 @@ class _TestBatches:
     """Re-iterable ``(images [N, 3, S, S], splits, wnids, names)`` chunks of ``items``, decoded while iterated,
     so the 10k-image test set is never held in memory at once."""
 
-    def __init__(self, items, input_size: int, batch_size: int):
+    def __init__(self, items, input_size: int, batch_size: int, bar=None):
         from ..train.image_datasets import eval_transform
         self.items, self.batch_size, self.transform = items, batch_size, eval_transform(input_size)
+        self.bar = bar  # a progress bar of len(items), advanced as each chunk is done
 
     def __iter__(self):
         from ..train.image_datasets import load_rgb_image
@@ -56,33 +72,60 @@ class _TestBatches:
             chunk = self.items[i:i + self.batch_size]
             images = torch.stack([self.transform(load_rgb_image(path)) for path, *_ in chunk])
             yield images, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk]
+            if self.bar is not None:  # the consumer asks for the next chunk once this one is written
+                self.bar.update(len(chunk))
+
+
+def _count_files(folder: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def generate_staging_dir(out: str) -> str:
+    """``<out>.partial``, the folder ``generate`` writes into, after checking that neither it nor ``out``
+    holds an earlier run's files (an image folder that mixes two runs would be evaluated as one)."""
+    out = os.path.normpath(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"the output {out} exists and is not a folder; pass another --output")
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"{out} already holds {_count_files(out)} files (an earlier generate?); move or delete it, "
+                         "or pass another --output, to generate again")
+    staging = out + ".partial"
+    if os.path.lexists(staging):
+        raise ValueError(f"{staging} exists: an earlier generate into {out} was stopped (or one is running now); "
+                         "delete it to generate again")
+    return staging
 
 
 def generate_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast generate",
-                                description="MAGE inpaint/outpaint of the test set (reference testpaint.py), batched")
+    p = argparse.ArgumentParser(prog="unlearn-fast generate", formatter_class=DefaultsHelpFormatter,
+                                description="MAGE inpaint/outpaint of the test set (reference testpaint.py), batched. "
+                                            "The images go to <output>.partial/ until every one is written")
     p.add_argument("--task", required=True, choices=("inpaint", "outpaint"))
     p.add_argument("--ckpt_path", required=True, help="checkpoint-{epoch}.pth (or a pretrained MAGE checkpoint)")
-    p.add_argument("--model", default="mage_vit_base_patch16")
+    p.add_argument("--model", default="mage_vit_base_patch16", help="the architecture of --ckpt_path")
     p.add_argument("--vqgan_ckpt", default=None, help="VQGAN tokenizer checkpoint, if the model checkpoint lacks it")
     p.add_argument("--dataset", default="img", choices=("img",), help="as the reference (ImageNet)")
-    p.add_argument("--data_root", default="../dataset/imagenet1k/")
-    p.add_argument("--input_size", type=int, default=256)
+    p.add_argument("--data_root", default="../dataset/imagenet1k/",
+                   help="the test images: <data_root>/val/<class>/* (or <data_root>/<class>/*)")
+    p.add_argument("--input_size", type=int, default=256, help="image size in pixels (the model's)")
     p.add_argument("--forget_classes", default=None, help="comma-separated (default: the reference split)")
-    p.add_argument("--retain_classes", default=None)
+    p.add_argument("--retain_classes", default=None, help="comma-separated (default: the reference split)")
     p.add_argument("--per_class", type=int, default=50, help="test images per class (reference: all 50)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="images generated at once")
     p.add_argument("--channel_order", default="bgr", choices=("bgr", "rgb"),
                    help="bgr reproduces the reference's R/B-swapped files (RGB arrays written through cv2)")
-    p.add_argument("--output", default=None, help="default: <ckpt without .pth>-<task> (as the reference)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None, help="default: <ckpt without .pth>-<task> (as the reference); "
+                                                   "refused if it already holds files")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed, reset for every image")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from ..models import create_model
-    from ..models.mage_generate import run_paint
+    from ..models.mage_generate import paint_settings, run_paint
     from ..train.checkpoint import load_checkpoint_file, load_model_state, model_state_from
     from ..train.data_split import parse_class_list, reference_class_split
     from ..train.image_datasets import verify_images
+    from ..train.progress import progress_bar
     if not os.path.isfile(a.ckpt_path):
         raise ValueError(f"--ckpt_path not found: {a.ckpt_path}")
     if a.vqgan_ckpt and not os.path.isfile(a.vqgan_ckpt):
@@ -94,6 +137,8 @@ def generate_main(argv: List[str]) -> int:
         forget, retain = parse_class_list(a.forget_classes or ""), parse_class_list(a.retain_classes or "")
     else:
         forget, retain = reference_class_split()
+    out = a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}"
+    staging = generate_staging_dir(out)
     items = _test_items(a.data_root, forget, retain, a.per_class)
     verify_images([path for path, *_ in items])  # a bad file fails now, not after hours of writing images
     dev = _device(a.device)
@@ -103,26 +148,53 @@ def generate_main(argv: List[str]) -> int:
         load_vqgan_checkpoint(model, a.vqgan_ckpt)
     load_model_state(model, model_state_from(load_checkpoint_file(a.ckpt_path), a.ckpt_path), a.ckpt_path)
     model.to(dev).eval()
-    out = a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}"
-    paths = run_paint(model, _TestBatches(items, a.input_size, a.batch_size), out, a.task, seed=a.seed,
-                      channel_order=a.channel_order)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(staging)), exist_ok=True)
+        os.mkdir(staging)  # exclusive: a second generate into the same output stops here
+    except FileExistsError:
+        generate_staging_dir(out)  # names what is there
+        raise
+    n_settings = len(paint_settings(a.task))
+    print(f"unlearn-fast generate: {len(items)} test images x {n_settings} {a.task} settings = "
+          f"{len(items) * n_settings} images, batch {a.batch_size}, device {dev} -> {out}", flush=True)
+    bar = progress_bar(len(items), not a.no_progress, f"generate {a.task}")
+    try:
+        paths = run_paint(model, _TestBatches(items, a.input_size, a.batch_size, bar), staging, a.task, seed=a.seed,
+                          channel_order=a.channel_order)
+    except BaseException as e:
+        if bar is not None:
+            bar.close()
+        written = _count_files(staging)
+        if not written:  # nothing to keep: a rerun needs no cleaning up
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped ({type(e).__name__})"
+            print(f"unlearn-fast generate {why}: {written} images were written to {staging} (incomplete; delete it "
+                  "to generate again)", file=sys.stderr, flush=True)
+        raise
+    if bar is not None:
+        bar.close()
+    if os.path.isdir(out):  # an empty folder (checked above): the complete one takes its place
+        os.rmdir(out)
+    os.replace(staging, out)
     print(f"unlearn-fast generate: wrote {len(paths)} images under {out}")
     return 0
 
 
 def eval_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast eval", description="FID/IS (eval.py) or CLIP cosine "
-                                                                       "(clip_embed.py) of a generated folder")
+    p = argparse.ArgumentParser(prog="unlearn-fast eval", formatter_class=DefaultsHelpFormatter,
+                                description="FID/IS (eval.py) or CLIP cosine (clip_embed.py) of a generated folder; "
+                                            "the results are printed and appended to the reference's CSV in --csv_dir")
     p.add_argument("--dst", required=True, help="generated folder: <ckpt>-<task>/ for MAGE; for Palette the "
                                                  "<ckpt without .pth>/ folder or its results/test/0/<mask_ratio>/")
-    p.add_argument("--task", default="inpaint", choices=("inpaint", "outpaint"))
+    p.add_argument("--task", default="inpaint", choices=("inpaint", "outpaint"), help="MAGE: what --dst holds")
     p.add_argument("--data_root", default=None,
                    help="MAGE: the original (uncropped) val images, <data_root>/<wnid>/<name> (default "
                         "../dataset/imagenet1k/val/); Palette --clip: the Places-365 root with val_256/ (default "
                         "../dataset/places365)")
     p.add_argument("--clip", action="store_true", help="CLIP cosine instead of FID/IS")
     p.add_argument("--palette_class_list", default=None, help="Places-365 class.txt: evaluate a Palette folder")
-    p.add_argument("--mask_ratio", type=float, default=0.5)
+    p.add_argument("--mask_ratio", type=float, default=0.5, help="Palette: the results/test/0/<mask_ratio>/ folder")
     p.add_argument("--splits", type=int, default=10, help="Inception Score splits (reference 10; each split "
                                                           "needs at least one image)")
     p.add_argument("--name_pattern", default="ILSVRC2012_*.JPEG",
@@ -132,11 +204,11 @@ def eval_main(argv: List[str]) -> int:
     p.add_argument("--clip_weights", default=None, help="open_clip ViT-H-14 laion2b weights")
     p.add_argument("--places365_weights", default=None, help="resnet50_places365.pth.tar (Palette IS)")
     p.add_argument("--csv_dir", default=".", help="where the reference CSVs are appended")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=32, help="images per feature-extractor batch")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
     a = p.parse_args(argv)
-    from ..eval import pipeline
+    from ..eval import csv_rows, pipeline
     dev = _device(a.device)
     if not os.path.isdir(a.dst):
         raise ValueError(f"--dst is not a folder: {a.dst}")
@@ -147,28 +219,58 @@ def eval_main(argv: List[str]) -> int:
     if a.palette_class_list and not os.path.isfile(a.palette_class_list):
         raise ValueError(f"--palette_class_list not found: {a.palette_class_list}")
     if a.palette_class_list and a.clip:
-        pipeline.run_palette_clip_eval(a.dst, a.palette_class_list, a.data_root, mask_ratio=a.mask_ratio,
+        rows = pipeline.run_palette_clip_eval(a.dst, a.palette_class_list, a.data_root, mask_ratio=a.mask_ratio,
                                        clip_weights=a.clip_weights, csv_dir=a.csv_dir, device=dev,
                                        batch_size=a.batch_size)
     elif a.palette_class_list:
-        pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
+        rows = pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
                                   cleanfid_weights=a.cleanfid_inception, places365_weights=a.places365_weights,
                                   inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
                                   batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits)
     elif a.clip:
-        pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights, csv_dir=a.csv_dir,
+        rows = pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights, csv_dir=a.csv_dir,
                                device=dev, batch_size=a.batch_size, name_pattern=a.name_pattern)
     else:
-        pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
+        rows = pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
                           inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
                           batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits,
                           name_pattern=a.name_pattern)
+    task = None if a.palette_class_list else a.task
+    csv_name = csv_rows.clip_cosine_csv_name(task) if a.clip else csv_rows.fid_is_csv_name(task)
+    rows = rows if isinstance(rows, list) else [rows]
+    print(format_eval_rows(rows, a.dst))
+    print(f"unlearn-fast eval: appended {len(rows)} row(s) to {os.path.join(a.csv_dir, csv_name)}")
     return 0
 
 
+def format_eval_rows(rows: List[dict], dst: str) -> str:
+    """The rows ``eval`` appended, as a small table: FID / IS (mean ± std) or the CLIP cosine, retain and forget
+    (for unlearning: retain close to the original model, forget far from it)."""
+    def name_of(row):
+        name = str(row.get("name", ""))
+        return os.path.relpath(name, dst) if name.startswith(os.path.join(dst, "")) else os.path.basename(
+            os.path.normpath(name)) or name
+    names = [name_of(r) for r in rows]
+    width = max([len("setting")] + [len(n) for n in names])
+    if all(isinstance(r.get("retain"), dict) for r in rows):  # FID / IS
+        lines = [f"{'setting':<{width}}  {'FID retain':>10}  {'IS retain':>15}  {'FID forget':>10}  {'IS forget':>15}"]
+        for name, r in zip(names, rows):
+            cells = []
+            for split in ("retain", "forget"):
+                m = r[split]
+                cells += [f"{m['fid']:>10.3f}", f"{m['is_mean']:>7.3f} ± {m['is_std']:<5.3f}"]
+            lines.append(f"{name:<{width}}  " + "  ".join(cells))
+        return "\n".join(lines)
+    lines = [f"{'setting':<{width}}  {'CLIP retain':>11}  {'CLIP forget':>11}"]
+    for name, r in zip(names, rows):
+        lines.append(f"{name:<{width}}  {float(r['retain']):>11.4f}  {float(r['forget']):>11.4f}")
+    return "\n".join(lines)
+
+
 def tsne_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast tsne", description="T-SNE of CLIP embeddings (tsne_visual.py)")
-    p.add_argument("--ckpt_folder", required=True)
+    p = argparse.ArgumentParser(prog="unlearn-fast tsne", description="T-SNE of CLIP embeddings (tsne_visual.py)",
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--ckpt_folder", required=True, help="a generated folder that 'eval --clip' embedded")
     p.add_argument("--original_folder", default=None, help="where {forget,retain}_clip_norm_5k.* of the originals are")
     p.add_argument("--crop_size", type=int, default=8)
     p.add_argument("--stride", type=int, default=100)
@@ -182,7 +284,8 @@ def tsne_main(argv: List[str]) -> int:
 
 
 def report_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast report", description="one self-contained HTML page for a run")
+    p = argparse.ArgumentParser(prog="unlearn-fast report", description="one self-contained HTML page for a run: "
+                                "its flags, log curves, --eval_every table, audit table and PNGs")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="default: <run_dir>/report.html")
     a = p.parse_args(argv)

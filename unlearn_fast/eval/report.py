@@ -10,7 +10,9 @@ Reads, all optional:
   ``train_lr``, ``epoch``), drawn as inline SVG line charts made here (no matplotlib).
 - ``<run_dir>/eval_log.txt``: the ``--eval_every`` records (held-out errors, their ratios to before, the
   keep-best criterion), as a table;
-- ``<run_dir>/forget_audit.json``: ``unlearn-fast audit``'s membership AUCs before/after, as a table.
+- ``<run_dir>/forget_audit.json``: ``unlearn-fast audit``'s membership AUCs before/after, as a table, with the
+  checkpoints it compared;
+- ``<run_dir>/opt.yaml``: the run's flags (the last start's), the ones that define the run as a table.
 Every piece of text from those files is HTML-escaped. The page needs no network and no scripts.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ import tempfile
 
 from ..train.checkpoint import new_file_mode
 
-__all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number"]
+__all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number",
+           "read_run_settings"]
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _CSS = """
@@ -238,7 +241,52 @@ def _audit_section(path: str) -> str:
                          b.get("n_unseen", "—")])
     note = ('<p class="note">AUC = P(a training image has a lower task error than an unseen image of the same '
             'classes); 0.5 means the model no longer tells them apart.</p>')
+    config = audit.get("config") if isinstance(audit, dict) else None
+    if isinstance(config, dict) and (config.get("checkpoint") or config.get("teacher")):
+        # the file holds the latest audit only: say which checkpoints it compared
+        note += (f'<p class="note">after = {_esc(config.get("checkpoint", "?"))}; before = '
+                 f'{_esc(config.get("teacher", "?"))}</p>')
+    skipped = audit.get("retain_control_skipped") if isinstance(audit, dict) else None
+    if skipped:
+        note += f'<p class="note">No retain-class control: {_esc(skipped)}.</p>'
     return "<h2>Forget audit</h2>" + _table(["set", "AUC before", "AUC after", "n train", "n unseen"], rows) + note
+
+
+# the flags that say what a run did, in this order (the rest of opt.yaml is in the file)
+_SETTING_KEYS = ("model", "input_size", "data_path", "forget_classes", "retain_classes", "num_image_per_class",
+                 "retainset_ratio", "opendata_to_forget_ratio", "use_coco", "loss_type", "forget_alpha",
+                 "retain_alpha", "noise_type", "epochs", "batch_size", "accum_iter", "eff_batch_size", "lr_resolved",
+                 "warmup_epochs", "precision", "step_mode", "seed", "world_size", "teacher_checkpoint", "resume")
+
+
+def read_run_settings(path: str) -> dict | None:
+    """The last JSON object of ``opt.yaml`` (appended once per start of a run), or None if there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return None
+    dec, pos, last = json.JSONDecoder(), 0, None
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except ValueError:
+            break  # a torn last start: keep the last complete one
+        if isinstance(obj, dict):
+            last = obj
+    return last
+
+
+def _settings_section(settings: dict) -> str:
+    def shown(v):  # flags as typed: 0.2, not 0.2000
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    rows = "".join(f'<tr><td class="k">{_esc(k)}</td><td class="k">{_esc(shown(settings[k]))}</td></tr>'
+                   for k in _SETTING_KEYS if k in settings and settings[k] is not None and settings[k] != "")
+    return f"<h2>Run settings (opt.yaml)</h2><table><tbody>{rows}</tbody></table>" if rows else ""
 
 
 def _images_section(pngs: list[str]) -> str:
@@ -258,6 +306,9 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     title = title or f"unlearn_fast run: {os.path.basename(os.path.normpath(run_dir))}"
     body = [f"<h1>{_esc(title)}</h1>", f'<p class="note">{_esc(os.path.abspath(run_dir))}</p>']
+    settings = read_run_settings(os.path.join(run_dir, "opt.yaml"))
+    if settings:
+        body.append(_settings_section(settings))
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(metrics_path):
         try:

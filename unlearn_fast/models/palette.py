@@ -123,13 +123,19 @@ def noisy_region_input(batch: PaletteBatch, gamma: torch.Tensor, noise: torch.Te
                        noise_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The UNet input ``cat[y_cond, y_t·mask + (1−mask)·y0]`` ``[N, 2C, H, W]``.
 
-    ``y_t`` is ``q_sample`` for every row, except rows in ``noise_rows`` (bool [N]) which get exactly ε: the
-    reference's ``y_noisy`` formula gives ε for s = −1 up to rounding; ``where`` makes it exact.
+    ``y_t`` is ``q_sample`` for every row, except rows in ``noise_rows`` (bool [N]), which get the reference's
+    ``y_noisy`` with s = −1: ε up to its rounding (``c·ε + (1−c)·ε``, 1 ulp off ε in some pixels), computed in the
+    reference's order so the teacher sees its bits; with s = +1 the formula is ``q_sample`` bit for bit.
     """
     gt, mask, y_cond = batch
-    y_t = q_sample(gt, gamma, noise)
-    if noise_rows is not None:
-        y_t = torch.where(_rows(noise_rows.to(device=gt.device, dtype=torch.bool)), noise, y_t)
+    if noise_rows is None:
+        y_t = q_sample(gt, gamma, noise)
+    else:
+        forget = noise_rows.to(device=gt.device, dtype=torch.bool)
+        s = _rows(torch.where(forget, -1.0, 1.0).to(gt.dtype))  # the reference's label s
+        g = _rows(gamma)
+        c = (1 - g).sqrt()
+        y_t = g.sqrt() * gt * (1 + s) / 2 + c * noise + (1 - c) * noise * (1 - s) / 2
     return torch.cat([y_cond, y_t * mask + (1.0 - mask) * gt], dim=1)
 
 

@@ -76,18 +76,20 @@ def weighted_mse_loss(pred: torch.Tensor, target: torch.Tensor, is_forget: torch
 
 
 # ---- Ours: 13 feature maps --------------------------------------------------------------------------
-def _sum_over_maps(term_fn, features_student, features_teacher, is_forget, forget_alpha) -> UnlearnLoss:
-    _check_maps(features_student, features_teacher)
-    terms = [term_fn(fs, ft, is_forget, forget_alpha) for fs, ft in zip(features_student, features_teacher)]
-    r = torch.stack([t.retain for t in terms]).sum()
-    f = torch.stack([t.forget for t in terms]).sum()
-    return UnlearnLoss(r + forget_alpha * f, r, f)
-
-
 def palette_unlearn_loss_terms_reference(features_student, features_teacher, is_forget, forget_alpha=0.1
                                          ) -> UnlearnLoss:
-    """(loss, Σ_k retain_k, Σ_k forget_k) with the reference's masked copies, map by map."""
-    return _sum_over_maps(weighted_mse_loss_reference, features_student, features_teacher, is_forget, forget_alpha)
+    """(loss, Σ_k retain_k, Σ_k forget_k) with the reference's masked copies, map by map. The loss adds the maps'
+    ``retain_k + α·forget_k`` one by one from 0 in map order, as ``Network.forward``'s ``loss += ...`` does (the
+    same value as ``Σ retain + α·Σ forget`` up to the rounding of that order, and the same gradients)."""
+    _check_maps(features_student, features_teacher)
+    loss = 0
+    retain, forget = [], []
+    for fs, ft in zip(features_student, features_teacher):
+        term = weighted_mse_loss_reference(fs, ft, is_forget, forget_alpha)
+        loss = loss + term.loss
+        retain.append(term.retain)
+        forget.append(term.forget)
+    return UnlearnLoss(loss, torch.stack(retain).sum(), torch.stack(forget).sum())
 
 
 def palette_unlearn_loss_terms(features_student, features_teacher, is_forget, forget_alpha=0.1) -> UnlearnLoss:
@@ -141,6 +143,9 @@ def palette_random_encoder_targets(features_teacher: Sequence[torch.Tensor], is_
                                    generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
     """RANDOM ENCODER targets: each forget row of map k becomes randn·std(F_t^k) + mean(F_t^k), with scalar
     (unbiased) stats over the whole batch's map; retain rows keep F_t^k. Draws map by map, full maps."""
+    if not isinstance(features_teacher, (list, tuple)) or not all(torch.is_tensor(ft) for ft in features_teacher):
+        raise TypeError(f"features_teacher must be a list or tuple of tensors (one per feature map), got "
+                        f"{type(features_teacher).__name__}")
     out = []
     for ft in features_teacher:
         f = _check_is_forget(is_forget, ft.shape[0], ft.device).view(-1, *([1] * (ft.dim() - 1)))
@@ -154,5 +159,6 @@ def palette_random_encoder_loss(features_student: Sequence[torch.Tensor], featur
                                 is_forget: torch.Tensor, forget_alpha: float = 0.1,
                                 generator: Optional[torch.Generator] = None) -> UnlearnLoss:
     """RANDOM ENCODER: "Ours" with the forget targets replaced by :func:`palette_random_encoder_targets`."""
+    _check_maps(features_student, features_teacher)  # before any draw: one message naming the bad argument
     targets = palette_random_encoder_targets(features_teacher, is_forget, generator)
     return palette_unlearn_loss_terms(features_student, targets, is_forget, forget_alpha)

@@ -27,16 +27,32 @@ from .seeding import derive_seed
 
 
 def forget_mask(labels) -> torch.Tensor:
-    """[N] bool: True for forget rows (label < 0, the reference's -100.0); a bool input is taken as is."""
+    """[N] bool: True for forget rows; a bool input is taken as is. Numeric labels follow the reference
+    (REFERENCE.md §1.3): -100.0 forget, 100.0 retain/proxy; the steps read ``labels < 100`` as forget, so a label
+    in [0, 100) (0/1 class flags, signs +1) or NaN, which this sampler and the steps would read differently, is
+    refused."""
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    return labels.clone() if labels.dtype == torch.bool else labels < 0
+    if labels.dtype == torch.bool:
+        return labels.clone()
+    if labels.is_complex() or not (labels.is_floating_point() or labels.dtype.is_signed or labels.dtype == torch.uint8):
+        raise TypeError(f"labels must be numbers (-100.0 forget / 100.0 retain) or a bool mask, got {labels.dtype}")
+    bad = torch.isnan(labels) | ((labels >= 0) & (labels < 100)) if labels.is_floating_point() else \
+        (labels >= 0) & (labels < 100)
+    if bool(bad.any()):
+        example = labels[bad][:4].tolist()
+        raise ValueError(f"labels must be the reference's -100.0 (forget) / 100.0 (retain), or a bool mask with True "
+                         f"= forget; got {example} (a label in [0, 100) or NaN is ambiguous: the training step reads "
+                         "labels < 100 as forget)")
+    return labels < 100
 
 
 def proportional_forget_per_batch(labels, batch_size: int) -> int:
     """The forget rows per batch matching the data's forget share, kept in [1, batch_size - 1] when both
     kinds of row exist (the reference's oversampling makes the share about 1/2)."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     is_forget = forget_mask(labels)
     n, n_forget = len(is_forget), int(is_forget.sum())
     if n == 0:
@@ -109,7 +125,7 @@ def _cycled(perm: torch.Tensor, start: int, count: int) -> list[int]:
 class BalancedUnlearnSampler(_ShardedBatchSampler):
     """Batches of exactly `forget_per_batch` forget rows then `batch_size - forget_per_batch` others.
 
-    labels: ±100 floats (forget < 0) or a bool is_forget mask. The forget and the retain rows are each
+    labels: the reference's ±100 (forget -100) or a bool is_forget mask (see :func:`forget_mask`). The forget and the retain rows are each
     permuted per (seed, epoch). drop_last=True: an epoch ends when either pool runs out (the rest waits for
     the next epoch's permutation). drop_last=False: the epoch lasts until both pools are used; the shorter
     pool and the last batch wrap around, so every batch is still full.

@@ -36,13 +36,18 @@ _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 def load_rgb_image(path: str) -> Image.Image:
     """Open and fully decode `path` as RGB (decoding here, so a truncated file fails now, by name).
 
-    As the reference's `Image.open(path).convert('RGB')` (no EXIF rotation, alpha dropped), except for
+    As the reference's `Image.open(path).convert('RGB')` (no EXIF rotation, alpha dropped; palette images
+    with per-entry transparency go through RGBA, the same pixels without PIL's warning), except for
     16-bit grey PNGs: PIL's convert clips their 0-65535 values at 255 (an all-white image), so they are
     reduced to 8 bits first, as PIL already does for 16-bit RGB and grey+alpha PNGs."""
     try:
         with Image.open(path) as image:
             if image.mode in _SIXTEEN_BIT_GREY or (image.mode == "I" and image.format == "PNG"):
                 return _grey16_to_rgb(image)
+            if image.mode == "P" and isinstance(image.info.get("transparency"), bytes):
+                # the same RGB values, without PIL's UserWarning (once per DataLoader worker) that such
+                # palette images "should be converted to RGBA"
+                return image.convert("RGBA").convert("RGB")
             return image.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc

@@ -150,7 +150,8 @@ def build_palette_setup(network: Network, device, approach: str = "ours", forget
                         teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> PaletteSetup:
     """Move ``network`` (already loaded) to ``device``, attach the teacher the approach needs, build Adam over
     the ``denoise_fn`` parameters (the reference's optimizer is made before the teacher exists) and the EMA.
-    ``fast`` picks a fused (CUDA) / foreach (CPU) Adam; otherwise the single-tensor Adam of torch 1.13.
+    ``fast`` picks a fused (CUDA) / foreach (CPU) Adam; otherwise torch's single-tensor Adam, the reference's
+    (torch 1.13) default, whose first moment torch >= 2 updates with ``lerp``: the same step up to rounding.
     ``precision``: ``fp32`` (the reference) or ``bf16`` (opt-in: both UNets under bf16 autocast).
     ``teacher_state``: the teacher's weights (``denoise_fn`` keys, no prefix) when resuming: the original model
     stored in the checkpoint, never a copy of the partly unlearned ``network`` (§11)."""

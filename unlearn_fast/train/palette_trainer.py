@@ -362,7 +362,7 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
     for epoch in range(start_epoch, n_epoch + 1):
         bar = progress_bar(steps_per_epoch, progress, f"epoch {epoch}/{n_epoch}")
         sums = torch.zeros(3, dtype=torch.float64)  # loss, retain, forget over the epoch
-        pending = torch.zeros(3, device=setup.device)  # on the device until the next read-back
+        pending = torch.zeros(3, device=setup.device, dtype=torch.float64)  # summed as the reference's .item()s
         n_pending = n_steps = images = 0
         t0 = time.perf_counter()
 

@@ -6,7 +6,8 @@ Differences from :mod:`step_reference` (all equal up to floating-point reduction
   :mod:`.teacher_guides`), so it does one batch of work instead of two; its final LayerNorm is applied
   inside the fused loss;
 - the frozen front end (MAGE's tokenizer) is shared between student and teacher only where that is
-  exact (same precision) or when asked (``share_tokenizer``);
+  exact (same precision) or when asked (``share_tokenizer``), and never when the teacher's front end holds
+  other weights than the student's (:func:`.teacher_guides.front_ends_match`);
 - no ``.item()`` per step: losses stay on the device and the trainer reads them back every N steps;
 - row indices come from the CPU labels, so splitting the batch never waits for the GPU;
 - on a GPU the teacher's no-grad pass runs on a side stream beside the student's forward
@@ -25,7 +26,7 @@ from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
 from .step_reference import StepOutput, check_step_inputs, optimizer_update
-from .teacher_guides import teacher_hidden
+from .teacher_guides import front_ends_match, teacher_hidden
 from .teacher_stream import student_beside_teacher, teacher_stream_for
 from .unlearn_setup import UnlearnSetup
 
@@ -41,6 +42,13 @@ def tokenizer_shared_exactly(setup: UnlearnSetup) -> bool:
     return setup.precision in ("bf16", "fp32") or student_dtype(setup.precision, setup.device) is None
 
 
+def check_paper_objective(setup: UnlearnSetup, what: str) -> None:
+    """The fast steps compute the paper's objective only: a baseline's setup would silently train that instead."""
+    if setup.loss_type is not None:
+        raise ValueError(f"{what} computes the paper's objective, but the setup is for the {setup.loss_type!r} "
+                         "baseline: run baseline_step (step_baseline.py), or train_loop(step_mode='reference')")
+
+
 def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forget: torch.Tensor,
                         forget_rows: torch.Tensor, draw_noise, cache_enabled: bool = True):
     """``(latent, hidden)`` of one batch, shared by the eager and the CUDA-graph step: the student's front end
@@ -48,7 +56,7 @@ def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forg
     T(``draw_noise()``) on forget rows under no_grad and its autocast, on a side stream beside the student
     where a GPU allows (:mod:`.teacher_stream`). ``cache_enabled=False`` inside a CUDA-graph capture."""
     student, teacher, dev = setup.student, step_teacher(setup), setup.device
-    share = setup.share_tokenizer or tokenizer_shared_exactly(setup)
+    share = (setup.share_tokenizer or tokenizer_shared_exactly(setup)) and front_ends_match(student, setup.teacher)
 
     def front():
         with student_autocast(setup.precision, dev, cache_enabled=cache_enabled):
@@ -77,6 +85,7 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     step does; an int uses the fused counter-based Philox sampler keyed by (noise_seed, step).
     """
     student, teacher, dev = setup.student, setup.teacher, setup.device
+    check_paper_objective(setup, "fast_step")
     is_forget_cpu = check_step_inputs(images, is_forget_cpu, step)  # bool: its row split is exact
     images = images.to(dev, non_blocking=True)
     forget_rows = forget_row_indices(is_forget_cpu, dev)
