@@ -291,3 +291,23 @@ def test_a_closed_stdout_pipe_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) != 0
     assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_no_command_is_a_usage_error_on_stderr_and_help_is_output(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "list-models" in err
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "list-models" in out and err == ""
+
+
+def test_an_interrupted_command_that_trains_nothing_does_not_talk_about_checkpoints(monkeypatch, capsys):
+    from unlearn_fast.cli import tools
+
+    def stopped(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tools, "eval_main", stopped)
+    assert main(["eval"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint" not in err

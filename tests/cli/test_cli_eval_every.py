@@ -39,11 +39,14 @@ def _run_dir(out):
     return d
 
 
-def test_eval_every_logs_keeps_best_and_measures_before_on_the_original(data_dir, pretrained, tmp_path):
+def test_eval_every_logs_keeps_best_and_measures_before_on_the_original(data_dir, pretrained, tmp_path, capsys):
     assert main(_args(data_dir, tmp_path, "--resume", pretrained, "--epochs", "3", "--eval_every", "2",
                       "--eval_images", "3")) == 0
     run = _run_dir(tmp_path)
     lines = [json.loads(x) for x in open(os.path.join(run, "eval_log.txt"))]
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval epoch")]  # one line per eval
+    assert [x.split(":")[0] for x in said] == ["eval epoch 1", "eval epoch 2"]
+    assert f"forget error x{lines[1]['forget_ratio']:.3f}" in said[0]
     # before, then after epoch 1 (every 2nd) and epoch 2 (the last)
     assert [x["epoch"] for x in lines] == [None, 1, 2] and lines[0]["phase"] == "before"
     # "before" is the pretrained model on the held-out files the command documents (unseen, seeded)

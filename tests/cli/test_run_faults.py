@@ -285,3 +285,19 @@ def test_os_errors_and_missing_packages_are_one_message(monkeypatch, capsys, exc
     assert cli_main.main(["tsne"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_resume_warns_about_changed_data_flags_and_lr_not_about_unchanged_ones(tmp_path, capsys):
+    """The classes, the subset sizes and --lr change the steps still to come: a continued run says so."""
+    from tests.helpers import make_class_tree, micro_unlearn_argv, only_run_dir, save_random_pretrained
+    data = make_class_tree(tmp_path / "data", ["cat", "dog", "bird", "fish"], 4, seed=0)
+    pre = save_random_pretrained(tmp_path / "pre.pth")
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "a", epochs=2, per_class=2)) == 0
+    ckpt = os.path.join(only_run_dir(tmp_path / "a"), "checkpoint-0.pth")
+    capsys.readouterr()
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "b", epochs=2, per_class=2) + ["--resume", ckpt]) == 0
+    assert "was trained with" not in capsys.readouterr().out  # the same flags: nothing to say
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "c", epochs=2, per_class=2, retain="fish")
+                + ["--resume", ckpt, "--lr", "0.001"]) == 0
+    warned = capsys.readouterr().out
+    assert "--retain_classes bird (now fish)" in warned and "(now 0.001)" in warned, warned

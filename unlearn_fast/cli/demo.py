@@ -39,6 +39,7 @@ from ..train.digits import digits_as_images, load_digits_5k, split_digits, unlea
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
 from ..train.seeding import derive_seed
 from ..train.trainer import STEP_MODES, resolve_step_mode, train_loop
+from .help_format import DefaultsHelpFormatter
 from ..train.unlearn_setup import build_setup
 from .demo_metrics import eval_noise_images, fixed_mask_draw, hidden_pixel_mask, set_metrics
 from .unlearn_command import resolve_device
@@ -48,18 +49,9 @@ DEFAULT_UNLEARN_LR = 2e-3  # tuned for 800 steps; blr*eff/256 = 1.25e-5 barely m
 GRID_PER_SET = 5
 
 
-
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Names each default, except None / False ones: their help already says what leaving them unset does."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unlearn-fast demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=_DefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--output_dir", default="./demo_output", help="metrics.json and grid.png go here")
     p.add_argument("--forget_digits", default="0,1,2,3,4", help="comma-separated digits to forget; the rest are retained")
     p.add_argument("--forget_alpha", type=float, default=0.3,

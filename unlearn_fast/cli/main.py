@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)  # no command is a usage error: stderr, exit 2
         return 0 if argv else 2
     from ..train.checkpoint import CheckpointError
     from ..train.step_reference import NonFiniteLossError
@@ -135,8 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         signum = getattr(e, "signum", 2)  # RunStopped (SIGINT or SIGTERM during a run), else Ctrl-C
         if from_command_line:  # the process exits now: no teardown tracebacks of half-built DataLoader workers
             sys.unraisablehook = lambda unraisable: None
-        print(f"unlearn-fast: {'terminated' if signum == 15 else 'interrupted'}; checkpoints written so far are "
-              "intact", file=sys.stderr)
+        trains = argv[0] in ("unlearn", "baseline", "palette-unlearn", "demo")
+        print(f"unlearn-fast: {'terminated' if signum == 15 else 'interrupted'}"
+              + ("; checkpoints written so far are intact" if trains else ""), file=sys.stderr)
         return 128 + signum
 
 

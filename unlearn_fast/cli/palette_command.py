@@ -428,6 +428,7 @@ def run_palette_test(args) -> str:
     log.value("test/mae", mae_sum / max(n_batches, 1))
     log.value("epoch", 0)
     log.value("iters", done)
+    print(f"unlearn_fast: test/mae {mae_sum / max(n_batches, 1):.5f}; {done} images in {result_dir}")
     return result_dir
 
 

@@ -22,16 +22,7 @@ from typing import List
 
 import torch
 
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """``--help`` shows each flag's default (those that have one: not None, not False)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "%(default)" in text \
-                or not action.option_strings:
-            return action.help
-        return f"{text} (default: %(default)s)".lstrip()
+from .help_format import DefaultsHelpFormatter
 
 
 def _device(spec: str) -> torch.device:

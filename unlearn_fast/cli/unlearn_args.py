@@ -9,6 +9,7 @@ from ..objective import LOSS_TYPES, WEIGHTINGS
 from ..ops import NOISE_KINDS
 from ..train.precision import PRECISIONS
 from ..train.trainer import STEP_MODES
+from .help_format import DefaultsHelpFormatter
 
 
 def _none_or_float(text: str):
@@ -28,7 +29,7 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--batch_size", default=16 if baseline else 32, type=int,
                    help="images per GPU (per process) per micro-step; effective batch size is "
                         "batch_size * accum_iter * #gpus (torchrun processes)")
-    g.add_argument("--epochs", default=6, type=int)
+    g.add_argument("--epochs", default=6, type=int, help="unlearning epochs (over the selected forget + retain set)")
     g.add_argument("--accum_iter", default=1, type=int,
                    help="accumulate gradients over this many micro-steps before an optimizer step")
     g.add_argument("--model", default="mage_vit_base_patch16", type=str, metavar="MODEL",
@@ -78,11 +79,12 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--device", default="auto",
                    help="cuda, cpu, cuda:N, or auto: cuda when a GPU is visible, else cpu (the reference's default "
                         "is cuda, which fails without a GPU)")
-    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--seed", default=0, type=int, help="seeds the data subsets, masks, noise and dropout")
     g.add_argument("--resume", default="", help="pretrained checkpoint to unlearn, or an unlearning checkpoint "
                                                 "(with optimizer+epoch) to continue")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N",
+                   help="first epoch (a resumed unlearning checkpoint sets it)")
+    g.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     p.set_defaults(pin_mem=True)
@@ -177,7 +179,8 @@ def add_fast_path_switches(p: argparse.ArgumentParser) -> None:
 
 def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
-                                                        else "Encoder unlearning (main_unlearn.py flags)"))
+                                                        else "Encoder unlearning (main_unlearn.py flags)"),
+                                formatter_class=DefaultsHelpFormatter)
     add_reference_flags(p, baseline)
     add_fast_flags(p, baseline)
     add_fast_path_switches(p)

@@ -47,6 +47,7 @@ from ..train.lr_schedule import base_lr, effective_batch_size
 from ..train.precision import student_dtype
 from ..train.run_outputs import create_run_dir, run_dir_name, write_opt_yaml
 from ..train.step_fast import tokenizer_shared_exactly
+from ..train.teacher_guides import front_ends_match
 from ..train.token_agreement import token_disagreement
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
@@ -277,7 +278,8 @@ def resume_point(args, ckpt: dict, steps: int):
 _TRAJECTORY_FLAGS = ("precision", "batch_size", "accum_iter", "forget_per_batch", "max_steps_per_epoch", "epochs",
                      "warmup_epochs", "blr", "min_lr", "weight_decay", "grad_clip", "forget_alpha", "retain_alpha",
                      "noise_type", "input_size", "mask_ratio", "mask_ratio_min", "mask_ratio_max", "mask_ratio_mu",
-                     "mask_ratio_std")
+                     "mask_ratio_std", "forget_classes", "retain_classes", "num_image_per_class", "retainset_ratio",
+                     "opendata_to_forget_ratio", "use_coco")
 
 
 def _changed_trajectory_flags(ckpt: dict, args) -> list:
@@ -287,6 +289,8 @@ def _changed_trajectory_flags(ckpt: dict, args) -> list:
         return []
     changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in _TRAJECTORY_FLAGS
                if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if getattr(args, "lr", None) is not None and saved.get("lr") != args.lr:  # saved: the lr the run used
+        changed.append(f"--lr {saved.get('lr')} (now {args.lr})")
     if saved.get("world_size") is not None and saved["world_size"] != getattr(args, "world_size", None):
         # the effective batch (and the lr from --blr) scale with the number of processes
         changed.append(f"{saved['world_size']} processes (now {args.world_size})")
@@ -490,6 +494,9 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                                  world_size=world)
         for line in idle_flags(args, getattr(model, "family", ""), device.type, mode):
             print(f"unlearn_fast: {line}")
+        if loss_type is None and args.forget_alpha == 0:
+            print("unlearn_fast: --forget_alpha 0.0 (the reference's default): the forget term has no weight, so "
+                  "nothing is forgotten; the paper's runs use e.g. --forget_alpha 0.2")
     setup = build_setup(model, device, lr=lr, weight_decay=args.weight_decay, precision=args.precision,
                         retain_alpha=args.retain_alpha, forget_alpha=args.forget_alpha,
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,
@@ -505,8 +512,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     if args.share_tokenizer and ctx.is_main and mode != "reference" and not tokenizer_shared_exactly(setup) \
-            and getattr(model, "family", "") == "mage":
-        report_token_disagreement(setup, dataset, args.batch_size)
+            and getattr(model, "family", "") == "mage" and front_ends_match(setup.student, setup.teacher):
+        report_token_disagreement(setup, dataset, args.batch_size)  # (a teacher with another VQGAN shares nothing)
     start_epoch, start_step, epoch_progress = args.start_epoch, 0, None
     if resume_ckpt is not None:
         restore_optimizer(setup, resume_ckpt, args.resume, whole_model_groups)
@@ -533,7 +540,11 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                   + (f", {world} processes" if world > 1 else ""))
             print(f"unlearn_fast: writing to {run_dir}{where}")
 
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        workers = min(args.num_workers, os.cpu_count() or 1)  # more than the cores only adds start-up and a warning
+        if ctx.is_main and workers < args.num_workers:
+            print(f"unlearn_fast: --num_workers {args.num_workers} > {workers} CPU cores: using {workers} workers "
+                  "(the batches do not depend on the count)")
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                              pin_memory=args.pin_mem and device.type == "cuda",
                                              persistent_workers=False)
 
@@ -547,7 +558,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
         if held is not None:
             evaluator = PeriodicEvaluator(model, held[0], held[1], mask_seed=args.seed, every=args.eval_every,
                                           criterion=args.eval_criterion, output_dir=run_dir, epochs=args.epochs,
-                                          reference_model=setup.teacher)
+                                          reference_model=setup.teacher, announce=True)
             print(f"unlearn_fast: evaluating every {args.eval_every} epoch(s) on {int(held[1].sum())} forget + "
                   f"{int((~held[1]).sum())} retain held-out images -> {run_dir}/eval_log.txt, best.pth")
         train_loop(setup, epoch_batches, steps, epochs=args.epochs, lr=lr, min_lr=args.min_lr,
@@ -590,5 +601,5 @@ def _silenced(yes: bool):
     return contextlib.redirect_stdout(io.StringIO()) if yes else contextlib.nullcontext()
 
 
-__all__ = ["run_unlearn", "stop_signals", "validate_args", "resolve_device", "class_lists", "select_data", "build_model",
-           "load_model_from"]
+__all__ = ["run_unlearn", "stop_signals", "validate_args", "resolve_device", "class_lists", "select_data",
+           "build_model", "load_model_from"]

@@ -104,7 +104,8 @@ class PeriodicEvaluator:
     def __init__(self, model: nn.Module, holdout_images: torch.Tensor, holdout_is_forget, mask_seed: int,
                  every: int, criterion: str = "forget_gap", output_dir: Optional[str] = None, *,
                  score_fn: Optional[Callable] = None, epochs: Optional[int] = None,
-                 max_per_set: Optional[int] = None, reference_model: Optional[nn.Module] = None):
+                 max_per_set: Optional[int] = None, reference_model: Optional[nn.Module] = None,
+                 announce: bool = False):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every (--eval_every) must be an integer >= 1 epochs, got {every!r}")
         if criterion not in CRITERIA:
@@ -118,6 +119,7 @@ class PeriodicEvaluator:
         if max_per_set is not None and (not isinstance(max_per_set, int) or max_per_set < 1):
             raise ValueError(f"max_per_set must be a positive integer or None, got {max_per_set!r}")
         self.model, self.every, self.criterion, self.output_dir = model, every, criterion, output_dir
+        self.announce = announce  # one console line per evaluation (the command line)
         self.epochs = epochs
         self.score_fn = score_fn if score_fn is not None else _default_score_fn(model)
         self.sets = {}
@@ -183,6 +185,10 @@ class PeriodicEvaluator:
                 self._save_best(epoch, score, metrics)
         self.history.append(record)
         self._log(record)
+        if self.announce:
+            print(f"eval epoch {epoch}: forget error x{record['forget_ratio']:.3f}, retain "
+                  f"x{record['retain_ratio']:.3f} of the original model; {self.criterion} {score:.4f}"
+                  + (" (best so far)" if improved else ""))
         return record
 
     def _save_best(self, epoch: int, score: float, metrics: dict) -> None:
@@ -211,4 +217,5 @@ def load_best_weights(model: nn.Module, path: str) -> dict:
     return blob
 
 
-__all__ = ["PeriodicEvaluator", "mae_inpaint_errors", "family_task_errors", "per_image_errors", "load_best_weights", "CRITERIA"]
+__all__ = ["PeriodicEvaluator", "mae_inpaint_errors", "family_task_errors", "per_image_errors", "load_best_weights",
+           "CRITERIA"]

@@ -12,7 +12,8 @@ Reads, all optional:
   keep-best criterion), as a table;
 - ``<run_dir>/forget_audit.json``: ``unlearn-fast audit``'s membership AUCs before/after, as a table, with the
   checkpoints it compared;
-- ``<run_dir>/opt.yaml``: the run's flags (the last start's), the ones that define the run as a table.
+- ``<run_dir>/opt.yaml``: the run's flags (the last start's), the ones that define the run as a table;
+- a Palette run folder: ``train.log``'s ``train/mse_loss`` lines as a curve, ``config.json``'s run settings.
 Every piece of text from those files is HTML-escaped. The page needs no network and no scripts.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
 
 from ..train.checkpoint import new_file_mode
@@ -281,12 +283,44 @@ def read_run_settings(path: str) -> dict | None:
     return last
 
 
-def _settings_section(settings: dict) -> str:
+_PALETTE_VALUE_LINE = re.compile(r" - INFO: (train/[\w/]+): (\S+)\s*$")
+
+
+def read_palette_train_log(path: str) -> list[dict]:
+    """``{"train/mse_loss": value}`` per metric line of a Palette ``train.log`` (the reference's logging format),
+    in order; other lines are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = _PALETTE_VALUE_LINE.search(line)
+            if m:
+                try:
+                    records.append({m.group(1): float(m.group(2))})
+                except ValueError:
+                    continue
+    return records
+
+
+def _palette_settings(path: str) -> dict | None:
+    """The run settings unlearn_fast records in a Palette ``config.json`` (its ``unlearn_fast`` entry)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    extra = config.get("unlearn_fast") if isinstance(config, dict) else None
+    if not isinstance(extra, dict):
+        return None
+    return {"name": config.get("name"), **{k: v for k, v in extra.items() if not isinstance(v, (dict, list))}}
+
+
+def _settings_section(settings: dict, keys=None) -> str:
     def shown(v):  # flags as typed: 0.2, not 0.2000
         return f"{v:g}" if isinstance(v, float) else str(v)
     rows = "".join(f'<tr><td class="k">{_esc(k)}</td><td class="k">{_esc(shown(settings[k]))}</td></tr>'
-                   for k in _SETTING_KEYS if k in settings and settings[k] is not None and settings[k] != "")
-    return f"<h2>Run settings (opt.yaml)</h2><table><tbody>{rows}</tbody></table>" if rows else ""
+                   for k in (keys or _SETTING_KEYS) if k in settings and settings[k] is not None and settings[k] != "")
+    source = "opt.yaml" if keys is None else "config.json"
+    return f"<h2>Run settings ({source})</h2><table><tbody>{rows}</tbody></table>" if rows else ""
 
 
 def _images_section(pngs: list[str]) -> str:
@@ -309,6 +343,10 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
     settings = read_run_settings(os.path.join(run_dir, "opt.yaml"))
     if settings:
         body.append(_settings_section(settings))
+    elif os.path.isfile(os.path.join(run_dir, "config.json")):  # a Palette run folder
+        palette = _palette_settings(os.path.join(run_dir, "config.json"))
+        if palette:
+            body.append(_settings_section(palette, keys=list(palette)))
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(metrics_path):
         try:
@@ -322,6 +360,10 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
     log_path = os.path.join(run_dir, "log.txt")
     if os.path.isfile(log_path):
         body.append(_curves_section(*read_log_lines(log_path)))
+    elif os.path.isfile(os.path.join(run_dir, "train.log")):  # Palette: the reference's text log
+        records = read_palette_train_log(os.path.join(run_dir, "train.log"))
+        if records:
+            body.append(_curves_section(records, 0))
     eval_path = os.path.join(run_dir, "eval_log.txt")
     if os.path.isfile(eval_path):
         body.append(_eval_section(*read_log_lines(eval_path)))

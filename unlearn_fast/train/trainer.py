@@ -152,7 +152,15 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     ddp = setup.student if isinstance(setup.student, DDPStudent) else None
     if dist is not None and ddp is None:
         raise ValueError("a multi-rank run needs the student wrapped in DDPStudent")
+    if step_mode not in ("reference", "fast", "graphed"):
+        raise ValueError(f"step_mode must be 'reference', 'fast' or 'graphed' (resolve 'auto' with "
+                         f"resolve_step_mode), got {step_mode!r}")
+    if setup.loss_type is not None and step_mode != "reference":
+        print(f"unlearn_fast: baselines run the reference-semantics step (step_mode {step_mode!r} ignored)")
+        step_mode = "reference"
     writes = output_dir is not None and is_main
+    if writes:  # made now, not found missing at the first checkpoint an epoch later
+        os.makedirs(output_dir, exist_ok=True)
     # the rank's Philox key for the fused noise, the same in the eager and the graphed step (which always
     # draws Philox noise: keyed by setup.seed when no noise_seed is given)
     noise_key = None if noise_seed is None else philox_noise_key(noise_seed, setup.rank)
@@ -189,7 +197,7 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     accum = setup.accum_iter
     for epoch in range(start_epoch, epochs):
         setup.student.train(True)  # as the reference's train_one_epoch: a callback may have left it in eval()
-        bar = progress_bar(steps_per_epoch, progress and is_main, f"epoch {epoch + 1}/{epochs}")
+        bar = progress_bar(steps_per_epoch, progress and is_main, f"epoch {epoch} ({epoch + 1}/{epochs})")
         first = start_step_in_epoch if epoch == start_epoch else 0
         meter = _EpochMeter(setup.device, graphed, dist, epoch_progress if first else None)
         t0, images_seen = time.perf_counter(), 0
@@ -200,47 +208,49 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         # fast/graphed steps on a GPU: batch k+1's images are copied beside step k (device_prefetch.py)
         batches = DevicePrefetcher(epoch_batches(epoch), setup.device, limit=steps_per_epoch - first,
                                    enabled=step_mode != "reference")
-        taken = 0  # batches of this epoch run by this call
-        for it, (images, labels) in enumerate(batches, start=first):  # the limit ends it at steps_per_epoch
-            taken += 1
-            step = epoch * steps_per_epoch + it
-            cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
-            if it % accum == 0:
-                set_lr(setup.optimizer, cur_lr)
-                lr_now = cur_lr
-            is_forget = labels < 100  # s = +1 iff label >= 100 (reference)
-            update = (it + 1) % accum == 0
-            if ddp is not None:
-                ddp.begin_step(step)
-            sync = ddp.no_sync() if ddp is not None and not update else contextlib.nullcontext()
-            with sync:
-                if graphed is not None:
-                    graphed(images, is_forget, step, cur_lr)
-                    out = None
-                elif step_mode == "reference":
-                    fn = baseline_step if setup.loss_type is not None else reference_step
-                    out = fn(setup, images, is_forget, step, update)
-                else:
-                    out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_key)
-            meter.add(out, lr_now)
-            images_seen += images.shape[0]
-            last = it == steps_per_epoch - 1
-            mid_save = (save_every_steps is not None and update and not last
-                        and (step + 1) % save_every_steps == 0)
-            if meter.n_pending >= readback_every or last or mid_save:
-                vals = meter.flush(step, epoch)
-                if bar is not None and vals is not None:
-                    rate = images_seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{vals[0].item():.4f}", lr=f"{cur_lr:.2e}", img_s=f"{rate:.1f}")
-            if mid_save and output_dir is not None:
-                check_weights(step + 1)
-                if writes:  # the epoch in progress is unfinished: the reference 'epoch' is the one before
-                    save("last", epoch - 1, dict(meter.position(), global_step=step + 1, epoch=epoch,
-                                                 next_epoch=epoch, step_in_epoch=it + 1), safetensors=False)
+        try:  # the bar is closed however the epoch ends, so a stop message starts on its own line
+            taken = 0  # batches of this epoch run by this call
+            for it, (images, labels) in enumerate(batches, start=first):  # the limit ends it at steps_per_epoch
+                taken += 1
+                step = epoch * steps_per_epoch + it
+                cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
+                if it % accum == 0:
+                    set_lr(setup.optimizer, cur_lr)
+                    lr_now = cur_lr
+                is_forget = labels < 100  # s = +1 iff label >= 100 (reference)
+                update = (it + 1) % accum == 0
+                if ddp is not None:
+                    ddp.begin_step(step)
+                sync = ddp.no_sync() if ddp is not None and not update else contextlib.nullcontext()
+                with sync:
+                    if graphed is not None:
+                        graphed(images, is_forget, step, cur_lr)
+                        out = None
+                    elif step_mode == "reference":
+                        fn = baseline_step if setup.loss_type is not None else reference_step
+                        out = fn(setup, images, is_forget, step, update)
+                    else:
+                        out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_key)
+                meter.add(out, lr_now)
+                images_seen += images.shape[0]
+                last = it == steps_per_epoch - 1
+                mid_save = (save_every_steps is not None and update and not last
+                            and (step + 1) % save_every_steps == 0)
+                if meter.n_pending >= readback_every or last or mid_save:
+                    vals = meter.flush(step, epoch)
+                    if bar is not None and vals is not None:
+                        rate = images_seen / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{vals[0].item():.4f}", lr=f"{cur_lr:.2e}", img_s=f"{rate:.1f}")
+                if mid_save and output_dir is not None:
+                    check_weights(step + 1)
+                    if writes:  # the epoch in progress is unfinished: the reference 'epoch' is the one before
+                        save("last", epoch - 1, dict(meter.position(), global_step=step + 1, epoch=epoch,
+                                                     next_epoch=epoch, step_in_epoch=it + 1), safetensors=False)
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
         if taken == 0:
             raise ValueError(f"epoch {epoch} produced no batches")
         if first + taken < steps_per_epoch:  # the losses since the last read-back, the epoch's log line, the
