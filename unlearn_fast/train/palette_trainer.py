@@ -368,7 +368,7 @@ def palette_train_loop(setup: PaletteSetup, epoch_batches: Callable[[int], Itera
 
         def read_back(last_step: int, log_line: bool = False) -> None:  # the only host sync of the fast path
             nonlocal n_pending
-            vals = pending.to("cpu", torch.float64)
+            vals = pending.to("cpu", torch.float64, copy=True)  # a copy: zero_() below must not clear it
             pending.zero_()
             if not all(math.isfinite(v) for v in vals.tolist()):
                 raise NonFiniteLossError(f"loss became non-finite within steps {last_step - n_pending + 1}.."
