@@ -33,6 +33,7 @@ from ..train.checkpoint import atomic_write_text, load_checkpoint_file, load_mod
 from ..train.data_split import FORGET_LABEL, seeded_shuffle
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
+from ..train.run_outputs import opt_yaml_objects
 from ..train.seeding import derive_seed
 from .tools import DefaultsHelpFormatter
 from .unlearn_command import build_model, class_lists, resolve_device, select_data
@@ -50,16 +51,10 @@ def read_run_args(run_dir: str) -> dict:
             text = fh.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not readable (not UTF-8 text: {e})") from None
-    dec, pos, last = json.JSONDecoder(), 0, None
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            break
-        try:
-            last, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not readable ({e})") from None
+    objects, error = opt_yaml_objects(text)
+    if error is not None:
+        raise ValueError(f"{path} is not readable ({error})")
+    last = objects[-1] if objects else None
     if not isinstance(last, dict):
         raise ValueError(f"{path} holds no argument dictionary")
     return last

@@ -27,6 +27,7 @@ import re
 import tempfile
 
 from ..train.checkpoint import new_file_mode
+from ..train.run_outputs import opt_yaml_objects
 
 __all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number",
            "read_run_settings"]
@@ -268,19 +269,8 @@ def read_run_settings(path: str) -> dict | None:
             text = f.read()
     except (OSError, ValueError):
         return None
-    dec, pos, last = json.JSONDecoder(), 0, None
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            break
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except ValueError:
-            break  # a torn last start: keep the last complete one
-        if isinstance(obj, dict):
-            last = obj
-    return last
+    objects, _ = opt_yaml_objects(text)  # a torn last start: keep the last complete one
+    return next((o for o in reversed(objects) if isinstance(o, dict)), None)
 
 
 _PALETTE_VALUE_LINE = re.compile(r" - INFO: (train/[\w/]+): (\S+)\s*$")

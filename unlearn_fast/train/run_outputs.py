@@ -85,6 +85,22 @@ def write_opt_yaml(output_dir: str, args_dict: dict) -> None:
                        json.dumps(args_dict, indent=4, sort_keys=False, default=str) + "\n")
 
 
+def opt_yaml_objects(text: str) -> tuple:
+    """``(objects, error)``: the JSON values of an ``opt.yaml`` text (one dump per start of a run, one after
+    another) in order, and the decoding error that stopped the reading (None when all were read)."""
+    dec, pos, objects = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return objects, None
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            return objects, e
+        objects.append(obj)
+
+
 def append_log_line(output_dir: str, stats: dict) -> None:
     """One JSON line per epoch in ``log.txt``, appended atomically."""
     atomic_append_text(os.path.join(output_dir, "log.txt"), json.dumps(stats) + "\n")
