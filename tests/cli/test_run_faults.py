@@ -301,3 +301,20 @@ def test_resume_warns_about_changed_data_flags_and_lr_not_about_unchanged_ones(t
                 + ["--resume", ckpt, "--lr", "0.001"]) == 0
     warned = capsys.readouterr().out
     assert "--retain_classes bird (now fish)" in warned and "(now 0.001)" in warned, warned
+
+
+def test_a_run_that_stops_before_its_first_checkpoint_leaves_no_folders_it_made(tmp_path, capsys):
+    """The run directory is removed (nothing trained was saved), and so is an --output_dir the run created;
+    an --output_dir that was there before stays."""
+    from tests.helpers import make_class_tree, micro_unlearn_argv, save_random_pretrained
+    data = make_class_tree(tmp_path / "data", ["cat", "dog", "bird"], 4, seed=0)
+    for name in os.listdir(os.path.join(data, "cat")):
+        with open(os.path.join(data, "cat", name), "wb") as f:
+            f.write(b"not an image")  # read in the first epoch, before any checkpoint
+    pre = save_random_pretrained(tmp_path / "pre.pth")
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "new" / "out")) == 2
+    assert "removed" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "new" / "out") and os.path.isdir(tmp_path / "new")
+    os.makedirs(tmp_path / "kept")
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "kept")) == 2
+    assert os.path.isdir(tmp_path / "kept") and os.listdir(tmp_path / "kept") == []

@@ -379,16 +379,18 @@ def loader_batches(loader):
 def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
     """Rank 0 creates the run directory (its name holds a timestamp; a folder of that name that exists, e.g.
     another run's started in the same second, is never shared: see ``create_run_dir``), checks that it can
-    write there and writes opt.yaml; every rank gets the same (path, created by this run), or the same error."""
+    write there and writes opt.yaml; every rank gets the same (path, created by this run, --output_dir created by
+    this run), or the same error."""
     outcome = None
     if ctx.is_main:
         run_dir = None
         try:
+            made_output_dir = not os.path.exists(args.output_dir)
             run_dir = create_run_dir(args.output_dir, lambda: run_dir_name(args, baseline))
             # as the reference, whose args.output_dir and log_dir are the run directory when it dumps them
             args_dict["log_dir"] = args_dict["output_dir"] = run_dir
             write_opt_yaml(run_dir, args_dict)
-            outcome = ("ok", run_dir, True)
+            outcome = ("ok", run_dir, True, made_output_dir)
         except BaseException as e:  # a bad folder (ValueError), or a signal while creating it
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -398,7 +400,7 @@ def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
     outcome = broadcast_object(outcome, ctx)
     if outcome[0] == "error":
         raise ValueError(outcome[1])
-    return outcome[1], outcome[2]
+    return outcome[1], outcome[2], outcome[3]
 
 
 def _has_checkpoint(run_dir: str) -> bool:
@@ -529,7 +531,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     args_dict.update(teacher_checkpoint=os.path.abspath(teacher_source) if teacher_source else None,
                      lr=lr, lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
                      world_size=world)
-    run_dir, created = prepare_run_dir(args, baseline, ctx, args_dict)
+    run_dir, created, made_output_dir = prepare_run_dir(args, baseline, ctx, args_dict)
     saved = []  # checkpoint files of this run, oldest first
     try:  # from here on a failure or a signal removes a run directory that holds no checkpoint yet
         args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
@@ -570,6 +572,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     except BaseException:
         if ctx.is_main and created and not _has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind
+            if made_output_dir and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+                os.rmdir(args.output_dir)  # the --output_dir this run made, now empty
             print(f"unlearn_fast: removed {run_dir} (the run stopped before its first checkpoint)", flush=True)
         if ctx.is_main:
             _print_how_to_continue(saved[-1] if saved else (args.resume if resume_ckpt is not None else None))
