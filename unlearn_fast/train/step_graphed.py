@@ -35,6 +35,7 @@ from .half_teacher import step_teacher
 from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, student_and_teacher
+from .teacher_guides import front_ends_match
 from .teacher_stream import teacher_stream_for
 from .step_reference import check_step_inputs, optimizer_update
 from .unlearn_setup import UnlearnSetup
@@ -83,6 +84,7 @@ class GraphedUnlearnStep:
         self.side = torch.cuda.Stream(device=dev)
         teacher_stream_for(setup)  # made now, never during a capture
         step_teacher(setup)  # likewise the bf16-weight teacher copy: its casts must run, not be captured
+        front_ends_match(setup.student, setup.teacher)  # and the frozen-weight comparison (host syncs)
         self.eager_fallbacks = 0
         # several ranks: graph A (forward + backward) and graph B (update) around the gradient all-reduce
         self.dist, self.all_reduce_in_graph = dist, bool(all_reduce_in_graph)
