@@ -19,6 +19,8 @@ the students' dtype. ``is_forget``: bool ``[N]`` (or integer 0/1), True = forget
 The fused op has no second derivative: backward with ``create_graph=True`` raises.
 Teacher maps are constants (teacher outputs under no_grad); if one requires grad the plain twin runs instead,
 so gradients reach it. Non-contiguous maps are made contiguous.
+Non-finite values: a NaN/inf in row i of a map reaches only the loss of row i's class; the reference's masked
+copies (0·NaN = NaN) make both losses NaN. The total retain + α·forget is non-finite either way.
 """
 from __future__ import annotations
 
@@ -149,14 +151,14 @@ def _check_map_pairs(features_student, features_teacher) -> None:
         if fs.shape != ft.shape or fs.dim() < 1:
             raise ValueError(f"map {k}: student {tuple(fs.shape)} vs teacher {tuple(ft.shape)}: need one shape "
                              "[N, ...]")
+        if fs.shape[0] != features_student[0].shape[0]:  # the twin would broadcast or fail deep inside torch
+            raise ValueError(f"map {k} has N = {fs.shape[0]}, map 0 has N = {features_student[0].shape[0]}")
 
 
 def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor:
     _check_map_pairs(features_student, features_teacher)
     first_s, first_t = features_student[0], features_teacher[0]
     for k, (fs, ft) in enumerate(zip(features_student, features_teacher)):
-        if fs.shape[0] != first_s.shape[0]:
-            raise ValueError(f"map {k} has N = {fs.shape[0]}, map 0 has N = {first_s.shape[0]}")
         if fs.numel() == 0:
             raise ValueError(f"map {k} has no elements: {tuple(fs.shape)}")
         if not fs.is_floating_point() or not ft.is_floating_point():

@@ -26,7 +26,12 @@ syncs the host, so every entry point can be captured in a CUDA graph.
 
 Guides are treated as constants (teacher outputs under no_grad). If a guide requires grad, or a tensor is
 fp64 (the kernels take fp32 / fp16 / bf16), the plain differentiable twin runs instead, so gradients still
-reach the guide. The fused op has no second derivative: backward with ``create_graph=True`` raises.
+reach the guide. Every path reads only the target of a row's own class (as the pruned teacher of REFERENCE.md
+§11 computes only those), and a row's value reaches only its own class's loss: a NaN/inf in the guide of a
+forget row or the noise guide of a retain row is ignored, one in a row's own target or latent makes that class's
+loss non-finite and leaves the other finite (the reference's (1 ± s)·m, as 0·NaN, would make both NaN; the total
+retain_alpha·L_R + forget_alpha·L_F is non-finite either way). The fused op has no second derivative: backward
+with ``create_graph=True`` raises.
 ``is_forget`` is a bool ``[N]`` (True = forget); see :mod:`unlearn_fast.ops.forget_mask`.
 """
 from __future__ import annotations
@@ -46,7 +51,14 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def retain_forget_l2_loss_reference(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
                                     is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch twin, written as the reference does (the test oracle). fp32 math (fp64 for fp64 input)."""
+    """Plain PyTorch twin, written as the reference does (the test oracle). fp32 math (fp64 for fp64 input).
+    As the reference's (1 ± s) factors, a NaN/inf in the guide of a forget row (or the noise guide of a retain
+    row) makes both losses NaN; the fused op never reads those rows (see :func:`retain_forget_l2_loss`)."""
+    for name, g in (("guide", guide), ("noise_guide", noise_guide)):  # broadcasting would hide a wrong shape
+        if not torch.is_tensor(latent) or not torch.is_tensor(g) or g.shape != latent.shape:
+            raise ValueError(f"latent, guide and noise_guide must be tensors of one shape, got {name} "
+                             f"{tuple(g.shape) if torch.is_tensor(g) else type(g).__name__} for latent "
+                             f"{tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__}")
     is_forget = forget_mask(is_forget, latent.shape[0], latent.device)
     acc = torch.promote_types(latent.dtype, torch.float32)
     s = torch.where(is_forget, -1.0, 1.0).to(acc)  # [N]
@@ -238,7 +250,18 @@ def _twin_loss(latent, retain_table, forget_table, is_forget, row_index, norm):
         w, b, eps = norm
         target = torch.nn.functional.layer_norm(target, (latent.shape[-1],), w.detach().to(acc),
                                                 b.detach().to(acc), eps)
-    return retain_forget_l2_loss_reference(latent, target, target, is_forget)
+    return _own_class_twin(latent, target, is_forget)
+
+
+def _own_class_twin(latent: torch.Tensor, target: torch.Tensor, is_forget: torch.Tensor):
+    """The twin's math with each row's target chosen, differentiable in both: row i's mean squared difference
+    goes only into its own class's loss, as on the fused path (the reference's (1 ± s)·m would carry a NaN/inf
+    row into the other loss as 0·NaN). Same bits as the reference twin for finite values: 2·m_i summed, / N."""
+    acc = torch.promote_types(latent.dtype, torch.float32)
+    m = (latent.to(acc) - target.to(acc)).pow(2).mean(dim=tuple(range(1, latent.dim())))  # [N]
+    two_m, zero = 2 * m, m.new_zeros(())
+    n = latent.shape[0]
+    return torch.where(is_forget, zero, two_m).sum() / n, torch.where(is_forget, two_m, zero).sum() / n
 
 
 def _check_row_index(row_index, latent: torch.Tensor) -> torch.Tensor:
@@ -277,7 +300,10 @@ def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide
                              f"{tuple(g.shape) if torch.is_tensor(g) else type(g).__name__}")
         _check_table(name, g, latent)
     if _use_twin(latent, guide, noise_guide):
-        return retain_forget_l2_loss_reference(latent, guide, noise_guide, is_forget)
+        # each row's own target only, as the kernels read it: a NaN/inf in a row's unused guide must not reach
+        # the losses here either (the reference's 0·NaN would make them NaN on this path alone)
+        target = torch.where(is_forget.view(-1, *([1] * (latent.dim() - 1))), noise_guide, guide)
+        return _own_class_twin(latent, target, is_forget)
     # row_index None: row i reads guide row i (no arange made or read on the Triton path)
     return RetainForgetL2Function.apply(_as_3d(latent).contiguous(), *_kernel_tables(guide, noise_guide), is_forget,
                                         None, None, None, 1e-6)

@@ -59,6 +59,8 @@ def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_tensor(images) or images.numel() == 0:
         got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"images must be a non-empty tensor, got {got}")
+    if not images.is_floating_point():  # refused on every backend (the Triton kernels take no integers)
+        raise TypeError(f"images must be floating point, got {images.dtype}")
     x = images.detach()
     if choose_backend(x.device, "batch_mean_std") == "triton":  # CUDA, or forced (CPU: Triton's interpreter)
         return triton_kernels().batch_mean_std(x)
