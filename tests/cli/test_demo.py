@@ -121,7 +121,7 @@ def test_cache_is_written_reused_and_keyed_by_config(tmp_path):
     m1, info1 = load_or_pretrain_mae(cfg, x, cache_dir=tmp_path, progress=False)
     assert not info1["loaded"] and os.path.isfile(info1["path"])
     blob = torch.load(info1["path"], weights_only=True)
-    assert set(blob) == {"model", "config", "steps"} and blob["steps"] == 3
+    assert set(blob) == {"model", "config", "steps", "checksum"} and blob["steps"] == 3
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the temporary file was renamed away
     m2, info2 = load_or_pretrain_mae(cfg, x, cache_dir=tmp_path, progress=False)
     assert info2["loaded"] and info2["path"] == info1["path"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import List, Optional
@@ -34,6 +35,7 @@ from ..eval.domain_metrics import NOTE, domain_metrics_of_model
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import per_image_errors
 from ..train.balanced_sampler import BalancedUnlearnSampler
+from ..train.checkpoint import atomic_write_text
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import digits_as_images, load_digits_5k, split_digits, unlearn_labels
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
@@ -99,6 +101,12 @@ def parse_digits(text: str) -> List[int]:
 
 
 def validate_args(args) -> None:
+    """Every flag checked before any work (a bad flag must not cost a pretraining run)."""
+    for name in ("lr", "pretrain_lr", "forget_alpha", "retain_alpha"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name} must be a finite number, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     for name in ("unlearn_steps", "pretrain_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -115,6 +123,32 @@ def validate_args(args) -> None:
     if args.holdout_per_class < 1:
         raise ValueError(f"--holdout_per_class must be >= 1 (the metrics need held-out images), "
                          f"got {args.holdout_per_class}")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(path: str) -> None:
+    """--output_dir must be a folder or creatable, and writable: found now, not after the pretraining."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {path} exists and is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {path} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {path} is not writable ({existing} is read-only)")
+
+
+def check_batches_fit(split, batch_size: int, forget_per_batch: int, holdout_per_class: int) -> None:
+    """Every batch must fit the training digits left after the hold-out (pretraining and unlearning)."""
+    need = {"training": (len(split.train), batch_size), "forget training": (len(split.train_forget), forget_per_batch),
+            "retain training": (len(split.train_retain), batch_size - forget_per_batch)}
+    for what, (have, want) in need.items():
+        if have < want:
+            raise ValueError(f"{have} {what} digits remain after --holdout_per_class {holdout_per_class}, but every "
+                             f"batch needs {want} (--batch_size {batch_size}, --forget_per_batch {forget_per_batch}); "
+                             "lower --batch_size or --holdout_per_class")
 
 
 def balanced_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, forget_per_batch: int,
@@ -203,7 +237,8 @@ def run_demo(args) -> dict:
     digits = torch.from_numpy(digits_np)
     split = split_digits(digits_np, forget, args.holdout_per_class, seed=args.seed)
     retain = [d for d in range(10) if d not in forget]
-    os.makedirs(args.output_dir, exist_ok=True)
+    fpb = args.forget_per_batch or args.batch_size // 2
+    check_batches_fit(split, args.batch_size, fpb, args.holdout_per_class)
 
     # 1. pretrained MAE on every training digit (held-out images excluded), cached
     pcfg = PretrainConfig(steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.pretrain_lr, seed=args.seed)
@@ -230,7 +265,6 @@ def run_demo(args) -> dict:
 
     # 3. unlearning with the paper's objective on all training digits (forget digits labelled -100)
     labels = torch.from_numpy(unlearn_labels(digits_np[split.train], forget))  # [N_train] ±100
-    fpb = args.forget_per_batch or args.batch_size // 2
     mode = resolve_step_mode(args.step, device, None, 1, True)
     setup = build_setup(model, device, lr=args.lr, weight_decay=0.05, precision=args.precision,
                         retain_alpha=args.retain_alpha, forget_alpha=args.forget_alpha, seed=args.seed,
@@ -267,9 +301,11 @@ def run_demo(args) -> dict:
                "forget_audit": _forget_audit(teacher, student, images, split, digits_np, forget, held["forget"],
                                              args.seed)}
     config["total_seconds"] = time.perf_counter() - t_start  # everything but writing the files
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # created only now (a failed or interrupted run leaves no empty folder); grid first, then metrics.json, each
+    # through a temporary file: a metrics.json next to a grid.png always comes from one finished run
+    os.makedirs(args.output_dir, exist_ok=True)
     _write_grid(args.output_dir, held, tasks, grid_idx, recon_before, recon_after, model)
+    atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2))
     print_table(metrics)
     audit = metrics["forget_audit"]
     print(f"\nforget audit (membership AUC, trained vs held-out forget digits; 0.5 = no signal): "
@@ -300,10 +336,16 @@ def _write_grid(out_dir, held, tasks, grid_idx, recon_before, recon_after, model
         masked = orig * (1 - hidden) + 0.35 * hidden  # hidden patches shown grey
         for col, x in zip(cols, (orig, masked, recon_before[k], recon_after[k])):
             col.append(x)
+    path = os.path.join(out_dir, "grid.png")
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-grid.png")
     try:
-        save_grid(os.path.join(out_dir, "grid.png"), [torch.cat(c) for c in cols])
+        save_grid(tmp, [torch.cat(c) for c in cols])
+        os.replace(tmp, path)
     except ImportError:
         print("unlearn_fast demo: Pillow is not installed; grid.png skipped")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -135,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         signum = getattr(e, "signum", 2)  # RunStopped (SIGINT or SIGTERM during a run), else Ctrl-C
         if from_command_line:  # the process exits now: no teardown tracebacks of half-built DataLoader workers
             sys.unraisablehook = lambda unraisable: None
-        trains = argv[0] in ("unlearn", "baseline", "palette-unlearn", "demo")
+        trains = argv[0] in ("unlearn", "baseline", "palette-unlearn")  # the commands that write checkpoints
         print(f"unlearn-fast: {'terminated' if signum == 15 else 'interrupted'}"
               + ("; checkpoints written so far are intact" if trains else ""), file=sys.stderr)
         return 128 + signum

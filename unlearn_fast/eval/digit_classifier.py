@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.checkpoint import atomic_save
+from ..train.checkpoint import OutputWriteError, atomic_save
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import digits_as_images, load_digits_5k, split_digits
+from ..train.pretrain_mae import check_cached_state, state_checksum
 from ..train.seeding import derive_seed
 
 IMAGE_SIDE = 32
@@ -201,9 +202,9 @@ def _load_cached(path: Path, key: dict, model: DigitClassifier) -> Optional[dict
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("config") != key:
             return None
-        model.load_state_dict(blob["model"])
+        model.load_state_dict(check_cached_state(blob))
         return dict(blob.get("info", {}))
-    except Exception as e:  # truncated or foreign file: say so and rebuild it
+    except Exception as e:  # truncated, corrupt or foreign file: say so and rebuild it
         print(f"unlearn_fast: ignoring unreadable digit-classifier cache {path} ({type(e).__name__}: {e})")
         return None
 
@@ -249,9 +250,9 @@ def load_or_train_digit_classifier(cache_dir=None, seed: int = 0, device="cpu", 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-            atomic_save({"model": state, "config": key, "info": info}, str(path))
+            atomic_save({"model": state, "config": key, "info": info, "checksum": state_checksum(state)}, str(path))
             stored = str(path)
-        except OSError as e:  # read-only home: keep going without the cache
+        except (OSError, OutputWriteError) as e:  # read-only home: keep going without the cache
             print(f"unlearn_fast: could not write the digit-classifier cache {path} ({e})")
     model.train_info = dict(info, path=stored, loaded=False)
     return model.to(device).eval()

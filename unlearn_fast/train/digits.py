@@ -67,9 +67,13 @@ def load_digits_5k() -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(cached) as data:
                 if np.array_equal(data["source_size"], stamp):
-                    return data["images"], data["digits"]
-        except (OSError, KeyError, ValueError):
-            pass  # unreadable cache: rebuild it
+                    images, digits = data["images"], data["digits"]
+                    if (images.shape == (NUM_DIGITS, SIDE, SIDE) and images.dtype == np.uint8
+                            and digits.shape == (NUM_DIGITS,) and digits.dtype == np.int64
+                            and digits.min() >= 0 and digits.max() <= 9):
+                        return images, digits
+        except Exception:  # noqa: BLE001 - truncated/corrupt (zipfile.BadZipFile, bad CRC) or foreign: rebuild it
+            pass
     images, digits = parse_digits_csv(source)
     if images.shape[0] != NUM_DIGITS:
         raise ValueError(f"{source}: expected {NUM_DIGITS} digits, got {images.shape[0]}")

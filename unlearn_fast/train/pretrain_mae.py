@@ -141,14 +141,39 @@ def cache_path(config: PretrainConfig, images: torch.Tensor, cache_dir) -> Path:
     return Path(os.path.expanduser(str(cache_dir))) / f"pretrain_{config.model}_{digest}.pth"
 
 
+def state_checksum(state: dict) -> str:
+    """A hash of a state dict's names, shapes, dtypes and bytes: torch.load checks no CRC, so flipped bytes in a
+    cached file would otherwise load as silently wrong weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_cached_state(blob) -> dict:
+    """The state dict of a cache blob; ValueError when its checksum (files written before checksums had none)
+    does not match or a floating tensor holds NaN/inf."""
+    state = blob["model"]
+    if "checksum" in blob and blob["checksum"] != state_checksum(state):
+        raise ValueError("checksum mismatch (corrupt file)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"non-finite values in {bad[:3]}")
+    return state
+
+
 def _load_cached(path: Path, key: dict, model: nn.Module) -> bool:
+    """Load ``path`` into ``model`` when its key matches. On False the model may hold some loaded tensors (a
+    failed load_state_dict copies what fits): the caller starts from a fresh model."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("config") != key:
             return False
-        model.load_state_dict(blob["model"])
+        model.load_state_dict(check_cached_state(blob))
         return True
-    except Exception as e:  # a truncated or foreign file: say so and rebuild it
+    except Exception as e:  # a truncated, corrupt or foreign file: say so and rebuild it
         print(f"unlearn_fast: ignoring unreadable pretraining cache {path} ({type(e).__name__}: {e})")
         return False
 
@@ -158,29 +183,37 @@ def save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:  # open() here: a read-only folder is an OSError, not torch's RuntimeError
+            torch.save(obj, fh)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _initial_model(config: PretrainConfig) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
+        torch.manual_seed(derive_seed(config.seed, "pretrain", "init"))
+        return create_model(config.model, **config.model_kwargs())
+
+
 def load_or_pretrain_mae(config: PretrainConfig, images: torch.Tensor, cache_dir=None, device="cpu",
                          rebuild: bool = False, progress: bool = True) -> Tuple[nn.Module, dict]:
     """The pretrained model for ``config`` on ``images``: loaded from ``cache_dir`` when a file with the same
-    key exists, else trained and saved there as ``{"model": state_dict, "config": key, "steps": n}``.
+    key exists (and its checksum, when it has one, matches), else trained and saved there as
+    ``{"model": state_dict, "config": key, "steps": n, "checksum": state_checksum(state_dict)}``.
     ``cache_dir=None`` or ``rebuild=True`` trains anew (``rebuild`` still writes the cache).
     Returns (model in eval mode on ``device``, info dict: path, loaded, seconds, final_loss)."""
     config.check()
-    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
-        torch.manual_seed(derive_seed(config.seed, "pretrain", "init"))
-        model = create_model(config.model, **config.model_kwargs())
     key, _ = cache_key(config, images)
     path = cache_path(config, images, cache_dir) if cache_dir is not None else None
     info = {"path": str(path) if path else None, "loaded": False, "seconds": 0.0, "final_loss": None}
-    if path is not None and not rebuild and path.is_file() and _load_cached(path, key, model):
-        info["loaded"] = True
-        return model.to(device).eval(), info
+    if path is not None and not rebuild and path.is_file():
+        model = _initial_model(config)
+        if _load_cached(path, key, model):
+            info["loaded"] = True
+            return model.to(device).eval(), info
+    model = _initial_model(config)  # fresh: a failed load may have copied some tensors into the other one
     t0 = time.perf_counter()
     history = pretrain_mae(model, images, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                            min_lr=config.min_lr, warmup_steps=config.warmup_steps,
@@ -189,7 +222,8 @@ def load_or_pretrain_mae(config: PretrainConfig, images: torch.Tensor, cache_dir
     if path is not None:
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         try:
-            save_atomic({"model": state, "config": key, "steps": config.steps}, path)
+            save_atomic({"model": state, "config": key, "steps": config.steps, "checksum": state_checksum(state)},
+                        path)
         except OSError as e:  # read-only home: keep going without the cache
             print(f"unlearn_fast: could not write the pretraining cache {path} ({e})")
             info["path"] = None
@@ -197,4 +231,4 @@ def load_or_pretrain_mae(config: PretrainConfig, images: torch.Tensor, cache_dir
 
 
 __all__ = ["PretrainConfig", "pretrain_mae", "load_or_pretrain_mae", "cache_key", "cache_path",
-           "data_fingerprint", "save_atomic"]
+           "data_fingerprint", "save_atomic", "state_checksum", "check_cached_state"]
