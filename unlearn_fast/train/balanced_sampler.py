@@ -125,8 +125,8 @@ def _cycled(perm: torch.Tensor, start: int, count: int) -> list[int]:
 class BalancedUnlearnSampler(_ShardedBatchSampler):
     """Batches of exactly `forget_per_batch` forget rows then `batch_size - forget_per_batch` others.
 
-    labels: the reference's ±100 (forget -100) or a bool is_forget mask (see :func:`forget_mask`). The forget and the retain rows are each
-    permuted per (seed, epoch). drop_last=True: an epoch ends when either pool runs out (the rest waits for
+    labels: the reference's ±100 (forget -100) or a bool is_forget mask (see :func:`forget_mask`). The forget
+    and the retain rows are each permuted per (seed, epoch). drop_last=True: an epoch ends when either pool runs out (the rest waits for
     the next epoch's permutation). drop_last=False: the epoch lasts until both pools are used; the shorter
     pool and the last batch wrap around, so every batch is still full.
     """
