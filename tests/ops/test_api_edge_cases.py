@@ -36,20 +36,6 @@ def _inputs(dtype=torch.float32, shape=(5, 3, 7), seed=0):
     return tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(3))
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Force the Triton kernels; skip where they cannot run (compiled Triton without a GPU)."""
-    import unlearn_fast.kernels as kernels
-    if not kernels.TRITON_AVAILABLE:
-        pytest.skip(f"Triton unavailable: {kernels.TRITON_IMPORT_ERROR}")
-    from unlearn_fast.kernels.launch_device import interpreted
-    from unlearn_fast.kernels.retain_forget_l2 import _retain_forget_l2_forward_kernel
-    if not torch.cuda.is_available() and not interpreted(_retain_forget_l2_forward_kernel):
-        pytest.skip("Triton kernels are compiled and there is no GPU")
-    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---- is_forget ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("labels", [torch.tensor([-1, 1, -1, 1, 1]), torch.tensor([-100, 100, -100, 100, 100])])

@@ -17,22 +17,9 @@ import pytest
 import torch
 
 from unlearn_fast.ops import (batch_mean_std, multi_map_retain_forget_l2_loss_reference, retain_forget_l2_loss,
-                              retain_forget_l2_loss_reference, sample_batch_noise)
+                              retain_forget_l2_loss_reference)
 
 IS_FORGET = torch.tensor([True, False, True, False, False])  # N = 5: 2 forget, 3 retain
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Force the Triton kernels; skip where they cannot run (compiled Triton without a GPU)."""
-    import unlearn_fast.kernels as kernels
-    if not kernels.TRITON_AVAILABLE:
-        pytest.skip(f"Triton unavailable: {kernels.TRITON_IMPORT_ERROR}")
-    from unlearn_fast.kernels.launch_device import interpreted
-    from unlearn_fast.kernels.retain_forget_l2 import _retain_forget_l2_forward_kernel
-    if not torch.cuda.is_available() and not interpreted(_retain_forget_l2_forward_kernel):
-        pytest.skip("Triton kernels are compiled and there is no GPU")
-    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
 
 
 def _own_class_losses(latent, guide, noise_guide, is_forget):
