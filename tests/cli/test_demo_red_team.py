@@ -94,13 +94,22 @@ def _same(a, b) -> bool:
 
 def test_unwritable_pretraining_cache_is_a_warning_not_a_crash(tmp_path, monkeypatch, capsys):
     x, cfg = _tiny_pretrain(tmp_path)
-    real_open = open
+    real_open, real_os_open = open, os.open
 
-    def read_only_open(path, mode="r", *a, **k):  # what a read-only folder does to open(..., "wb")
+    def refuse(path):  # what a read-only folder does to a file created in it
+        raise OSError(30, "Read-only file system", str(path))
+
+    def read_only_open(path, mode="r", *a, **k):
         if "w" in mode and str(tmp_path) in str(path):
-            raise OSError(30, "Read-only file system", str(path))
+            refuse(path)
         return real_open(path, mode, *a, **k)
+
+    def read_only_os_open(path, flags, *a, **k):  # the low-level open of tempfile.mkstemp
+        if flags & os.O_CREAT and str(tmp_path) in str(path):
+            refuse(path)
+        return real_os_open(path, flags, *a, **k)
     monkeypatch.setattr("builtins.open", read_only_open)
+    monkeypatch.setattr(os, "open", read_only_os_open)
     model, info = load_or_pretrain_mae(cfg, x, cache_dir=tmp_path, progress=False)
     assert info["path"] is None and not info["loaded"]
     assert "could not write the pretraining cache" in capsys.readouterr().out

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from .checkpoint import OutputWriteError, atomic_save
 from .lr_schedule import lr_at, set_lr
 from .optimizer import build_adamw
 from .progress import progress_bar
@@ -178,19 +179,6 @@ def _load_cached(path: Path, key: dict, model: nn.Module) -> bool:
         return False
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:  # open() here: a read-only folder is an OSError, not torch's RuntimeError
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _initial_model(config: PretrainConfig) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
         torch.manual_seed(derive_seed(config.seed, "pretrain", "init"))
@@ -222,13 +210,14 @@ def load_or_pretrain_mae(config: PretrainConfig, images: torch.Tensor, cache_dir
     if path is not None:
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         try:
-            save_atomic({"model": state, "config": key, "steps": config.steps, "checksum": state_checksum(state)},
-                        path)
-        except OSError as e:  # read-only home: keep going without the cache
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"model": state, "config": key, "steps": config.steps, "checksum": state_checksum(state)},
+                        str(path))
+        except (OSError, OutputWriteError) as e:  # read-only home: keep going without the cache
             print(f"unlearn_fast: could not write the pretraining cache {path} ({e})")
             info["path"] = None
     return model.eval(), info
 
 
 __all__ = ["PretrainConfig", "pretrain_mae", "load_or_pretrain_mae", "cache_key", "cache_path",
-           "data_fingerprint", "save_atomic", "state_checksum", "check_cached_state"]
+           "data_fingerprint", "state_checksum", "check_cached_state"]
