@@ -79,28 +79,29 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_cl", "fast_bf16_cl",
-                                     "fast_bf16_explicit_attn", "fast_bf16_addnorm", "fast_bf16_unpadded",
-                                     "fast_bf16_cl_addnorm", "fast_bf16_split_pool"])
+@pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_nchw", "fast_bf16_nchw",
+                                     "fast_bf16_explicit_attn", "fast_bf16_plain_blocks", "fast_bf16_unpadded",
+                                     "fast_bf16_nchw_plain_blocks", "fast_bf16_split_pool"])
 def test_gpu_step_mage_variants(benchmark, variant):
-    """MAGE only: the opt-in shared tokenisation at reference precision, the VQGAN's GroupNorm + swish with
-    torch's ops (what the fused kernel gains), and the VQGAN in channels_last (bf16), which the fused norm now
-    reads in place (with torch's GroupNorm it was slower: H100, 2026-11-27 run 1, 204 ms vs 151 ms), MAGE's
-    attention written out as the official code instead of scaled_dot_product_attention, the opt-in fused residual
-    add + LayerNorm of the ViT blocks, the VQGAN's RGB conv over its 3 channels instead of 8 (zero-padded), and each
-    VQGAN level's last residual add and its pool as torch's two ops instead of one fused pass."""
+    """MAGE only, each against the default fast step: the opt-in shared tokenisation at reference precision, the
+    VQGAN's GroupNorm + swish with torch's ops (what the fused kernel gains), the VQGAN in NCHW instead of
+    channels_last (the default since run 3, where the fused norm reads NHWC in place), MAGE's attention written
+    out as the official code instead of scaled_dot_product_attention, the ViT blocks' residual adds and
+    LayerNorms as torch's ops instead of fused, the VQGAN's RGB conv over its 3 channels instead of 8
+    (zero-padded), and each VQGAN level's last residual add and its pool as torch's two ops instead of one fused
+    pass; ``fast_bf16_nchw_plain_blocks`` is run 3's default bf16 step."""
     _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
 
 
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher",
-                                     "fast_bf16_addnorm"])
+                                     "fast_plain_blocks", "fast_bf16_plain_blocks"])
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
                          ids=["gpu_mae_base", "gpu_mae_large"])
 def test_gpu_step_mae_variants(benchmark, cfg, variant):
     """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
     over the visible patches, (bf16) the teacher casting its fp32 weights on every call instead of the pre-cast
-    copy, and (bf16) the opt-in fused residual add + LayerNorm: what each gains or would gain."""
+    copy, and the residual adds and LayerNorms as torch's ops instead of fused: what each default gains."""
     _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 

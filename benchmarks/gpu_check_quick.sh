@@ -23,7 +23,7 @@ finish_extension_build 120
 
 phase "MAGE step benchmarks: reference, fast, fast_bf16 (fused norms) and the unfused variants"
 run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_cl or fast_bf16_cl or explicit_attn or mage_variants and addnorm or unpadded or split_pool" \
+  -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_nchw or fast_bf16_nchw or explicit_attn or mage_variants and plain_blocks or unpadded or split_pool" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"
@@ -35,7 +35,7 @@ phase "the fused norms and pool at the models' shapes against torch's ops"
 fused_op_profiles
 
 phase "bf16 step profiles (MAE-L, MAGE-B)"
-run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_cl \
+run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast_bf16_nchw \
   --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" || echo "profile cut short" >>"$LOG"
 
 phase "the extension's tests (tests/csrc one file per process; the GPU tests' extension cases)"

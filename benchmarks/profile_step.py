@@ -53,7 +53,7 @@ def category(name: str) -> str:
 def eager_runner(cfg, variant: str):
     dev = torch.device(cfg.device)
     fast = variant.startswith("fast")
-    setup = setup_for_variant(cfg, variant)  # the benchmark's variants, suffixes included (_cl, _unfused, ...)
+    setup = setup_for_variant(cfg, variant)  # the benchmark's variants, suffixes included (_nchw, _unfused, ...)
     set_lr(setup.optimizer, 1e-5)
     images, is_forget = batch_for(cfg, setup.student)
     if dev.type == "cuda":

@@ -80,14 +80,14 @@ VARIANT_WORDS = {
     "full_embed": "MAE's conv patch embedding of every patch (--full_patch_embed)",
     "autocast_teacher": "the bf16 teacher casting its fp32 weights every call (no pre-cast copy)",
     "unpadded": "the VQGAN's RGB conv over its 3 channels (no zero-padding to 8)",
-    "cl": "the VQGAN encoder in channels_last (--channels_last_tokenizer)",
-    "addnorm": "each ViT residual add fused with the next LayerNorm (--fused_block_norms)",
+    "nchw": "the VQGAN encoder in NCHW, not channels_last (--nchw_tokenizer)",
+    "plain_blocks": "each ViT residual add and the next LayerNorm as torch's ops (--unfused_block_norms)",
     "split_pool": "a VQGAN level's last residual add and its 2x2 pool as torch's two ops (no fused pass)",
 }
 
 
 def variant_words(variant: str) -> set:
-    """The :data:`VARIANT_WORDS` of ``variant`` (``fast_bf16_cl_addnorm`` -> {"cl", "addnorm"}); ValueError for
+    """The :data:`VARIANT_WORDS` of ``variant`` (``fast_bf16_nchw_plain_blocks`` -> {"nchw", "plain_blocks"}); ValueError for
     a word the harness does not know, so a misspelt variant never times the default step under another name."""
     rest = variant.split("_", 1)[1] if "_" in variant else ""
     rest = rest[len("bf16"):].lstrip("_") if rest.startswith("bf16") else rest
@@ -104,7 +104,7 @@ def variant_words(variant: str) -> set:
 
 def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     """The UnlearnSetup of ``variant``: ``reference`` | ``compiled_reference`` | ``fast`` | ``fast_bf16``, the
-    fast ones followed by any :data:`VARIANT_WORDS` joined with ``_`` (``fast_bf16_cl_addnorm``)."""
+    fast ones followed by any :data:`VARIANT_WORDS` joined with ``_`` (``fast_bf16_nchw_plain_blocks``)."""
     fast = variant.startswith("fast")
     w = variant_words(variant) if fast else set()
     setup = build_setup(copy.deepcopy(base_model(cfg)), torch.device(cfg.device), lr=1e-5,
@@ -112,7 +112,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
                         fast=fast, capturable=capturable, share_tokenizer="shared" in w,
                         overlap_teacher="serial" not in w, fuse_tokenizer_norms="unfused" not in w,
                         sdpa_attention="explicit_attn" not in w, visible_patch_embed="full_embed" not in w,
-                        tokenizer_channels_last="cl" in w, fuse_block_norms="addnorm" in w)
+                        tokenizer_channels_last="nchw" not in w, fuse_block_norms="plain_blocks" not in w)
     setup.half_teacher_weights = "autocast_teacher" not in w
     setup.pad_tokenizer_input = "unpadded" not in w
     setup.fuse_residual_pools = "split_pool" not in w

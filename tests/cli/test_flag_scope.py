@@ -39,9 +39,11 @@ def test_every_scoped_flag_is_a_cli_flag():
 
 
 @pytest.mark.parametrize("flag,family,device,mode,idle", [
-    ("channels_last_tokenizer", "mage", "cuda", "graphed", False),
-    ("channels_last_tokenizer", "mae", "cuda", "graphed", True),    # no tokenizer
-    ("channels_last_tokenizer", "mage", "cpu", "fast", True),       # a GPU-only switch
+    ("nchw_tokenizer", "mage", "cuda", "graphed", False),
+    ("nchw_tokenizer", "mae", "cuda", "graphed", True),    # no tokenizer
+    ("nchw_tokenizer", "mage", "cpu", "fast", True),       # a GPU-only switch
+    ("unfused_block_norms", "mae", "cuda", "fast", False),
+    ("unfused_block_norms", "palette", "cuda", "fast", True),
     ("explicit_attention", "mage", "cuda", "reference", True),      # the reference step has the official form
     ("full_patch_embed", "mae", "cpu", "fast", False),
     ("full_patch_embed", "mage", "cpu", "fast", True),
@@ -58,10 +60,18 @@ def test_idle_flags(flag, family, device, mode, idle):
 
 
 def test_cli_names_a_flag_that_cannot_act(tmp_path, capsys):
-    assert main(_cli_argv(tmp_path, "--channels_last_tokenizer", "--full_patch_embed")) == 0
+    assert main(_cli_argv(tmp_path, "--nchw_tokenizer", "--full_patch_embed")) == 0
     out = capsys.readouterr().out
-    assert "--channels_last_tokenizer has no effect on this run (it acts on MAGE models, a CUDA device" in out
+    assert "--nchw_tokenizer has no effect on this run (it acts on MAGE models, a CUDA device" in out
     assert "--full_patch_embed has no effect" not in out  # MAE on the fast step: it acts
+
+
+@pytest.mark.parametrize("old,off", [("channels_last_tokenizer", "nchw_tokenizer"),
+                                     ("fused_block_norms", "unfused_block_norms")])
+def test_retired_opt_in_flags_are_accepted_and_name_the_default(old, off):
+    args = build_parser().parse_args([f"--{old}"])
+    assert getattr(args, old) and not getattr(args, off)
+    assert idle_flags(args, "mage", "cuda", "graphed") == [f"--{old} is the default now (--{off} turns it off)"]
 
 
 @pytest.mark.parametrize("flag,family,device,precision,idle", [

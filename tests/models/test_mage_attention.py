@@ -1,8 +1,7 @@
 """MAGE attention: the official written-out form everywhere but inside ``sdpa_attention()`` on CUDA with
 half-precision inputs. CPU: the context changes nothing (bit-identical). GPU (skipped without CUDA; run by
-benchmarks/gpu_check.sh): scaled_dot_product_attention agrees with the official form, output and
-gradients, relative (whole tensor) 2e-2 bf16 / 3e-3 fp16: both round the probabilities to v's dtype, the
-order of the fp32 sums differs."""
+benchmarks/gpu_check.sh): scaled_dot_product_attention is no further from the fp32 official form than the
+official form at the same half dtype, output and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -28,25 +27,28 @@ def test_cpu_output_is_bit_identical_inside_the_context(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
-def test_sdpa_matches_the_official_form_on_gpu(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_is_as_close_to_fp32_as_the_official_form_on_gpu(dtype):
+    """Both half-precision forms round (the official one its scores and probabilities, the fused kernel less), so
+    they are compared with the fp32 official form: the fused kernel's output and every gradient are no further
+    from it than the official form at the same dtype (1.25x, plus 1e-3 relative for gradients that both get
+    almost exactly). H100, run 3: a direct bf16-vs-bf16 bound of 4e-2 on the gradients failed."""
     torch.manual_seed(0)
     attn = MageAttention(768, 12).cuda()
     x = torch.randn(8, 257, 768, device="cuda")
 
-    def run(fused: bool):
+    def run(fused: bool, half: bool):
         xi = x.clone().requires_grad_(True)
-        with sdpa_attention(fused), torch.autocast("cuda", dtype=dtype):
+        with sdpa_attention(fused), torch.autocast("cuda", dtype=dtype, enabled=half):
             out = attn(xi)
         out.float().square().mean().backward()
         grads = [xi.grad] + [p.grad.clone() for p in attn.parameters()]
         attn.zero_grad(set_to_none=True)
-        return out.float(), grads
+        return [out.float()] + grads
 
-    ref, ref_grads = run(False)
-    got, got_grads = run(True)
+    truth, official, fused = run(False, False), run(False, True), run(True, True)
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
-    assert rel(got, ref) <= tol
-    assert all(rel(g, r) <= 2 * tol for g, r in zip(got_grads, ref_grads))
+    for i, (f, o, t) in enumerate(zip(fused, official, truth)):
+        assert rel(f, t) <= 1.25 * rel(o, t) + 1e-3, (i, rel(f, t), rel(o, t))

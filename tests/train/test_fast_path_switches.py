@@ -18,8 +18,8 @@ SWITCHES = {"fuse_tokenizer_norms": fused_group_norms, "pad_tokenizer_input": al
             "tokenizer_channels_last": channels_last_tokenizer, "sdpa_attention": sdpa_attention,
             "fuse_block_norms": fused_block_norms, "visible_patch_embed": visible_patch_embed,
             "fuse_residual_pools": fused_residual_pools}
-DEFAULTS = dict(fuse_tokenizer_norms=True, pad_tokenizer_input=True, tokenizer_channels_last=False,
-                sdpa_attention=True, fuse_block_norms=False, visible_patch_embed=True, fuse_residual_pools=True)
+DEFAULTS = dict(fuse_tokenizer_norms=True, pad_tokenizer_input=True, tokenizer_channels_last=True,
+                sdpa_attention=True, fuse_block_norms=True, visible_patch_embed=True, fuse_residual_pools=True)
 
 
 def _state():
@@ -28,12 +28,11 @@ def _state():
 
 @pytest.mark.parametrize("device,knobs,want_on", [
     ("cuda", {}, {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention", "visible_patch_embed",
-                  "fuse_residual_pools"}),
-    ("cuda", {"tokenizer_channels_last": True, "fuse_block_norms": True, "sdpa_attention": False,
+                  "fuse_residual_pools", "tokenizer_channels_last", "fuse_block_norms"}),
+    ("cuda", {"tokenizer_channels_last": False, "fuse_block_norms": False, "sdpa_attention": False,
               "fuse_residual_pools": False},
-     {"fuse_tokenizer_norms", "pad_tokenizer_input", "tokenizer_channels_last", "fuse_block_norms",
-      "visible_patch_embed"}),
-    ("cpu", {"tokenizer_channels_last": True, "fuse_block_norms": True}, {"visible_patch_embed"}),
+     {"fuse_tokenizer_norms", "pad_tokenizer_input", "visible_patch_embed"}),
+    ("cpu", {}, {"visible_patch_embed"}),
     ("cpu", {"visible_patch_embed": False}, set()),
 ])
 def test_switches_follow_the_knobs_and_the_device(device, knobs, want_on):

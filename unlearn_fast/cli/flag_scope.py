@@ -18,10 +18,12 @@ FLAG_SCOPES = {
     "serial_teacher": (None, True),
     "unfused_tokenizer_norms": (("mage",), True),
     "explicit_attention": (("mage",), True),
-    "channels_last_tokenizer": (("mage",), True),
-    "fused_block_norms": (("mae", "mage"), True),
+    "nchw_tokenizer": (("mage",), True),
+    "unfused_block_norms": (("mae", "mage"), True),
     "full_patch_embed": (("mae",), False),
 }
+# opt-in flags whose forms became the defaults (H100, 2026-11-27) -> the flag that now turns them off
+RETIRED_OPT_INS = {"channels_last_tokenizer": "nchw_tokenizer", "fused_block_norms": "unfused_block_norms"}
 # task-transform flags read by one family only: a value changed from its default on another family is named
 FAMILY_VALUE_FLAGS = {"mask_ratio": "mae", "mask_ratio_min": "mage", "mask_ratio_max": "mage",
                       "mask_ratio_mu": "mage", "mask_ratio_std": "mage"}
@@ -64,6 +66,9 @@ def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]
         why = _moot_at_precision(flag, precision, device_type)
         if why:
             lines.append(f"--{flag} has no effect on this run ({why})")
+    for old, off in RETIRED_OPT_INS.items():
+        if getattr(args, old, False):
+            lines.append(f"--{old} is the default now (--{off} turns it off)")
     defaults = build_parser().parse_args([])
     for flag, owner in FAMILY_VALUE_FLAGS.items():
         if family != owner and getattr(args, flag, getattr(defaults, flag)) != getattr(defaults, flag):
@@ -72,4 +77,4 @@ def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]
     return lines
 
 
-__all__ = ["FLAG_SCOPES", "FAMILY_VALUE_FLAGS", "idle_flags"]
+__all__ = ["FLAG_SCOPES", "FAMILY_VALUE_FLAGS", "RETIRED_OPT_INS", "idle_flags"]

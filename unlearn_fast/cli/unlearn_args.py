@@ -163,14 +163,19 @@ def add_fast_path_switches(p: argparse.ArgumentParser) -> None:
                     help="MAGE, fast/graphed steps on a GPU: attention written out as the official code (fp32 scores "
                          "and probabilities in memory) instead of one scaled_dot_product_attention kernel (for A/B "
                          "checks)")
+    ab.add_argument("--nchw_tokenizer", action="store_true",
+                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder in NCHW, as the official "
+                         "code, instead of channels_last (NHWC), the layout of cuDNN's half-precision convs (the "
+                         "same math summed in another order: a near-tie code id can differ; for A/B checks)")
+    ab.add_argument("--unfused_block_norms", action="store_true",
+                    help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as "
+                         "torch's separate ops instead of one kernel that writes the norm in the autocast dtype "
+                         "(differs only in fp32 rounding; for A/B checks)")
+    # the defaults since the H100 run of 2026-11-27 (run 3); kept so that older command lines still run
     ab.add_argument("--channels_last_tokenizer", action="store_true",
-                    help="MAGE, fast/graphed steps on a GPU: run the frozen VQGAN encoder channels_last (NHWC), the "
-                         "layout of cuDNN's half-precision convs, instead of NCHW (the same math summed in another "
-                         "order: a near-tie code id can differ; opt-in until timed on a GPU)")
+                    help="the default now (see --nchw_tokenizer); accepted for older command lines")
     ab.add_argument("--fused_block_norms", action="store_true",
-                    help="fast/graphed steps on a GPU: each ViT block's residual add and the next LayerNorm as one "
-                         "kernel that writes the norm in the autocast dtype (forward and backward; differs only in "
-                         "fp32 rounding; opt-in until timed on a GPU)")
+                    help="the default now (see --unfused_block_norms); accepted for older command lines")
     ab.add_argument("--full_patch_embed", action="store_true",
                     help="MAE, fast/graphed steps: embed every patch with the strided conv and then keep the visible "
                          "ones, as the official code, instead of embedding the visible patches alone (for A/B "

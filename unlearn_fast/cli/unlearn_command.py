@@ -509,8 +509,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         fuse_tokenizer_norms=not getattr(args, "unfused_tokenizer_norms", False),
                         sdpa_attention=not getattr(args, "explicit_attention", False),
                         visible_patch_embed=not getattr(args, "full_patch_embed", False),
-                        tokenizer_channels_last=getattr(args, "channels_last_tokenizer", False),
-                        fuse_block_norms=getattr(args, "fused_block_norms", False),
+                        tokenizer_channels_last=not getattr(args, "nchw_tokenizer", False),
+                        fuse_block_norms=not getattr(args, "unfused_block_norms", False),
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     if args.share_tokenizer and ctx.is_main and mode != "reference" and not tokenizer_shared_exactly(setup) \

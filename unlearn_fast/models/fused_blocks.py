@@ -7,8 +7,8 @@ as ``(x, h) = add_layer_norm(x, branch, norm)`` pairs (:mod:`unlearn_fast.ops.ad
 one kernel adds the previous branch to the residual stream, normalises the sum in fp32 and writes it already in
 the autocast dtype, and one kernel (plus a small reduction for the norm's parameters) does its backward. The
 values are the ones the unfused blocks compute, up to the order of the fp32 statistics' sums (on the CPU the op
-is its PyTorch twin: the blocks' own arithmetic, bit for bit). The fast step turns it on for CUDA where asked
-(``--fused_block_norms``); the reference-semantics step keeps the blocks' own forward.
+is its PyTorch twin: the blocks' own arithmetic, bit for bit). The fast step turns it on for CUDA
+(``--unfused_block_norms`` keeps the blocks' own forward, as the reference-semantics step always does).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..ops import add_layer_norm
 from .kernel_switch import KernelSwitch
 
 #: inside ``with fused_block_norms():`` :func:`run_blocks` fuses each residual add with the next LayerNorm (the
-#: fast step turns it on for CUDA where asked; the reference step keeps the blocks' own forward)
+#: fast step turns it on for CUDA; the reference step keeps the blocks' own forward)
 fused_block_norms = KernelSwitch("unlearn_fast_vit_fused_block_norms")
 
 

@@ -87,6 +87,14 @@ def choose_triton_or_twin(device: torch.device, op: str) -> str:
     return backend
 
 
+def eager_under_compile(op):
+    """``op`` as dynamo sees it: a graph break, the op run eagerly. Its backend choice, argument checks and
+    kernel launches (Triton, the extension) are host code that dynamo would trace or reject; a compiled function
+    that calls the op gets the op's own results (the ops around it may still be compiled)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(op) if disable is not None else op
+
+
 def refuse_double_backward(op: str) -> None:
     """Called first in a fused op's backward. Its gradient comes from a stored constant, so a graph built
     through it (``create_graph=True``) would carry no second derivative: say so instead of being wrong."""

@@ -30,7 +30,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .backend import choose_backend, extension, refuse_double_backward, say_once, triton_kernels
+from .backend import choose_backend, eager_under_compile, extension, refuse_double_backward, say_once, triton_kernels
 from .forget_mask import forget_mask
 
 _OP = "multi_map_retain_forget_l2_loss"
@@ -171,6 +171,7 @@ def _check_inputs(features_student, features_teacher, is_forget) -> torch.Tensor
     return forget_mask(is_forget, first_s.shape[0], first_s.device)
 
 
+@eager_under_compile
 def multi_map_retain_forget_l2_loss(features_student: Sequence[torch.Tensor], features_teacher: Sequence[torch.Tensor],
                                     is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference-semantics (retain, forget) summed over the K maps (see the module docstring), fused.

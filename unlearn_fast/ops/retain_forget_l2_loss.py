@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .backend import choose_backend, extension, refuse_double_backward, say_once, triton_kernels
+from .backend import choose_backend, eager_under_compile, extension, refuse_double_backward, say_once, triton_kernels
 from .forget_mask import forget_mask
 
 _OP = "retain_forget_l2_loss"
@@ -289,6 +289,7 @@ def _check_table_rows(is_forget: torch.Tensor, row_index: torch.Tensor, retain_t
                              f"({int(rows.sum())} rows of that class)")
 
 
+@eager_under_compile
 def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide: torch.Tensor,
                           is_forget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference-semantics (retain_loss, forget_loss). ``latent, guide, noise_guide: [N, ...]``, ``is_forget: [N]``
@@ -309,6 +310,7 @@ def retain_forget_l2_loss(latent: torch.Tensor, guide: torch.Tensor, noise_guide
                                         None, None, None, 1e-6)
 
 
+@eager_under_compile
 def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[torch.Tensor],
                                   noise_guide_rows: Optional[torch.Tensor], is_forget: torch.Tensor,
                                   row_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +326,7 @@ def retain_forget_l2_loss_compact(latent: torch.Tensor, guide_rows: Optional[tor
                          None)
 
 
+@eager_under_compile
 def retain_forget_l2_loss_prenorm(latent: torch.Tensor, guide_hidden_rows: Optional[torch.Tensor],
                                   noise_hidden_rows: Optional[torch.Tensor], is_forget: torch.Tensor,
                                   norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,

@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .backend import choose_backend, triton_kernels
+from .backend import choose_backend, eager_under_compile, triton_kernels
 
 NOISE_KINDS = ("normal", "uniform", "constant")
 
@@ -54,6 +54,7 @@ def _check_key(value, name: str, bits: int):
     return value
 
 
+@eager_under_compile
 def batch_mean_std(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased std over all elements, as fp32 0-d tensors (fp64 accumulation on CPU)."""
     if not torch.is_tensor(images) or images.numel() == 0:
@@ -90,6 +91,7 @@ def _cpu_generator(seed: int, step: int, device) -> torch.Generator:
     return g
 
 
+@eager_under_compile
 def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Optional[torch.Generator] = None,
                        *, seed: Optional[int] = None, step: Union[int, torch.Tensor, None] = None,
                        low: float = 0.0, high: float = 1.0) -> torch.Tensor:

@@ -8,9 +8,9 @@ step by a context-local switch (models/kernel_switch.py); the reference-semantic
 | fused_group_norms (models.vqgan)             | CUDA                                  | --unfused_tokenizer_norms: off  |
 | aligned_input_conv (models.aligned_conv)     | CUDA, half autocast                   | pad_tokenizer_input (A/B only)  |
 | fused_residual_pools (models.vqgan)          | CUDA                                  | fuse_residual_pools (A/B only)  |
-| channels_last_tokenizer (models.vqgan)       | CUDA, asked                           | --channels_last_tokenizer       |
+| channels_last_tokenizer (models.vqgan)       | CUDA                                  | --nchw_tokenizer: off           |
 | sdpa_attention (models.mage_attention)       | CUDA, half inputs                     | --explicit_attention: off       |
-| fused_block_norms (models.fused_blocks)      | CUDA, asked                           | --fused_block_norms             |
+| fused_block_norms (models.fused_blocks)      | CUDA                                  | --unfused_block_norms: off      |
 | visible_patch_embed (models.visible_patches) | where the GEMM rounds as the conv     | --full_patch_embed: off         |
 """
 from __future__ import annotations

@@ -98,8 +98,8 @@ class UnlearnSetup:
     fuse_tokenizer_norms: bool = True        # CUDA fast step: VQGAN GroupNorm + swish as one kernel
     sdpa_attention: bool = True              # CUDA fast step: MAGE attention as scaled_dot_product_attention
     visible_patch_embed: bool = True         # fast step: MAE embeds the visible patches alone (one GEMM)
-    tokenizer_channels_last: bool = False    # CUDA fast step: the VQGAN encoder in NHWC (opt-in, untimed)
-    fuse_block_norms: bool = False           # CUDA fast step: ViT residual add + LayerNorm fused (opt-in, untimed)
+    tokenizer_channels_last: bool = True     # CUDA fast step: the VQGAN encoder in NHWC (H100: 1.13-1.20x MAGE-B)
+    fuse_block_norms: bool = True            # CUDA fast step: ViT residual add + LayerNorm fused (H100 bf16: 1.04-1.14x)
     pad_tokenizer_input: bool = True         # CUDA fast step, half precision: the VQGAN's conv_in over 8 channels
     fuse_residual_pools: bool = True         # CUDA fast step: a VQGAN level's last residual add + its pool fused
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
@@ -124,7 +124,7 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 rank=0, loss_type=None, baseline_weighting="reference", share_tokenizer=False, fast=False,
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
-                tokenizer_channels_last=False, fuse_block_norms=False) -> UnlearnSetup:
+                tokenizer_channels_last=True, fuse_block_norms=True) -> UnlearnSetup:
     """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student).
 
     ``model``: a registered I2I model (:func:`unlearn_fast.create_model`); the encoder parameters it marks
