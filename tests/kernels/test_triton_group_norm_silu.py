@@ -339,8 +339,9 @@ def test_channels_last_launcher_rejects_bad_input(device):
 
 def test_nhwc_tile_heuristic():
     # (BLOCK_P, GPP, BLOCK_C, warps) for (Cg, G, HW, bytes per element)
-    assert _nhwc_tile_and_warps(4, 32, 65536, 2, None, None) == (256, 4, 4, 8)  # VQGAN 128 ch bf16: 32 B a row
-    assert _nhwc_tile_and_warps(4, 32, 65536, 4, None, None) == (512, 2, 4, 8)  # fp32
+    assert _nhwc_tile_and_warps(4, 32, 65536, 2, None, None) == (32, 32, 4, 8)  # VQGAN 128 ch bf16: the 256 B row
+    assert _nhwc_tile_and_warps(4, 32, 65536, 4, None, None) == (512, 2, 4, 8)  # fp32: 512 B rows, 32 B a tile row
+    assert _nhwc_tile_and_warps(8, 32, 4096, 2, None, None) == (256, 2, 8, 8)  # 256 ch bf16: 32 B a tile row
     assert _nhwc_tile_and_warps(16, 32, 256, 2, None, None) == (256, 1, 16, 8)  # 512 ch, 16x16
     assert _nhwc_tile_and_warps(3, 3, 35, 4, None, None) == (64, 4, 4, 4)  # Cg 3 -> 4 lanes, GPP capped by G
     assert _nhwc_tile_and_warps(4096, 1, 9, 2, None, None) == (1, 1, 4096, 8)  # one pixel per tile

@@ -27,6 +27,10 @@ import triton.language as tl
 from .group_norm_silu import _MAX_BLOCK, _MAX_GROUP_NUMEL, _MIN_BLOCK, _silu_fp32, _split_count
 
 _NHWC_SECTOR_BYTES = 32  # a program's groups together span at least this many bytes per pixel
+# a pixel row of at most this many bytes goes to one program whole (every group): H100 run 3, VQGAN 128 channels
+# bf16 (256 B), 96x128x256x256: 2.19 ms whole rows vs 2.49 ms at 4 groups (the 32-byte rule), 0.57 vs 0.60 ms at
+# 128x128 (benchmarks/results/h100_2026-11-27_run3_profile_group_norm.json)
+_NHWC_WHOLE_ROW_BYTES = 256
 
 
 @triton.jit
@@ -239,11 +243,13 @@ def _group_norm_silu_nhwc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_p
 def _nhwc_tile_and_warps(channels_per_group: int, num_groups: int, hw: int, elem_bytes: int,
                          block: Optional[int], groups_per_program: Optional[int]):
     """(BLOCK_P, GPP, BLOCK_C, warps) of the channels_last kernels: a tile [BLOCK_P, GPP, BLOCK_C] of about
-    ``block`` elements (at least one pixel row), GPP groups side by side so a pixel row spans a sector."""
+    ``block`` elements (at least one pixel row), GPP groups side by side so a pixel row spans a sector, or the
+    whole pixel row where it is short (``_NHWC_WHOLE_ROW_BYTES``)."""
     block_c = triton.next_power_of_2(channels_per_group)
     if groups_per_program is None:
-        gpp = triton.next_power_of_2(triton.cdiv(_NHWC_SECTOR_BYTES, channels_per_group * elem_bytes))
-        gpp = max(1, min(gpp, triton.next_power_of_2(num_groups), _MAX_BLOCK // block_c))
+        whole_row = num_groups * channels_per_group * elem_bytes <= _NHWC_WHOLE_ROW_BYTES
+        gpp = num_groups if whole_row else triton.cdiv(_NHWC_SECTOR_BYTES, channels_per_group * elem_bytes)
+        gpp = max(1, min(triton.next_power_of_2(gpp), triton.next_power_of_2(num_groups), _MAX_BLOCK // block_c))
     elif groups_per_program < 1 or groups_per_program & (groups_per_program - 1):
         raise ValueError(f"groups_per_program must be a power of two >= 1, got {groups_per_program}")
     else:
