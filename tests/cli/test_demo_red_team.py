@@ -77,8 +77,8 @@ def test_read_only_output_dir_is_refused_up_front(tmp_path, monkeypatch):
     out.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(out) else real(p, mode, *a, **k))
-    with pytest.raises(ValueError, match="not writable"):
-        demo.check_output_dir(str(out))
+    with pytest.raises(ValueError, match="--output_dir .* not writable"):
+        demo.validate_args(demo.build_parser().parse_args(["--output_dir", str(out)]))
 
 
 # ---- caches: unwritable, corrupt ------------------------------------------------------------------------

@@ -99,7 +99,9 @@ def test_training_is_seeded(single_thread):
 
 def test_cache_is_written_atomically_reused_keyed_and_rebuilt(tmp_path):
     m1 = load_or_train_digit_classifier(cache_dir=tmp_path, config=TINY)
-    files = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "mnist_5k_v1.npz" in names  # the parsed digits are cached beside the classifier, not elsewhere
+    files = [n for n in names if n != "mnist_5k_v1.npz"]
     assert len(files) == 1 and files[0].startswith("digit_classifier_") and files[0].endswith(".pth")
     assert m1.train_info["loaded"] is False and m1.train_info["path"] == str(tmp_path / files[0])
     m2 = load_or_train_digit_classifier(cache_dir=tmp_path, config=TINY)
@@ -115,7 +117,7 @@ def test_cache_is_written_atomically_reused_keyed_and_rebuilt(tmp_path):
     m4 = load_or_train_digit_classifier(cache_dir=tmp_path, config=TINY)
     assert m4.train_info["loaded"] is False
     assert all(torch.equal(m1.state_dict()[k], v) for k, v in m4.state_dict().items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary files left behind
 
 
 def test_default_cache_dir_and_use_cache_false(tmp_path, monkeypatch):

@@ -174,3 +174,16 @@ def test_axis_ticks_are_round_numbers():
     ticks = _nice_ticks(0, 1.25)
     assert [_tick_label(t, ticks) for t in ticks] == ["0", "0.25", "0.5", "0.75", "1", "1.25"]
     assert _nice_ticks(3.0, 3.0) == [3.0]
+
+
+def test_report_folder_that_cannot_be_created_or_written_is_one_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile/deeper is not a folder and cannot be created: .*afile is a file"):
+        write_report(str(tmp_path), str(tmp_path / "afile" / "deeper" / "r.html"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access  # a read-only folder, also where chmod is ignored (root)
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(ro) else real(p, mode, *a, **k))
+    with pytest.raises(ValueError, match=r"report's folder .*ro/sub is not writable \(.*ro is read-only\)"):
+        write_report(str(tmp_path), str(ro / "sub" / "r.html"))  # before: mkstemp's PermissionError
+    assert os.listdir(ro) == [] and (tmp_path / "afile").read_text() == "x"

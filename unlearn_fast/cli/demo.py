@@ -37,8 +37,9 @@ from ..eval.periodic_eval import per_image_errors
 from ..train.balanced_sampler import BalancedUnlearnSampler
 from ..train.checkpoint import atomic_write_text
 from ..train.digits import cache_dir as default_cache_dir
-from ..train.digits import digits_as_images, load_digits_5k, split_digits, unlearn_labels
+from ..train.digits import images_from_pixels, load_digits_5k, split_digits, unlearn_labels
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
+from ..train.run_outputs import check_creatable_dir
 from ..train.seeding import derive_seed
 from ..train.trainer import STEP_MODES, resolve_step_mode, train_loop
 from .help_format import DefaultsHelpFormatter
@@ -82,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout_per_class", type=int, default=50,
                    help="held-out images per digit (never trained on); the metrics use them")
     p.add_argument("--cache_dir", default=None,
-                   help="pretrained-model cache (default: $UNLEARN_FAST_CACHE or ~/.cache/unlearn_fast)")
-    p.add_argument("--no_cache", action="store_true", help="pretrain anew and do not read or write the cache")
+                   help="cache of the parsed digits, the pretrained model and the digit classifier (default: "
+                        "$UNLEARN_FAST_CACHE or ~/.cache/unlearn_fast)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="parse the digits, pretrain and train the digit classifier anew; no cache file is read "
+                        "or written")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -123,21 +127,8 @@ def validate_args(args) -> None:
     if args.holdout_per_class < 1:
         raise ValueError(f"--holdout_per_class must be >= 1 (the metrics need held-out images), "
                          f"got {args.holdout_per_class}")
-    check_output_dir(args.output_dir)
-
-
-def check_output_dir(path: str) -> None:
-    """--output_dir must be a folder or creatable, and writable: found now, not after the pretraining."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_dir {path} exists and is not a folder")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output_dir {path} cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output_dir {path} is not writable ({existing} is read-only)")
+    # found now, not after the pretraining
+    check_creatable_dir(args.output_dir, "--output_dir")
 
 
 def check_batches_fit(split, batch_size: int, forget_per_batch: int, holdout_per_class: int) -> None:
@@ -229,11 +220,11 @@ def run_demo(args) -> dict:
     validate_args(args)
     forget = parse_digits(args.forget_digits)
     device = resolve_device(args.device)
-    try:
-        _, digits_np = load_digits_5k()
+    try:  # the parsed digits are cached beside the pretrained model (--cache_dir), or not at all (--no_cache)
+        raw, digits_np = load_digits_5k(args.cache_dir, use_cache=not args.no_cache)  # [5000, 28, 28], [5000]
     except ModuleNotFoundError as e:
         raise FileNotFoundError(str(e)) from None
-    images = digits_as_images(IMAGE_SIZE)  # [5000, 3, 32, 32] in [0, 1]
+    images = images_from_pixels(raw, IMAGE_SIZE)  # [5000, 3, 32, 32] in [0, 1]
     digits = torch.from_numpy(digits_np)
     split = split_digits(digits_np, forget, args.holdout_per_class, seed=args.seed)
     retain = [d for d in range(10) if d not in forget]

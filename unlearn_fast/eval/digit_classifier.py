@@ -38,7 +38,7 @@ from torch import nn
 
 from ..train.checkpoint import OutputWriteError, atomic_save
 from ..train.digits import cache_dir as default_cache_dir
-from ..train.digits import digits_as_images, load_digits_5k, split_digits
+from ..train.digits import images_from_pixels, load_digits_5k, split_digits
 from ..train.pretrain_mae import check_cached_state, state_checksum
 from ..train.seeding import derive_seed
 
@@ -180,11 +180,12 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, digits) -> float:
     return float((pred == torch.as_tensor(digits, dtype=torch.long).cpu()).double().mean())
 
 
-def _digits_split(config: DigitClassifierConfig):
-    """(train images, train digits, held-out images, held-out digits) of the bundled digits."""
-    raw, digits = load_digits_5k()  # uint8 [5000, 28, 28], int64 [5000]
+def _digits_split(config: DigitClassifierConfig, cache_dir=None, use_cache: bool = True):
+    """(train images, train digits, held-out images, held-out digits) of the bundled digits (their parsed copy
+    cached as the classifier is: under ``cache_dir``, or nowhere without ``use_cache``)."""
+    raw, digits = load_digits_5k(cache_dir, use_cache=use_cache)  # uint8 [5000, 28, 28], int64 [5000]
     split = split_digits(digits, [0], config.holdout_per_class, seed=config.seed)  # holdout ignores the forget set
-    images = digits_as_images(IMAGE_SIDE)[:, :1]  # [5000, 1, 32, 32]: grey is all the model reads
+    images = images_from_pixels(raw, IMAGE_SIDE)[:, :1]  # [5000, 1, 32, 32]: grey is all the model reads
     tr, ho = torch.from_numpy(split.train), torch.from_numpy(split.holdout)
     labels = torch.from_numpy(digits)
     fingerprint = hashlib.blake2b(raw.tobytes() + digits.tobytes(), digest_size=10).hexdigest()
@@ -224,7 +225,7 @@ def load_or_train_digit_classifier(cache_dir=None, seed: int = 0, device="cpu", 
     if config is None:
         config = DigitClassifierConfig(seed=int(seed), holdout_per_class=int(holdout_per_class))
     config.check()
-    train_x, train_y, held_x, held_y, fingerprint = _digits_split(config)
+    train_x, train_y, held_x, held_y, fingerprint = _digits_split(config, cache_dir, use_cache)
     key, digest = cache_key(config, fingerprint)
     path = Path(os.path.expanduser(str(cache_dir or default_cache_dir()))) / f"digit_classifier_{digest}.pth"
     model = DigitClassifier(config.embed_dim)

