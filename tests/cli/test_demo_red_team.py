@@ -59,7 +59,7 @@ def test_output_dir_that_is_a_file_or_under_a_file_is_refused_up_front(tmp_path,
     f = tmp_path / "a_file"
     f.write_text("x")
     assert main(["demo", "--output_dir", str(f)]) == 2
-    assert "exists and is not a folder" in capsys.readouterr().err
+    assert "is not a folder: it exists and is a file" in capsys.readouterr().err
     assert main(["demo", "--output_dir", str(f / "sub")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 

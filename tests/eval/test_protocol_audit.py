@@ -163,10 +163,10 @@ def test_report_survives_undecodable_and_oversized_values(tmp_path, capsys):
 def test_report_out_under_a_file_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "report.html"
-    with pytest.raises(ValueError, match="afile is a file, not a folder"):  # before: FileExistsError
+    with pytest.raises(ValueError, match="afile is not a folder: it exists and is a file"):  # before: FileExistsError
         write_report(str(tmp_path), str(out))
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert "is not a folder: it exists and is a file" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "x"
 
 

@@ -38,7 +38,7 @@ def test_existing_file_is_refused_naming_the_flag_and_path(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError) as e:
         check_creatable_dir(str(f), "--output_dir")
-    assert str(e.value) == f"--output_dir exists and is not a folder: {f} is a file, not a folder"
+    assert str(e.value) == f"--output_dir {f} is not a folder: it exists and is a file"
     assert f.read_text() == "x"
 
 
@@ -56,7 +56,7 @@ def test_path_under_a_file_is_refused_naming_the_file(tmp_path, below):
 def test_dangling_link_is_not_a_folder(tmp_path):
     link = tmp_path / "link"
     os.symlink(tmp_path / "nowhere", link)
-    with pytest.raises(ValueError, match=f"{link} is not a folder$"):
+    with pytest.raises(ValueError, match=f"{link} is not a folder: it exists and is no folder"):
         check_creatable_dir(str(link), "--output_dir")
     with pytest.raises(ValueError, match="cannot be created"):
         check_creatable_dir(str(link / "sub"), "--output_dir")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..train.run_outputs import check_creatable_dir
 from . import csv_rows, layout
 from .clip_cosine import embed_images, paired_cosine_mean, save_embeddings
 from .feature_extractors import (load_cleanfid_inception, load_clip_visual, load_places365_resnet50,
@@ -72,11 +73,7 @@ def _check_csv_target(csv_dir: str, csv_name: str) -> None:
     path = os.path.join(csv_dir, csv_name)
     if os.path.isdir(path):
         raise ValueError(f"the CSV path {path} is a folder; pass another csv_dir (--csv_dir)")
-    probe = os.path.abspath(csv_dir)
-    while not os.path.exists(probe):  # the nearest existing ancestor must be a folder: the rest is created
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"csv_dir (--csv_dir) {csv_dir} is not a folder: {probe} is a file")
+    check_creatable_dir(csv_dir, "csv_dir (--csv_dir)")  # a folder, or one that can be made, and writable
 
 
 def _check_counts(n: int, what: str, splits: int | None) -> None:

@@ -34,9 +34,10 @@ def check_creatable_dir(path: str, flag_name: str) -> None:
     while not os.path.lexists(existing):  # lexists: a dangling link is there, and blocks the mkdir
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        what = "a file, not a folder" if os.path.isfile(existing) else "not a folder"
         if existing == path:
-            raise ValueError(f"{flag_name} exists and is not a folder: {path} is {what}")
+            what = "a file" if os.path.isfile(path) else "no folder (a broken link or a special file)"
+            raise ValueError(f"{flag_name} {path} is not a folder: it exists and is {what}")
+        what = "a file, not a folder" if os.path.isfile(existing) else "not a folder"
         raise ValueError(f"{flag_name} {path} is not a folder and cannot be created: {existing} is {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag_name} {path} is not writable ({existing} is read-only)")
