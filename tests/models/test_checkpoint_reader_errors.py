@@ -51,3 +51,28 @@ def test_a_directory_is_not_reported_as_missing(tmp_path):
     assert isinstance(e.value, FileNotFoundError)
     with pytest.raises(CheckpointNotFoundError, match="checkpoint not found"):
         read_checkpoint(str(tmp_path / "absent.pth"))
+
+
+def test_a_safetensors_file_is_read_without_torch_load(tmp_path, monkeypatch):
+    """The trained-parameter files a run writes (checkpoint-<e>.safetensors) read on every torch: torch 2.11's
+    torch.load cannot read them (the GPU image's audit failed), so read_checkpoint never hands them to it."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"blocks.0.attn.qkv.weight": torch.randn(6, 4, generator=g),
+               "norm.bias": torch.randn(3, generator=g).to(torch.bfloat16), "step": torch.tensor(7)}
+    path = tmp_path / "checkpoint-0.safetensors"
+    save_file(tensors, str(path))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was asked to read safetensors"))
+    got = read_checkpoint(str(path))
+    assert set(got) == set(tensors)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_a_truncated_safetensors_file_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "checkpoint-0.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 100])  # the header still fits, the tensor bytes do not
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors file .*checkpoint-0\.safetensors"):
+        read_checkpoint(str(path))

@@ -48,14 +48,41 @@ def _unsafe_globals(path: str) -> list:
         return []
 
 
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header (``{``) that fits the file
+    (torch files start with ``PK`` (zip) or a pickle opcode)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return (len(head) == 9 and head[8:9] == b"{"
+            and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8)
+
+
+def _read_safetensors(path: str) -> dict:
+    # torch.load reads safetensors itself only in newer releases (2.14 here, not 2.11): one reader for all
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"cannot read {path!r}: it is a safetensors file and the safetensors package is not "
+                              "installed (pip install safetensors)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or ["(no detail)"])[0][:300]
+        raise CheckpointError(f"cannot read safetensors file {path!r} (truncated or corrupt?): "
+                              f"{type(e).__name__}: {detail}") from None
+
+
 def read_checkpoint(path: str):
     """``torch.load(weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` official files pickle
-    and numpy values (see ``_allowed_globals``). The one reader of every checkpoint (models, unlearning runs,
+    and numpy values (see ``_allowed_globals``); a safetensors file (the trained parameters a run writes beside
+    its checkpoints) is read as its dict of tensors. The one reader of every checkpoint (models, unlearning runs,
     Palette states). CheckpointNotFoundError for a missing file, CheckpointError naming the file otherwise."""
     if path and os.path.isdir(path):
         raise CheckpointNotFoundError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not path or not os.path.isfile(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path!r}")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():
             # a plain pickle (not a torch file) makes torch warn about its protocol before it fails: the error
