@@ -113,3 +113,12 @@ def test_another_familys_masking_flag_is_named(argv, family, named):
     from unlearn_fast.cli.unlearn_args import build_parser
     lines = idle_flags(build_parser().parse_args(argv), family, "cpu", "fast")
     assert [line.split("has no effect")[0] for line in lines] == named
+
+
+@pytest.mark.parametrize("old,off", [("channels_last_tokenizer", "nchw_tokenizer"),
+                                     ("fused_block_norms", "unfused_block_norms")])
+def test_a_retired_opt_in_with_its_off_switch_is_refused(tmp_path, capsys, old, off):
+    assert main(_cli_argv(tmp_path, f"--{old}", f"--{off}")) == 2
+    err = capsys.readouterr().err
+    assert f"--{old} and --{off} contradict each other" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ from ..train.teacher_guides import front_ends_match
 from ..train.token_agreement import token_disagreement
 from ..train.trainer import resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
-from .flag_scope import idle_flags
+from .flag_scope import RETIRED_OPT_INS, idle_flags
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -94,6 +94,9 @@ def validate_args(args, baseline: bool) -> None:
              f"--mask_ratio_min / --mask_ratio_max must satisfy 0 <= min < max <= 1, got {args.mask_ratio_min}, "
              f"{args.mask_ratio_max}")
         need(args.mask_ratio_std > 0, f"--mask_ratio_std must be > 0, got {args.mask_ratio_std}")
+    for old, off in RETIRED_OPT_INS.items():  # the old opt-in names the default; with its off switch it contradicts
+        need(not (getattr(args, old, False) and getattr(args, off, False)),
+             f"--{old} and --{off} contradict each other (--{old} is the default now); drop one")
     need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
     need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
          f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
