@@ -69,11 +69,45 @@ extension_tests() {
     echo "=== rebuilt with /usr/bin/g++ (CPU sources) in a copy: ${crashed[*]}" >>"$OUT/csrc.txt"
     rm -rf /tmp/uf_sysgcc && cp -r . /tmp/uf_sysgcc && rm -f /tmp/uf_sysgcc/unlearn_fast/_C*.so
     ( cd /tmp/uf_sysgcc && CXX=/usr/bin/g++ CC=/usr/bin/gcc UNLEARN_FAST_CUDA=0 MAX_JOBS=16 \
-        run_for 60 python3 setup.py build_ext --inplace >/dev/null 2>&1 \
+        run_for 60 python3 setup.py build_ext --inplace >/tmp/uf_sysgcc_build.txt 2>&1 \
+      || { echo "--- the rebuild failed; its last lines:"; tail -15 /tmp/uf_sysgcc_build.txt; false; } \
       && PYTHONPATH=/tmp/uf_sysgcc run_for 30 python3 -X faulthandler -m pytest -v -p no:cacheprovider "${crashed[@]}" ) \
       >>"$OUT/csrc.txt" 2>&1
     echo "system-g++ rebuild of the crashed files: exit $? (see csrc.txt)" >>"$LOG"
+    exception_probe
   fi
+}
+
+# Does any C++ exception thrown in a module this image's compilers build kill the process? A pybind11 module of
+# one throwing function, built with $CXX and with /usr/bin/g++ (no torch headers: seconds), each called once.
+exception_probe() {
+  local dir=/tmp/uf_exc_probe cxx rc inc
+  mkdir -p "$dir" && cat >"$dir/probe.cpp" <<'CPP'
+#include <pybind11/pybind11.h>
+#include <stdexcept>
+PYBIND11_MODULE(probe, m) {
+  m.def("value_error", [] { throw pybind11::value_error("probe"); });
+  m.def("runtime_error", [] { throw std::runtime_error("probe"); });
+}
+CPP
+  inc=$(python3 -c "import pybind11, sysconfig; print(pybind11.get_include(), sysconfig.get_paths()['include'])")
+  for cxx in "${CXX:-c++}" /usr/bin/g++; do
+    rm -f "$dir"/probe*.so
+    if run_for 30 "$cxx" -O2 -shared -fPIC -std=c++17 $(printf -- '-I%s ' $inc) "$dir/probe.cpp" \
+        -o "$dir/probe$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")" >>"$OUT/csrc.txt" 2>&1; then
+      for fn in value_error runtime_error; do
+        (cd "$dir" && run_for 10 python3 -c "import probe
+try:
+    probe.$fn()
+except Exception as e:
+    print(type(e).__name__)") >>"$OUT/csrc.txt" 2>&1
+        rc=$?
+        echo "exception probe: $($cxx --version | head -1) -> $fn: exit $rc" >>"$LOG"
+      done
+    else
+      echo "exception probe: $cxx could not build the probe (see csrc.txt)" >>"$LOG"
+    fi
+  done
 }
 
 # the fused GroupNorm + swish, residual add + LayerNorm and residual add + pool at the models' shapes, against
