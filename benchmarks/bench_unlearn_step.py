@@ -95,13 +95,14 @@ def test_gpu_step_mage_variants(benchmark, variant):
 
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher",
-                                     "fast_plain_blocks", "fast_bf16_plain_blocks"])
+                                     "fast_plain_blocks", "fast_bf16_plain_blocks", "fast_bf16_fold_clip"])
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
                          ids=["gpu_mae_base", "gpu_mae_large"])
 def test_gpu_step_mae_variants(benchmark, cfg, variant):
     """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
     over the visible patches, (bf16) the teacher casting its fp32 weights on every call instead of the pre-cast
-    copy, and the residual adds and LayerNorms as torch's ops instead of fused: what each default gains."""
+    copy, the residual adds and LayerNorms as torch's ops instead of fused (what each default gains), and (bf16)
+    the opt-in clip folded into the fused AdamW step (what it would gain)."""
     _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 

@@ -83,6 +83,7 @@ VARIANT_WORDS = {
     "nchw": "the VQGAN encoder in NCHW, not channels_last (--nchw_tokenizer)",
     "plain_blocks": "each ViT residual add and the next LayerNorm as torch's ops (--unfused_block_norms)",
     "split_pool": "a VQGAN level's last residual add and its 2x2 pool as torch's two ops (no fused pass)",
+    "fold_clip": "the clip's scale inside the fused AdamW step (opt-in fold_clip: bf16 / fp32, no loss scaling)",
 }
 
 
@@ -116,6 +117,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     setup.half_teacher_weights = "autocast_teacher" not in w
     setup.pad_tokenizer_input = "unpadded" not in w
     setup.fuse_residual_pools = "split_pool" not in w
+    setup.fold_clip = "fold_clip" in w
     return setup
 
 

@@ -22,10 +22,11 @@ import torch
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .fast_path_switches import fast_path_switches
+from .folded_clip import fast_optimizer_update
 from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
-from .step_reference import StepOutput, check_step_inputs, optimizer_update
+from .step_reference import StepOutput, check_step_inputs
 from .teacher_guides import front_ends_match, teacher_hidden
 from .teacher_stream import student_beside_teacher, teacher_stream_for
 from .unlearn_setup import UnlearnSetup
@@ -105,6 +106,6 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
                                     final_norm=teacher.encoder_final_norm())
     setup.scaler.scale(out.loss / setup.accum_iter).backward()
     if update:
-        optimizer_update(setup)
+        fast_optimizer_update(setup)
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 

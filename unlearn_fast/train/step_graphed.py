@@ -31,13 +31,14 @@ from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
+from .folded_clip import fast_optimizer_update
 from .half_teacher import step_teacher
 from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
 from .step_fast import fast_step, student_and_teacher
 from .teacher_guides import front_ends_match
 from .teacher_stream import teacher_stream_for
-from .step_reference import check_step_inputs, optimizer_update
+from .step_reference import check_step_inputs
 from .unlearn_setup import UnlearnSetup
 
 
@@ -94,7 +95,7 @@ class GraphedUnlearnStep:
     # the body that is run eagerly during warmup and captured afterwards (one graph on a single process)
     def _body(self, capturing: bool):
         self._forward_backward(capturing)
-        optimizer_update(self.setup)
+        fast_optimizer_update(self.setup)
 
     def _forward_backward(self, capturing: bool):
         s = self.setup

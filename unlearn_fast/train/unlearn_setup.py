@@ -103,6 +103,7 @@ class UnlearnSetup:
     pad_tokenizer_input: bool = True         # CUDA fast step, half precision: the VQGAN's conv_in over 8 channels
     fuse_residual_pools: bool = True         # CUDA fast step: a VQGAN level's last residual add + its pool fused
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
+    fold_clip: bool = False                  # fast step, no loss scaling: clip's scale inside fused AdamW (opt-in)
     trainable: list = field(default_factory=list)
     teacher_stream: Optional[object] = field(default=None, repr=False, compare=False)  # made on first use
     half_teacher: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # half_teacher.py
@@ -124,7 +125,7 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 rank=0, loss_type=None, baseline_weighting="reference", share_tokenizer=False, fast=False,
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
-                tokenizer_channels_last=True, fuse_block_norms=True) -> UnlearnSetup:
+                tokenizer_channels_last=True, fuse_block_norms=True, fold_clip=False) -> UnlearnSetup:
     """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student).
 
     ``model``: a registered I2I model (:func:`unlearn_fast.create_model`); the encoder parameters it marks
@@ -169,4 +170,5 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                         overlap_teacher=bool(overlap_teacher), fuse_tokenizer_norms=bool(fuse_tokenizer_norms),
                         sdpa_attention=bool(sdpa_attention), visible_patch_embed=bool(visible_patch_embed),
                         tokenizer_channels_last=bool(tokenizer_channels_last), fuse_block_norms=bool(fuse_block_norms),
+                        fold_clip=bool(fold_clip),
                         trainable=[p for _, p in named])
