@@ -128,6 +128,8 @@ def validate_args(args) -> None:
         raise ValueError(f"--holdout_per_class must be >= 1 (the metrics need held-out images), "
                          f"got {args.holdout_per_class}")
     # found now, not after the pretraining
+    if not args.output_dir:  # abspath('') is the working folder, but os.makedirs('') fails at the very end
+        raise ValueError("--output_dir is empty: pass a folder ('.' for the working folder)")
     check_creatable_dir(args.output_dir, "--output_dir")
 
 

@@ -185,7 +185,13 @@ def load_training_state(args, model):
         print("unlearn_fast: no --resume given: unlearning a randomly initialised model (useful only for tests)")
         return None, args.teacher
     ckpt = load_checkpoint_file(args.resume)
-    load_model_state(model, model_state_from(ckpt, args.resume), args.resume)
+    state, own = model_state_from(ckpt, args.resume), model.state_dict()
+    if state and set(state) < set(own) and all(tuple(v.shape) == tuple(own[k].shape) for k, v in state.items()):
+        # a run's checkpoint-<e>.safetensors or best.pth: right architecture, the trained parameters alone
+        raise CheckpointError(f"{args.resume} holds only {len(state)} of the model's {len(own)} tensors (the trained "
+                              "parameters a run writes as .safetensors / best.pth), not a whole model: --resume "
+                              "takes a run's checkpoint-<epoch>.pth to continue it, or the original model's checkpoint")
+    load_model_state(model, state, args.resume)
     is_unlearning_run = "optimizer" in ckpt and "epoch" in ckpt
     if "unlearn_fast" in ckpt and not is_unlearning_run:
         # one of our checkpoints that lost an entry: as a 'pretrained' file it would restart at epoch 0 with the

@@ -43,7 +43,8 @@ def fast_optimizer_update(setup: UnlearnSetup) -> None:
     try:
         opt.step()
     finally:
-        opt.grad_scale = None
+        if hasattr(opt, "grad_scale"):  # absent afterwards, as GradScaler.step leaves it: a None would break its
+            del opt.grad_scale          # getattr(optimizer, "grad_scale", 1) in a later loss-scaled step
     setup.scaler.update()  # no loss scaling here: a no-op, kept as optimizer_update's order
     opt.zero_grad(set_to_none=True)
 
