@@ -122,7 +122,8 @@ def test_cache_is_written_atomically_reused_keyed_and_rebuilt(tmp_path):
 
 def test_default_cache_dir_and_use_cache_false(tmp_path, monkeypatch):
     import unlearn_fast.eval.digit_classifier as module
-    monkeypatch.setattr(module, "default_cache_dir", lambda: tmp_path / "default")  # digits.cache_dir()
+    monkeypatch.setattr(module, "default_cache_dir",  # digits.cache_dir(folder): no folder is given here
+                        lambda folder=None: tmp_path / "default")
     m = load_or_train_digit_classifier(config=TINY, use_cache=False)  # neither reads nor writes
     assert m.train_info["path"] is None and not (tmp_path / "default").exists()
     assert isinstance(m, DigitClassifier) and 0.0 <= m.train_info["heldout_accuracy"] <= 1.0

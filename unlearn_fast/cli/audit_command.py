@@ -35,7 +35,7 @@ from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.run_outputs import opt_yaml_objects
 from ..train.seeding import derive_seed
-from .tools import DefaultsHelpFormatter
+from .help_format import DefaultsHelpFormatter
 from .unlearn_command import build_model, class_lists, resolve_device, select_data
 
 AUDIT_FILE = "forget_audit.json"

@@ -42,9 +42,9 @@ from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
 from ..train.run_outputs import check_creatable_dir
 from ..train.seeding import derive_seed
 from ..train.trainer import STEP_MODES, resolve_step_mode, train_loop
-from .help_format import DefaultsHelpFormatter
 from ..train.unlearn_setup import build_setup
 from .demo_metrics import eval_noise_images, fixed_mask_draw, hidden_pixel_mask, set_metrics
+from .help_format import DefaultsHelpFormatter
 from .unlearn_command import resolve_device
 
 IMAGE_SIZE = 32

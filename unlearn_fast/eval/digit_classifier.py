@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +226,7 @@ def load_or_train_digit_classifier(cache_dir=None, seed: int = 0, device="cpu", 
     config.check()
     train_x, train_y, held_x, held_y, fingerprint = _digits_split(config, cache_dir, use_cache)
     key, digest = cache_key(config, fingerprint)
-    path = Path(os.path.expanduser(str(cache_dir or default_cache_dir()))) / f"digit_classifier_{digest}.pth"
+    path = default_cache_dir(cache_dir) / f"digit_classifier_{digest}.pth"
     model = DigitClassifier(config.embed_dim)
     info = _load_cached(path, key, model) if use_cache and not rebuild and path.is_file() else None
     if info is not None:

