@@ -84,6 +84,7 @@ VARIANT_WORDS = {
     "plain_blocks": "each ViT residual add and the next LayerNorm as torch's ops (--unfused_block_norms)",
     "split_pool": "a VQGAN level's last residual add and its 2x2 pool as torch's two ops (no fused pass)",
     "fold_clip": "the clip's scale inside the fused AdamW step (opt-in fold_clip: bf16 / fp32, no loss scaling)",
+    "half_student": "the student's GEMM weights as bf16 copies the AdamW kernel writes (opt-in half_student_weights)",
 }
 
 
@@ -118,6 +119,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     setup.pad_tokenizer_input = "unpadded" not in w
     setup.fuse_residual_pools = "split_pool" not in w
     setup.fold_clip = "fold_clip" in w
+    setup.half_student_weights = "half_student" in w
     return setup
 
 

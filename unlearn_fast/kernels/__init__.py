@@ -17,12 +17,14 @@ try:
     from .group_norm_silu import group_norm_silu_forward
     from .add_layer_norm import MAX_LAYER_NORM_D, add_layer_norm_backward, add_layer_norm_forward
     from .residual_avg_pool import add_avg_pool2d_forward
+    from .adamw_copy import ADAMW_KINDS, ADAMW_ROLES, adamw_copy_update, grad_sum_of_squares
     TRITON_AVAILABLE = True
 except Exception as e:  # no triton, or a broken install: the ops fall back to their PyTorch twins
     TRITON_AVAILABLE = False
     TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     NOISE_KINDS = ("normal", "uniform", "constant")
     MAX_NORM_D = MAX_ROWS = MAX_LAYER_NORM_D = 0
+    ADAMW_KINDS, ADAMW_ROLES = {}, ()
 
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"unlearn_fast.kernels: Triton is unavailable ({TRITON_IMPORT_ERROR})")
@@ -31,6 +33,7 @@ except Exception as e:  # no triton, or a broken install: the ops fall back to t
     retain_forget_l2_loss_forward = retain_forget_l2_backward = rank_within_class = _unavailable
     multi_map_l2_forward = multi_map_l2_scale = group_norm_silu_forward = _unavailable
     add_layer_norm_forward = add_layer_norm_backward = add_avg_pool2d_forward = _unavailable
+    adamw_copy_update = grad_sum_of_squares = _unavailable
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D", "MAX_ROWS", "batch_mean_std",
            "philox_batch_noise", "philox_standard_normal", "retain_forget_l2_forward", "retain_forget_l2_loss_forward",
@@ -38,3 +41,4 @@ __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "NOISE_KINDS", "MAX_NORM_D
            "multi_map_l2_forward", "multi_map_l2_scale", "group_norm_silu_forward"]
 __all__ += ["MAX_LAYER_NORM_D", "add_layer_norm_forward", "add_layer_norm_backward"]
 __all__ += ["add_avg_pool2d_forward"]
+__all__ += ["ADAMW_KINDS", "ADAMW_ROLES", "adamw_copy_update", "grad_sum_of_squares"]

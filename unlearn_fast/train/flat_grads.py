@@ -121,6 +121,9 @@ def split_fast_step(setup: UnlearnSetup, flat: FlatGrads, ctx: Optional[DistCont
     With ``accum_iter > 1`` the micro-steps before an update only accumulate (no collective), as DDP's
     ``no_sync``.
     """
+    if setup.half_student_weights:
+        raise ValueError("split_fast_step reduces fp32 gradients in one flat buffer; half_student_weights (bf16 "
+                         "weight copies with bf16 gradients) is for the single-process fast and graphed steps")
     if getattr(setup.student, "reducer_active", False):
         raise ValueError("split_fast_step needs the student without DDP's reducer: call "
                          "DDPStudent.use_flat_grads() first (else the gradients would be all-reduced twice)")

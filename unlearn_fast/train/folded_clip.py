@@ -12,8 +12,12 @@ is the reference's update.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..ops.adamw_with_copies import AddressTables
+from .half_student import half_student_active, half_student_update
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
@@ -26,10 +30,14 @@ def can_fold_clip(setup: UnlearnSetup) -> bool:
             and hasattr(torch.nn.utils, "get_total_norm"))
 
 
-def fast_optimizer_update(setup: UnlearnSetup) -> None:
+def fast_optimizer_update(setup: UnlearnSetup, copy_tables: Optional[AddressTables] = None) -> None:
     """The update of the fast and graphed steps: :func:`optimizer_update` (unscale, clip, step, scaler update,
-    zero_grad), with the clip's scale done inside the fused AdamW step where :func:`can_fold_clip`. No host sync
-    (CUDA-graph capturable)."""
+    zero_grad), with the clip's scale done inside the fused AdamW step where :func:`can_fold_clip`, or
+    :func:`half_student_update` after a step through the bf16-weight student copy (``copy_tables``: a CUDA graph's
+    own address tables). No host sync (CUDA-graph capturable)."""
+    if setup.half_student is not None and half_student_active(setup):
+        half_student_update(setup, copy_tables)
+        return
     if not can_fold_clip(setup):
         optimizer_update(setup)
         return

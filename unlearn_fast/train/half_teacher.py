@@ -31,35 +31,41 @@ _GEMM_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _GEMM_PARAMS = ("weight", "bias")
 
 
-def _versions(tensors) -> Optional[tuple]:
+def tensor_versions(tensors) -> Optional[tuple]:
     try:
         return tuple(t._version for t in tensors)
     except RuntimeError:  # inference tensors have no version counter: an in-place change cannot be seen
         return None
 
 
-def _storages(tensors) -> tuple:
+def tensor_storages(tensors) -> tuple:
     return tuple(t.data_ptr() for t in tensors)
 
 
-def with_half_gemm_weights(teacher: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def with_half_gemm_weights(teacher: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                           trainable: bool = False) -> nn.Module:
     """A copy of ``teacher`` in eval mode whose Linear / conv weights and biases are new ``dtype`` tensors
-    (not requiring grad) and whose other parameters and buffers are the teacher's own (shared, not copied)."""
+    (not requiring grad) and whose other parameters and buffers are the teacher's own (shared, not copied).
+    ``trainable=True`` (a student's copy, half_student.py): only the GEMM parameters that require
+    grad are copied, as leaves that require grad, and the copy keeps the module's train / eval mode."""
     gemm, shared = {}, {}
     for m in teacher.modules():
         is_gemm = isinstance(m, _GEMM_MODULES)
         for name, t in chain(m._parameters.items(), m._buffers.items()):
             if t is None:
                 continue
-            if is_gemm and name in _GEMM_PARAMS and isinstance(t, nn.Parameter) and t.is_floating_point():
+            if (is_gemm and name in _GEMM_PARAMS and isinstance(t, nn.Parameter) and t.is_floating_point()
+                    and (t.requires_grad or not trainable)):
                 gemm[id(t)] = t
             else:
                 shared[id(t)] = t
-    pairs = [(t, nn.Parameter(t.detach().to(dtype, copy=True), requires_grad=False))
+    pairs = [(t, nn.Parameter(t.detach().to(dtype, copy=True), requires_grad=trainable))
              for i, t in gemm.items() if i not in shared]  # a weight tied to a non-GEMM module stays shared
     memo = dict(shared)
     memo.update((id(src), dst) for src, dst in pairs)
-    half = copy.deepcopy(teacher, memo).eval()
+    half = copy.deepcopy(teacher, memo)
+    if not trainable:
+        half.eval()
     half._half_gemm_pairs = tuple(pairs)  # (teacher's weight, its rounded copy), for the in-place refresh
     return half
 
@@ -70,7 +76,7 @@ def _refresh(half: nn.Module) -> None:
         dst.copy_(src)
 
 
-def _refuse_in_capture(what: str) -> None:
+def refuse_in_capture(what: str) -> None:
     """Inside a CUDA-graph capture the copy's kernels would be recorded, not run: the graph would replay them every
     step and the copy would hold garbage until then. The graphed step makes the copy before it captures."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -86,22 +92,23 @@ def step_teacher(setup) -> nn.Module:
         return setup.teacher
     teacher, half = setup.teacher, setup.half_teacher
     source = getattr(half, "_half_source", None)
-    if half is None or source is None or source() is not teacher or _storages(half._half_watch) != half._half_storages:
-        _refuse_in_capture("a new bf16 teacher copy")
+    if (half is None or source is None or source() is not teacher
+            or tensor_storages(half._half_watch) != half._half_storages):
+        refuse_in_capture("a new bf16 teacher copy")
         setup.half_teacher = half = None  # the old copy's memory goes before the new one is made
         half = with_half_gemm_weights(teacher)
         # the teacher's tensors as they were copied: a weak reference, so a dropped teacher is not kept alive
         half._half_source = weakref.ref(teacher)
         half._half_watch = tuple(chain(teacher.parameters(), teacher.buffers()))
-        half._half_storages, half._half_versions = _storages(half._half_watch), _versions(half._half_watch)
+        half._half_storages, half._half_versions = tensor_storages(half._half_watch), tensor_versions(half._half_watch)
         setup.half_teacher = half
         return half
-    versions = _versions(half._half_watch)
+    versions = tensor_versions(half._half_watch)
     if versions != half._half_versions:  # weights loaded in place: round them again, into the same tensors
-        _refuse_in_capture("re-rounding the bf16 teacher copy")
+        refuse_in_capture("re-rounding the bf16 teacher copy")
         _refresh(half)
         half._half_versions = versions
     return half
 
 
-__all__ = ["with_half_gemm_weights", "step_teacher"]
+__all__ = ["with_half_gemm_weights", "step_teacher", "tensor_versions", "tensor_storages", "refuse_in_capture"]

@@ -32,6 +32,7 @@ from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
 from .folded_clip import fast_optimizer_update
+from .half_student import step_student
 from .half_teacher import step_teacher
 from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
@@ -85,6 +86,11 @@ class GraphedUnlearnStep:
         self.side = torch.cuda.Stream(device=dev)
         teacher_stream_for(setup)  # made now, never during a capture
         step_teacher(setup)  # likewise the bf16-weight teacher copy: its casts must run, not be captured
+        if dist is not None and setup.half_student_weights:
+            raise ValueError("half_student_weights is for a single process: the multi-rank graphed step reduces "
+                             "fp32 gradients in one flat buffer")
+        step_student(setup)  # and the bf16-weight student copy, with the graph's own address tables
+        self.copy_tables = setup.half_student.new_tables() if setup.half_student is not None else None
         front_ends_match(setup.student, setup.teacher)  # and the frozen-weight comparison (host syncs)
         self.eager_fallbacks = 0
         # several ranks: graph A (forward + backward) and graph B (update) around the gradient all-reduce
@@ -95,7 +101,8 @@ class GraphedUnlearnStep:
     # the body that is run eagerly during warmup and captured afterwards (one graph on a single process)
     def _body(self, capturing: bool):
         self._forward_backward(capturing)
-        fast_optimizer_update(self.setup)
+        # the graph's own address tables (written after the capture); the eager warmup steps use the copy's
+        fast_optimizer_update(self.setup, self.copy_tables if capturing else None)
 
     def _forward_backward(self, capturing: bool):
         s = self.setup
@@ -187,6 +194,8 @@ class GraphedUnlearnStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._body(capturing=True)
+            if self.copy_tables is not None:
+                self.copy_tables.write_pending()  # the addresses the captured update kernels read
             self.graph.replay()  # capture records only: run this step for real
             return
         # several ranks: the grads stay the flat buffer's views (zeroed by the last update)

@@ -104,9 +104,12 @@ class UnlearnSetup:
     fuse_residual_pools: bool = True         # CUDA fast step: a VQGAN level's last residual add + its pool fused
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
     fold_clip: bool = False                  # fast step, no loss scaling: clip's scale inside fused AdamW (opt-in)
+    half_student_weights: bool = False       # fast step, bf16: the student's GEMM weights as optimizer-written bf16
+                                             # copies (half_student.py; opt-in until timed)
     trainable: list = field(default_factory=list)
     teacher_stream: Optional[object] = field(default=None, repr=False, compare=False)  # made on first use
     half_teacher: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # half_teacher.py
+    half_student: Optional[object] = field(default=None, repr=False, compare=False)  # half_student.py
 
     @property
     def trainable_params(self):
@@ -116,7 +119,7 @@ class UnlearnSetup:
         # the side stream and the bf16 teacher copy are caches made on first use: a CUDA stream and the copy's weak
         # reference to its source cannot be pickled, and a deep copy must make its own
         state = dict(self.__dict__)
-        state["teacher_stream"] = state["half_teacher"] = None
+        state["teacher_stream"] = state["half_teacher"] = state["half_student"] = None
         return state
 
 
@@ -125,7 +128,8 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 rank=0, loss_type=None, baseline_weighting="reference", share_tokenizer=False, fast=False,
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
-                tokenizer_channels_last=True, fuse_block_norms=True, fold_clip=False) -> UnlearnSetup:
+                tokenizer_channels_last=True, fuse_block_norms=True, fold_clip=False,
+                half_student_weights=False) -> UnlearnSetup:
     """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student).
 
     ``model``: a registered I2I model (:func:`unlearn_fast.create_model`); the encoder parameters it marks
@@ -170,5 +174,5 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                         overlap_teacher=bool(overlap_teacher), fuse_tokenizer_norms=bool(fuse_tokenizer_norms),
                         sdpa_attention=bool(sdpa_attention), visible_patch_embed=bool(visible_patch_embed),
                         tokenizer_channels_last=bool(tokenizer_channels_last), fuse_block_norms=bool(fuse_block_norms),
-                        fold_clip=bool(fold_clip),
+                        fold_clip=bool(fold_clip), half_student_weights=bool(half_student_weights),
                         trainable=[p for _, p in named])

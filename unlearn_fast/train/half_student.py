@@ -1,0 +1,195 @@
+"""The student's matmul weights as bf16 copies that the optimizer writes (fast and graphed steps; opt-in knob
+``half_student_weights`` until timed on a GPU).
+
+In bf16 mode autocast casts every fp32 Linear / conv weight of the student to bf16 in each forward, autograd casts
+each bf16 weight gradient back to fp32, the clip reads and scales the fp32 gradients and torch's fused AdamW reads
+them again. Here the fast step runs a copy of the student whose trainable Linear / conv weights and biases are bf16
+leaves (``half_teacher.with_half_gemm_weights(trainable=True)``; every other tensor is the student's own), so:
+- the forward computes the same bits (autocast rounds fp32 to bf16 as the copy was rounded, and leaves bf16 as it
+  is) and the gradients of those weights stay bf16;
+- one kernel (ops/adamw_with_copies.py) updates the fp32 weights (the student's own parameters: checkpoints,
+  evaluation and resume see them as always) and their moments in torch's optimizer state from the bf16 gradients
+  times the clip's coefficient, and writes the new bf16 copies; the other trainable parameters (norms, tokens,
+  embeddings) take torch's AdamW step as before.
+By bytes for MAE-L (303 M weights) the casts, the clip and the update fall from about 15.7 GB to 9.1 GB a step.
+The update is torch's fused AdamW math within a rounding (the clip norm's summation order, exp2 for the bias
+corrections); the optimizer state keeps torch's layout (step, exp_avg, exp_avg_sq per parameter).
+
+Used where :func:`half_student_blocker` finds nothing against it: bf16 autocast without loss scaling, one process
+(the flat-gradient and DDP steps do not take it), no gradient accumulation (bf16 gradients would add up in bf16),
+the paper's objective, AdamW with amsgrad and maximize off and one (betas, eps), on a GPU fused or capturable (the
+step counts on the device). Elsewhere the step runs as without the knob and says why once.
+
+The copy follows the student as the bf16 teacher copy does (half_teacher.py): weights written in place outside
+this update are rounded again before the next forward; a new student, optimizer or parameter storage makes a new
+copy. A CUDA graph needs its own :class:`AddressTables` (:meth:`HalfStudent.new_tables`), written after capture.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..ops.adamw_with_copies import AddressTables, adamw_with_copies_, grad_sum_of_squares
+from .half_teacher import refuse_in_capture, tensor_storages, tensor_versions, with_half_gemm_weights
+from .precision import student_dtype
+
+_said = set()
+
+
+def half_student_blocker(setup) -> Optional[str]:
+    """None where the knob is on and the half student can serve ``setup``; else why not ("off": the knob)."""
+    if not getattr(setup, "half_student_weights", False):
+        return "off"
+    if not isinstance(setup.student, nn.Module):
+        return "the student is a multi-rank wrapper (DDP): its gradients are reduced by DDP or the flat buffer"
+    if student_dtype(setup.precision, setup.device) != torch.bfloat16 or setup.scaler.is_enabled():
+        return "it needs the student in bf16 autocast without loss scaling (--precision bf16)"
+    if setup.accum_iter != 1:
+        return "gradient accumulation would add the bf16 gradients up in bf16 (--accum_iter > 1)"
+    if setup.loss_type is not None:
+        return "the baselines run the reference step"
+    opt = setup.optimizer
+    if not isinstance(opt, torch.optim.AdamW):
+        return f"the optimizer is {type(opt).__name__}, the kernel is AdamW's"
+    groups = opt.param_groups
+    if any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups):
+        return "AdamW with amsgrad, maximize or differentiable"
+    if any(torch.is_tensor(b) for g in groups for b in g["betas"]) or \
+            len({(tuple(g["betas"]), g["eps"]) for g in groups}) != 1:
+        return "the parameter groups need one (betas, eps), as floats"
+    if setup.device.type == "cuda" and not all(g.get("fused") or g.get("capturable") for g in groups):
+        return "on a GPU the optimizer must be fused or capturable (step counts on the device)"
+    return None
+
+
+def half_student_active(setup) -> bool:
+    """Whether the fast step runs the half student for ``setup`` (a notice once when the knob is on but cannot be
+    honoured)."""
+    reason = half_student_blocker(setup)
+    if reason is not None and reason != "off" and reason not in _said:
+        _said.add(reason)
+        print(f"unlearn_fast: half_student_weights is off for this run: {reason}")
+    return reason is None
+
+
+class HalfStudent:
+    """The bf16-weight copy of ``student`` (:attr:`module`), its (master, copy) pairs in the optimizer's order, and
+    what the update needs: each master's parameter group, device arrays for the groups' lr and weight decay,
+    and the eager steps' :class:`AddressTables`."""
+
+    def __init__(self, student: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        module = with_half_gemm_weights(student, dtype, trainable=True)
+        pairs = module._half_gemm_pairs
+        missing = [i for i, (m, _) in enumerate(pairs) if id(m) not in group_of]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable Linear / conv weights of the student are not in the optimizer: "
+                             "their bf16 copies would get gradients nobody applies")
+        if not pairs:
+            raise ValueError("the student has no trainable Linear / conv weight: nothing to keep in bf16")
+        self.module = module
+        self.masters: List[nn.Parameter] = [m for m, _ in pairs]
+        self.copies: List[nn.Parameter] = [c for _, c in pairs]
+        self.groups = [group_of[id(m)] for m in self.masters]
+        ids = {id(m) for m in self.masters}
+        self.others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in ids]
+        self.source, self.optimizer = weakref.ref(student), weakref.ref(optimizer)
+        self.storages, self.versions = tensor_storages(self.masters), tensor_versions(self.masters)
+        dev = self.masters[0].device
+        self.lrs = torch.zeros(len(optimizer.param_groups), dtype=torch.float32, device=dev)
+        self.weight_decays = torch.zeros_like(self.lrs)
+        self.one = torch.ones((), dtype=torch.float32, device=dev)
+        self.tables = self.new_tables()
+
+    def new_tables(self) -> AddressTables:
+        return AddressTables([m.numel() for m in self.masters], self.groups, self.masters[0].device)
+
+    def follows(self, student: nn.Module, optimizer) -> bool:
+        return (self.source() is student and self.optimizer() is optimizer
+                and tensor_storages(self.masters) == self.storages)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Round the masters into the copies again (they were written outside :func:`half_student_update`)."""
+        for c, m in zip(self.copies, self.masters):
+            c.copy_(m)
+        self.versions = tensor_versions(self.masters)
+
+
+def step_student(setup) -> nn.Module:
+    """The student module the fast step runs: the half student where :func:`half_student_active` (made on first
+    use, kept on the setup, refreshed when its weights were written elsewhere), else ``setup.student``."""
+    if not half_student_active(setup):
+        return setup.student
+    half = setup.half_student
+    if half is None or not half.follows(setup.student, setup.optimizer):
+        refuse_in_capture("a new bf16 student copy")
+        setup.half_student = None  # the old copy's memory goes before the new one is made
+        setup.half_student = half = HalfStudent(setup.student, setup.optimizer)
+    elif tensor_versions(half.masters) != half.versions:
+        refuse_in_capture("re-rounding the bf16 student copy")
+        half.refresh()
+    if half.module.training != setup.student.training:
+        half.module.train(setup.student.training)
+    return half.module
+
+
+def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> dict:
+    """``p``'s AdamW state, made as torch's AdamW makes it on a parameter's first step."""
+    state = optimizer.state[p]
+    if not state:
+        on_device = group.get("capturable") or group.get("fused")
+        state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
+                         else torch.tensor(0.0, dtype=torch.float32))
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+@torch.no_grad()
+def half_student_update(setup, tables: Optional[AddressTables] = None) -> None:
+    """The update after a backward through the half student: clip over all gradients, the kernel for the copied
+    weights, torch's AdamW step for the others, then every gradient None. No host sync (CUDA-graph capturable).
+    ``tables``: a CUDA graph's own (None: the eager steps')."""
+    half, opt = setup.half_student, setup.optimizer
+    tables = half.tables if tables is None else tables
+    present = [i for i, c in enumerate(half.copies) if c.grad is not None]
+    if len(present) != len(half.copies):  # weights outside the loss: torch's AdamW leaves them alone, so here too
+        tables = None  # the twin, on the ones that have a gradient
+    masters = [half.masters[i] for i in present]
+    grads = [half.copies[i].grad if half.copies[i].grad.is_contiguous() else half.copies[i].grad.contiguous()
+             for i in present]
+    states = [_state_of(opt, m, opt.param_groups[half.groups[i]]) for m, i in zip(masters, present)]
+    others = [p.grad for p in half.others if p.grad is not None]
+    coef = half.one
+    if setup.grad_clip is not None:  # clip_grad_norm_'s coefficient over both sets of gradients
+        squares = grad_sum_of_squares(grads, tables).to(half.one.device)
+        if others:
+            squares = squares + torch.stack(torch._foreach_norm(others, 2.0)).float().pow(2).sum()
+        coef = torch.clamp(setup.grad_clip / (squares.sqrt() + 1e-6), max=1.0)
+        if others:
+            torch._foreach_mul_(others, coef)
+    for i, g in enumerate(opt.param_groups):
+        if torch.is_tensor(g["lr"]):
+            half.lrs[i].copy_(g["lr"])
+        else:
+            half.lrs[i].fill_(float(g["lr"]))
+        half.weight_decays[i].fill_(float(g["weight_decay"]))
+    group0 = opt.param_groups[0]
+    adamw_with_copies_(masters, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       [s["step"] for s in states], grads, [half.copies[i] for i in present],
+                       [half.groups[i] for i in present], half.lrs, half.weight_decays, group0["betas"],
+                       group0["eps"], coef, tables)
+    if others:
+        opt.step()  # the masters have no .grad: torch's step takes the other parameters alone
+    setup.scaler.update()  # no loss scaling here: a no-op, kept as optimizer_update's order
+    opt.zero_grad(set_to_none=True)
+    for c in half.copies:
+        c.grad = None
+    half.versions = tensor_versions(half.masters)  # the twin writes in place: not an outside change
+
+
+__all__ = ["half_student_blocker", "half_student_active", "HalfStudent", "step_student", "half_student_update"]
