@@ -37,14 +37,15 @@ ADAMW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the gra
 def _pointer(addresses_ptr, row: tl.constexpr, num_tensors, t, KIND: tl.constexpr, ALIGNED: tl.constexpr):
     """The address in ``row`` of tensor ``t`` as a pointer to fp32 (KIND 0), bf16 (1) or fp16 (2)."""
     address = tl.load(addresses_ptr + row * num_tensors + t)
-    if ALIGNED:  # every address is a multiple of 16 bytes (checked by the launcher): vector accesses
-        address = tl.multiple_of(address, 16)
     if KIND == 1:
-        return address.to(tl.pointer_type(tl.bfloat16))
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
     elif KIND == 2:
-        return address.to(tl.pointer_type(tl.float16))
+        pointer = address.to(tl.pointer_type(tl.float16))
     else:
-        return address.to(tl.pointer_type(tl.float32))
+        pointer = address.to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # every address a multiple of 16 bytes (the launcher checked): 16-byte vector accesses. The hint
+        pointer = tl.multiple_of(pointer, 16)  # must be on the pointer: one on the integer is lost in the cast
+    return pointer
 
 
 @triton.jit
