@@ -6,10 +6,10 @@
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase costs the last ones (the serial-teacher
 # A/B first, then the extension's own tests), never the whole run. Order: what the open targets need first.
-# Files written (18; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
-#   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_rows.jsonl, bench_variants_mage.json,
-#   bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json, precision.json, profile.txt,
-#   profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
+# Files written (19; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
+#   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_rows.jsonl, bench_update_forms.json,
+#   bench_variants_mage.json, bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json,
+#   precision.json, profile.txt, profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -30,12 +30,19 @@ phase "GPU benchmarks: reference vs fast vs fast bf16, then the A/B variants, ea
 run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16" --benchmark-json="$OUT/bench_gpu.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -16 >>"$LOG"
-# MAGE: shared tokenizer, unfused norms, channels_last, explicit attention, fused add + LayerNorm, unpadded conv_in,
+# the opt-in update forms first (MAE-L bf16's 6x target): the bf16 student weight copies written by the AdamW kernel
+# (half_student) and the clip folded into the fused AdamW step, on MAE-L, MAE-B and MAGE-B
+run_for 80 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "gpu and (half_student or fold_clip)" --benchmark-json="$OUT/bench_update_forms.json" \
+  --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
+# MAGE: shared tokenizer, unfused norms, NCHW, explicit attention, unfused add + LayerNorm, unpadded conv_in,
 # torch's add + pool
-run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "mage_variants" \
+run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "mage_variants and not half_student" \
   --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
-# MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, fused add + LayerNorm
-run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py -k "gpu and mae_variants" \
+# MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, unfused add + LayerNorm
+run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "gpu and mae_variants and not (half_student or fold_clip)" \
   --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "loss / noise kernels: eager vs graph-replayed, the kernels alone beside a copy (the bandwidth target)"

@@ -16,7 +16,10 @@ start_extension_build
 run_for 100 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_group_norm_silu.py \
   tests/gpu/test_gpu_vqgan_fused_norms.py tests/gpu/test_gpu_graphed_ddp.py tests/gpu/test_gpu_multi_map_l2.py \
   "tests/gpu/test_gpu_fast_path.py::test_teacher_on_side_stream_equals_sequential_teacher" \
-  "tests/gpu/test_gpu_fast_path.py::test_opt_in_fast_paths_capture_and_keep_the_trajectory" \
+  "tests/gpu/test_gpu_fast_path.py::test_default_fused_forms_capture_and_keep_the_fp32_trajectory" \
+  "tests/gpu/test_gpu_fast_path.py::test_default_fused_forms_in_bf16_are_as_close_to_fp32_as_the_plain_forms" \
+  "tests/gpu/test_gpu_fast_path.py::test_adamw_with_copies_kernel_matches_torch_fused_adamw_on_gpu" \
+  "tests/gpu/test_gpu_fast_path.py::test_half_student_captures_and_keeps_the_trajectory" \
   tests/gpu/test_gpu_add_layer_norm.py tests/gpu/test_gpu_residual_avg_pool.py tests/models/test_visible_patches.py \
   tests/train/test_device_prefetch.py tests/models/test_mage_attention.py 2>&1 | tail -30 >>"$LOG"
 finish_extension_build 120
@@ -26,7 +29,7 @@ run_for 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_st
   -k "(gpu_step_reference or gpu_step_fast or gpu_step_fast_bf16) and gpu_mage_base or fast_unfused or fast_bf16_unfused or fast_nchw or fast_bf16_nchw or explicit_attn or mage_variants and plain_blocks or unpadded or split_pool" \
   --benchmark-json="$OUT/bench_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
-phase "MAE-L bf16: visible-patch GEMM embedding vs the conv over every patch"
+phase "MAE-L bf16: its A/B variants (the conv over every patch, the opt-in half_student and fold_clip, ...)"
 run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu_step_fast_bf16 and gpu_mae_large or mae_variants and gpu_mae_large and bf16" \
   --benchmark-json="$OUT/bench_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
