@@ -255,3 +255,44 @@ needs_digits = pytest.mark.skipif(not digits_available(),
 def files_under(root) -> list:
     """Every path below ``root``, relative, sorted (folders included)."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+_OFFLINE_PTX_PROBE = r"""
+import json, sys
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, signature, constexprs, options = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])
+"""
+
+
+def offline_ptx(module: str, kernel: str, signature: dict, constexprs: dict, **options) -> str:
+    """The PTX of Triton kernel ``module.kernel`` compiled for an H100 (sm_90) without a GPU (Triton's bundled
+    ptxas), in a subprocess: the test session's Triton is in interpreter mode (conftest.py). Skips the test where
+    this Triton cannot compile for CUDA offline."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = json.dumps([module, kernel, signature, constexprs, options])
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_PTX_PROBE, args], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if out.returncode != 0:
+        if "ptxas" in out.stderr or "No module named 'triton.backends" in out.stderr:
+            pytest.skip(f"Triton cannot compile for sm_90 offline here: {out.stderr.strip().splitlines()[-1]}")
+        raise AssertionError(out.stderr[-3000:])
+    return out.stdout
+
+
+def ptx_instructions(ptx: str) -> list:
+    """The instruction lines of ``ptx`` (no directives, labels, braces, debug lines or comments)."""
+    lines = []
+    for line in ptx.splitlines():
+        s = line.strip()
+        if not s or s[0] in ".{}/$" or s.endswith(":"):
+            continue
+        lines.append(s)
+    return lines
