@@ -180,6 +180,8 @@ def _philox_batch_noise_forward_kernel(out_ptr, seed_ptr, step_ptr, mean_ptr, st
 
 
 _IN_INTERPRETER = interpreted(_philox_batch_noise_forward_kernel)  # fixed when triton defines the kernels
+# the hardware cos / sin (inline PTX) where the kernel is compiled for an NVIDIA GPU; exact functions elsewhere
+_APPROX_MATH = not _IN_INTERPRETER and getattr(torch.version, "hip", None) is None
 
 
 def _check_device(device: torch.device, what: str) -> None:
@@ -277,7 +279,7 @@ def _launch_noise(out: torch.Tensor, seed, step, mean, std, kind_id: int, low: f
         out if mean_t is None else mean_t, out if std_t is None else std_t, seed_lo, seed_hi, step_lo, mean_v, std_v,
         numel, float(low), float(high), below_one, KIND=kind_id, SEED_IN_MEMORY=seed_t is not None,
         STEP_IN_MEMORY=step_t is not None, MEAN_IN_MEMORY=mean_t is not None, STD_IN_MEMORY=std_t is not None,
-        APPROX_MATH=not _IN_INTERPRETER, BLOCK=_NOISE_BLOCK, num_warps=4, enable_fp_fusion=False)
+        APPROX_MATH=_APPROX_MATH, BLOCK=_NOISE_BLOCK, num_warps=4, enable_fp_fusion=False)
     return out
 
 
