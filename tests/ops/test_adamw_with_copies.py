@@ -154,8 +154,10 @@ def test_bad_arguments_are_named(monkeypatch):
         run.update(good[:5], torch.tensor(1.0))
     with pytest.raises(TypeError, match="grads must be one dtype"):
         run.update(good[:-1] + [torch.zeros(SHAPES[-1])], torch.tensor(1.0))
-    with pytest.raises(ValueError, match=r"grads\[5\] must be contiguous"):
+    with pytest.raises(ValueError, match=r"grads\[5\] has strides \(1, 64\), its weight \(70, 1\)"):
         run.update(good[:-1] + [torch.zeros(SHAPES[-1][::-1], dtype=torch.bfloat16).t()], torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"grads\[5\] must be dense"):
+        run.update(good[:-1] + [torch.zeros(64, 140, dtype=torch.bfloat16)[:, ::2]], torch.tensor(1.0))
     with pytest.raises(ValueError, match="coef must be a 0-d fp32 tensor"):
         run.update(good, torch.tensor([1.0]))
     run.steps[0] = torch.tensor(0, dtype=torch.int64)

@@ -1,7 +1,8 @@
 """AdamW on fp32 weights from half-precision gradients, writing a half-precision copy of each updated weight.
 
 ``adamw_with_copies_`` is one AdamW update (torch's fused AdamW math, ``amsgrad`` and ``maximize`` off) of T fp32
-weights whose gradients are bf16 / fp16 / fp32 tensors, scaled by the clip's coefficient on the way in, that also
+weights (each dense: contiguous, channels_last or a transpose; its moments, gradient and copy laid out alike) whose
+gradients are bf16 / fp16 / fp32 tensors, scaled by the clip's coefficient on the way in, that also
 writes ``copies[i] = params[i]`` rounded to the copies' dtype. ``grad_sum_of_squares`` is the clip's squared norm
 of those gradients, accumulated in fp32. Why: a student whose matmul weights are such copies runs its bf16 forward
 and backward without autocast's casts, and the update reads each gradient once (kernels/adamw_copy.py, bytes).
@@ -85,7 +86,21 @@ class AddressTables:
         return all(p % 16 == 0 for r in roles for p in self._pending.get(r, self._written.get(r, (1,))))
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """``t``'s elements fill one run of memory without gaps or overlaps, in some order of its dimensions
+    (contiguous, channels_last, a transpose): a kernel can walk its ``numel`` elements from ``data_ptr``."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _check_list(name: str, tensors, like: List[torch.Tensor], dtypes) -> torch.dtype:
+    """Each tensor shaped, placed and laid out as its weight (the kernels walk the same memory order in all of
+    them), one dtype of ``dtypes``."""
     if len(tensors) != len(like):
         raise ValueError(f"{name}: {len(tensors)} tensors for {len(like)} weights")
     dtype = None
@@ -96,15 +111,34 @@ def _check_list(name: str, tensors, like: List[torch.Tensor], dtypes) -> torch.d
             raise ValueError(f"{name}[{i}] is {tuple(t.shape)} on {t.device}, its weight {tuple(p.shape)} on {p.device}")
         if t.dtype not in dtypes or (dtype is not None and t.dtype != dtype):
             raise TypeError(f"{name} must be one dtype of {', '.join(str(d) for d in dtypes)}; {name}[{i}] is {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name}[{i}] must be contiguous (the kernels read it as a flat run)")
+        if not is_dense(t):
+            raise ValueError(f"{name}[{i}] must be dense (no gaps or overlaps: the kernels walk it as one run)")
+        if t.stride() != p.stride() and t.numel() > 1:
+            raise ValueError(f"{name}[{i}] has strides {t.stride()}, its weight {p.stride()}: they must match")
         dtype = t.dtype
     return dtype
 
 
-def _check_update_args(params, exp_avgs, exp_avg_sqs, steps, grads, copies, lrs, weight_decays, coef) -> None:
+def _check_update_args(params, exp_avgs, exp_avg_sqs, steps, grads, copies, groups, lrs, weight_decays,
+                       coef) -> None:
+    for name, t in (("lrs", lrs), ("weight_decays", weight_decays), ("coef", coef)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor (read on the device), got {type(t).__name__}")
+    if any(not torch.is_tensor(s) for s in steps):
+        raise TypeError("steps must be tensors (torch's AdamW state['step']), got "
+                        f"{type(next(s for s in steps if not torch.is_tensor(s))).__name__}")
+    if len(groups) != len(params):
+        raise ValueError(f"groups: {len(groups)} group indices for {len(params)} weights")
+    if weight_decays.shape != lrs.shape:
+        raise ValueError(f"weight_decays is {tuple(weight_decays.shape)}, lrs {tuple(lrs.shape)}: one per group")
+    bad = [int(g) for g in groups if not 0 <= int(g) < lrs.numel()]
+    if bad:
+        raise ValueError(f"group index {bad[0]} outside lrs / weight_decays ({lrs.numel()} groups)")
     if not params:
         return
+    for i, p in enumerate(params):
+        if not torch.is_tensor(p):
+            raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
     _check_list("params", params, params, (torch.float32,))
     _check_list("exp_avgs", exp_avgs, params, (torch.float32,))
     _check_list("exp_avg_sqs", exp_avg_sqs, params, (torch.float32,))
@@ -148,7 +182,7 @@ def adamw_with_copies_reference(params, exp_avgs, exp_avg_sqs, steps, grads, cop
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor], tables: Optional[AddressTables] = None) -> torch.Tensor:
-    """0-d fp32: the sum of the squares of ``grads`` (one dtype, contiguous), for the clip's global norm.
+    """0-d fp32: the sum of the squares of ``grads`` (one dtype, each dense), for the clip's global norm.
     ``tables``: the :class:`AddressTables` of these tensors' sizes (the Triton path needs them)."""
     grads = list(grads)
     if not grads:
@@ -173,7 +207,7 @@ def adamw_with_copies_(params, exp_avgs, exp_avg_sqs, steps, grads, copies, grou
     a CUDA graph replays the current lr). ``tables``: made for these sizes and groups (the Triton path)."""
     params = list(params)
     exp_avgs, exp_avg_sqs, steps, grads, copies = (list(x) for x in (exp_avgs, exp_avg_sqs, steps, grads, copies))
-    _check_update_args(params, exp_avgs, exp_avg_sqs, steps, grads, copies, lrs, weight_decays, coef)
+    _check_update_args(params, exp_avgs, exp_avg_sqs, steps, grads, copies, list(groups), lrs, weight_decays, coef)
     if not params:
         return
     if choose_triton_or_twin(params[0].device, _OP) == "torch" or tables is None:
@@ -192,5 +226,5 @@ def adamw_with_copies_(params, exp_avgs, exp_avg_sqs, steps, grads, copies, grou
                                                                          "copy")))
 
 
-__all__ = ["AddressTables", "adamw_with_copies_", "adamw_with_copies_reference", "grad_sum_of_squares",
+__all__ = ["AddressTables", "is_dense", "adamw_with_copies_", "adamw_with_copies_reference", "grad_sum_of_squares",
            "grad_sum_of_squares_reference"]

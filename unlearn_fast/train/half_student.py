@@ -16,13 +16,18 @@ The update is torch's fused AdamW math within a rounding (the clip norm's summat
 corrections); the optimizer state keeps torch's layout (step, exp_avg, exp_avg_sq per parameter).
 
 Used where :func:`half_student_blocker` finds nothing against it: bf16 autocast without loss scaling, one process
-(the flat-gradient and DDP steps do not take it), no gradient accumulation (bf16 gradients would add up in bf16),
-the paper's objective, AdamW with amsgrad and maximize off and one (betas, eps), on a GPU fused or capturable (the
-step counts on the device). Elsewhere the step runs as without the knob and says why once.
+(the flat-gradient and DDP steps do not take it), the paper's objective, AdamW with amsgrad and maximize off and one
+(betas, eps), on a GPU fused or capturable (the step counts on the device). Elsewhere the step runs as without the
+knob and says why once. Gradient accumulation: after a micro-step without an update the copies' gradients move to
+the masters' ``.grad`` in fp32 (where ``zero_grad``, checkpoints and the next micro-steps see them); a master's
+``.grad`` is always part of its next update.
 
 The copy follows the student as the bf16 teacher copy does (half_teacher.py): weights written in place outside
-this update are rounded again before the next forward; a new student, optimizer or parameter storage makes a new
-copy. A CUDA graph needs its own :class:`AddressTables` (:meth:`HalfStudent.new_tables`), written after capture.
+this update are rounded again before the next forward (not writes through ``.data``, which bump no version
+counter); a new student, optimizer, parameter storage, parameter group or trainable set makes a new copy; each
+module runs in its student module's train / eval mode and with its hooks. torch's optimizer hooks see the other
+parameters' step (the copied weights are updated by the kernel). A CUDA graph needs its own
+:class:`AddressTables` (:meth:`HalfStudent.new_tables`), written after capture.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..ops.adamw_with_copies import AddressTables, adamw_with_copies_, grad_sum_of_squares
+from ..ops.adamw_with_copies import AddressTables, adamw_with_copies_, grad_sum_of_squares, is_dense
 from .half_teacher import refuse_in_capture, tensor_storages, tensor_versions, with_half_gemm_weights
 from .precision import student_dtype
 
@@ -47,8 +52,6 @@ def half_student_blocker(setup) -> Optional[str]:
         return "the student is a multi-rank wrapper (DDP): its gradients are reduced by DDP or the flat buffer"
     if student_dtype(setup.precision, setup.device) != torch.bfloat16 or setup.scaler.is_enabled():
         return "it needs the student in bf16 autocast without loss scaling (--precision bf16)"
-    if setup.accum_iter != 1:
-        return "gradient accumulation would add the bf16 gradients up in bf16 (--accum_iter > 1)"
     if setup.loss_type is not None:
         return "the baselines run the reference step"
     opt = setup.optimizer
@@ -90,6 +93,11 @@ class HalfStudent:
                              "their bf16 copies would get gradients nobody applies")
         if not pairs:
             raise ValueError("the student has no trainable Linear / conv weight: nothing to keep in bf16")
+        gapped = [i for i, (m, _) in enumerate(pairs) if not is_dense(m)]
+        if gapped:
+            raise ValueError(f"{len(gapped)} trainable Linear / conv weights of the student are views with gaps or "
+                             "overlaps (not dense): the AdamW kernel walks each weight as one run of memory; "
+                             "turn half_student_weights off for this model")
         self.module = module
         self.masters: List[nn.Parameter] = [m for m, _ in pairs]
         self.copies: List[nn.Parameter] = [c for _, c in pairs]
@@ -98,6 +106,7 @@ class HalfStudent:
         self.others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in ids]
         self.source, self.optimizer = weakref.ref(student), weakref.ref(optimizer)
         self.storages, self.versions = tensor_storages(self.masters), tensor_versions(self.masters)
+        self.signature = _training_signature(student, optimizer)
         dev = self.masters[0].device
         self.lrs = torch.zeros(len(optimizer.param_groups), dtype=torch.float32, device=dev)
         self.weight_decays = torch.zeros_like(self.lrs)
@@ -108,8 +117,29 @@ class HalfStudent:
         return AddressTables([m.numel() for m in self.masters], self.groups, self.masters[0].device)
 
     def follows(self, student: nn.Module, optimizer) -> bool:
+        """Still a copy of what trains: the same student and optimizer, the weights in the same storage, the same
+        parameter groups and the same trainable set (a weight frozen or a group added since: a new copy)."""
         return (self.source() is student and self.optimizer() is optimizer
-                and tensor_storages(self.masters) == self.storages)
+                and tensor_storages(self.masters) == self.storages
+                and _training_signature(student, optimizer) == self.signature)
+
+    def follow_modes(self, student: nn.Module) -> None:
+        """Every module of the copy in its student module's train / eval mode (a submodule may differ)."""
+        for a, b in zip(student.modules(), self.module.modules()):
+            if b.training != a.training:
+                b.training = a.training
+
+    def take_gradients(self) -> None:
+        """Move the copies' bf16 gradients onto the masters' ``.grad`` in fp32 (added to what is there): between
+        micro-steps of an accumulation the gradient lives where ``zero_grad`` and checkpoints see it, and adds up
+        in fp32 as autocast's fp32 gradients do."""
+        for m, c in zip(self.masters, self.copies):
+            if c.grad is not None:
+                if m.grad is None:
+                    m.grad = _laid_out_as(c.grad.float(), m)
+                else:
+                    m.grad.add_(c.grad)
+                c.grad = None
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -119,21 +149,36 @@ class HalfStudent:
         self.versions = tensor_versions(self.masters)
 
 
+def _training_signature(student: nn.Module, optimizer) -> tuple:
+    """What a copy depends on beyond storage: each group's parameters and every parameter's requires_grad."""
+    return (tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups),
+            tuple(p.requires_grad for p in student.parameters()))
+
+
+def _laid_out_as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides (a copy only when they differ: the kernel walks both in one memory order)."""
+    if t.stride() == like.stride() or t.numel() <= 1:
+        return t
+    return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def step_student(setup) -> nn.Module:
     """The student module the fast step runs: the half student where :func:`half_student_active` (made on first
     use, kept on the setup, refreshed when its weights were written elsewhere), else ``setup.student``."""
     if not half_student_active(setup):
         return setup.student
     half = setup.half_student
+    changed = "the student's weights, trainable set or optimizer"
     if half is None or not half.follows(setup.student, setup.optimizer):
-        refuse_in_capture("a new bf16 student copy")
+        refuse_in_capture("a new bf16 student copy", changed)
+        if half is not None:
+            half.take_gradients()  # a pending accumulation stays with the masters
         setup.half_student = None  # the old copy's memory goes before the new one is made
         setup.half_student = half = HalfStudent(setup.student, setup.optimizer)
     elif tensor_versions(half.masters) != half.versions:
-        refuse_in_capture("re-rounding the bf16 student copy")
+        refuse_in_capture("re-rounding the bf16 student copy", changed)
         half.refresh()
-    if half.module.training != setup.student.training:
-        half.module.train(setup.student.training)
+    half.follow_modes(setup.student)
     return half.module
 
 
@@ -150,18 +195,31 @@ def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict) ->
 
 
 @torch.no_grad()
+def half_student_take_gradients(setup) -> None:
+    """After a micro-step without an update (``fast_step(update=False)``): the copies' gradients onto the masters'
+    ``.grad`` (fp32), where the next micro-steps add to them and ``zero_grad`` clears them, as without the copy."""
+    if setup.half_student is not None and half_student_active(setup):
+        setup.half_student.take_gradients()
+
+
+@torch.no_grad()
 def half_student_update(setup, tables: Optional[AddressTables] = None) -> None:
     """The update after a backward through the half student: clip over all gradients, the kernel for the copied
     weights, torch's AdamW step for the others, then every gradient None. No host sync (CUDA-graph capturable).
+    A copied weight's gradient is its copy's (bf16) plus what its master's ``.grad`` holds (fp32: micro-steps of an
+    accumulation, a gradient left by another step), one AdamW step for both as without the copy.
     ``tables``: a CUDA graph's own (None: the eager steps')."""
     half, opt = setup.half_student, setup.optimizer
     tables = half.tables if tables is None else tables
-    present = [i for i, c in enumerate(half.copies) if c.grad is not None]
+    present = [i for i, (m, c) in enumerate(zip(half.masters, half.copies)) if c.grad is not None or m.grad is not None]
     if len(present) != len(half.copies):  # weights outside the loss: torch's AdamW leaves them alone, so here too
         tables = None  # the twin, on the ones that have a gradient
+    if any(half.masters[i].grad is not None for i in present):
+        half.take_gradients()  # fp32 on the masters: the kernel reads them there
+        grads = [half.masters[i].grad for i in present]
+    else:
+        grads = [_laid_out_as(half.copies[i].grad, half.masters[i]) for i in present]
     masters = [half.masters[i] for i in present]
-    grads = [half.copies[i].grad if half.copies[i].grad.is_contiguous() else half.copies[i].grad.contiguous()
-             for i in present]
     states = [_state_of(opt, m, opt.param_groups[half.groups[i]]) for m, i in zip(masters, present)]
     others = [p.grad for p in half.others if p.grad is not None]
     coef = half.one
@@ -183,13 +241,15 @@ def half_student_update(setup, tables: Optional[AddressTables] = None) -> None:
                        [s["step"] for s in states], grads, [half.copies[i] for i in present],
                        [half.groups[i] for i in present], half.lrs, half.weight_decays, group0["betas"],
                        group0["eps"], coef, tables)
-    if others:
-        opt.step()  # the masters have no .grad: torch's step takes the other parameters alone
-    setup.scaler.update()  # no loss scaling here: a no-op, kept as optimizer_update's order
-    opt.zero_grad(set_to_none=True)
+    for m in masters:
+        m.grad = None  # updated above: torch's step below must not take them again
     for c in half.copies:
         c.grad = None
+    opt.step()  # the other parameters (and the optimizer's hooks, as every step without the copy)
+    setup.scaler.update()  # no loss scaling here: a no-op, kept as optimizer_update's order
+    opt.zero_grad(set_to_none=True)
     half.versions = tensor_versions(half.masters)  # the twin writes in place: not an outside change
 
 
-__all__ = ["half_student_blocker", "half_student_active", "HalfStudent", "step_student", "half_student_update"]
+__all__ = ["half_student_blocker", "half_student_active", "HalfStudent", "step_student", "half_student_update",
+           "half_student_take_gradients"]

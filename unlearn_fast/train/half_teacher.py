@@ -63,6 +63,8 @@ def with_half_gemm_weights(teacher: nn.Module, dtype: torch.dtype = torch.bfloat
              for i, t in gemm.items() if i not in shared]  # a weight tied to a non-GEMM module stays shared
     memo = dict(shared)
     memo.update((id(src), dst) for src, dst in pairs)
+    for m in teacher.modules():  # hooks registered on the module later run on the copy too, as without it
+        memo.update((id(v), v) for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict))
     half = copy.deepcopy(teacher, memo)
     if not trainable:
         half.eval()
@@ -76,11 +78,12 @@ def _refresh(half: nn.Module) -> None:
         dst.copy_(src)
 
 
-def refuse_in_capture(what: str) -> None:
+def refuse_in_capture(what: str, changed: str = "the teacher") -> None:
     """Inside a CUDA-graph capture the copy's kernels would be recorded, not run: the graph would replay them every
-    step and the copy would hold garbage until then. The graphed step makes the copy before it captures."""
+    step and the copy would hold garbage until then. The graphed step makes the copy before it captures.
+    ``changed``: what changed since (the teacher; the student copy passes its own)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"{what} during a CUDA-graph capture: the teacher changed after the graphed step was "
+        raise RuntimeError(f"{what} during a CUDA-graph capture: {changed} changed after the graphed step was "
                            "built; build the graphed step again")
 
 

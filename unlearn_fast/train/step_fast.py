@@ -23,7 +23,7 @@ from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .fast_path_switches import fast_path_switches
 from .folded_clip import fast_optimizer_update
-from .half_student import step_student
+from .half_student import half_student_take_gradients, step_student
 from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast
 from .seeding import seed_step_globals, step_generator
@@ -109,5 +109,7 @@ def fast_step(setup: UnlearnSetup, images: torch.Tensor, is_forget_cpu: torch.Te
     setup.scaler.scale(out.loss / setup.accum_iter).backward()
     if update:
         fast_optimizer_update(setup)
+    else:
+        half_student_take_gradients(setup)  # an accumulation's gradients live on the student's own weights
     return StepOutput(out.loss.detach(), out.retain.detach(), out.forget.detach())
 
