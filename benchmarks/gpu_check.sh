@@ -9,7 +9,8 @@
 # Files written (19; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
 #   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_rows.jsonl, bench_update_forms.json,
 #   bench_variants_mage.json, bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json,
-#   precision.json, profile.txt, profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt
+#   precision.json, profile.txt, profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json,
+#   profile_step.txt/.json, summary.txt
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -24,7 +25,7 @@ run_for 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/gpu t
   tests/models/test_mage_attention.py 2>&1 | tail -40 >>"$LOG"
 finish_extension_build 120
 
-phase "GPU benchmarks: reference vs fast vs fast bf16, then the A/B variants, each group its own JSON"
+phase "GPU benchmarks: reference vs fast vs fast bf16, then the opt-in update forms, each group its own JSON"
 # pytest-benchmark writes a JSON only when its run ends: a group cut short by its cap loses only its own figures,
 # so the groups go in the order the open targets need them
 run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
@@ -35,23 +36,15 @@ run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_st
 run_for 80 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
   -k "gpu and (half_student or fold_clip)" --benchmark-json="$OUT/bench_update_forms.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
-# MAGE: shared tokenizer, unfused norms, NCHW, explicit attention, unfused add + LayerNorm, unpadded conv_in,
-# torch's add + pool
-run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "mage_variants and not half_student" \
-  --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
-# MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, unfused add + LayerNorm
-run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "gpu and mae_variants and not (half_student or fold_clip)" \
-  --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "loss / noise kernels: eager vs graph-replayed, the kernels alone beside a copy (the bandwidth target)"
 run_for 50 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
   || echo "profile failed" >>"$LOG"
 
-phase "whole-step kernel profile (MAE-L, MAGE-B: fast bf16, fast, reference): time by kernel category, GEMM rate"
+phase "whole-step kernel profile (MAE-L, MAGE-B: fast bf16 with and without half_student, fast, reference): GEMM rate"
 # the open targets first (run 3's 60 s cap ended before the MAE-L bf16 profile, listed last then)
-run_for 60 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base --variants fast_bf16,fast,reference \
+run_for 75 python3 benchmarks/profile_step.py --configs gpu_mae_large,gpu_mage_base \
+  --variants fast_bf16,fast_bf16_half_student,fast,reference \
   --out "$OUT/profile_step.txt" >/dev/null 2>>"$LOG" \
   || echo "step profile failed or was cut short" >>"$LOG"
 
@@ -63,6 +56,17 @@ run_for 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_ste
 phase "precision deviation (bf16 vs reference)"
 run_for 45 python3 benchmarks/precision_deviation.py --device cuda --model mae_vit_base_patch16 --steps 20 --batch 16 \
   --out "$OUT/precision.json" >/dev/null 2>>"$LOG" || echo "precision check failed" >>"$LOG"
+
+phase "the defaults' A/B variants (each timed in run 3; after the open targets' phases)"
+# MAGE: shared tokenizer, unfused norms, NCHW, explicit attention, unfused add + LayerNorm, unpadded conv_in,
+# torch's add + pool
+run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "mage_variants and not half_student" \
+  --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
+# MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, unfused add + LayerNorm
+run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "gpu and mae_variants and not (half_student or fold_clip)" \
+  --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "the fused norms and pool at the models' shapes; the loss / noise ops through the op layer"
 fused_op_profiles

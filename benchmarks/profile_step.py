@@ -127,16 +127,19 @@ def main(argv=None) -> int:
         return 0
     torch.backends.cudnn.benchmark = True  # as the benchmarks and the reference trainer
     results = []
+    for cfg_name in args.configs.split(","):
+        if cfg_name not in GPU_CONFIGS:
+            raise SystemExit(f"unknown --configs entry {cfg_name!r}; valid: {', '.join(GPU_CONFIGS)}")
     with open(args.out, "w") as f, contextlib.redirect_stdout(f):
         for cfg_name in args.configs.split(","):
-            if cfg_name not in GPU_CONFIGS:
-                raise SystemExit(f"unknown --configs entry {cfg_name!r}; valid: {', '.join(GPU_CONFIGS)}")
             for variant in args.variants.split(","):
                 results.append(report(f"{cfg_name} {variant}",
                                       kernel_times(eager_runner(GPU_CONFIGS[cfg_name], variant), args.steps)))
                 torch.cuda.empty_cache()
-    with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+                # each profile on disk as it ends: a cap that stops the script keeps the ones before
+                f.flush()
+                with open(args.out.rsplit(".", 1)[0] + ".json", "w") as js:
+                    json.dump(results, js, indent=1)
     return 0
 
 
