@@ -142,7 +142,8 @@ def _check_tables(addresses: torch.Tensor, numels: torch.Tensor, chunk_tensor: t
     check_launch_device(interpreted(_adamw_copy_kernel), addresses.device, "the tables are")
     t = numels.shape[0]
     if addresses.dtype != torch.int64 or tuple(addresses.shape) != (len(ADAMW_ROLES), t):
-        raise ValueError(f"addresses must be int64 [{len(ADAMW_ROLES)}, {t}], got {addresses.dtype} {tuple(addresses.shape)}")
+        raise ValueError(f"addresses must be int64 [{len(ADAMW_ROLES)}, {t}], got {addresses.dtype} "
+                         f"{tuple(addresses.shape)}")
     if chunk_tensor.shape != chunk_start.shape or chunk_tensor.dim() != 1:
         raise ValueError("chunk_tensor and chunk_start must be 1-D of one length")
 

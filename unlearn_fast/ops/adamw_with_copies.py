@@ -89,6 +89,8 @@ class AddressTables:
 def is_dense(t: torch.Tensor) -> bool:
     """``t``'s elements fill one run of memory without gaps or overlaps, in some order of its dimensions
     (contiguous, channels_last, a transpose): a kernel can walk its ``numel`` elements from ``data_ptr``."""
+    if t.is_contiguous():  # the common case, without walking the strides in Python
+        return True
     dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
     expected = 1
     for stride, size in dims:
@@ -108,9 +110,11 @@ def _check_list(name: str, tensors, like: List[torch.Tensor], dtypes) -> torch.d
         if not torch.is_tensor(t):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
         if t.shape != p.shape or t.device != p.device:
-            raise ValueError(f"{name}[{i}] is {tuple(t.shape)} on {t.device}, its weight {tuple(p.shape)} on {p.device}")
+            raise ValueError(f"{name}[{i}] is {tuple(t.shape)} on {t.device}, its weight {tuple(p.shape)} on "
+                             f"{p.device}")
         if t.dtype not in dtypes or (dtype is not None and t.dtype != dtype):
-            raise TypeError(f"{name} must be one dtype of {', '.join(str(d) for d in dtypes)}; {name}[{i}] is {t.dtype}")
+            raise TypeError(f"{name} must be one dtype of {', '.join(str(d) for d in dtypes)}; {name}[{i}] is "
+                            f"{t.dtype}")
         if not is_dense(t):
             raise ValueError(f"{name}[{i}] must be dense (no gaps or overlaps: the kernels walk it as one run)")
         if t.stride() != p.stride() and t.numel() > 1:

@@ -18,6 +18,7 @@ import torch
 
 from ..ops.adamw_with_copies import AddressTables
 from .half_student import half_student_active, half_student_update
+from .optimizer import clip_coefficient
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
@@ -46,7 +47,7 @@ def fast_optimizer_update(setup: UnlearnSetup, copy_tables: Optional[AddressTabl
     if grads:
         # the norm and coefficient exactly as clip_grad_norm_ computes them
         total = torch.nn.utils.get_total_norm(grads, 2.0)
-        coef = torch.clamp(setup.grad_clip / (total + 1e-6), max=1.0)
+        coef = clip_coefficient(total, setup.grad_clip)
         opt.grad_scale = torch.reciprocal(coef).to(torch.float32)  # AdamW: g / grad_scale = g * coef
     try:
         opt.step()

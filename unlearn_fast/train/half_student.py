@@ -39,6 +39,7 @@ from torch import nn
 
 from ..ops.adamw_with_copies import AddressTables, adamw_with_copies_, grad_sum_of_squares, is_dense
 from .half_teacher import refuse_in_capture, tensor_storages, tensor_versions, with_half_gemm_weights
+from .optimizer import clip_coefficient
 from .precision import student_dtype
 
 _said = set()
@@ -227,7 +228,7 @@ def half_student_update(setup, tables: Optional[AddressTables] = None) -> None:
         squares = grad_sum_of_squares(grads, tables).to(half.one.device)
         if others:
             squares = squares + torch.stack(torch._foreach_norm(others, 2.0)).float().pow(2).sum()
-        coef = torch.clamp(setup.grad_clip / (squares.sqrt() + 1e-6), max=1.0)
+        coef = clip_coefficient(squares.sqrt(), setup.grad_clip)
         if others:
             torch._foreach_mul_(others, coef)
     for i, g in enumerate(opt.param_groups):

@@ -42,3 +42,10 @@ def build_adamw(named_params, lr: float, weight_decay: float, device: torch.devi
     elif device.type == "cuda":
         kwargs["foreach"] = True
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, **kwargs)
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s factor for gradients of global L2 norm ``total_norm`` (a device tensor: no sync):
+    ``min(max_norm / (total_norm + 1e-6), 1)``. The fast updates that scale the gradients inside another pass use
+    it (folded_clip.py, half_student.py)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)

@@ -54,9 +54,9 @@ def check_paper_objective(setup: UnlearnSetup, what: str) -> None:
 def student_and_teacher(setup: UnlearnSetup, images: torch.Tensor, task, is_forget: torch.Tensor,
                         forget_rows: torch.Tensor, draw_noise, cache_enabled: bool = True):
     """``(latent, hidden)`` of one batch, shared by the eager and the CUDA-graph step: the student's front end
-    and encoder under its autocast (the bf16-weight copy where half_student.py applies), and the teacher's pre-norm hidden state of T(image) on retain rows and
-    T(``draw_noise()``) on forget rows under no_grad and its autocast, on a side stream beside the student
-    where a GPU allows (:mod:`.teacher_stream`). ``cache_enabled=False`` inside a CUDA-graph capture."""
+    and encoder under its autocast (the bf16-weight copy where half_student.py applies), and the teacher's
+    pre-norm hidden state of T(image) on retain rows and T(``draw_noise()``) on forget rows under no_grad and its
+    autocast, on a side stream beside the student where a GPU allows (:mod:`.teacher_stream`). ``cache_enabled=False`` inside a CUDA-graph capture."""
     student, teacher, dev = step_student(setup), step_teacher(setup), setup.device
     share = ((setup.share_tokenizer or tokenizer_shared_exactly(setup))
              and front_ends_match(setup.student, setup.teacher))
