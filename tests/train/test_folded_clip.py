@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from unlearn_fast.train.folded_clip import can_fold_clip, fast_optimizer_update
+from unlearn_fast.train.fast_update import fast_optimizer_update
+from unlearn_fast.train.folded_clip import can_fold_clip
 from unlearn_fast.train.optimizer import BETAS, param_groups_weight_decay
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_reference import optimizer_update

@@ -22,7 +22,7 @@ import torch
 
 from unlearn_fast.train import half_student as hs
 from unlearn_fast.train.flat_grads import FlatGrads, split_fast_step, trainable_named_parameters
-from unlearn_fast.train.folded_clip import fast_optimizer_update
+from unlearn_fast.train.fast_update import fast_optimizer_update
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.unlearn_setup import build_setup
 

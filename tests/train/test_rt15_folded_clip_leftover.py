@@ -8,7 +8,8 @@ import copy
 
 import torch
 
-from unlearn_fast.train.folded_clip import can_fold_clip, fast_optimizer_update
+from unlearn_fast.train.fast_update import fast_optimizer_update
+from unlearn_fast.train.folded_clip import can_fold_clip
 from unlearn_fast.train.optimizer import BETAS, param_groups_weight_decay
 from unlearn_fast.train.unlearn_setup import build_setup
 

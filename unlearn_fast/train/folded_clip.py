@@ -7,41 +7,28 @@ scalar as it reads it (``grad_scale``, the hook GradScaler uses), so the scale p
 gradient per update (MAE-L, 303 M fp32 gradients: 1.2 GB, ~0.45 ms on an H100 by bytes) and the scale's launches.
 Arithmetic: ``g / (1/c)`` in place of ``g * c``, the same to within one rounding, and exact when nothing is
 clipped (c = 1). Only where the update has no loss scaling (``--precision bf16`` / ``fp32``: GradScaler's own
-``grad_scale`` would collide) and the optimizer is the fused one (CUDA); elsewhere :func:`fast_optimizer_update`
-is the reference's update.
+``grad_scale`` would collide) and the optimizer is the fused one (CUDA); elsewhere the fast steps run the reference's
+update (:mod:`.fast_update` chooses).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from ..ops.adamw_with_copies import AddressTables
-from .half_student import half_student_active, half_student_update
 from .optimizer import clip_coefficient
-from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
 
 
 def can_fold_clip(setup: UnlearnSetup) -> bool:
-    """Whether :func:`fast_optimizer_update` folds the clip into the optimizer step for ``setup``."""
+    """Whether ``setup``'s fast update folds the clip into the fused optimizer step (:func:`folded_clip_update`)."""
     opt = setup.optimizer
     return (bool(getattr(setup, "fold_clip", False)) and setup.grad_clip is not None
             and not setup.scaler.is_enabled() and all(g.get("fused") for g in opt.param_groups)
             and hasattr(torch.nn.utils, "get_total_norm"))
 
 
-def fast_optimizer_update(setup: UnlearnSetup, copy_tables: Optional[AddressTables] = None) -> None:
-    """The update of the fast and graphed steps: :func:`optimizer_update` (unscale, clip, step, scaler update,
-    zero_grad), with the clip's scale done inside the fused AdamW step where :func:`can_fold_clip`, or
-    :func:`half_student_update` after a step through the bf16-weight student copy (``copy_tables``: a CUDA graph's
-    own address tables). No host sync (CUDA-graph capturable)."""
-    if setup.half_student is not None and half_student_active(setup):
-        half_student_update(setup, copy_tables)
-        return
-    if not can_fold_clip(setup):
-        optimizer_update(setup)
-        return
+def folded_clip_update(setup: UnlearnSetup) -> None:
+    """The reference update (``step_reference.optimizer_update``) for a ``setup`` where :func:`can_fold_clip`: the
+    clip's scale inside the fused AdamW step (``grad_scale = 1 / c``), then the scaler's update and zero_grad. No host sync."""
     opt = setup.optimizer
     grads = [p.grad for p in setup.trainable if p.grad is not None]
     if grads:
@@ -58,4 +45,4 @@ def fast_optimizer_update(setup: UnlearnSetup, copy_tables: Optional[AddressTabl
     opt.zero_grad(set_to_none=True)
 
 
-__all__ = ["can_fold_clip", "fast_optimizer_update"]
+__all__ = ["can_fold_clip", "folded_clip_update"]

@@ -22,7 +22,7 @@ import torch
 from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .fast_path_switches import fast_path_switches
-from .folded_clip import fast_optimizer_update
+from .fast_update import fast_optimizer_update
 from .half_student import half_student_take_gradients, step_student
 from .half_teacher import step_teacher
 from .precision import student_autocast, student_dtype, teacher_autocast

@@ -31,7 +31,7 @@ from ..objective import unlearn_loss_merged_guide
 from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
-from .folded_clip import fast_optimizer_update
+from .fast_update import fast_optimizer_update
 from .half_student import step_student
 from .half_teacher import step_teacher
 from .lr_schedule import set_lr
