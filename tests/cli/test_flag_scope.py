@@ -4,14 +4,17 @@ quiet. Also the MAE fast step end to end at a mask ratio that leaves no patch vi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import pytest
+import torch
 
 from unlearn_fast.cli.flag_scope import FLAG_SCOPES, idle_flags
 from unlearn_fast.cli.main import main
 from unlearn_fast.cli.unlearn_args import build_parser
 
-from tests.helpers import make_class_tree, save_random_pretrained, tf32_settings
+from tests.helpers import make_class_tree, only_run_dir, save_random_pretrained, tf32_settings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,6 +53,8 @@ def test_every_scoped_flag_is_a_cli_flag():
     ("share_tokenizer", "mage", "cpu", "fast", False),
     ("serial_teacher", "mae", "cpu", "fast", True),
     ("serial_teacher", "palette", "cuda", "graphed", False),
+    ("fold_clip", "mae", "cpu", "fast", True),             # torch's fused AdamW of the fold: CUDA here
+    ("half_student_weights", "mae", "cpu", "reference", True),
 ])
 def test_idle_flags(flag, family, device, mode, idle):
     lines = idle_flags(_ns(**{flag: True}), family, device, mode)
@@ -81,6 +86,11 @@ def test_retired_opt_in_flags_are_accepted_and_name_the_default(old, off):
     ("explicit_attention", "mage", "cuda", "bf16", False),
     ("explicit_attention", "mage", "cuda", "fp32", True),    # SDPA only takes half-precision q, k, v
     ("full_patch_embed", "mae", "cpu", "fp32", False),
+    ("fold_clip", "mae", "cuda", "reference", True),         # GradScaler's grad_scale is taken
+    ("fold_clip", "mae", "cuda", "fp32", False),
+    ("half_student_weights", "mage", "cuda", "reference", True),
+    ("half_student_weights", "mae", "cpu", "fp32", True),
+    ("half_student_weights", "mae", "cpu", "bf16", False),   # the CPU runs the update's twin
 ])
 def test_idle_at_precision(flag, family, device, precision, idle):
     lines = idle_flags(_ns(precision, **{flag: True}), family, device, "fast")
@@ -122,3 +132,39 @@ def test_a_retired_opt_in_with_its_off_switch_is_refused(tmp_path, capsys, old, 
     err = capsys.readouterr().err
     assert f"--{old} and --{off} contradict each other" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _trained_weights(run_dir):
+    from unlearn_fast.train.checkpoint import read_checkpoint
+    return read_checkpoint(os.path.join(run_dir, "checkpoint-0.pth"))["model"]
+
+
+def test_cli_half_student_weights_trains_as_without_them(tmp_path, capsys, monkeypatch):
+    """--half_student_weights on the CPU's fast bf16 step: its update ran, the same weights as the run without it
+    to within the update's rounding (one step of 4 images), nothing named idle, and the flag in opt.yaml."""
+    from unlearn_fast.train import fast_update
+    updates = []
+    monkeypatch.setattr(fast_update, "half_student_update",
+                        lambda *a, real=fast_update.half_student_update: updates.append(1) or real(*a))
+    runs = {}
+    for name, extra in (("plain", ()), ("half", ("--half_student_weights",))):
+        argv = _cli_argv(tmp_path / name, "--step", "fast", "--precision", "bf16", "--seed", "3",
+                        "--warmup_epochs", "0", "--forget_alpha", "0.2", *extra)
+        assert main(argv) == 0
+        runs[name] = only_run_dir(tmp_path / name / "out")
+    out = capsys.readouterr().out
+    assert updates == [1]  # the run with the flag, its one step
+    assert "has no effect" not in out and "half_student_weights is off" not in out
+    plain, half = (_trained_weights(runs[k]) for k in ("plain", "half"))
+    assert plain.keys() == half.keys()
+    start = torch.load(tmp_path / "plain" / "pretrained.pth")["model"]
+    moved = 0
+    for key, w in plain.items():
+        assert half[key].dtype == w.dtype  # the fp32 weights are the ones saved
+        step_plain, step_half = w - start[key], half[key] - start[key]
+        # the same AdamW step to within the update's rounding (its size is ~lr per element)
+        assert (step_half - step_plain).norm() <= 1e-4 * step_plain.norm() + 1e-12, key
+        moved += bool(step_plain.any())
+    assert moved > 0  # the step trained something
+    with open(os.path.join(runs["half"], "opt.yaml")) as fh:
+        assert json.load(fh)["half_student_weights"] is True

@@ -21,6 +21,8 @@ FLAG_SCOPES = {
     "nchw_tokenizer": (("mage",), True),
     "unfused_block_norms": (("mae", "mage"), True),
     "full_patch_embed": (("mae",), False),
+    "fold_clip": (None, True),
+    "half_student_weights": (None, False),
 }
 # opt-in flags whose forms became the defaults (H100, 2026-11-27) -> the flag that now turns them off
 RETIRED_OPT_INS = {"channels_last_tokenizer": "nchw_tokenizer", "fused_block_norms": "unfused_block_norms"}
@@ -45,6 +47,11 @@ def _moot_at_precision(flag: str, precision: str, device_type: str) -> Optional[
         return f"with --precision {precision} the teacher reuses the student's tokens anyway"
     if flag == "explicit_attention" and precision == "fp32":
         return "with --precision fp32 the attention is the written-out form anyway"
+    if flag == "fold_clip" and precision == "reference" and device_type == "cuda":
+        return ("with --precision reference on a GPU the update scales the loss, and GradScaler's own grad_scale "
+                "takes the place the clip would fold into")
+    if flag == "half_student_weights" and precision != "bf16":
+        return f"with --precision {precision} the student does not run in bf16 (its bf16 weight copies need --precision bf16)"
     if (flag == "full_patch_embed" and precision == "fp32" and device_type == "cuda"
             and torch.backends.cudnn.allow_tf32 != torch.backends.cuda.matmul.allow_tf32):
         return ("with --precision fp32 on a GPU the patches are embedded with the conv anyway (its TF32 setting "

@@ -182,6 +182,18 @@ def add_fast_path_switches(p: argparse.ArgumentParser) -> None:
                          "checks)")
 
 
+def add_fast_path_opt_ins(p: argparse.ArgumentParser) -> None:
+    """The fast step's opt-in update forms: the same AdamW update to within a rounding, not yet timed on a GPU."""
+    opt = p.add_argument_group("fast-path opt-ins (the same update to within a rounding; not yet the defaults)")
+    opt.add_argument("--fold_clip", action="store_true",
+                     help="fast/graphed steps on a GPU without loss scaling (--precision bf16 or fp32): the gradient "
+                          "clip's scale done inside the fused AdamW step instead of a pass of its own")
+    opt.add_argument("--half_student_weights", action="store_true",
+                     help="fast/graphed steps with --precision bf16: the student's Linear / conv weights kept as bf16 "
+                          "copies that one multi-tensor AdamW kernel writes, so no step casts weights or gradients "
+                          "between fp32 and bf16 (the fp32 weights stay the ones saved and resumed; one process)")
+
+
 def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
                                                         else "Encoder unlearning (main_unlearn.py flags)"),
@@ -189,4 +201,5 @@ def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentP
     add_reference_flags(p, baseline)
     add_fast_flags(p, baseline)
     add_fast_path_switches(p)
+    add_fast_path_opt_ins(p)
     return p

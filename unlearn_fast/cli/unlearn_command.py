@@ -520,6 +520,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         visible_patch_embed=not getattr(args, "full_patch_embed", False),
                         tokenizer_channels_last=not getattr(args, "nchw_tokenizer", False),
                         fuse_block_norms=not getattr(args, "unfused_block_norms", False),
+                        fold_clip=getattr(args, "fold_clip", False),
+                        half_student_weights=getattr(args, "half_student_weights", False),
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     if args.share_tokenizer and ctx.is_main and mode != "reference" and not tokenizer_shared_exactly(setup) \

@@ -28,7 +28,8 @@ def can_fold_clip(setup: UnlearnSetup) -> bool:
 
 def folded_clip_update(setup: UnlearnSetup) -> None:
     """The reference update (``step_reference.optimizer_update``) for a ``setup`` where :func:`can_fold_clip`: the
-    clip's scale inside the fused AdamW step (``grad_scale = 1 / c``), then the scaler's update and zero_grad. No host sync."""
+    clip's scale inside the fused AdamW step (``grad_scale = 1 / c``), then the scaler's update and zero_grad. No host
+    sync."""
     opt = setup.optimizer
     grads = [p.grad for p in setup.trainable if p.grad is not None]
     if grads:
