@@ -91,3 +91,39 @@ def test_the_op_is_a_graph_break_not_traced():
     traced = "\n".join(str(gm.graph) for gm in graphs)
     assert "retain_forget" not in traced and "choose_backend" not in traced
     assert torch.equal(torch.compile(fn, backend="eager")(latent), fn(latent))
+
+
+_FIRST_CALL_UNDER_COMPILE = """
+import sys
+import torch
+import unlearn_fast
+from unlearn_fast.ops import retain_forget_l2_loss
+assert "torch._dynamo" not in sys.modules, "import unlearn_fast loaded dynamo"
+g = torch.Generator().manual_seed(5)
+latent, guide, noise_guide = (torch.randn(4, 3, 8, generator=g) for _ in range(3))
+is_forget = torch.tensor([True, False, True, False])
+graphs = []
+
+def backend(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+
+def fn(x):
+    retain, forget_term = retain_forget_l2_loss(x * 2.0, guide, noise_guide, is_forget)
+    return (retain + forget_term) * 3.0
+
+compiled = torch.compile(fn, backend=backend)(latent)  # the op's first call in this process
+assert len(graphs) == 2 and "retain_forget" not in "".join(str(gm.graph) for gm in graphs), graphs
+assert torch.equal(compiled, fn(latent))
+print("ok")
+"""
+
+
+def test_import_leaves_dynamo_unloaded_and_a_first_call_under_compile_is_a_graph_break():
+    """``import unlearn_fast`` does not import dynamo (~1 s); the graph break is made at the op's first call once
+    dynamo is loaded, also when that first call is inside a compiled function (a fresh process)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL_UNDER_COMPILE], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -5,7 +5,9 @@ says so once. ``UNLEARN_FAST_BACKEND=torch|triton|cext`` forces one (``torch`` i
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import warnings
 from functools import lru_cache
 
@@ -90,9 +92,21 @@ def choose_triton_or_twin(device: torch.device, op: str) -> str:
 def eager_under_compile(op):
     """``op`` as dynamo sees it: a graph break, the op run eagerly. Its backend choice, argument checks and
     kernel launches (Triton, the extension) are host code that dynamo would trace or reject; a compiled function
-    that calls the op gets the op's own results (the ops around it may still be compiled)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(op) if disable is not None else op
+    that calls the op gets the op's own results (the ops around it may still be compiled).
+
+    ``torch.compiler.disable`` imports dynamo (~1 s): it is applied at the first call made once dynamo is loaded
+    (nothing can be compiling before that), so ``import unlearn_fast`` does not pay for it."""
+    disabled = []  # the disabled op, made once
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return op(*args, **kwargs)
+        if not disabled:
+            disable = getattr(getattr(torch, "compiler", None), "disable", None)
+            disabled.append(disable(op) if disable is not None else op)
+        return disabled[0](*args, **kwargs)
+    return run
 
 
 def refuse_double_backward(op: str) -> None:
