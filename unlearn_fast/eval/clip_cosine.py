@@ -12,12 +12,15 @@ from text files as float64 and does not normalise again).
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..train.checkpoint import new_file_mode
 from .layout import ImagePair
 from .preprocess import open_rgb
 
@@ -103,24 +106,59 @@ def clip_cosine_for_pairs(pairs: Sequence[ImagePair], model: torch.nn.Module, pr
     return (paired_cosine_mean(gen, original_embeddings, normalize=given), gen, np.asarray(original_embeddings))
 
 
+def _replace_atomically(path: str, write) -> None:
+    """``write(binary file)`` into a temp file beside ``path``, then ``os.replace``: never a torn file at ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_embeddings(path: str, embeddings: np.ndarray, names: Sequence[str] | None = None) -> None:
-    """Save [N, D] embeddings: ``.txt`` as the reference's ``np.savetxt``, else ``.npy`` (+ names in ``.names``)."""
+    """Save [N, D] embeddings: ``.txt`` as the reference's ``np.savetxt``, else ``.npy`` (+ names in ``.names``).
+
+    Each file is written whole or not at all (an interrupted run leaves the previous file, or none).
+    """
     embeddings = np.asarray(embeddings)
+    if names is not None and len(names) != embeddings.shape[0]:
+        raise ValueError(f"{len(names)} names for {embeddings.shape[0]} embeddings")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".txt"):
-        np.savetxt(path, embeddings)
+        _replace_atomically(path, lambda f: np.savetxt(f, embeddings))
     else:
-        np.save(path, embeddings)
+        _replace_atomically(path, lambda f: np.save(f, embeddings))
     if names is not None:
-        if len(names) != embeddings.shape[0]:
-            raise ValueError(f"{len(names)} names for {embeddings.shape[0]} embeddings")
-        with open(path + ".names", "w") as f:
-            f.write("".join(n + "\n" for n in names))
+        _replace_atomically(path + ".names", lambda f: f.write("".join(n + "\n" for n in names).encode("utf-8")))
 
 
 def load_embeddings(path: str) -> np.ndarray:
-    """[N, D] float64 embeddings from a reference ``.txt`` (np.savetxt) or a ``.npy`` file."""
+    """[N, D] float64 embeddings from a reference ``.txt`` (np.savetxt) or a ``.npy`` file.
+
+    A damaged, empty, non-2-D or non-finite file is a ValueError naming it (e.g. one an interrupted run cut).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embedding file not found: {path}")
-    arr = np.loadtxt(path) if path.endswith(".txt") else np.load(path)
-    return np.atleast_2d(np.asarray(arr, dtype=np.float64))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # loadtxt's "empty input file": reported below
+            arr = np.loadtxt(path, ndmin=2) if path.endswith(".txt") else np.load(path)
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            raise ValueError(f"expected one array, got {type(arr).__name__}")
+        arr = np.atleast_2d(np.asarray(arr, dtype=np.float64))
+    except (ValueError, TypeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read embedding file {path} (damaged, or cut by an interrupted run?): "
+                         f"{type(e).__name__}: {e}") from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"embedding file {path} holds an array of shape {arr.shape}, not embeddings [N, D]")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"embedding file {path} contains NaN or inf")
+    return arr

@@ -16,7 +16,8 @@ Note the CLIP row names the prefix with the integer k (``center_4_``), not k/16:
 ``clip_embed.py`` writes (its name is the embedding file's name minus ``forget_clip_norm_5k.txt``).
 
 Appending is atomic: the old content plus the new rows go to a temporary file in the same folder, which
-then replaces the CSV with ``os.replace``, so a crash never leaves a half-written row.
+then replaces the CSV with ``os.replace``, so a crash never leaves a half-written row. A CSV that is a symbolic
+link gets the rows in its target (the link stays), as with the reference's ``open(name, 'a+')``.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def append_rows_atomic(path: str | os.PathLike, rows: Iterable[str]) -> None:
     for row in rows:
         if not isinstance(row, str) or not row.endswith("\n") or "\n" in row[:-1]:
             raise ValueError(f"each row must be one line ending in a newline, got {row!r}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(os.fspath(path))  # a linked CSV: append to its target, as open(path, "a") would
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     old = b""
     mode = None

@@ -51,6 +51,10 @@ def _check_inputs(generated, originals, labels, forget_digits) -> tuple[torch.Te
         if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != 4:
             raise ValueError(f"{name} must be a float tensor [N, C, H, W], got "
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        bad = (~torch.isfinite(x.detach()).flatten(1).all(1)).sum().item()  # [N] -> count
+        if bad:  # else it surfaces as "probs must be finite" from deep inside the Inception Score
+            raise ValueError(f"{name} has {bad} of {x.shape[0]} images with NaN or inf pixels; "
+                             f"{'the model produced non-finite outputs' if name == 'generated' else 'bad input'}")
     if generated.shape != originals.shape:
         raise ValueError(f"generated and originals must have one shape (pairs), got {tuple(generated.shape)} "
                          f"and {tuple(originals.shape)}")

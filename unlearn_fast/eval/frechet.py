@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["frechet_distance", "feature_statistics", "fid_from_features", "trace_sqrt_product"]
+__all__ = ["frechet_distance", "feature_statistics", "fid_from_features", "trace_sqrt_product", "METHODS"]
 
-_METHODS = ("auto", "scipy", "eigh")
+METHODS = ("auto", "scipy", "eigh")
 
 
 def _as_float64(x: Any, name: str) -> np.ndarray:
@@ -96,8 +96,8 @@ def _scipy_available() -> bool:
 
 def trace_sqrt_product(sigma1: Any, sigma2: Any, *, eps: float = 1e-6, method: str = "auto") -> float:
     """tr(sqrt(sigma1 @ sigma2)) for two [D, D] covariance matrices (see module docstring for ``method``)."""
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     s1 = np.atleast_2d(_as_float64(sigma1, "sigma1"))
     s2 = np.atleast_2d(_as_float64(sigma2, "sigma2"))
     if s1.ndim != 2 or s1.shape[0] != s1.shape[1] or s1.shape != s2.shape:

@@ -10,7 +10,8 @@ Palette (`run.py -p test`): ``<dst>/results/test/0/<mask_ratio:.2f>/{Out_,GT_}<c
 where <class> is a line of ``class.txt`` with "/" -> "_" (the line starts with "/", so it gives "Out_a_...").
 Lines 0-49 are retain classes, 50-99 forget classes.
 
-Pairs are made by file name, never by glob order, and come in a deterministic (sorted) order.
+Pairs are made by file name, never by glob order, and come in a deterministic (sorted) order. A dangling
+link where an image should be is an error: skipping it would silently shrink the set a metric sees.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 __all__ = [
     "SPLITS", "TASKS", "ratio_of", "generated_prefix", "eval_modes", "clip_modes", "generated_path",
     "original_name", "ImagePair", "collect_mage_pairs", "read_class_list", "palette_split_classes",
-    "palette_results_dir", "collect_palette_pairs",
+    "palette_results_dir", "collect_palette_pairs", "check_nonempty_files",
 ]
 
 SPLITS = ("retain", "forget")
@@ -84,6 +85,28 @@ class ImagePair:
     name: str       # original file name (the pairing key)
 
 
+def _is_broken_link(path: str) -> bool:
+    return os.path.islink(path) and not os.path.exists(path)
+
+
+def _refuse_broken_links(broken: list[str], what: str) -> None:
+    """A dangling link is an image that should be there: skipping it would silently shrink the metric's set."""
+    if broken:
+        raise FileNotFoundError(f"{len(broken)} {what} file(s) are broken links (their targets are gone), "
+                                f"e.g. {broken[:3]}; restore the targets or remove the links")
+
+
+def check_nonempty_files(paths, what: str) -> None:
+    """ValueError naming the empty (0-byte) files among ``paths``: what an interrupted write leaves behind.
+
+    A cheap stat per file, so it runs before any network; other undecodable files are found when read.
+    """
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        raise ValueError(f"cannot decode image file(s) among the {what}: {len(empty)} empty (0-byte) file(s), "
+                         f"e.g. {empty[:3]}; was a generation or copy interrupted? Regenerate or remove them")
+
+
 def _require_existing(pairs: list[ImagePair], what: str) -> None:
     missing = [p.original for p in pairs if not os.path.isfile(p.original)]
     if missing:
@@ -101,20 +124,25 @@ def collect_mage_pairs(dst: str, split: str, prefix: str, data_root: str, *,
     split_dir = os.path.join(dst, split)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"no generated {split} folder: {split_dir}")
-    pairs, skipped = [], []
+    pairs, skipped, broken = [], [], []
     for wnid in sorted(os.listdir(split_dir)):
         wnid_dir = os.path.join(split_dir, wnid)
         if wnid.startswith(".") or not os.path.isdir(wnid_dir):  # the reference's glob "*/" skips hidden folders
             continue
         for fname in sorted(os.listdir(wnid_dir)):
             path = os.path.join(wnid_dir, fname)
-            if not fname.startswith(prefix) or not os.path.isfile(path):
+            if not fname.startswith(prefix):
+                continue
+            if not os.path.isfile(path):  # a folder is skipped; a dangling link is an error (below)
+                if _is_broken_link(path):
+                    broken.append(path)
                 continue
             name = fname[len(prefix):]
             if not fnmatch.fnmatchcase(name, name_pattern):
                 skipped.append(fname)
                 continue
             pairs.append(ImagePair(path, os.path.join(data_root, wnid, name), wnid, name))
+    _refuse_broken_links(broken, f"generated {split} {prefix}")
     if not pairs and skipped:  # files are there, but under other names: say so instead of "no images"
         raise FileNotFoundError(
             f"none of the {len(skipped)} generated {split} files with prefix {prefix!r} under {dst} has an original "
@@ -126,7 +154,7 @@ def collect_mage_pairs(dst: str, split: str, prefix: str, data_root: str, *,
 
 def read_class_list(path: str) -> list[str]:
     """Lines of Palette's ``class.txt`` (e.g. ``/a/airfield``), blank lines dropped."""
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark would glue onto the first class
         classes = [line.strip() for line in f if line.strip()]
     if not classes:
         raise ValueError(f"class list {path} is empty")
@@ -162,7 +190,10 @@ def collect_palette_pairs(dst: str, classes: list[str], *, mask_ratio: float = 0
             results = dst  # dst is the results folder itself (what palette-test prints)
         else:
             raise FileNotFoundError(f"no Palette results: neither {results} nor {dst} holds Out_ images")
-    files = sorted(f for f in os.listdir(results) if os.path.isfile(os.path.join(results, f)))
+    listing = sorted(os.listdir(results))
+    _refuse_broken_links([os.path.join(results, f) for f in listing if f.startswith(("Out_", "GT_"))
+                          and _is_broken_link(os.path.join(results, f))], "Palette result")
+    files = [f for f in listing if os.path.isfile(os.path.join(results, f))]
     pairs = []
     for cls in classes:
         tag = cls.replace("/", "_")  # "/a/airfield" -> "_a_airfield"

@@ -25,6 +25,7 @@ from . import csv_rows, layout
 from .clip_cosine import embed_images, paired_cosine_mean, save_embeddings
 from .feature_extractors import (load_cleanfid_inception, load_clip_visual, load_places365_resnet50,
                                  load_torchvision_inception)
+from .frechet import METHODS as FID_METHODS
 from .frechet import fid_from_features
 from .inception_score import inception_score_from_probs
 from .preprocess import cleanfid_input, mage_is_input, places365_is_input, upsample_for_inception
@@ -76,6 +77,40 @@ def _check_csv_target(csv_dir: str, csv_name: str) -> None:
     check_creatable_dir(csv_dir, "csv_dir (--csv_dir)")  # a folder, or one that can be made, and writable
 
 
+def _check_run_args(*, batch_size: int, num_workers: int = 0, splits: int | None = None,
+                    fid_method: str | None = None) -> None:
+    """Flags out of range: one clear error before any network is loaded or image read (not after the first set)."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if not is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    if splits is not None and (not is_int(splits) or splits < 1):
+        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    if fid_method is not None and fid_method not in FID_METHODS:
+        raise ValueError(f"fid_method must be one of {FID_METHODS}, got {fid_method!r}")
+
+
+def _check_row_names(names) -> None:
+    """A first cell the CSV cannot hold (a tab or newline in the folder's path) fails now, not at the first row."""
+    for name in names:
+        csv_rows.format_value(name)
+
+
+def _check_embedding_dir(folder: str, targets) -> None:
+    """The CLIP embeddings go next to the images: a read-only folder fails before any image is embedded."""
+    check_creatable_dir(folder, "the folder the CLIP embeddings are written to")
+    blocked = [t for t in targets if os.path.isdir(t)]
+    if blocked:
+        raise ValueError(f"cannot write CLIP embeddings: {blocked[0]} is a folder")
+
+
+def _check_pair_files(pairs, what: str) -> None:
+    layout.check_nonempty_files([p.generated for p in pairs], f"generated {what}")
+    layout.check_nonempty_files(sorted({p.original for p in pairs}), f"originals of {what}")
+
+
 def _check_counts(n: int, what: str, splits: int | None) -> None:
     """FID needs two images for a covariance; the IS needs one per split (checked before any work)."""
     if n < 2:
@@ -120,6 +155,7 @@ def _mage_plan(dst: str, data_root: str, modes, name_pattern: str, splits: int |
                 raise FileNotFoundError(f"no generated {split} images with prefix {prefix!r} under {dst}")
             if splits is not None:
                 _check_counts(len(pairs), f"{split} {prefix} under {dst}", splits)
+            _check_pair_files(pairs, f"{split} {prefix} images under {dst}")
             plan[(mode, k)][split] = pairs
     _warn_uneven(plan, dst)
     return plan
@@ -191,11 +227,14 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     Inception-v3 score of the generated images. Weights come from local files (see feature_extractors).
     ``allow_pickle`` lets the Inception state dict be unpickled in full (trusted files only).
     ``name_pattern``: the original file names to evaluate (the reference glob; other data: e.g. ``"*"``).
-    Every (mode, ratio) folder is listed and checked (originals present, at least ``splits`` images) before
-    any image is featurised. Rows are appended to ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio).
+    Every (mode, ratio) folder is listed and checked (originals present, at least ``splits`` images, no
+    empty files; flags in range) before any image is featurised. Rows are appended to
+    ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio).
     Returns the rows as dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
     """
+    _check_run_args(batch_size=batch_size, num_workers=num_workers, splits=splits, fid_method=fid_method)
     modes = list(modes) if modes is not None else layout.eval_modes(task)
+    _check_row_names(csv_rows.fid_is_row_name(dst, mode, k) for mode, k in modes)
     _check_csv_target(csv_dir, csv_rows.fid_is_csv_name(task))
     dev = _device(device)
     fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
@@ -231,8 +270,13 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
     """
     if embeddings_format not in ("npy", "txt"):
         raise ValueError(f"embeddings_format must be 'npy' or 'txt', got {embeddings_format!r}")
+    _check_run_args(batch_size=batch_size)
     modes = list(modes) if modes is not None else layout.clip_modes(task)
+    _check_row_names(csv_rows.clip_row_name(img_folder, mode, k) for mode, k in modes)
     _check_csv_target(csv_dir, csv_rows.clip_cosine_csv_name(task))
+    _check_embedding_dir(img_folder, [os.path.join(img_folder, f"{stem}_{split}_clip_norm_5k.{embeddings_format}")
+                                      for stem in [f"{m}_{k}" for m, k in modes] + ["original"]
+                                      for split in layout.SPLITS])
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
     plan = _mage_plan(img_folder, data_root, modes, name_pattern, None)
@@ -276,6 +320,8 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
     """
     if is_model not in ("places365", "inception"):
         raise ValueError(f"is_model must be 'places365' or 'inception', got {is_model!r}")
+    _check_run_args(batch_size=batch_size, num_workers=num_workers, splits=splits, fid_method=fid_method)
+    _check_row_names([dst])
     _check_csv_target(csv_dir, csv_rows.fid_is_csv_name(None))
     split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     plan = {}
@@ -284,6 +330,7 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
         if not plan[split]:
             raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
         _check_counts(len(plan[split]), f"Palette {split} Out_ images under {dst}", splits)
+        _check_pair_files(plan[split], f"Palette {split} images under {dst}")
     dev = _device(device)
     fid_model = load_cleanfid_inception(cleanfid_weights, device=dev)
     classifier = (load_places365_resnet50(places365_weights, device=dev, allow_pickle=allow_pickle)
@@ -304,7 +351,10 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
                           clip_weights: str | None = None, csv_dir: str = ".", device=None,
                           batch_size: int = 64) -> dict:
     """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row."""
+    _check_run_args(batch_size=batch_size)
+    _check_row_names([dst])
     _check_csv_target(csv_dir, csv_rows.clip_cosine_csv_name(None))
+    _check_embedding_dir(dst, [os.path.join(dst, f"{split}_clip_norm.npy") for split in layout.SPLITS])
     split_classes = layout.palette_split_classes(layout.read_class_list(class_list))
     plan = {}
     for split in layout.SPLITS:
@@ -312,6 +362,7 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
                                                    original_root=os.path.join(data_root, "val_256"))
         if not plan[split]:
             raise FileNotFoundError(f"no Palette Out_ images of the {split} classes under {dst}")
+        _check_pair_files(plan[split], f"Palette {split} images under {dst}")
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
     row = {"name": dst}

@@ -34,14 +34,40 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _as_8bit(img: Image.Image, path) -> Image.Image:
+    """8-bit grey for a 16-bit greyscale image (``convert("RGB")`` would clip every value above 255: white).
+
+    16-bit grey PNGs open as "I;16" (older Pillow: "I"); v16 -> round(v16 / 257), which maps 257 * v8 back to
+    v8. Other 32-bit modes ("I" from TIFF, float "F") have no agreed 8-bit range: an error, not a guess.
+    """
+    if img.mode in _GREY16_MODES or (img.mode == "I" and img.format == "PNG"):
+        grey = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey)  # mode "L"
+    if img.mode in ("I", "F"):
+        raise ValueError(f"cannot decode image {path}: a 32-bit {'float' if img.mode == 'F' else 'integer'} "
+                         f"image (mode {img.mode}) has no defined 8-bit brightness; save it as an 8-bit image")
+    return img
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """The fully decoded image as PIL RGB; a missing file: FileNotFoundError, an undecodable one: ValueError."""
+    """The fully decoded image as PIL RGB; a missing file: FileNotFoundError, an undecodable one: ValueError.
+
+    8-bit files convert exactly as PIL's ``convert("RGB")`` (what clean-fid and torchvision do); 16-bit
+    greyscale is reduced to 8 bits first (see :func:`_as_8bit`).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+            return _as_8bit(img, path).convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        if str(e).startswith("cannot decode image"):
+            raise
         raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 

@@ -26,9 +26,13 @@ from typing import Sequence
 
 import numpy as np
 
+from ..train.run_outputs import check_creatable_dir
 from .clip_cosine import load_embeddings
 
-__all__ = ["tsne_embed", "tsne_reference", "conditional_probabilities", "plot_tsne", "run_tsne", "TSNE_LABELS"]
+__all__ = ["tsne_embed", "tsne_reference", "conditional_probabilities", "plot_tsne", "run_tsne", "TSNE_LABELS",
+           "available_memory_bytes"]
+
+_NN_MATRICES = 6  # [N, N] float64 arrays alive at once in either exact backend (distances, P, Q, W, temporaries)
 
 TSNE_LABELS = ("Unlearn-Forget Set", "Unlearn-Retain Set", "Original-Forget Set", "Original-Retain Set")
 
@@ -119,6 +123,30 @@ def _sklearn_available() -> bool:
     return True
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the process could still take (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(n: int) -> None:
+    """Exact t-SNE holds several [N, N] matrices: refuse a size that cannot fit instead of swapping or being killed."""
+    need, free = _NN_MATRICES * 8 * n * n, available_memory_bytes()
+    if free is not None and need > free:
+        raise ValueError(f"exact t-SNE of {n} points needs about {need / 2 ** 20:.0f} MiB ({_NN_MATRICES} [N, N] "
+                         f"float64 matrices), more than the {free / 2 ** 20:.0f} MiB free; use fewer points "
+                         "(tsne: raise --stride; the reference keeps every 100th row)")
+
+
 def tsne_embed(x, *, perplexity: float = 20.0, n_iter: int = 1000, learning_rate: float = 500.0,
                early_exaggeration: float = 4.0, seed: int = 0, backend: str = "auto") -> np.ndarray:
     """2-D t-SNE of x [N, D] (numpy or torch); backend "auto" | "sklearn" | "reference"."""
@@ -135,6 +163,7 @@ def tsne_embed(x, *, perplexity: float = 20.0, n_iter: int = 1000, learning_rate
         raise ValueError(f"backend must be 'auto', 'sklearn' or 'reference', got {backend!r}")
     if backend == "auto":
         backend = "sklearn" if _sklearn_available() else "reference"
+    _check_memory(x.shape[0])
     kw = dict(perplexity=perplexity, n_iter=n_iter, learning_rate=learning_rate,
               early_exaggeration=early_exaggeration, seed=seed)
     if backend == "sklearn":
@@ -145,15 +174,20 @@ def tsne_embed(x, *, perplexity: float = 20.0, n_iter: int = 1000, learning_rate
     return tsne_reference(x, **kw)
 
 
-def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
-              label_names: Sequence[str] = TSNE_LABELS, title: str = "(b) VQ-GAN") -> tuple[str, str]:
-    """Scatter plot of 2-D points coloured by integer labels; writes ``<out_stem>.png`` and ``.pdf``."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("plotting the T-SNE needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
+def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
+              label_names: Sequence[str] = TSNE_LABELS, title: str = "(b) VQ-GAN") -> tuple[str, str]:
+    """Scatter plot of 2-D points coloured by integer labels; writes ``<out_stem>.png`` and ``.pdf``."""
+    plt = _pyplot()
     points = np.asarray(points)
     labels = np.asarray(labels)
     if points.ndim != 2 or points.shape[1] != 2 or labels.shape != (points.shape[0],):
@@ -196,6 +230,7 @@ def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size:
     """
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    check_creatable_dir(os.path.dirname(os.path.abspath(out_stem)), "the T-SNE figure's folder")  # before the work
     original_folder = original_folder or ckpt_folder
     paths = [_find_one(ckpt_folder, f"*_{crop_size}_{split}_clip_norm_5k") for split in ("forget", "retain")]
     for split in ("forget", "retain"):
@@ -213,5 +248,6 @@ def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size:
         raise ValueError(f"t-SNE needs more than 20 points: every {stride}-th row of the four embedding files "
                          f"gives {x.shape[0]} ({', '.join(str(len(s)) for s in sets)}); lower the stride (--stride)")
     labels = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])
+    _pyplot()  # a missing matplotlib is reported before the t-SNE runs, not after
     y = tsne_embed(x, seed=seed, backend=backend)
     return plot_tsne(y, labels, out_stem, title=title)
