@@ -54,8 +54,11 @@ class MaskedAutoencoderViT(nn.Module, I2IModel):
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
         self.in_chans = in_chans
-        mean = torch.tensor(input_mean if input_mean is not None else [0.0] * in_chans).view(1, -1, 1, 1)
-        std = torch.tensor(input_std if input_std is not None else [1.0] * in_chans).view(1, -1, 1, 1)
+        # no checkpoint holds these (non-persistent): real values even when built on meta to be loaded later
+        here = torch.empty(0).device
+        here = torch.device("cpu") if here.type == "meta" else here
+        mean = torch.tensor(input_mean if input_mean is not None else [0.0] * in_chans, device=here).view(1, -1, 1, 1)
+        std = torch.tensor(input_std if input_std is not None else [1.0] * in_chans, device=here).view(1, -1, 1, 1)
         self.register_buffer("input_mean", mean, persistent=False)
         self.register_buffer("input_std", std, persistent=False)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,

@@ -336,8 +336,7 @@ def load_mage_checkpoint(model: MaskedGenerativeEncoderViT, path: str) -> Masked
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, expected a dict")
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    load_state_dict_strict(model, state, f"MAGE checkpoint {path!r}")
+    load_state_dict_strict(model, ckpt, f"MAGE checkpoint {path!r}")  # its 'model' entry, or a bare state dict
     return model
 
 

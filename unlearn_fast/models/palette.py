@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapter import I2IModel, TaskDraw
 from .registry import register_model
-from .state_dict_io import read_checkpoint, state_dict_mismatch
+from .state_dict_io import load_state_dict_strict, read_checkpoint, state_dict_mismatch
 from .palette_unet import UNet, init_palette_weights
 
 SCHEDULE_BUFFERS = ("gammas", "sqrt_recip_gammas", "sqrt_recipm1_gammas", "posterior_log_variance_clipped",
@@ -325,7 +325,7 @@ def load_palette_checkpoint(model: Network, path_or_state: Union[str, os.PathLik
         hint = (" (the model has a teacher the file lacks: load first, then attach_teacher())"
                 if any(k.startswith("teacher_denoise_fn.") for k in model.state_dict() if k not in state) else "")
         raise ValueError(f"{where} does not match the model{hint}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strict(model, state, where)  # a meta-built Network takes the tensors (assign)
     return model
 
 

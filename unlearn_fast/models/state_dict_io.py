@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import warnings
+from collections import Counter
 from typing import Mapping
 
 import torch
@@ -77,10 +79,15 @@ def read_checkpoint(path: str):
     and numpy values (see ``_allowed_globals``); a safetensors file (the trained parameters a run writes beside
     its checkpoints) is read as its dict of tensors. The one reader of every checkpoint (models, unlearning runs,
     Palette states). CheckpointNotFoundError for a missing file, CheckpointError naming the file otherwise."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)  # messages print the path, not PosixPath('...')
     if path and os.path.isdir(path):
         raise CheckpointNotFoundError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not path or not os.path.isfile(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes: an interrupted save "
+                              "or copy?)")
     if _is_safetensors(path):
         return _read_safetensors(path)
     try:
@@ -100,44 +107,181 @@ def read_checkpoint(path: str):
             raise CheckpointError(f"cannot read checkpoint {path!r}: it pickles objects that are not loaded for "
                                   "safety (only tensors, plain values, argparse.Namespace and numpy values are): "
                                   f"{', '.join(unsafe[:5])}; re-save its 'model' state dict alone") from None
-        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or ["(no detail)"])[0])[:300]
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or ["(no detail)"])[0])
+        detail = detail.split(". This is an internal")[0][:300]  # torch's generic advice after a zip error
         if detail.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply
             detail = "its pickled content is not a checkpoint dictionary of tensors and plain values"
         raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
                               f"{type(e).__name__}: {detail}") from None
 
 
+# prefixes a wrapper adds to every key when the wrapped model's state_dict() is saved without unwrapping it
+_WRAPPER_PREFIXES = {"module.": "DDP", "_orig_mod.": "torch.compile"}
+
+
+def _wrapper_prefix(keys) -> str:
+    """The chain of wrapper prefixes every one of ``keys`` starts with ('module._orig_mod.'), or ''."""
+    keys, chain = [str(k) for k in keys], ""
+    while keys:
+        p = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(chain + p) for k in keys)), None)
+        if p is None:
+            break
+        chain += p
+    return chain
+
+
+def _blocks_per_list(keys) -> dict:
+    """{'blocks': 12, 'decoder_blocks': 8, ...}: entries of each numbered module list (up to its first index)."""
+    found: dict = {}
+    for k in keys:
+        m = re.match(r"^(.*?)\.(\d+)\.", str(k))
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return {name: len(idx) for name, idx in found.items()}
+
+
+def _grid(n: int) -> str:
+    """'1+16x16' for a table of 257 positions (cls + a square grid), '8x8' for 64, else ''."""
+    for extra in (1, 0):
+        g = math.isqrt(max(n - extra, 0))
+        if g > 1 and g * g == n - extra:
+            return f"{extra}+{g}x{g}" if extra else f"{g}x{g}"
+    return ""
+
+
+def _size_hints(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list) -> list:
+    """Name the size a file was saved for: its depth and width, or its token grid (another image size)."""
+    hints, pos = [], []
+    for k in mismatched:  # position tables (and index buffers) whose token count alone differs
+        same_rank = own[k].dim() == state[k].dim()
+        dims = [d for d in range(own[k].dim()) if same_rank and own[k].shape[d] != state[k].shape[d]]
+        if "pos" in k.lower() and len(dims) == 1 and (dims[0] < own[k].dim() - 1 or not own[k].is_floating_point()):
+            pos.append((k, dims[0]))
+    if pos:
+        k, dim = pos[0]
+        nf, nm = int(state[k].shape[dim]), int(own[k].shape[dim])
+        gf, gm = _grid(nf), _grid(nm)
+        if gf and gm:
+            hints.append(f"position tables for {nf} = {gf} tokens in the file, {nm} = {gm} in the model "
+                         "(another image or patch size)")
+    pos = [k for k, _ in pos]
+    depth_f, depth_m = _blocks_per_list(state), _blocks_per_list(own)
+    sizes = [f"{name}: {depth_f[name]} in the file, {n} in the model" for name, n in depth_m.items()
+             if name in depth_f and depth_f[name] != n]
+    pairs = Counter((int(a), int(b)) for k in mismatched if k not in pos and state[k].dim() == own[k].dim()
+                    for a, b in zip(state[k].shape, own[k].shape) if a != b)
+    if pairs:
+        (wf, wm), _ = pairs.most_common(1)[0]
+        sizes.append(f"width {wf} in the file, {wm} in the model")
+    if sizes:
+        hints.append(f"the file is from another model size ({'; '.join(sizes)})")
+    return hints
+
+
+def _nested_prefix(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """'vqgan.' when every key of the model is in the file under that prefix (a larger model's checkpoint)."""
+    first = next(iter(own), None)
+    for key in (str(k) for k in state):
+        if first is not None and key.endswith("." + first):
+            prefix = key[:-len(first)]
+            if all(prefix + k in state for k in own):
+                return prefix
+    return ""
+
+
 def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list:
-    """Readable parts ("3 missing keys (a, b, c)", ...) describing how ``state`` differs from ``own``; [] if it fits."""
+    """Readable parts ("3 missing keys (a, b, c)", ...) describing how ``state`` differs from ``own``, with a
+    diagnosis where one fits (wrapper prefix, another model or image size, a model nested in the file); []
+    if it fits."""
     missing = [k for k in own if k not in state]
     unexpected = [str(k) for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
 
     def head(xs):
         return ", ".join(xs[:8]) + (f", ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
     parts = [f"{len(xs)} {label} ({head(xs)})" for label, xs in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs]
-    if missing and unexpected and all(k.startswith("module.") for k in unexpected):
-        parts.append("the file's keys start with 'module.' (saved from a DDP-wrapped model): strip that prefix")
+    prefix = _wrapper_prefix(unexpected) if missing and unexpected else ""
+    if prefix:
+        saved_from = " + ".join(_WRAPPER_PREFIXES[p + "."] for p in prefix.rstrip(".").split("."))
+        parts.append(f"the file's keys start with {prefix!r} (saved from a {saved_from}-wrapped model): "
+                     "strip that prefix")
+    elif missing and unexpected and _nested_prefix(own, state):
+        parts.append(f"every key of the model is in the file under the prefix {_nested_prefix(own, state)!r} "
+                     "(the checkpoint of a larger model that contains this one)")
+    elif parts:
+        parts += _size_hints(own, state, mismatched)
     return parts
 
 
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+def _describe(value) -> str:
+    if isinstance(value, Mapping):
+        return f"dict of {len(value)} entries"
+    return type(value).__name__
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def unwrap_state_dict(ckpt, what: str) -> Mapping[str, torch.Tensor]:
+    """The state dict in a loaded checkpoint: the object itself when every value is a tensor, else its
+    ``'model'`` (the reference's trainers) or ``'state_dict'`` (Lightning) entry. Anything else is one
+    ValueError naming what the file holds (an EMA copy under another key is not taken silently)."""
+    if _is_tensor_dict(ckpt):
+        return ckpt
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{what}: holds a {type(ckpt).__name__}, expected a state dict")
+    for key in ("model", "state_dict"):
+        if _is_tensor_dict(ckpt.get(key)):
+            return ckpt[key]
+    other = [k for k, v in ckpt.items() if not torch.is_tensor(v)]
+    held = ", ".join(f"{str(k)!r} ({_describe(ckpt[k])})" for k in other[:8]) + (", ..." if len(other) > 8 else "")
+    nested = [str(k) for k, v in ckpt.items() if isinstance(v, Mapping) and v and _is_tensor_dict(v)]
+    hint = (f"; its tensors are under {nested[0]!r}, which is not read (only 'model' or 'state_dict' is): "
+            f"re-save {{'model': ckpt[{nested[0]!r}]}} if those are the weights to load" if nested else "")
+    raise ValueError(f"{what}: not a state dict of tensors, and no 'model' or 'state_dict' entry holds one; "
+                     f"it holds {held}{hint}")
+
+
+def _fresh_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in new contiguous memory of ``dtype``: a tensor the model owns alone (no aliasing of the caller's
+    tensors, of another key's storage or of an expanded view)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+def load_state_dict_strict(module: nn.Module, state, what: str) -> None:
     """``load_state_dict(strict=True)`` with one error listing missing, unexpected and mis-shaped keys.
-    A module on the meta device (``with torch.device("meta"): create_model(...)``) is loaded with
-    ``assign=True``: it ends up holding the file's tensors (cast to its own dtypes), with its own
-    ``requires_grad`` flags."""
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{what}: not a state dict of tensors")
+
+    ``state`` may be a checkpoint dict holding the state dict under ``'model'`` or ``'state_dict'``. Tensors
+    without data (meta) and non-finite floating weights (a diverged run) are refused before anything is
+    loaded. A module on the meta device (``with torch.device("meta"): create_model(...)``) is loaded with
+    ``assign=True``: it ends up holding copies of the file's tensors, cast to its own dtypes, with its own
+    ``requires_grad`` flags; a non-persistent buffer that is still meta (no file holds one) is an error."""
+    state = unwrap_state_dict(state, what)
     own = module.state_dict()
     parts = state_dict_mismatch(own, state)
     if parts:
         raise ValueError(f"{what} does not fit {type(module).__name__}: " + "; ".join(parts))
-    # a model built on the meta device takes the file's tensors (assign) instead of copying into nothing; they
-    # are cast to the model's dtypes first, as a copy into a materialised model would (an fp16 file must not
-    # give fp16 master weights)
+    empty = [k for k, v in state.items() if v.is_meta]
+    if empty:
+        raise ValueError(f"{what}: {len(empty)} tensors hold no data (meta tensors: {', '.join(empty[:5])}); "
+                         "a model built on the meta device has no weights to give")
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise ValueError(f"{what}: {len(damaged)} tensors hold NaN or inf values ({', '.join(damaged[:5])}): "
+                         "damaged weights (saved from a diverged run?)")
     assign = any(t.is_meta for t in own.values())
     if assign:
-        state = {k: v.to(own[k].dtype) for k, v in state.items()}
+        left = [n for n, b in module.named_buffers() if b.is_meta and n not in own]
+        if left:
+            raise ValueError(f"{what}: {type(module).__name__} was built on the meta device and its non-persistent "
+                             f"buffers ({', '.join(left[:5])}) are values no checkpoint holds: build it on a "
+                             "real device")
+        # the model takes the file's tensors (assign) instead of copying into nothing: as new memory of the
+        # model's own dtypes (an fp16 file must not give fp16 master weights; a live source must not be shared)
+        state = {k: _fresh_copy(v, own[k].dtype) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=assign)
