@@ -81,7 +81,8 @@ def test_gpu_step_fast_bf16(benchmark, cfg):
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_shared", "fast_unfused", "fast_bf16_unfused", "fast_nchw", "fast_bf16_nchw",
                                      "fast_bf16_explicit_attn", "fast_bf16_plain_blocks", "fast_bf16_unpadded",
-                                     "fast_bf16_nchw_plain_blocks", "fast_bf16_split_pool", "fast_bf16_half_student"])
+                                     "fast_bf16_nchw_plain_blocks", "fast_bf16_split_pool", "fast_bf16_half_student",
+                                     "fast_bf16_deferred_bias"])
 def test_gpu_step_mage_variants(benchmark, variant):
     """MAGE only, each against the default fast step: the opt-in shared tokenisation at reference precision, the
     VQGAN's GroupNorm + swish with torch's ops (what the fused kernel gains), the VQGAN in NCHW instead of
@@ -89,23 +90,25 @@ def test_gpu_step_mage_variants(benchmark, variant):
     out as the official code instead of scaled_dot_product_attention, the ViT blocks' residual adds and
     LayerNorms as torch's ops instead of fused, the VQGAN's RGB conv over its 3 channels instead of 8
     (zero-padded), and each VQGAN level's last residual add and its pool as torch's two ops instead of one fused
-    pass, and the opt-in bf16 student weight copies written by the AdamW kernel; ``fast_bf16_nchw_plain_blocks`` is
-    run 3's default bf16 step."""
+    pass, the opt-in bf16 student weight copies written by the AdamW kernel, and the A/B proj / fc2 biases added in
+    the fused add + LayerNorm; ``fast_bf16_nchw_plain_blocks`` is run 3's default bf16 step."""
     _bench(benchmark, GPU_CONFIGS["gpu_mage_base"], variant, GPU_STEPS, GPU_WARMUP)
 
 
 @needs_gpu
 @pytest.mark.parametrize("variant", ["fast_full_embed", "fast_bf16_full_embed", "fast_bf16_autocast_teacher",
                                      "fast_plain_blocks", "fast_bf16_plain_blocks", "fast_bf16_fold_clip",
-                                     "fast_bf16_half_student"])
+                                     "fast_bf16_half_student", "fast_bf16_deferred_bias",
+                                     "fast_bf16_half_student_deferred_bias"])
 @pytest.mark.parametrize("cfg", [GPU_CONFIGS["gpu_mae_base"], GPU_CONFIGS["gpu_mae_large"]],
                          ids=["gpu_mae_base", "gpu_mae_large"])
 def test_gpu_step_mae_variants(benchmark, cfg, variant):
     """MAE only: the official conv patch embedding of every patch (``--full_patch_embed``) instead of one GEMM
     over the visible patches, (bf16) the teacher casting its fp32 weights on every call instead of the pre-cast
     copy, the residual adds and LayerNorms as torch's ops instead of fused (what each default gains), and (bf16)
-    the opt-in clip folded into the fused AdamW step and the opt-in bf16 student weight copies written by the
-    AdamW kernel (what each would gain)."""
+    the opt-in clip folded into the fused AdamW step, the opt-in bf16 student weight copies written by the
+    AdamW kernel and the A/B proj / fc2 biases added in the fused add + LayerNorm, alone and with the copies (what
+    each would gain)."""
     _bench(benchmark, cfg, variant, GPU_STEPS, GPU_WARMUP)
 
 

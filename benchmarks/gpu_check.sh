@@ -34,8 +34,12 @@ run_for 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_st
 # the opt-in update forms first (MAE-L bf16's 6x target): the bf16 student weight copies written by the AdamW kernel
 # (half_student) and the clip folded into the fused AdamW step, on MAE-L, MAE-B and MAGE-B
 run_for 80 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "gpu and (half_student or fold_clip)" --benchmark-json="$OUT/bench_update_forms.json" \
+  -k "gpu and (half_student or fold_clip) and not deferred_bias" --benchmark-json="$OUT/bench_update_forms.json" \
   --benchmark-columns=median,rounds 2>&1 | tail -10 >>"$LOG"
+# proj / fc2 biases added in the fused add + LayerNorm (A/B, session 17), alone and with the weight copies
+run_for 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
+  -k "gpu and deferred_bias and not gpu_mae_base" --benchmark-json="$OUT/bench_deferred_bias.json" \
+  --benchmark-columns=median,rounds 2>&1 | tail -8 >>"$LOG"
 
 phase "loss / noise kernels: eager vs graph-replayed, the kernels alone beside a copy (the bandwidth target)"
 run_for 50 python3 benchmarks/profile_loss_noise.py --out "$OUT/profile.txt" >/dev/null 2>>"$LOG" \
@@ -61,11 +65,11 @@ phase "the defaults' A/B variants (each timed in run 3; after the open targets' 
 # MAGE: shared tokenizer, unfused norms, NCHW, explicit attention, unfused add + LayerNorm, unpadded conv_in,
 # torch's add + pool
 run_for 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "mage_variants and not half_student" \
+  -k "mage_variants and not (half_student or deferred_bias)" \
   --benchmark-json="$OUT/bench_variants_mage.json" --benchmark-columns=median,rounds 2>&1 | tail -14 >>"$LOG"
 # MAE-B / MAE-L: conv patch embedding, autocast-cast teacher weights, unfused add + LayerNorm
 run_for 70 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_unlearn_step.py \
-  -k "gpu and mae_variants and not (half_student or fold_clip)" \
+  -k "gpu and mae_variants and not (half_student or fold_clip or deferred_bias)" \
   --benchmark-json="$OUT/bench_variants_mae.json" --benchmark-columns=median,rounds 2>&1 | tail -12 >>"$LOG"
 
 phase "the fused norms and pool at the models' shapes; the loss / noise ops through the op layer"

@@ -85,6 +85,7 @@ VARIANT_WORDS = {
     "split_pool": "a VQGAN level's last residual add and its 2x2 pool as torch's two ops (no fused pass)",
     "fold_clip": "the clip's scale inside the fused AdamW step (opt-in fold_clip: bf16 / fp32, no loss scaling)",
     "half_student": "the student's GEMM weights as bf16 copies the AdamW kernel writes (opt-in half_student_weights)",
+    "deferred_bias": "proj's and fc2's biases added in the fused add + LayerNorm, not their GEMMs (defer_branch_bias)",
 }
 
 
@@ -120,6 +121,7 @@ def setup_for_variant(cfg: StepConfig, variant: str, capturable: bool = False):
     setup.fuse_residual_pools = "split_pool" not in w
     setup.fold_clip = "fold_clip" in w
     setup.half_student_weights = "half_student" in w
+    setup.defer_branch_bias = "deferred_bias" in w
     return setup
 
 

@@ -219,8 +219,10 @@ def test_teacher_on_side_stream_equals_sequential_teacher(model, precision, grap
     assert max(diffs) <= 1e-6, max(diffs)
 
 
+# the default forms, and the A/B biases added in the fused add + LayerNorm (against the default without them)
 _FORMS = [("mae_micro", "fuse_block_norms"), ("mage_micro", "fuse_block_norms"),
-          ("mage_micro", "tokenizer_channels_last")]
+          ("mage_micro", "tokenizer_channels_last"), ("mae_micro", "defer_branch_bias"),
+          ("mage_micro", "defer_branch_bias")]
 
 
 def _form_run(model, precision, graphed, **knobs):

@@ -104,8 +104,9 @@ def test_forward_and_backward_match_float64(device, shape, x_dtype, branch_dtype
     g = torch.Generator().manual_seed(1)
     grad_h = _randn(shape, out_dtype, g, device=device)
     grad_s = None if branch is None else _randn(shape, s.dtype, g, device=device)
-    grad_x, grad_branch, grad_w, grad_b = add_layer_norm_backward(
+    grad_x, grad_branch, grad_w, grad_b, grad_bb = add_layer_norm_backward(
         grad_h, grad_s, s, w, mean, rstd, x_dtype, branch_dtype, True, True, b.dtype, programs=2)
+    assert grad_bb is None  # not asked
     g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, grad_s)
     assert grad_x.dtype == x_dtype and grad_w.dtype == w.dtype and grad_b.dtype == b.dtype
     assert_close_report(grad_x, g_s64, **TOL[x_dtype], name="grad_x")
@@ -126,7 +127,7 @@ def test_missing_weight_or_bias(device, affine):
     s, h, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, F32)
     assert_close_report(h, _norm64(s, w, b)[0], **TOL[F32], name=f"h {affine}")
     grad_h = _randn(shape, F32, torch.Generator().manual_seed(4), device=device)
-    grad_x, grad_branch, grad_w, grad_b = add_layer_norm_backward(
+    grad_x, grad_branch, grad_w, grad_b, _ = add_layer_norm_backward(
         grad_h, None, s, w, mean, rstd, F32, BF16, w is not None, b is not None, None if b is None else b.dtype)
     g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, None)
     assert_close_report(grad_x, g_s64, **TOL[F32], name="grad_x")
@@ -146,7 +147,8 @@ def test_half_precision_parameters(device, param_dtype):
     s, h, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, BF16)
     assert_close_report(h, _norm64(s, w, b)[0], **TOL[BF16], name="h")
     grad_h = _randn(shape, BF16, torch.Generator().manual_seed(6), device=device)
-    _, _, grad_w, grad_b = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, None, None, True, True, b.dtype)
+    _, _, grad_w, grad_b, _ = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, None, None, True, True,
+                                                      b.dtype)
     _, g_w64, g_b64 = _grads64(s, w, b, grad_h, None)
     assert grad_w.dtype == grad_b.dtype == param_dtype
     assert_close_report(grad_w, g_w64, **TOL[param_dtype], name="grad_weight")
@@ -164,6 +166,7 @@ def test_only_the_requested_gradients(device, wanted):
                                     BF16 if wanted == "branch" else None, want_w, want_b, b.dtype)
     g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, None)
     expected = dict(x=g_s64, branch=g_s64, weight=g_w64, bias=g_b64)
+    assert grads[4] is None  # branch_bias's: not asked
     for name, got in zip(("x", "branch", "weight", "bias"), grads):
         asked = name == wanted or (wanted == "params" and name in ("weight", "bias"))
         assert (got is not None) == asked, name
@@ -181,13 +184,15 @@ def test_backward_grid_sizes_agree_and_are_deterministic(device, programs):
         s, _, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, F32)
         g = torch.Generator().manual_seed(10)
         grad_h, grad_s = _randn(shape, F32, g, device=device), _randn(shape, F32, g, device=device)
-        first = add_layer_norm_backward(grad_h, grad_s, s, w, mean, rstd, F32, F32, True, True, F32, programs=programs)
-        again = add_layer_norm_backward(grad_h, grad_s, s, w, mean, rstd, F32, F32, True, True, F32, programs=programs)
+        first, again = (add_layer_norm_backward(grad_h, grad_s, s, w, mean, rstd, F32, F32, True, True, F32,
+                                                branch_bias_dtype=F32, programs=programs) for _ in range(2))
         assert all(torch.equal(a, b_) for a, b_ in zip(first, again))  # fixed order, no atomics
         g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, grad_s)
         assert_close_report(first[0], g_s64, **TOL[F32], name=f"grad_x {shape} programs={programs}")
         assert_close_report(first[2], g_w64, **TOL[F32], name=f"grad_weight {shape} programs={programs}")
         assert_close_report(first[3], g_b64, **TOL[F32], name=f"grad_bias {shape} programs={programs}")
+        assert_close_report(first[4], g_s64.sum(0), rtol=1e-5, atol=1e-5 * shape[0],
+                            name=f"grad_branch_bias {shape} programs={programs}")
 
 
 @pytest.mark.parametrize("d", [96, 768])
@@ -206,7 +211,8 @@ def test_large_mean_rows_keep_their_variance(device, d):
     var64 = 1.0 / rstd64.cpu() ** 2 - EPS
     assert ((one_pass.cpu().double() - var64).abs() / var64).max() > 1e-2
     grad_h = _randn(shape, F32, torch.Generator().manual_seed(12), device=device)
-    grad_x, _, grad_w, grad_b = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, F32, None, True, True, F32)
+    grad_x, _, grad_w, grad_b, _ = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, F32, None, True, True,
+                                                           F32)
     g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, None)
     # xhat = (s - mean) * rstd carries the fp32 mean's rounding: an absolute error of 2 ulp(1e4) * rstd
     xhat_err = 2 * ulp * rstd64.max().item()
@@ -226,7 +232,8 @@ def test_constant_rows_give_the_bias_and_no_nan(device):
     assert_close_report(h, b.expand(3, 7), **TOL[F32])
     assert_close_report(rstd, torch.full((3,), EPS ** -0.5), rtol=1e-6, atol=0.0)
     grad_h = torch.ones(3, 7, device=device)
-    grad_x, _, grad_w, grad_b = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, F32, None, True, True, F32)
+    grad_x, _, grad_w, grad_b, _ = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, F32, None, True, True,
+                                                           F32)
     g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, None)
     assert torch.isfinite(grad_x).all()
     assert_close_report(grad_x, g_s64, rtol=1e-5, atol=1e-5 * EPS ** -0.5)
@@ -239,7 +246,8 @@ def test_empty_input(device):
     w = torch.ones(16, device=device)
     s, h, mean, rstd = add_layer_norm_forward(x, x.clone(), w, None, EPS, BF16)
     assert s.shape == h.shape == (0, 5, 16) and h.dtype == BF16 and mean.shape == rstd.shape == (0,)
-    grad_x, grad_branch, grad_w, grad_b = add_layer_norm_backward(h, None, s, w, mean, rstd, F32, F32, True, True)
+    grad_x, grad_branch, grad_w, grad_b, _ = add_layer_norm_backward(h, None, s, w, mean, rstd, F32, F32, True,
+                                                                     True)
     assert grad_x.shape == (0, 5, 16) and grad_branch is grad_x
     assert torch.equal(grad_w, torch.zeros(16, device=device)) and torch.equal(grad_b, torch.zeros(16, device=device))
 
@@ -258,7 +266,7 @@ def test_tile_and_grid_heuristics():
             assert 1 <= programs <= min(asked, tiles)
             assert (programs - 1) * per_program < tiles <= programs * per_program  # no empty program
     assert _backward_programs(cpu, 1000, 64, None) == 4  # the interpreter's default grid
-    assert _backward_programs(cpu, 10 ** 6, 8192, 10 ** 6) * 8192 <= 2 ** 30  # int32 offsets into partials
+    assert 3 * _backward_programs(cpu, 10 ** 6, 8192, 10 ** 6) * 8192 <= 2 ** 31  # int32 offsets into partials
 
 
 def test_launchers_reject_bad_input(device):
@@ -290,3 +298,80 @@ def test_launchers_reject_bad_input(device):
         add_layer_norm_backward(h, None, s, None, mean, rstd, F32, None, True, False)
     with pytest.raises(ValueError, match="programs must be an int >= 1"):
         add_layer_norm_backward(h, None, s, w, mean, rstd, F32, None, False, False, programs=0)
+
+
+# (x, branch, branch_bias dtypes): the residual stream's fp32 + a half-precision GEMM output + its fp32 bias (the
+# ViT block), all half precision, and a half bias on an fp32 stream; s's dtype is torch's promotion of the three
+BRANCH_BIAS_DTYPES = [(F32, BF16, F32), (F32, F16, F32), (BF16, BF16, BF16), (F32, F32, BF16), (BF16, BF16, F32)]
+
+
+@pytest.mark.parametrize("x_dtype,branch_dtype,bb_dtype", BRANCH_BIAS_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 33), (4, 3, 96)])
+def test_branch_bias_forward_and_gradients(device, shape, x_dtype, branch_dtype, bb_dtype):
+    """s = (x + branch) + branch_bias summed in fp32 and rounded once to s's dtype; branch_bias's gradient is the rows' sum of
+    s's whole gradient (through the norm and grad_s), in its own dtype; the other gradients are unchanged."""
+    x, branch, w, b = _inputs(shape, x_dtype, branch_dtype, device, seed=21 + sum(shape))
+    g = torch.Generator().manual_seed(22)
+    bb = _randn(shape[-1], bb_dtype, g, std=0.5, device=device)
+    s, h, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, BF16, branch_bias=bb)
+    s_dtype = torch.promote_types(torch.promote_types(x_dtype, branch_dtype), bb_dtype)
+    expected = ((x.float() + branch.float()) + bb.float()).to(s_dtype)
+    assert s.dtype == s_dtype
+    if s_dtype == BF16 and device == "cpu":  # the interpreter truncates fp32 -> bf16
+        assert_close_report(s, expected, rtol=2.0 ** -7, atol=0.0, name="s (bf16, interpreter)")
+    else:
+        assert torch.equal(s, expected)
+    h64, _, _ = _norm64(s, w, b)
+    assert_close_report(h, h64, **TOL[BF16], name="h")
+    grad_h = _randn(shape, BF16, g, device=device)
+    grad_s = _randn(shape, s_dtype, g, device=device)
+    grad_x, grad_branch, grad_w, grad_b, grad_bb = add_layer_norm_backward(
+        grad_h, grad_s, s, w, mean, rstd, x_dtype, branch_dtype, True, True, b.dtype, branch_bias_dtype=bb_dtype,
+        programs=2)
+    g_s64, g_w64, g_b64 = _grads64(s, w, b, grad_h, grad_s)
+    g_bb64 = g_s64.reshape(-1, shape[-1]).sum(0)
+    assert grad_bb.dtype == bb_dtype and grad_bb.shape == (shape[-1],)
+    # fp32 sums of fp32 row terms: the rows' own rtol 1e-5, an atol for sums that cancel near 0
+    tol = TOL[bb_dtype] if bb_dtype != F32 else dict(rtol=1e-5, atol=1e-5 * shape[0])
+    assert_close_report(grad_bb, g_bb64, **tol, name="grad_branch_bias")
+    assert_close_report(grad_x, g_s64, **TOL[x_dtype], name="grad_x")
+    assert_close_report(grad_branch, g_s64, **TOL[branch_dtype], name="grad_branch")
+    assert_close_report(grad_w, g_w64, **TOL[F32], name="grad_weight")
+    assert_close_report(grad_b, g_b64, **TOL[F32], name="grad_bias")
+
+
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_branch_bias_gradient_alone_over_grid_sizes(device, programs):
+    """Only branch_bias's gradient asked (no grad_x, no grad_branch, no norm parameters): still the rows' sum of
+    s's gradient, the same for every grid, deterministic."""
+    shape = (130, 96)
+    x, branch, w, b = _inputs(shape, F32, BF16, device, seed=23)
+    bb = _randn(96, F32, torch.Generator().manual_seed(24), device=device)
+    s, _, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, BF16, branch_bias=bb)
+    grad_h = _randn(shape, BF16, torch.Generator().manual_seed(25), device=device)
+    first = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, None, None, False, False,
+                                    branch_bias_dtype=F32, programs=programs)
+    again = add_layer_norm_backward(grad_h, None, s, w, mean, rstd, None, None, False, False,
+                                    branch_bias_dtype=F32, programs=programs)
+    assert first[:4] == (None,) * 4 and torch.equal(first[4], again[4])
+    g_s64, _, _ = _grads64(s, w, b, grad_h, None)
+    assert_close_report(first[4], g_s64.sum(0), rtol=1e-5, atol=1e-5 * shape[0], name="grad_branch_bias")
+
+
+def test_branch_bias_refused_without_a_branch_or_of_another_width(device):
+    x, branch, w, b = _inputs((2, 8), F32, F32, device, seed=26)
+    with pytest.raises(ValueError, match="branch_bias needs a branch"):
+        add_layer_norm_forward(x, None, w, b, EPS, F32, branch_bias=b)
+    with pytest.raises(ValueError, match=r"branch_bias must have shape \(8,\)"):
+        add_layer_norm_forward(x, branch, w, b, EPS, F32, branch_bias=b[:7])
+    s, h, mean, rstd = add_layer_norm_forward(x, branch, w, b, EPS, F32)
+    with pytest.raises(ValueError, match="branch_bias_dtype"):
+        add_layer_norm_backward(h, None, s, w, mean, rstd, F32, None, False, False, branch_bias_dtype=torch.int32)
+
+
+def test_empty_input_branch_bias_gradient_is_zero(device):
+    x = torch.zeros(0, 16, device=device)
+    bb = torch.ones(16, device=device)
+    s, h, mean, rstd = add_layer_norm_forward(x, x.clone(), None, None, EPS, F32, branch_bias=bb)
+    grads = add_layer_norm_backward(h, None, s, None, mean, rstd, F32, None, False, False, branch_bias_dtype=BF16)
+    assert grads[4].dtype == BF16 and torch.equal(grads[4], torch.zeros(16, dtype=BF16, device=device))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unlearn_fast.models.aligned_conv import aligned_input_conv
-from unlearn_fast.models.fused_blocks import fused_block_norms
+from unlearn_fast.models.fused_blocks import deferred_branch_bias, fused_block_norms
 from unlearn_fast.models.mage_attention import sdpa_attention
 from unlearn_fast.models.visible_patches import visible_patch_embed
 from unlearn_fast.models.vqgan import channels_last_tokenizer, fused_group_norms, fused_residual_pools
@@ -17,9 +17,10 @@ from unlearn_fast.train.fast_path_switches import fast_path_switches
 SWITCHES = {"fuse_tokenizer_norms": fused_group_norms, "pad_tokenizer_input": aligned_input_conv,
             "tokenizer_channels_last": channels_last_tokenizer, "sdpa_attention": sdpa_attention,
             "fuse_block_norms": fused_block_norms, "visible_patch_embed": visible_patch_embed,
-            "fuse_residual_pools": fused_residual_pools}
+            "fuse_residual_pools": fused_residual_pools, "defer_branch_bias": deferred_branch_bias}
 DEFAULTS = dict(fuse_tokenizer_norms=True, pad_tokenizer_input=True, tokenizer_channels_last=True,
-                sdpa_attention=True, fuse_block_norms=True, visible_patch_embed=True, fuse_residual_pools=True)
+                sdpa_attention=True, fuse_block_norms=True, visible_patch_embed=True, fuse_residual_pools=True,
+                defer_branch_bias=False)
 
 
 def _state():
@@ -32,6 +33,13 @@ def _state():
     ("cuda", {"tokenizer_channels_last": False, "fuse_block_norms": False, "sdpa_attention": False,
               "fuse_residual_pools": False},
      {"fuse_tokenizer_norms", "pad_tokenizer_input", "visible_patch_embed"}),
+    ("cuda", {"defer_branch_bias": True}, {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention",
+                                           "visible_patch_embed", "fuse_residual_pools", "tokenizer_channels_last",
+                                           "fuse_block_norms", "defer_branch_bias"}),
+    ("cuda", {"defer_branch_bias": True, "fuse_block_norms": False},  # it lives inside the fused blocks
+     {"fuse_tokenizer_norms", "pad_tokenizer_input", "sdpa_attention", "visible_patch_embed", "fuse_residual_pools",
+      "tokenizer_channels_last"}),
+    ("cpu", {"defer_branch_bias": True}, {"visible_patch_embed"}),
     ("cpu", {}, {"visible_patch_embed"}),
     ("cpu", {"visible_patch_embed": False}, set()),
 ])

@@ -2,7 +2,7 @@
 
 Math, per row of ``x, branch: [rows, D]`` (any leading dims flattened)::
 
-    s = x + branch                     added in fp32, rounded to s's dtype (torch's promotion of the two)
+    s = x + branch (+ branch_bias)     added in fp32, rounded to s's dtype (torch's promotion of the operands)
     mean = sum(s) / D                  fp32, from the rounded s
     var = sum((s - mean)^2) / D        fp32, biased; two passes over the row in registers (no E[s^2] - E[s]^2)
     rstd = 1 / sqrt(var + eps)
@@ -12,13 +12,18 @@ Backward, with ``xhat = (s - mean) * rstd`` and ``dxhat = g_h * weight`` (fp32):
 
     g = g_s + rstd * (dxhat - mean_D(dxhat) - xhat * mean_D(dxhat * xhat))   -> grad_x, grad_branch (own dtypes)
     grad_weight = sum_rows(g_h * xhat), grad_bias = sum_rows(g_h)             fp32, then the parameter's dtype
+    grad_branch_bias = sum_rows(g)                                            fp32, then branch_bias's dtype
+
+``branch_bias: [D]`` (optional) is the bias of the Linear that made ``branch``, added here instead of in that
+GEMM: its gradient is summed over the rows in the same pass as the norm's parameters instead of by a reduction
+(and casts) of its own in the Linear's backward.
 
 Launch shapes. Forward: one program per ROWS adjacent rows, a register tile ``[ROWS, BLOCK_D]`` with
 ``BLOCK_D = next_power_of_2(D)`` and ``ROWS * BLOCK_D`` about 4096 elements (at least one row); it writes s (only
 when branch is given), h and per-row mean and rstd (fp32). Backward: a grid fixed by the shape (a few programs
 per SM on a GPU), each program walks a contiguous block of rows in tiles of ROWS rows, writes grad_x /
-grad_branch and accumulates its rows' grad_weight / grad_bias terms in fp32 registers, stored to a
-``[2, programs, D]`` fp32 partials buffer; a second small kernel sums the partials over programs in a fixed
+grad_branch and accumulates its rows' grad_weight / grad_bias / grad_branch_bias terms in fp32 registers,
+stored to a ``[3, programs, D]`` fp32 partials buffer; a second small kernel sums the partials over programs in a fixed
 order (deterministic, no atomics) and writes them in the parameters' dtypes. No host sync: capturable in a
 CUDA graph.
 
@@ -44,13 +49,14 @@ _PROGRAMS_PER_SM = 2  # backward: enough rows in flight per SM, few partial rows
 _PROGRAMS_OFF_GPU = 4  # backward grid under the interpreter (no SM count)
 _REDUCE_COLS = 64  # partials reduction: columns per program
 _REDUCE_PROGRAMS = 32  # partials reduction: program rows summed per loop step
-_MAX_PARTIALS = 2 ** 30  # elements of one half of the partials buffer: int32 offsets into both halves
+_MAX_PARTIALS = 2 ** 29  # elements of one third of the partials buffer: int32 offsets into all three
 
 
 @triton.jit
-def _add_layer_norm_forward_kernel(x_ptr, branch_ptr, w_ptr, b_ptr, s_ptr, h_ptr, mean_ptr, rstd_ptr, n_rows, D,
-                                   eps, HAS_BRANCH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _add_layer_norm_forward_kernel(x_ptr, branch_ptr, bb_ptr, w_ptr, b_ptr, s_ptr, h_ptr, mean_ptr, rstd_ptr,
+                                   n_rows, D, eps, HAS_BRANCH: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr,
+                                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                                   BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     row_ok = rows < n_rows
@@ -60,6 +66,8 @@ def _add_layer_norm_forward_kernel(x_ptr, branch_ptr, w_ptr, b_ptr, s_ptr, h_ptr
     s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BRANCH:
         s = s + tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BRANCH_BIAS:
+            s = s + tl.load(bb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         s_stored = s.to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + offs, s_stored, mask=mask)
         s = s_stored.to(tl.float32)  # the statistics of the s the caller sees
@@ -81,10 +89,10 @@ def _add_layer_norm_forward_kernel(x_ptr, branch_ptr, w_ptr, b_ptr, s_ptr, h_ptr
 def _add_layer_norm_backward_kernel(gh_ptr, gs_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, gbranch_ptr,
                                     partial_ptr, n_rows, D, rows_per_program, HAS_GS: tl.constexpr,
                                     HAS_WEIGHT: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GBRANCH: tl.constexpr,
-                                    GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                                    BLOCK_D: tl.constexpr):
-    # program p: rows [p * rows_per_program, +rows_per_program) in tiles of ROWS; partial[0 / 1, p, :] its
-    # rows' grad_weight / grad_bias terms (rows_per_program is a multiple of ROWS)
+                                    GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
+                                    GRAD_BRANCH_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program p: rows [p * rows_per_program, +rows_per_program) in tiles of ROWS; partial[0 / 1 / 2, p, :] its
+    # rows' grad_weight / grad_bias / grad_branch_bias terms (rows_per_program is a multiple of ROWS)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -92,6 +100,7 @@ def _add_layer_norm_backward_kernel(gh_ptr, gs_ptr, s_ptr, w_ptr, mean_ptr, rstd
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_D]
     dw_acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     db_acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+    dbb_acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     start = pid * rows_per_program
     stop = tl.minimum(start + rows_per_program, n_rows)
     for r0 in range(start, stop, ROWS):
@@ -108,7 +117,7 @@ def _add_layer_norm_backward_kernel(gh_ptr, gs_ptr, s_ptr, w_ptr, mean_ptr, rstd
             dw_acc += gh * xhat
         if GRAD_BIAS:
             db_acc += gh
-        if WRITE_GX or WRITE_GBRANCH:
+        if WRITE_GX or WRITE_GBRANCH or GRAD_BRANCH_BIAS:
             dxhat = gh
             if HAS_WEIGHT:
                 dxhat = gh * w
@@ -117,6 +126,8 @@ def _add_layer_norm_backward_kernel(gh_ptr, gs_ptr, s_ptr, w_ptr, mean_ptr, rstd
             g = rstd * (dxhat - c_dxhat - xhat * c_xhat)
             if HAS_GS:
                 g = g + tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if GRAD_BRANCH_BIAS:
+                dbb_acc += tl.where(mask, g, 0.0)
             if WRITE_GX:
                 tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
             if WRITE_GBRANCH:
@@ -127,17 +138,22 @@ def _add_layer_norm_backward_kernel(gh_ptr, gs_ptr, s_ptr, w_ptr, mean_ptr, rstd
     if GRAD_BIAS:
         bias_half = tl.num_programs(0) * D  # partial[1]: programs * D < 2^31 (a few per SM, D <= 8192)
         tl.store(partial_ptr + bias_half + slot, tl.sum(db_acc, axis=0), mask=col_ok)
+    if GRAD_BRANCH_BIAS:
+        tl.store(partial_ptr + 2 * tl.num_programs(0) * D + slot, tl.sum(dbb_acc, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _add_layer_norm_param_grad_kernel(partial_ptr, dw_ptr, db_ptr, programs, D, GRAD_WEIGHT: tl.constexpr,
-                                      GRAD_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    # columns [pid * BLOCK_COLS, +BLOCK_COLS): dw[c] = sum_p partial[0, p, c], db[c] = sum_p partial[1, p, c]
+def _add_layer_norm_param_grad_kernel(partial_ptr, dw_ptr, db_ptr, dbb_ptr, programs, D, GRAD_WEIGHT: tl.constexpr,
+                                      GRAD_BIAS: tl.constexpr, GRAD_BRANCH_BIAS: tl.constexpr,
+                                      BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # columns [pid * BLOCK_COLS, +BLOCK_COLS): dw[c] = sum_p partial[0, p, c], db[c] = sum_p partial[1, p, c],
+    # dbb[c] = sum_p partial[2, p, c]
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < D
     ps = tl.arange(0, BLOCK_P)
     dw_acc = tl.zeros((BLOCK_P, BLOCK_COLS), tl.float32)
     db_acc = tl.zeros((BLOCK_P, BLOCK_COLS), tl.float32)
+    dbb_acc = tl.zeros((BLOCK_P, BLOCK_COLS), tl.float32)
     for p0 in range(0, programs, BLOCK_P):
         mask = (p0 + ps < programs)[:, None] & col_ok[None, :]
         offs = (p0 + ps)[:, None] * D + cols[None, :]  # int32: programs * D is small
@@ -145,10 +161,14 @@ def _add_layer_norm_param_grad_kernel(partial_ptr, dw_ptr, db_ptr, programs, D, 
             dw_acc += tl.load(partial_ptr + offs, mask=mask, other=0.0)
         if GRAD_BIAS:
             db_acc += tl.load(partial_ptr + programs * D + offs, mask=mask, other=0.0)
+        if GRAD_BRANCH_BIAS:
+            dbb_acc += tl.load(partial_ptr + 2 * programs * D + offs, mask=mask, other=0.0)
     if GRAD_WEIGHT:
         tl.store(dw_ptr + cols, tl.sum(dw_acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
     if GRAD_BIAS:
         tl.store(db_ptr + cols, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
+    if GRAD_BRANCH_BIAS:
+        tl.store(dbb_ptr + cols, tl.sum(dbb_acc, axis=0).to(dbb_ptr.dtype.element_ty), mask=col_ok)
 
 
 _IN_INTERPRETER = interpreted(_add_layer_norm_forward_kernel)  # fixed when triton defines the kernels
@@ -209,12 +229,14 @@ def _check_d(x: torch.Tensor) -> int:
 
 
 def add_layer_norm_forward(x: torch.Tensor, branch: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype):
+                           bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype,
+                           branch_bias: Optional[torch.Tensor] = None):
     """(s, h, mean, rstd) for ``x, branch: [..., D]`` (branch may be None: then s is x itself, not copied).
 
-    ``s = x + branch`` in torch's promoted dtype of the two, ``h = LayerNorm(s)`` in
-    ``out_dtype``, ``mean, rstd: [rows]`` fp32 (rows = x.numel() / D) for :func:`add_layer_norm_backward`.
-    ``weight, bias: [D]`` or None (identity). No autograd. One launch.
+    ``s = x + branch (+ branch_bias)`` summed in fp32 in that order and rounded once to torch's promoted dtype of
+    the operands, ``h = LayerNorm(s)`` in ``out_dtype``, ``mean, rstd: [rows]`` fp32 (rows = x.numel() / D) for
+    :func:`add_layer_norm_backward`. ``weight, bias, branch_bias: [D]`` or None (identity; branch_bias needs a
+    branch). No autograd. One launch.
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -224,12 +246,16 @@ def add_layer_norm_forward(x: torch.Tensor, branch: Optional[torch.Tensor], weig
     _check_dtype("out_dtype", out_dtype)
     if branch is not None:
         _check_tensor("branch", branch, x.shape, x.device)
-    for name, t in (("weight", weight), ("bias", bias)):
+    elif branch_bias is not None:
+        raise ValueError("branch_bias needs a branch (it is the bias of the layer that made the branch)")
+    for name, t in (("weight", weight), ("bias", bias), ("branch_bias", branch_bias)):
         if t is not None:
             _check_tensor(name, t, (d,), x.device)
     n_rows = x.numel() // d
-    s = x if branch is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype),
-                                             device=x.device)
+    s_dtype = None if branch is None else torch.promote_types(x.dtype, branch.dtype)
+    if branch_bias is not None:
+        s_dtype = torch.promote_types(s_dtype, branch_bias.dtype)
+    s = x if branch is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
     h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -237,8 +263,9 @@ def add_layer_norm_forward(x: torch.Tensor, branch: Optional[torch.Tensor], weig
         return s, h, mean, rstd
     rows, block_d, warps = _tile(d, n_rows)
     _add_layer_norm_forward_kernel[(triton.cdiv(n_rows, rows),)](
-        x, x if branch is None else branch, x if weight is None else weight, x if bias is None else bias, s, h,
-        mean, rstd, n_rows, d, float(eps), HAS_BRANCH=branch is not None, HAS_WEIGHT=weight is not None,
+        x, x if branch is None else branch, x if branch_bias is None else branch_bias,
+        x if weight is None else weight, x if bias is None else bias, s, h, mean, rstd, n_rows, d, float(eps),
+        HAS_BRANCH=branch is not None, HAS_BRANCH_BIAS=branch_bias is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return s, h, mean, rstd
 
@@ -247,13 +274,15 @@ def add_layer_norm_backward(grad_h: torch.Tensor, grad_s: Optional[torch.Tensor]
                             weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                             x_dtype: Optional[torch.dtype], branch_dtype: Optional[torch.dtype],
                             weight_grad: bool, bias_grad: bool, bias_dtype: Optional[torch.dtype] = None, *,
-                            programs: Optional[int] = None):
-    """(grad_x, grad_branch, grad_weight, grad_bias) of :func:`add_layer_norm_forward`; each None when not asked.
+                            branch_bias_dtype: Optional[torch.dtype] = None, programs: Optional[int] = None):
+    """(grad_x, grad_branch, grad_weight, grad_bias, grad_branch_bias) of :func:`add_layer_norm_forward`; each
+    None when not asked.
 
     ``grad_h: [..., D]`` (h's gradient), ``grad_s`` (s's, or None for zeros), ``s``, ``mean``, ``rstd`` from the
     forward. grad_x is written in ``x_dtype`` and grad_branch in ``branch_dtype`` (None: not wanted); when both
     dtypes are equal one tensor is written and returned for both (the same gradient, as torch's add returns).
-    ``weight_grad`` / ``bias_grad`` ask for the parameter gradients (in weight's / ``bias_dtype``, default fp32).
+    ``weight_grad`` / ``bias_grad`` ask for the parameter gradients (in weight's / ``bias_dtype``, default fp32);
+    ``branch_bias_dtype`` (None: not wanted) for branch_bias's, the rows' sum of s's whole gradient.
     ``programs`` overrides the backward grid (tests). Launches: 1, plus 1 for parameter gradients.
     """
     if not torch.is_tensor(s):
@@ -273,7 +302,8 @@ def add_layer_norm_backward(grad_h: torch.Tensor, grad_s: Optional[torch.Tensor]
         _check_tensor("weight", weight, (d,), s.device)
     elif weight_grad:
         raise ValueError("weight_grad needs the weight")
-    for name, dtype in (("x_dtype", x_dtype), ("branch_dtype", branch_dtype), ("bias_dtype", bias_dtype)):
+    for name, dtype in (("x_dtype", x_dtype), ("branch_dtype", branch_dtype), ("bias_dtype", bias_dtype),
+                        ("branch_bias_dtype", branch_bias_dtype)):
         if dtype is not None:
             _check_dtype(name, dtype)
     device = s.device
@@ -286,30 +316,33 @@ def add_layer_norm_backward(grad_h: torch.Tensor, grad_s: Optional[torch.Tensor]
         grad_branch = torch.empty(s.shape, dtype=branch_dtype, device=device)
     grad_weight = torch.empty(d, dtype=weight.dtype, device=device) if weight_grad else None
     grad_bias = torch.empty(d, dtype=bias_dtype or torch.float32, device=device) if bias_grad else None
+    grad_bb = None if branch_bias_dtype is None else torch.empty(d, dtype=branch_bias_dtype, device=device)
     if n_rows == 0:
-        return (grad_x, grad_branch, None if grad_weight is None else grad_weight.zero_(),
-                None if grad_bias is None else grad_bias.zero_())
+        return (grad_x, grad_branch) + tuple(None if t is None else t.zero_()
+                                             for t in (grad_weight, grad_bias, grad_bb))
     rows, block_d, warps = _tile(d, n_rows)
     tiles = triton.cdiv(n_rows, rows)
     n_programs = _backward_programs(device, tiles, d, programs)
     rows_per_program = triton.cdiv(tiles, n_programs) * rows
-    params = weight_grad or bias_grad
-    partial = torch.empty((2, n_programs, d), dtype=torch.float32, device=device) if params else mean
+    params = weight_grad or bias_grad or grad_bb is not None
+    partial = torch.empty((3, n_programs, d), dtype=torch.float32, device=device) if params else mean
     write_gbranch = grad_branch is not None and grad_branch is not grad_x
     _add_layer_norm_backward_kernel[(n_programs,)](
         grad_h, s if grad_s is None else grad_s, s, s if weight is None else weight, mean, rstd,
         s if grad_x is None else grad_x, s if not write_gbranch else grad_branch, partial, n_rows, d,
         rows_per_program, HAS_GS=grad_s is not None, HAS_WEIGHT=weight is not None,
         WRITE_GX=grad_x is not None, WRITE_GBRANCH=write_gbranch,
-        GRAD_WEIGHT=weight_grad, GRAD_BIAS=bias_grad, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        GRAD_WEIGHT=weight_grad, GRAD_BIAS=bias_grad, GRAD_BRANCH_BIAS=grad_bb is not None, ROWS=rows,
+        BLOCK_D=block_d, num_warps=warps)
     if params:
         block_cols = min(_REDUCE_COLS, triton.next_power_of_2(d))
         _add_layer_norm_param_grad_kernel[(triton.cdiv(d, block_cols),)](
-            partial, s if grad_weight is None else grad_weight, s if grad_bias is None else grad_bias, n_programs,
-            d, GRAD_WEIGHT=weight_grad, GRAD_BIAS=bias_grad,
+            partial, s if grad_weight is None else grad_weight, s if grad_bias is None else grad_bias,
+            s if grad_bb is None else grad_bb, n_programs, d, GRAD_WEIGHT=weight_grad, GRAD_BIAS=bias_grad,
+            GRAD_BRANCH_BIAS=grad_bb is not None,
             BLOCK_P=min(_REDUCE_PROGRAMS, triton.next_power_of_2(n_programs)), BLOCK_COLS=block_cols,
             num_warps=2)
-    return grad_x, grad_branch, grad_weight, grad_bias
+    return grad_x, grad_branch, grad_weight, grad_bias, grad_bb
 
 
 __all__ = ["MAX_LAYER_NORM_D", "add_layer_norm_forward", "add_layer_norm_backward"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel_switch import KernelSwitch
+from .vit_blocks import project_out
 
 _HALF = (torch.float16, torch.bfloat16)
 #: inside ``with sdpa_attention():``, MAGE attention on CUDA half-precision inputs runs as
@@ -26,6 +27,7 @@ sdpa_attention = KernelSwitch("unlearn_fast_mage_sdpa_attention")
 
 class MageAttention(nn.Module):
     """Multi-head self-attention with timm's names (``qkv``, ``proj``); see the module docstring."""
+    defers_out_bias = True  # forward(x, out_bias=False): proj's bias left to the caller (models.fused_blocks)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -36,7 +38,7 @@ class MageAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, out_bias: bool = True):
         n, t, d = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if sdpa_attention.on() and q.is_cuda and q.dtype in _HALF:
@@ -46,7 +48,7 @@ class MageAttention(nn.Module):
                 attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # [N, H, T, T] fp32
                 attn = (attn - attn.amax(dim=-1, keepdim=True)).softmax(dim=-1)
             out = attn.to(v.dtype) @ v  # [N, H, T, d_h]
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return project_out(self.proj, out.transpose(1, 2).reshape(n, t, d), out_bias)
 
 
 __all__ = ["MageAttention", "sdpa_attention"]

@@ -28,7 +28,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [N, L, D]
 
 
+def project_out(linear: nn.Linear, x: torch.Tensor, out_bias: bool) -> torch.Tensor:
+    """A branch's last Linear: the module itself, or (``out_bias=False``) its GEMM without the bias, which the
+    caller adds where it adds the branch to the residual stream (models.fused_blocks)."""
+    return linear(x) if out_bias else F.linear(x, linear.weight)
+
+
 class Attention(nn.Module):
+    #: ``forward(x, out_bias=False)`` leaves proj's bias for the caller to add (models.fused_blocks)
+    defers_out_bias = True
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -37,25 +46,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, out_bias: bool = True):
         n, l, d = x.shape
         # unbind, not timm's qkv[0], qkv[1], qkv[2]: the same values, but the backward stacks the three grads
         # once instead of zero-filling and summing three [3, N, H, L, d_h] tensors
         q, k, v = self.qkv(x).reshape(n, l, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         # fused SDPA: same math as softmax(q k^T / sqrt(d_h)) v, without materialising the map
         out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, d_h]
-        return self.proj(out.transpose(1, 2).reshape(n, l, d))
+        return project_out(self.proj, out.transpose(1, 2).reshape(n, l, d), out_bias)
 
 
 class Mlp(nn.Module):
+    defers_out_bias = True  # as Attention: fc2's bias
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, out_bias: bool = True):
+        return project_out(self.fc2, self.act(self.fc1(x)), out_bias)
 
 
 class Block(nn.Module):
@@ -109,4 +120,5 @@ def xavier_conv_(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-__all__ = ["PatchEmbed", "Attention", "Mlp", "Block", "sincos_pos_embed_2d", "init_vit_weights", "xavier_conv_"]
+__all__ = ["PatchEmbed", "Attention", "Mlp", "project_out", "Block", "sincos_pos_embed_2d", "init_vit_weights",
+           "xavier_conv_"]

@@ -11,6 +11,7 @@ step by a context-local switch (models/kernel_switch.py); the reference-semantic
 | channels_last_tokenizer (models.vqgan)       | CUDA                                  | --nchw_tokenizer: off           |
 | sdpa_attention (models.mage_attention)       | CUDA, half inputs                     | --explicit_attention: off       |
 | fused_block_norms (models.fused_blocks)      | CUDA                                  | --unfused_block_norms: off      |
+| deferred_branch_bias (models.fused_blocks)   | CUDA, with fused_block_norms          | defer_branch_bias (A/B only)    |
 | visible_patch_embed (models.visible_patches) | where the GEMM rounds as the conv     | --full_patch_embed: off         |
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 
 from ..models.aligned_conv import aligned_input_conv
-from ..models.fused_blocks import fused_block_norms
+from ..models.fused_blocks import deferred_branch_bias, fused_block_norms
 from ..models.mage_attention import sdpa_attention
 from ..models.visible_patches import visible_patch_embed
 from ..models.vqgan import channels_last_tokenizer, fused_group_norms, fused_residual_pools
@@ -34,6 +35,7 @@ def fast_path_switches(setup) -> contextlib.ExitStack:
                        (channels_last_tokenizer, setup.tokenizer_channels_last and cuda),
                        (sdpa_attention, setup.sdpa_attention and cuda),
                        (fused_block_norms, setup.fuse_block_norms and cuda),
+                       (deferred_branch_bias, setup.defer_branch_bias and setup.fuse_block_norms and cuda),
                        (visible_patch_embed, setup.visible_patch_embed)):
         stack.enter_context(switch(on))
     return stack

@@ -102,6 +102,8 @@ class UnlearnSetup:
     fuse_block_norms: bool = True            # CUDA fast step: ViT residual add + LayerNorm fused (H100 bf16: 1.04-1.14x)
     pad_tokenizer_input: bool = True         # CUDA fast step, half precision: the VQGAN's conv_in over 8 channels
     fuse_residual_pools: bool = True         # CUDA fast step: a VQGAN level's last residual add + its pool fused
+    defer_branch_bias: bool = False          # CUDA fast step, fused block norms: proj / fc2 biases added in the
+                                             # fused add + LayerNorm (models/fused_blocks.py; A/B until timed)
     half_teacher_weights: bool = True        # fast step, bf16: the teacher's GEMM weights pre-cast (half_teacher.py)
     fold_clip: bool = False                  # fast step, no loss scaling: clip's scale inside fused AdamW (opt-in)
     half_student_weights: bool = False       # fast step, bf16: the student's GEMM weights as optimizer-written bf16
@@ -129,7 +131,7 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                 capturable=False, teacher: Optional[nn.Module] = None, overlap_teacher=True,
                 fuse_tokenizer_norms=True, sdpa_attention=True, visible_patch_embed=True,
                 tokenizer_channels_last=True, fuse_block_norms=True, fold_clip=False,
-                half_student_weights=False) -> UnlearnSetup:
+                half_student_weights=False, defer_branch_bias=False) -> UnlearnSetup:
     """Teacher copy, trainable subset, optimizer and scaler for ``model`` (which becomes the student).
 
     ``model``: a registered I2I model (:func:`unlearn_fast.create_model`); the encoder parameters it marks
@@ -175,4 +177,5 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                         sdpa_attention=bool(sdpa_attention), visible_patch_embed=bool(visible_patch_embed),
                         tokenizer_channels_last=bool(tokenizer_channels_last), fuse_block_norms=bool(fuse_block_norms),
                         fold_clip=bool(fold_clip), half_student_weights=bool(half_student_weights),
+                        defer_branch_bias=bool(defer_branch_bias),
                         trainable=[p for _, p in named])
