@@ -56,6 +56,14 @@ def test_class_list_and_split(tree, tmp_path):
         read_class_list(str(tmp_path / "missing.txt"))
 
 
+def test_class_list_with_a_byte_order_mark_or_not_utf8(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeff/a/airfield 0\n/b/bakery 1\n".encode("utf-8"))
+    assert read_class_list(str(tmp_path / "bom.txt")) == ["/a/airfield", "/b/bakery"]  # not "\ufeff/a/airfield"
+    (tmp_path / "latin1.txt").write_bytes("/c/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_class_list(str(tmp_path / "latin1.txt"))
+
+
 def test_train_selection_reference_semantics(tree):
     root, _, names = tree
     items = select_places365_train(root, names, number_img_per_class=3, seed=0)

@@ -58,11 +58,15 @@ def read_class_list(path: str) -> List[str]:
         raise ValueError(f"class list not found: {path!r} (the reference's datasets/place365/flist/class.txt; "
                          "pass --class_list)")
     names = []
-    with open(path) as fh:
-        for line in fh:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                names.append(line.split()[0])
+    try:  # -sig: a byte-order mark would glue onto the first class, whose images would then match nothing
+        with open(path, encoding="utf-8-sig") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"class list {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"class list {path} repeats class names: {', '.join(dup[:5])}")
