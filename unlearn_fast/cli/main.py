@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -35,25 +36,47 @@ class UsageError(ValueError):
     pass
 
 
+# the spellings argparse reads as --model in the unlearn / baseline parsers (--m is ambiguous there)
+_MODEL_FLAGS = ("--mo", "--mod", "--mode", "--model")
+
+
+def _model_flag_at(argv: List[str], i: int):
+    """(value, tokens taken) when ``argv[i]`` gives ``--model`` (or an abbreviation argparse accepts), else None."""
+    flag, eq, value = argv[i].partition("=")
+    if flag not in _MODEL_FLAGS:
+        return None
+    if eq:
+        return value, 1
+    return (argv[i + 1], 2) if i + 1 < len(argv) else None
+
+
 def _palette_model_flag(argv: List[str]) -> Optional[List[str]]:
     """``argv`` without its ``--model palette`` when it names the Palette family, else None."""
-    for i, a in enumerate(argv):
-        if a == "--model" and i + 1 < len(argv) and argv[i + 1] == "palette":
-            return argv[:i] + argv[i + 2:]
-        if a == "--model=palette":
-            return argv[:i] + argv[i + 1:]
+    for i in range(len(argv)):
+        found = _model_flag_at(argv, i)
+        if found is not None and found[0] == "palette":
+            return argv[:i] + argv[i + found[1]:]
     return None
 
 
 def _model_flag(argv: List[str]) -> Optional[str]:
     """The value of ``--model`` in ``argv`` (the last one, as argparse keeps), or None."""
     value = None
-    for i, a in enumerate(argv):
-        if a == "--model" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith("--model="):
-            value = a[len("--model="):]
+    for i in range(len(argv)):
+        found = _model_flag_at(argv, i)
+        if found is not None:
+            value = found[0]
     return value
+
+
+def _launcher_rank_after_command(argv: List[str]) -> List[str]:
+    """``python -m torch.distributed.launch ... -m unlearn_fast unlearn ...`` (the reference's launcher) passes
+    ``--local-rank=N`` before the script's own arguments, i.e. before the command: move it after the command
+    (the rank itself is read from LOCAL_RANK, which the launcher also sets)."""
+    lead = 0
+    while lead < len(argv) and re.fullmatch(r"--local[-_]rank=\d+", argv[lead]):
+        lead += 1
+    return argv[lead:lead + 1] + argv[:lead] + argv[lead + 1:] if lead else argv
 
 
 def _run(command: str, argv: List[str]) -> int:
@@ -97,7 +120,7 @@ def _run(command: str, argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _launcher_rank_after_command(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # no command is a usage error: stderr, exit 2
         return 0 if argv else 2

@@ -24,6 +24,21 @@ def _int_or_float(text: str):
         return float(text)
 
 
+class ReferenceAbbrevParser(argparse.ArgumentParser):
+    """argparse that reads an abbreviation as the official parser does: a prefix naming exactly one reference flag
+    (``--forget 0.2``, ``--st 2``, ``--e 3``) keeps that meaning although one of unlearn_fast's own flags shares
+    it (``--forget_classes``, ``--step``, ``--eval_every``); prefixes ambiguous among the reference flags stay
+    errors."""
+
+    def _get_option_tuples(self, option_string):
+        found = super()._get_option_tuples(option_string)  # [(action, option string, ...)]: 3.11 and 3.12+ forms
+        if len(found) > 1:
+            reference = [t for t in found if getattr(t[0], "reference_flag", False)]
+            if len(reference) == 1:
+                return reference
+        return found
+
+
 def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g = p.add_argument_group("reference flags (main_unlearn.py / main_baseline.py)")
     g.add_argument("--batch_size", default=16 if baseline else 32, type=int,
@@ -90,13 +105,16 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     p.set_defaults(pin_mem=True)
     g.add_argument("--world_size", default=1, type=int,
                    help="number of distributed processes (taken from torchrun's WORLD_SIZE when launched by it)")
-    g.add_argument("--local_rank", default=-1, type=int, help="unused: torchrun's LOCAL_RANK is read instead")
+    g.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                   help="unused: LOCAL_RANK is read instead (torch.distributed.launch passes --local-rank=N)")
     g.add_argument("--dist_on_itp", action="store_true",
                    help="ranks from Open MPI's OMPI_COMM_WORLD_* variables (a job started by mpirun)")
     g.add_argument("--dist_url", default="env://",
                    help="the job's rendezvous: env:// reads MASTER_ADDR / MASTER_PORT (torchrun sets "
                         "them), or tcp://HOST:PORT")
     g.add_argument("--use_sagemaker", default=0, type=int, help="unused (as the reference)")
+    for action in g._group_actions:  # the official parser's flags win its abbreviations (ReferenceAbbrevParser)
+        action.reference_flag = True
 
 
 def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
@@ -195,9 +213,9 @@ def add_fast_path_opt_ins(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(baseline: bool = False, prog: str = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
-                                                        else "Encoder unlearning (main_unlearn.py flags)"),
-                                formatter_class=DefaultsHelpFormatter)
+    p = ReferenceAbbrevParser(prog=prog, description=("Unlearning baselines (main_baseline.py flags)" if baseline
+                                                      else "Encoder unlearning (main_unlearn.py flags)"),
+                              formatter_class=DefaultsHelpFormatter)
     add_reference_flags(p, baseline)
     add_fast_flags(p, baseline)
     add_fast_path_switches(p)

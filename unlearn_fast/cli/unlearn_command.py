@@ -63,6 +63,8 @@ def validate_args(args, baseline: bool) -> None:
         if not cond:
             raise ValueError(msg)
     need(args.model in list_models(), f"unknown --model {args.model!r}; registered: {', '.join(list_models())}")
+    need(not args.model.startswith("palette"), f"--model {args.model} is a Palette (diffusion) model: use "
+         "'unlearn-fast palette-unlearn -c CONFIG ...' (or 'unlearn-fast unlearn --model palette -c CONFIG ...')")
     # NaN/inf would pass the range checks below (or crash the run-dir name) and only surface mid-run
     for flag in FLOAT_FLAGS:
         value = getattr(args, flag, None)
@@ -278,6 +280,9 @@ def resume_point(args, ckpt: dict, steps: int):
               "is not the one the interrupted run would have made")
     if start_epoch >= args.epochs:
         raise ValueError(f"{args.resume} already finished epoch {start_epoch - 1} of --epochs {args.epochs}")
+    if args.start_epoch not in (0, start_epoch):  # as the reference's load_model, the checkpoint's position wins
+        print(f"unlearn_fast: notice: --start_epoch {args.start_epoch} is overridden by {args.resume}: the run "
+              f"continues at epoch {start_epoch}" + (f" step {start_step}" if start_step else ""))
     progress = ({k: pos[k] for k in ("epoch_sums", "epoch_steps", "epoch_lr_sum")}
                 if start_step and "epoch_sums" in pos else None)
     return start_epoch, start_step, progress
@@ -539,9 +544,11 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
 
     args_dict = args_as_dict(args)
     # lr: the reference sets args.lr = blr * eff_batch / 256 before it dumps args
+    # start_epoch: where this run starts (the reference's load_model sets it from a resumed checkpoint);
+    # distributed: the key the reference's init_distributed_mode adds
     args_dict.update(teacher_checkpoint=os.path.abspath(teacher_source) if teacher_source else None,
                      lr=lr, lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
-                     world_size=world)
+                     world_size=world, start_epoch=start_epoch, distributed=ctx.enabled)
     run_dir, created, made_output_dir = prepare_run_dir(args, baseline, ctx, args_dict)
     saved = []  # checkpoint files of this run, oldest first
     try:  # from here on a failure or a signal removes a run directory that holds no checkpoint yet
@@ -579,7 +586,8 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                    output_dir=run_dir, args_dict=args_dict, step_mode=mode, readback_every=args.readback_every,
                    progress=not args.no_progress and ctx.is_main, forget_per_batch=args.forget_per_batch,
                    batch_size=args.batch_size, image_shape=image_shape, save_every_steps=args.save_every_steps,
-                   epoch_progress=epoch_progress, dist=ctx, on_epoch_end=evaluator, on_checkpoint=saved.append)
+                   epoch_progress=epoch_progress, dist=ctx, on_epoch_end=evaluator, on_checkpoint=saved.append,
+                   optimizer_layout=whole_model_groups)
     except BaseException:
         if ctx.is_main and created and not _has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained was saved: leave nothing behind

@@ -165,15 +165,22 @@ def args_as_dict(args) -> dict:
             for k, v in dict(args).items()}
 
 
+# a fresh torch GradScaler's state (init_scale 2**16, growth 2, backoff 0.5, interval 2000): what a run without loss
+# scaling (CPU, --precision bf16 / fp32) saves, because the reference's loader loads 'scaler' into an enabled
+# GradScaler, which refuses the empty state of a disabled one
+FRESH_SCALER_STATE = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 0}
+
+
 def save_unlearn_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer, scaler, args,
                             trainable_names, position: Optional[dict] = None, tag: Optional[str] = None,
-                            safetensors: bool = True) -> str:
+                            safetensors: bool = True, optimizer_layout: Optional[list] = None) -> str:
     """``checkpoint-{tag or epoch}.pth`` (+ ``.safetensors`` of the trained parameters unless
-    ``safetensors=False``). Returns the .pth path."""
+    ``safetensors=False``). ``optimizer_layout``: see :func:`optimizer_state_in_layout`. Returns the .pth path."""
     name = f"checkpoint-{tag if tag is not None else epoch}"
     path = os.path.join(output_dir, name + ".pth")
-    obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
-           "scaler": scaler.state_dict(), "args": args_as_dict(args),
+    obj = {"model": model.state_dict(), "optimizer": optimizer_state_in_layout(model, optimizer, optimizer_layout),
+           "epoch": int(epoch), "scaler": scaler.state_dict() or dict(FRESH_SCALER_STATE), "args": args_as_dict(args),
            "unlearn_fast": dict(position or {})}
     atomic_save(obj, path)
     if safetensors:
@@ -192,31 +199,52 @@ def optimizer_group_names(named_params, weight_decay: float = 0.05) -> list:
     return [[name_of[id(p)] for p in g["params"]] for g in param_groups_weight_decay(named, weight_decay)]
 
 
-def remap_optimizer_state(saved: dict, saved_group_names: list, own_group_names: list) -> Optional[dict]:
+def remap_optimizer_state(saved: dict, saved_group_names: list, own_group_names: list,
+                          allow_new: bool = False) -> Optional[dict]:
     """An optimizer ``state_dict`` over the parameters ``saved_group_names`` (names per group, in index order)
     re-indexed for an optimizer over ``own_group_names``, or None if the layouts do not correspond.
+    ``allow_new``: names of ``own_group_names`` that ``saved`` lacks get an index and no state (every saved
+    name must still have a place).
 
     The official trainer's AdamW holds every trainable parameter of the model (decoder and MLM head too,
     which never get a gradient and so have no state), while encoder unlearning here optimizes only the
-    encoder: an official ``checkpoint-N.pth`` needs this re-indexing to continue."""
+    encoder: an official ``checkpoint-N.pth`` needs this re-indexing to continue, and ours the reverse
+    (``allow_new``) so that the official loader reads it."""
     groups, state = saved.get("param_groups"), saved.get("state")
     if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(own_group_names):
         return None
     if [len(g.get("params", ())) for g in groups] != [len(names) for names in saved_group_names]:
         return None
     index_of = {n: i for g, names in zip(groups, saved_group_names) for i, n in zip(g["params"], names)}
+    if allow_new and not set(index_of) <= {n for names in own_group_names for n in names}:
+        return None  # a saved parameter's state would be lost
     new_state, new_groups, k = {}, [], 0
     for group, names in zip(groups, own_group_names):
         indices = []
         for name in names:
             if name not in index_of:
-                return None
-            if index_of[name] in state:
+                if not allow_new:
+                    return None
+            elif index_of[name] in state:
                 new_state[k] = state[index_of[name]]
             indices.append(k)
             k += 1
         new_groups.append({**{key: v for key, v in group.items() if key != "params"}, "params": indices})
     return {"state": new_state, "param_groups": new_groups}
+
+
+def optimizer_state_in_layout(model: nn.Module, optimizer, layout: Optional[list]) -> dict:
+    """``optimizer.state_dict()`` re-indexed for ``layout`` (names per AdamW group, e.g. every trainable parameter
+    of the model before the encoder-only freeze: the official trainer's optimizer, which its ``misc.load_model``
+    loads the file into); as is without a layout, or when the optimizer's parameters do not fit it."""
+    state = optimizer.state_dict()
+    if layout is None:
+        return state
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    own = [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    if any(n is None for names in own for n in names) or own == [list(names) for names in layout]:
+        return state
+    return remap_optimizer_state(state, own, layout, allow_new=True) or state
 
 
 def accumulated_grads(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -125,7 +125,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                batch_size: Optional[int] = None, image_shape=None, on_epoch_end: Optional[Callable] = None,
                save_every_steps: Optional[int] = None, epoch_progress: Optional[dict] = None,
                dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False,
-               on_checkpoint: Optional[Callable[[str], None]] = None) -> List[dict]:
+               on_checkpoint: Optional[Callable[[str], None]] = None,
+               optimizer_layout: Optional[list] = None) -> List[dict]:
     """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
     ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
     batches, and give the epoch's remaining batches (one that ends early is a ValueError, raised before the
@@ -137,7 +138,9 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     only rank 0 writes and prints. With ``step_mode='graphed'`` the student runs without DDP's reducer and
     the graphed step all-reduces a flat gradient buffer between its two graphs (or, ``all_reduce_in_graph``,
     inside the first one). ``on_checkpoint(path)``: called after each checkpoint file is complete (the newest
-    one is what a stopped run resumes from).
+    one is what a stopped run resumes from). ``optimizer_layout``: parameter names per AdamW group that the
+    checkpoints' optimizer state is saved in (the reference's whole-model optimizer, so that its loader reads
+    them; see ``optimizer_state_in_layout``).
     """
     if steps_per_epoch < 1:
         raise ValueError("the data gives no full batch: lower --batch_size or add images")
@@ -188,7 +191,8 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         if grads:  # only at an epoch end that is not an update (mid-epoch saves follow an update)
             position["accumulated_grads"] = grads
         path = save_unlearn_checkpoint(output_dir, epoch_done, setup.student, setup.optimizer, setup.scaler,
-                                       args_dict, trainable_names, position, tag=tag, safetensors=safetensors)
+                                       args_dict, trainable_names, position, tag=tag, safetensors=safetensors,
+                                       optimizer_layout=optimizer_layout)
         if on_checkpoint is not None:
             on_checkpoint(path)
         return path
