@@ -196,3 +196,12 @@ def test_log_lr_is_the_mean_of_the_per_iteration_schedule(finished):
                             rel_tol=1e-5)
     opt = json.loads(open(os.path.join(finished, "opt.yaml")).read())
     assert math.isclose(opt["lr"], peak, rel_tol=1e-12) and opt["start_epoch"] == 0
+
+
+def test_early_epochs_of_the_other_official_commit_is_accepted_and_unused():
+    """main_unlearn.py at a50ce517 parses --early_epochs (default 6) and reads it nowhere: its command lines run
+    here, and --e still means --epochs, as at the reference commit."""
+    p = build_parser()
+    args = p.parse_args(["--early_epochs", "6", "--e", "3"])
+    assert args.early_epochs == 6 and args.epochs == 3
+    assert build_parser(baseline=True).parse_args(["--loss_type", "learn_others", "--e", "2"]).epochs == 2

@@ -292,3 +292,18 @@ def test_the_ddp_prefix_still_explains_itself():
     model = _micro_mage()
     with pytest.raises(ValueError, match=r"start with 'module\.' \(saved from a DDP-wrapped model\)"):
         load_state_dict_strict(model, {"module." + k: v for k, v in model.state_dict().items()}, "ddp file")
+
+
+def test_a_checkpoint_from_a_newer_torch_says_so(tmp_path):
+    """A zip checkpoint whose format version is beyond this torch's: named as written by a newer torch, not as
+    truncated or empty."""
+    import zipfile
+    src, dst = tmp_path / "now.pth", tmp_path / "newer.pth"
+    torch.save({"model": {"w": torch.ones(2)}}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item, b"99\n" if item.filename.endswith("/version") else data)
+    with pytest.raises(CheckpointError, match="written by a newer torch than this one") as err:
+        read_checkpoint(str(dst))
+    assert "truncated" not in str(err.value)

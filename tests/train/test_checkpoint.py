@@ -153,6 +153,22 @@ def test_wrong_architecture_names_missing_unexpected_and_shapes(make_mae_micro):
     load_model_state(make_mae_micro(), state, strict=False)
 
 
+def test_nan_or_meta_weights_are_refused_before_loading(make_mae_micro):
+    """What --resume loads: weights of a diverged run (NaN / inf) or without data (meta) are named, and the model
+    keeps its own weights."""
+    model = make_mae_micro()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    state["norm.bias"][1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"run.pth': 2 tensors hold NaN or inf values \(.*diverged"):
+        load_model_state(model, state, "run.pth")
+    meta = {k: torch.empty_like(v, device="meta") for k, v in before.items()}
+    with pytest.raises(CheckpointError, match="hold no data"):
+        load_model_state(model, meta, "meta.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
     """mkstemp makes 0600 files: checkpoints and logs were unreadable to the group where torch.save's are not."""

@@ -115,6 +115,10 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--use_sagemaker", default=0, type=int, help="unused (as the reference)")
     for action in g._group_actions:  # the official parser's flags win its abbreviations (ReferenceAbbrevParser)
         action.reference_flag = True
+    if not baseline:  # after the loop: --e stays --epochs, as at the reference commit
+        g.add_argument("--early_epochs", default=6, type=int,
+                       help="unused: parsed by another commit of the official main_unlearn.py (a50ce517) and read "
+                            "nowhere there; accepted so that its command lines run")
 
 
 def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:

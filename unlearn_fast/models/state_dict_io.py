@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -111,6 +111,10 @@ def read_checkpoint(path: str):
         detail = detail.split(". This is an internal")[0][:300]  # torch's generic advice after a zip error
         if detail.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply
             detail = "its pickled content is not a checkpoint dictionary of tensors and plain values"
+        if "maximum supported version" in str(e):  # a newer torch's zip format
+            raise CheckpointError(f"cannot read checkpoint {path!r}: it was written by a newer torch than this "
+                                  f"one ({torch.__version__}); upgrade torch or re-save it there with "
+                                  f"_use_new_zipfile_serialization=False ({detail})") from None
         raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, empty or not a torch file?): "
                               f"{type(e).__name__}: {detail}") from None
 
@@ -253,6 +257,20 @@ def _fresh_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def unusable_tensors(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Why the tensors of ``state`` cannot be weights (meta tensors without data, NaN / inf floating values of a
+    diverged run), or None. Read before anything is loaded."""
+    empty = [k for k, v in state.items() if v.is_meta]
+    if empty:
+        return (f"{len(empty)} tensors hold no data (meta tensors: {', '.join(empty[:5])}); a model built on the "
+                "meta device has no weights to give")
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        return (f"{len(damaged)} tensors hold NaN or inf values ({', '.join(damaged[:5])}): damaged weights (saved "
+                "from a diverged run?)")
+    return None
+
+
 def load_state_dict_strict(module: nn.Module, state, what: str) -> None:
     """``load_state_dict(strict=True)`` with one error listing missing, unexpected and mis-shaped keys.
 
@@ -266,14 +284,9 @@ def load_state_dict_strict(module: nn.Module, state, what: str) -> None:
     parts = state_dict_mismatch(own, state)
     if parts:
         raise ValueError(f"{what} does not fit {type(module).__name__}: " + "; ".join(parts))
-    empty = [k for k, v in state.items() if v.is_meta]
-    if empty:
-        raise ValueError(f"{what}: {len(empty)} tensors hold no data (meta tensors: {', '.join(empty[:5])}); "
-                         "a model built on the meta device has no weights to give")
-    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if damaged:
-        raise ValueError(f"{what}: {len(damaged)} tensors hold NaN or inf values ({', '.join(damaged[:5])}): "
-                         "damaged weights (saved from a diverged run?)")
+    unusable = unusable_tensors(state)
+    if unusable:
+        raise ValueError(f"{what}: {unusable}")
     assign = any(t.is_meta for t in own.values())
     if assign:
         left = [n for n, b in module.named_buffers() if b.is_meta and n not in own]

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..models.state_dict_io import CheckpointError, read_checkpoint, state_dict_mismatch
+from ..models.state_dict_io import CheckpointError, read_checkpoint, state_dict_mismatch, unusable_tensors
 
 
 class OutputWriteError(ValueError):
@@ -153,6 +153,9 @@ def load_model_state(model: nn.Module, state: dict, path: str = "", strict: bool
     if parts:
         raise CheckpointError(f"checkpoint {path!r} does not fit model {type(model).__name__}: " + "; ".join(parts)
                               + ". Is --model the architecture this checkpoint was trained with?")
+    unusable = unusable_tensors(state)
+    if unusable:
+        raise CheckpointError(f"checkpoint {path!r}: {unusable}")
     model.load_state_dict(state, strict=strict)
 
 
