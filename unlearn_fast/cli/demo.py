@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from ..eval.domain_metrics import NOTE, domain_metrics_of_model
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import per_image_errors
 from ..train.balanced_sampler import BalancedUnlearnSampler
-from ..train.checkpoint import atomic_write_text
+from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import images_from_pixels, load_digits_5k, split_digits, unlearn_labels
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
@@ -158,8 +159,9 @@ def balanced_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int
         epoch += 1
 
 
-def save_grid(path: str, columns: List[torch.Tensor], scale: int = 3, pad: int = 2) -> None:
-    """A PNG of ``columns`` (each [R, C, H, W] in [0, 1]) side by side, one image per cell, white padding."""
+def save_grid(path, columns: List[torch.Tensor], scale: int = 3, pad: int = 2) -> None:
+    """A PNG of ``columns`` (each [R, C, H, W] in [0, 1]) side by side, one image per cell, white padding, to
+    ``path`` (a file name or a binary file object)."""
     from PIL import Image
     rows, c, h, w = columns[0].shape
     canvas = torch.ones(3, rows * (h + pad) + pad, len(columns) * (w + pad) + pad)
@@ -170,7 +172,7 @@ def save_grid(path: str, columns: List[torch.Tensor], scale: int = 3, pad: int =
             canvas[:, y:y + h, x:x + w] = col[i, :3]
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, format="PNG")
 
 
 def grid_rows(digits: torch.Tensor, holdout_idx: torch.Tensor, wanted: List[int]) -> List[int]:
@@ -329,16 +331,13 @@ def _write_grid(out_dir, held, tasks, grid_idx, recon_before, recon_after, model
         masked = orig * (1 - hidden) + 0.35 * hidden  # hidden patches shown grey
         for col, x in zip(cols, (orig, masked, recon_before[k], recon_after[k])):
             col.append(x)
-    path = os.path.join(out_dir, "grid.png")
-    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-grid.png")
+    png = io.BytesIO()
     try:
-        save_grid(tmp, [torch.cat(c) for c in cols])
-        os.replace(tmp, path)
+        save_grid(png, [torch.cat(c) for c in cols])
     except ImportError:
         print("unlearn_fast demo: Pillow is not installed; grid.png skipped")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return
+    atomic_write_bytes(os.path.join(out_dir, "grid.png"), png.getvalue())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

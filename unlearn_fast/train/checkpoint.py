@@ -88,6 +88,11 @@ def atomic_write_text(path: str, text: str) -> None:
     _write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (an encoded image, for instance)."""
+    _write_atomically(path, lambda fh: fh.write(data))
+
+
 def atomic_append_text(path: str, text: str) -> None:
     """Append ``text`` by rewriting the whole file atomically (for small files such as log.txt): a kill
     leaves the file as it was before or after the append, never with half a line."""
