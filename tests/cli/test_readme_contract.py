@@ -326,12 +326,15 @@ def test_exit_codes_the_readme_lists(tree, tmp_path, monkeypatch, capsys):
     assert main([*base, "--data_path", str(tmp_path / "nowhere"), "--resume", tree["pretrained"]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0] and not (tmp_path / "out").exists()
-    # 3: a non-finite loss (a NaN weight); the run directory without a checkpoint is removed
+    # 3: a non-finite loss (a forget weight that overflows fp32); the run directory without a checkpoint is removed
+    assert main([*base, "--data_path", tree["data"], "--resume", tree["pretrained"], "--forget_alpha", "1e39"]) == 3
+    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "out").exists()  # it made out/: removed
+    # NaN weights given to --resume are bad input (2), refused before a run directory exists
     sd = torch.load(tree["pretrained"], weights_only=True)
     sd["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     torch.save(sd, tmp_path / "nan.pth")
-    assert main([*base, "--data_path", tree["data"], "--resume", str(tmp_path / "nan.pth")]) == 3
-    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "out").exists()  # it made out/: removed
+    assert main([*base, "--data_path", tree["data"], "--resume", str(tmp_path / "nan.pth")]) == 2
+    assert "NaN or inf" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
     # 1: out of memory, with what to lower; 130 / 143: Ctrl-C / SIGTERM
     import unlearn_fast.cli.unlearn_command as uc
