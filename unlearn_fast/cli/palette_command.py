@@ -50,13 +50,14 @@ from ..train.distributed import env_ranks
 from ..train.run_outputs import create_run_dir
 from ..train.seeding import step_generator
 from .palette_config import load_palette_config, resolve_palette_job
+from .unlearn_args import ReferenceAbbrevParser
 from .unlearn_command import stop_signals, loader_batches, resolve_device
 
 REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")
 
 
 def build_palette_parser(prog: Optional[str] = None, default_phase: str = "train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Palette unlearning / test (the reference unlearn.py flags)")
+    p = ReferenceAbbrevParser(prog=prog, description="Palette unlearning / test (the reference unlearn.py flags)")
     g = p.add_argument_group("reference flags (unlearn.py)")
     g.add_argument("-c", "--config", type=str, default=None, help="JSON file for configuration (// comments allowed)")
     g.add_argument("-p", "--phase", type=str, choices=["train", "test"], default=default_phase,
@@ -75,6 +76,8 @@ def build_palette_parser(prog: Optional[str] = None, default_phase: str = "train
     g.add_argument("--ckpt", type=str, default=None,
                    help="train: the pretrained {epoch}_Network.pth to unlearn (optional with --resume_state); "
                         "test: the checkpoint to sample")
+    for action in g._group_actions:  # unlearn.py's flags win its abbreviations (--d: --debug, --ma: --max_loss)
+        action.reference_flag = True
     g.add_argument("--resume_state", type=str, default=None, metavar="PATH_PREFIX",
                    help="continue an unlearning run from PATH_PREFIX_Network.pth, PATH_PREFIX_Network_ema.pth and "
                         "PATH_PREFIX.state (e.g. experiments/<run>/checkpoint/3: epochs 4..n_epoch); overrides the "
@@ -118,6 +121,13 @@ def find_class_list(explicit: Optional[str], data_root: str) -> str:
             return path
     raise ValueError(f"no class list found (tried {', '.join(tried)}); pass --class_list "
                      "(the reference's datasets/place365/flist/class.txt)")
+
+
+def check_data_root(root: str, flag: Optional[str], phase: str) -> None:
+    """A data_root that is not a folder: one error naming where it came from (--data_root or the config key)."""
+    where = "--data_root" if flag else f"datasets.{phase}.which_dataset.args.data_root"
+    _need(os.path.isdir(root), f"{where} {root!r} does not exist or is not a folder (the Places-365 root with "
+                               f"train_256/ and val_256/)")
 
 
 def _check_common(args, need_ckpt: bool = True) -> None:
@@ -183,6 +193,7 @@ def run_palette_unlearn(args) -> str:
           f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
     _need(args.readback_every >= 1, f"--readback_every must be >= 1, got {args.readback_every}")
     device = resolve_device(args.device)
+    check_data_root(job.data_root, args.data_root, "train")
     classes = read_class_list(find_class_list(args.class_list, job.data_root))
     items = select_places365_train(job.data_root, classes, job.number_img_per_class, job.seed,
                                    open_proxy=job.dataset == "OpenForgetInpaintDataset")
@@ -209,7 +220,8 @@ def run_palette_unlearn(args) -> str:
                   f"from {resume.network_path}")
     setup = build_palette_setup(network, device, approach, args.forget_alpha, lr=job.lr,
                                 weight_decay=job.weight_decay, ema_decay=job.ema_decay, seed=job.seed,
-                                fast=args.step == "fast", precision=args.precision, teacher_state=teacher_state)
+                                fast=args.step == "fast", precision=args.precision, teacher_state=teacher_state,
+                                **job.adam_options)
     if resume is not None:
         restore_palette_training(setup, resume)
 
@@ -239,7 +251,8 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
                       start_epoch) -> None:
     """config.json, then the epochs (everything up to here was checked before the run directory existed)."""
     n_forget = sum(1 for _, lab in items if lab < 0)
-    written = dict(config_with_batch(cfg, args.batch), name=job.opt_name, phase="train", distributed=False)
+    written = dict(config_with_batch(cfg, args.batch, gpu_ids=args.gpu_ids), name=job.opt_name, phase="train",
+                   distributed=False)
     written["unlearn_fast"] = dict(
         approach=approach, fix_decoder=args.fix_decoder, forget_alpha=args.forget_alpha, max_loss=args.max_loss,
         learn_noise=args.learn_noise, learn_others=args.learn_others,
@@ -250,7 +263,7 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
         steps_per_epoch=steps, images=len(items), forget_images=n_forget, data_root=job.data_root)
     write_config_json(run_dir, written)
     make_run_folders(run_dir, job.folders)
-    log_run_start(PaletteRunLog(os.path.join(run_dir, "train.log")), run_dir, "train", len(items))
+    log_run_start(PaletteRunLog(os.path.join(run_dir, "train.log")), run_dir, "train", len(items), resume)
     print(f"unlearn_fast: Palette '{approach}', {len(items)} images ({n_forget} forget), {steps} steps/epoch x "
           f"{job.n_epoch} epochs, batch {job.batch_size}, step '{args.step}', {args.precision}, device {device}")
     print(f"unlearn_fast: writing to {run_dir}")
@@ -273,12 +286,18 @@ def _train_in_run_dir(args, job, cfg, run_dir, approach, device, items, dataset,
                        ema_iter=job.ema_iter)
 
 
-def config_with_batch(cfg: dict, batch: Optional[int], phase: str = "train") -> dict:
+def config_with_batch(cfg: dict, batch: Optional[int], phase: str = "train", gpu_ids: Optional[str] = None) -> dict:
     """The config as the reference's parser saves it: ``-b`` replaces datasets.<phase>.dataloader.args.batch_size
-    (a copy; unchanged where -b is not given or that path is not a chain of JSON objects)."""
-    if batch is None:
+    (unchanged where that path is not a chain of JSON objects) and ``-gpu 0,1`` replaces gpu_ids with [0, 1]
+    (unchanged where it is not a list of integers, on which the reference fails); a copy where either is given."""
+    if batch is None and gpu_ids is None:
         return cfg
     out = copy.deepcopy(cfg)
+    ids = [s.strip() for s in (gpu_ids or "").split(",")]
+    if gpu_ids is not None and all(s.lstrip("-").isdigit() for s in ids):
+        out["gpu_ids"] = [int(s) for s in ids]
+    if batch is None:
+        return out
     node = out
     for key in ("datasets", phase, "dataloader", "args"):
         node = node.setdefault(key, {}) if isinstance(node, dict) else None
@@ -364,6 +383,7 @@ def run_palette_test(args) -> str:
     _check_common(args)
     _need(args.max_images is None or args.max_images >= 1, f"--max_images must be >= 1, got {args.max_images}")
     device = resolve_device(args.device)
+    check_data_root(job.data_root, args.data_root, "test")
     classes = read_class_list(find_class_list(args.class_list, job.data_root))
     items = debug_subset(job, select_places365_test(job.data_root, classes, job.number_img_per_class))
     items = items[:args.max_images]
@@ -393,7 +413,8 @@ def run_palette_test(args) -> str:
     except OSError as e:
         raise ValueError(f"cannot create the result folder {staging}: {e.strerror}") from None
     n_steps = args.steps or network.num_timesteps
-    written = dict(config_with_batch(cfg, args.batch, "test"), name=job.opt_name, phase="test", distributed=False)
+    written = dict(config_with_batch(cfg, args.batch, "test", args.gpu_ids), name=job.opt_name, phase="test",
+                   distributed=False)
     written["unlearn_fast"] = dict(ckpt=os.path.abspath(args.ckpt), seed=job.seed, device=str(device),
                                    batch_size=job.batch_size, sample_num=job.sample_num, steps=n_steps,
                                    timesteps=network.num_timesteps, images=len(items), data_root=job.data_root,
@@ -484,5 +505,5 @@ def palette_test_main(argv: Optional[List[str]] = None) -> int:
 
 __all__ = ["build_palette_parser", "run_palette_unlearn", "run_palette_test", "palette_unlearn_main",
            "palette_test_main", "find_class_list", "read_palette_state", "load_network_file", "resume_prefix_of",
-           "check_ckpt_is_teacher", "debug_subset", "check_training_items", "config_with_batch", "palette_test_root",
-           "check_test_result_dir"]
+           "check_ckpt_is_teacher", "check_data_root", "debug_subset", "check_training_items", "config_with_batch",
+           "palette_test_root", "check_test_result_dir"]

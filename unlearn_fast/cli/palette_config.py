@@ -20,6 +20,10 @@ Keys read (JSON path: meaning; default when absent). ``<phase>`` is ``train`` or
     NET.module_name                   "guided_diffusion" (the only one implemented)
     MODEL.optimizers[0].lr            5e-5
     MODEL.optimizers[0].weight_decay  0
+    MODEL.optimizers[0].<other>       betas [0.9, 0.999], eps 1e-8, amsgrad false, maximize false: torch.optim.Adam's
+                                      arguments, as the reference passes them all to Adam (foreach / fused /
+                                      capturable / differentiable are accepted and ignored: unlearn_fast picks the
+                                      implementation, see --step); any other key is an error naming it
     MODEL.ema_scheduler.ema_decay     0.9999; without ema_scheduler (or null): no EMA, no _ema.pth (as the reference)
     MODEL.ema_scheduler.ema_start     1; the EMA is updated after a step when the images seen so far (the
     MODEL.ema_scheduler.ema_iter      1  reference's iter) are > ema_start and a multiple of ema_iter
@@ -53,7 +57,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
 
 from ..train.palette_data import DEFAULT_IMAGES_PER_CLASS
@@ -67,10 +71,16 @@ def load_palette_config(path: Optional[str]) -> dict:
     """The config as a dict (``//`` comments removed line by line, as the reference's parser)."""
     if not path:
         raise ValueError("-c/--config is required (a Palette JSON config, e.g. config/inpainting_places2_unlearn.json)")
+    if os.path.isdir(path):
+        raise ValueError(f"-c/--config {path} is a folder; give the JSON file (e.g. config/inpainting_places2_unlearn"
+                         ".json)")
     if not os.path.isfile(path):
         raise ValueError(f"config file not found: {path}")
-    with open(path) as fh:
-        text = "".join(line.split("//")[0] + "\n" for line in fh)
+    try:  # one output line per file line (the reference adds a second newline to lines without //), so a JSON
+        with open(path, encoding="utf-8") as fh:  # error's line number is the file's
+            text = "".join(line.split("//")[0].rstrip("\r\n") + "\n" for line in fh)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8") from None
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
@@ -175,6 +185,41 @@ def check_beta_schedule(schedule: dict, key: str) -> None:
             raise ValueError(f"{where}schedule must be a string such as \"linear\", got {sched.get('schedule')!r}")
 
 
+ADAM_OPTIONS = ("betas", "eps", "amsgrad", "maximize")  # the Adam arguments used besides lr and weight_decay
+ADAM_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # accepted, ignored (--step picks)
+
+
+def adam_options(opt: Any, source: str) -> dict:
+    """``optimizers[0]``'s Adam arguments other than lr / weight_decay, checked (the reference passes the whole
+    dict to ``torch.optim.Adam``, so a key Adam does not take fails there; here one error names it)."""
+    key = "model.which_model.args.optimizers[0]"
+    if not isinstance(opt, dict):
+        raise ValueError(f"{source}: {key} must be a JSON object of Adam arguments (lr, weight_decay, ...), "
+                         f"got {opt!r}")
+    out = {}
+    for name, value in opt.items():
+        where = f"{source}: {key}.{name}"
+        if name in ("lr", "weight_decay") or name in ADAM_IMPLEMENTATION:
+            continue
+        if name not in ADAM_OPTIONS:
+            raise ValueError(f"{where} is not an argument of torch.optim.Adam (used: lr, weight_decay, "
+                             f"{', '.join(ADAM_OPTIONS)})")
+        if name == "betas":
+            ok = isinstance(value, list) and len(value) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)
+            if not ok:
+                raise ValueError(f"{where} must be two numbers in [0, 1), e.g. [0.9, 0.999], got {value!r}")
+            value = (float(value[0]), float(value[1]))
+        elif name == "eps":
+            value = _float(value, where)
+            if value <= 0:
+                raise ValueError(f"{where} must be a number > 0, got {value!r}")
+        elif not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        out[name] = value
+    return out
+
+
 def _object(value: Any, key: str, source: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{source}: {key} must be a JSON object, got {value!r}")
@@ -249,6 +294,7 @@ class PaletteJob:
     ema_start: float = 1.0  # the EMA updates after a step iff images seen > ema_start and % ema_iter == 0
     ema_iter: int = 1
     debug_split: Union[int, float, None] = None  # debug mode: train (or test) on this many / this share of images
+    adam_options: dict = field(default_factory=dict)  # optimizers[0]'s betas / eps / amsgrad / maximize, if given
 
     def debug_subset_size(self, n_items: int) -> int:
         """How many of ``n_items`` a debug run uses: the first ``debug_split`` (a count, or a share of them)."""
@@ -324,6 +370,7 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         ema_decay = 0.9999
     ema_cfg = ema_cfg or {}
     folders = run_folders(cfg, source)
+    optimizer = get("model.which_model.args.optimizers.0", {})
     resume_state = get("path.resume_state", None) if phase == "train" else None
     if resume_state is not None and not (isinstance(resume_state, str) and resume_state.strip()):
         raise ValueError(f"{source}: path.resume_state must be null or a checkpoint prefix such as "
@@ -348,11 +395,11 @@ def resolve_palette_job(cfg: dict, phase: str, source: str = "config", batch: Op
         save_checkpoint_epoch=_int(train_cfg.get("save_checkpoint_epoch", 1), "train.save_checkpoint_epoch"),
         base_dir=str(get("path.base_dir", "experiments")), checkpoint_subdir=folders["checkpoint"], folders=folders,
         seed=int(seed) if seed is not None else max(int(cfg_seed), 0),
-        resume_state=resume_state, debug_split=debug_split,
+        resume_state=resume_state, debug_split=debug_split, adam_options=adam_options(optimizer, source),
         ema_start=_float(1 if ema_cfg.get("ema_start") is None else ema_cfg["ema_start"], "ema_scheduler.ema_start"),
         ema_iter=_int(1 if ema_cfg.get("ema_iter") is None else ema_cfg["ema_iter"], "ema_scheduler.ema_iter"),
     )
 
 
 __all__ = ["load_palette_config", "config_value", "resolve_palette_job", "PaletteJob", "dataset_class_name",
-           "run_folders", "check_unet_args", "check_beta_schedule", "TRAIN_DATASETS", "TEST_DATASETS"]
+           "run_folders", "adam_options", "check_unet_args", "check_beta_schedule", "TRAIN_DATASETS", "TEST_DATASETS"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -147,14 +147,17 @@ class PaletteSetup:
 def build_palette_setup(network: Network, device, approach: str = "ours", forget_alpha: float = 0.1,
                         lr: float = 5e-5, weight_decay: float = 0.0, ema_decay: Optional[float] = 0.9999,
                         seed: int = 0, rank: int = 0, fast: bool = True, precision: str = "fp32",
-                        teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> PaletteSetup:
+                        teacher_state: Optional[Dict[str, torch.Tensor]] = None,
+                        betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False,
+                        maximize: bool = False) -> PaletteSetup:
     """Move ``network`` (already loaded) to ``device``, attach the teacher the approach needs, build Adam over
     the ``denoise_fn`` parameters (the reference's optimizer is made before the teacher exists) and the EMA.
     ``fast`` picks a fused (CUDA) / foreach (CPU) Adam; otherwise torch's single-tensor Adam, the reference's
     (torch 1.13) default, whose first moment torch >= 2 updates with ``lerp``: the same step up to rounding.
     ``precision``: ``fp32`` (the reference) or ``bf16`` (opt-in: both UNets under bf16 autocast).
     ``teacher_state``: the teacher's weights (``denoise_fn`` keys, no prefix) when resuming: the original model
-    stored in the checkpoint, never a copy of the partly unlearned ``network`` (§11)."""
+    stored in the checkpoint, never a copy of the partly unlearned ``network`` (§11). ``betas``, ``eps``,
+    ``amsgrad``, ``maximize``: Adam's, from the config's ``optimizers[0]`` (the reference passes it all to Adam)."""
     if precision not in PALETTE_PRECISIONS:
         raise ValueError(f"unknown Palette precision {precision!r}; valid: {', '.join(PALETTE_PRECISIONS)}")
     if approach not in APPROACHES:
@@ -176,7 +179,8 @@ def build_palette_setup(network: Network, device, approach: str = "ours", forget
     network.train()
     params = [p for p in network.denoise_fn.parameters() if p.requires_grad]
     kind = dict(fused=True) if fast and device.type == "cuda" else dict(foreach=bool(fast))
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, **kind)
+    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                 amsgrad=amsgrad, maximize=maximize, **kind)
     all_names = [n for n, _ in network.denoise_fn.named_parameters()]
     if approach in ENCODER_ONLY:
         trained = [n[len("denoise_fn."):] for n in network.encoder_parameter_names()]

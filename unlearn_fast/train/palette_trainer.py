@@ -97,12 +97,21 @@ def make_run_folders(run_dir: str, folders: Dict[str, str]) -> None:
             raise ValueError(f"cannot create {path!r} (the config's path.{key}): {e.strerror or e}") from None
 
 
-def log_run_start(log: "PaletteRunLog", run_dir: str, phase: str, n_images: int) -> None:
-    """The first lines the reference logs in every run (with 0 validation images: none are held out here)."""
+def log_run_start(log: "PaletteRunLog", run_dir: str, phase: str, n_images: int,
+                  resume: Optional["PaletteResume"] = None) -> None:
+    """The first lines the reference logs in every run (with 0 validation images: none are held out here); a
+    resumed run also names the files it loaded, in the words of core/base_model.py (``Beign`` included)."""
     log.info(f"Create the log file in directory {run_dir}.\n")
     log.info(f"Dataset for {phase} have {n_images} samples.")
     if phase == "train":
         log.info("Dataset for val have 0 samples.")
+    if resume is not None:
+        for label, path in (("Network", resume.network_path), ("Network_ema", resume.ema_path)):
+            if path is not None:
+                log.info(f"Beign loading pretrained model [{label}] ...")
+                log.info(f"Loading pretrained model from [{path}] ...")
+        log.info("Beign loading training states")
+        log.info(f"Loading training state for [{resume.state_path}] ...")
     log.info(f"Begin model {phase}.")
 
 
