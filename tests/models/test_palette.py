@@ -154,8 +154,44 @@ def test_schedule_buffers_match_numpy_formulas():
     for k in SCHEDULE_BUFFERS:
         assert got[k].dtype == torch.float32
         np.testing.assert_allclose(got[k].numpy(), want[k].astype(np.float32), rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="unsupported beta schedule"):
-        make_beta_schedule("cosine")
+    with pytest.raises(ValueError, match="unsupported beta schedule 'sigmoid'; supported: linear, quad, warmup10"):
+        make_beta_schedule("sigmoid")
+
+
+def _official_betas(schedule, n, lo, hi, s=8e-3):
+    """The official make_beta_schedule restated: numpy float64, the cosine schedule in torch float64."""
+    if schedule in ("warmup10", "warmup50"):
+        betas = hi * np.ones(n, dtype=np.float64)
+        warm = int(n * {"warmup10": 0.1, "warmup50": 0.5}[schedule])
+        betas[:warm] = np.linspace(lo, hi, warm, dtype=np.float64)
+        return betas
+    if schedule == "const":
+        return hi * np.ones(n, dtype=np.float64)
+    if schedule == "jsd":
+        return 1.0 / np.linspace(n, 1, n, dtype=np.float64)
+    t = torch.arange(n + 1, dtype=torch.float64) / n + s
+    a = torch.cos(t / (1 + s) * np.pi / 2).pow(2)
+    a = a / a[0]
+    return (1 - a[1:] / a[:-1]).clamp(max=0.999).numpy()
+
+
+@pytest.mark.parametrize("schedule,n,lo,hi", [("warmup10", 2000, 1e-6, 1e-2), ("warmup10", 7, 1e-4, 0.1),
+                                               ("warmup50", 1000, 1e-4, 0.02), ("const", 50, 1e-6, 0.02),
+                                               ("jsd", 100, 1e-6, 1e-2), ("cosine", 1000, 1e-6, 1e-2),
+                                               ("cosine", 3, 1e-6, 1e-2)])
+def test_every_official_beta_schedule(schedule, n, lo, hi):
+    """warmup10 / warmup50 / const / jsd / cosine as the official code computes them, bit for bit in float64
+    (their buffers are what a checkpoint trained with them holds)."""
+    got = make_beta_schedule(schedule, n, lo, hi)
+    want = _official_betas(schedule, n, lo, hi)
+    assert got.dtype == torch.float64 and got.shape == (n,)
+    assert np.array_equal(got.numpy(), want)
+    assert float(got.max()) <= 1.0 and float(got.min()) > 0.0
+    if schedule == "cosine":
+        assert float(got.max()) <= 0.999
+    m = create_model("palette_micro", beta_schedule=dict(train=dict(schedule=schedule, n_timestep=n,
+                                                                   linear_start=lo, linear_end=hi)))
+    assert m.num_timesteps == n
 
 
 def test_schedule_from_nested_config_phase():

@@ -22,9 +22,11 @@ The official teacher follows ``netG.train()`` and so runs dropout when the confi
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,16 +64,39 @@ def as_palette_batch(inputs: Any) -> PaletteBatch:
 
 
 # ---- noise schedule --------------------------------------------------------------------------------
+BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "const", "jsd", "cosine")
+
+
 def make_beta_schedule(schedule: str = "linear", n_timestep: int = 2000, linear_start: float = 1e-6,
-                       linear_end: float = 1e-2, **_ignored) -> torch.Tensor:
-    """β_1..β_T in float64: ``linear`` (linspace) or ``quad`` (linspace of square roots, squared)."""
+                       linear_end: float = 1e-2, cosine_s: float = 8e-3, **_ignored) -> torch.Tensor:
+    """β_1..β_T in float64, the official schedules: ``linear`` (linspace), ``quad`` (linspace of square roots,
+    squared), ``warmup10`` / ``warmup50`` (linear_end, its first 10 % / 50 % a linspace from linear_start),
+    ``const`` (linear_end), ``jsd`` (1/T, 1/(T-1), ..., 1), ``cosine`` (1 - ᾱ_t/ᾱ_{t-1} of ᾱ(t) = cos²(π/2 ·
+    (t/T + s)/(1 + s)), at most 0.999)."""
     if n_timestep < 2:
         raise ValueError(f"n_timestep must be >= 2, got {n_timestep}")
+    n, lo, hi = int(n_timestep), float(linear_start), float(linear_end)
+    betas = None  # numpy float64 as the official code computes them (np.linspace and torch.linspace round apart)
     if schedule == "linear":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
-    if schedule == "quad":
-        return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
-    raise ValueError(f"unsupported beta schedule {schedule!r}; supported: linear, quad")
+        betas = np.linspace(lo, hi, n, dtype=np.float64)
+    elif schedule == "quad":
+        betas = np.linspace(lo ** 0.5, hi ** 0.5, n, dtype=np.float64) ** 2
+    elif schedule in ("warmup10", "warmup50"):
+        betas = np.full(n, hi, dtype=np.float64)
+        warm = int(n * (0.1 if schedule == "warmup10" else 0.5))
+        betas[:warm] = np.linspace(lo, hi, warm, dtype=np.float64)
+    elif schedule == "const":
+        betas = np.full(n, hi, dtype=np.float64)
+    elif schedule == "jsd":
+        betas = 1.0 / np.linspace(n, 1, n, dtype=np.float64)
+    if betas is not None:
+        return torch.from_numpy(np.ascontiguousarray(betas))
+    if schedule == "cosine":  # the official code computes this one with torch
+        phase = (torch.arange(n + 1, dtype=torch.float64) / n + cosine_s) / (1 + cosine_s) * math.pi / 2
+        alpha_bar = torch.cos(phase).pow(2)
+        alpha_bar = alpha_bar / alpha_bar[0]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unsupported beta schedule {schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
 
 
 def schedule_buffers(betas: torch.Tensor) -> Dict[str, torch.Tensor]:
