@@ -50,8 +50,12 @@ def _moot_at_precision(flag: str, precision: str, device_type: str) -> Optional[
     if flag == "fold_clip" and precision == "reference" and device_type == "cuda":
         return ("with --precision reference on a GPU the update scales the loss, and GradScaler's own grad_scale "
                 "takes the place the clip would fold into")
-    if flag == "half_student_weights" and precision != "bf16":
-        return f"with --precision {precision} the student does not run in bf16 (its bf16 weight copies need --precision bf16)"
+    if flag == "half_student_weights" and precision == "fp32":
+        return "with --precision fp32 the student does not run in bf16 (its bf16 weight copies need --precision bf16)"
+    if flag == "half_student_weights" and precision == "reference" and device_type == "cuda":
+        # (on the CPU the reference precision's student runs in bf16 without loss scaling: the copies act)
+        return ("with --precision reference on a GPU the student runs in fp16 with loss scaling (its bf16 weight "
+                "copies need --precision bf16)")
     if (flag == "full_patch_embed" and precision == "fp32" and device_type == "cuda"
             and torch.backends.cudnn.allow_tf32 != torch.backends.cuda.matmul.allow_tf32):
         return ("with --precision fp32 on a GPU the patches are embedded with the conv anyway (its TF32 setting "
@@ -59,9 +63,23 @@ def _moot_at_precision(flag: str, precision: str, device_type: str) -> Optional[
     return None
 
 
+def _moot_in_job(flag: str, args, precision: str, step_mode: str) -> Optional[str]:
+    """Why ``flag`` cannot act given the processes and the other update flag (the update forms exclude each
+    other), or None. ``args.world_size``: the processes of the run (the CLI sets it before asking; default 1)."""
+    world = int(getattr(args, "world_size", 1) or 1)
+    if flag == "half_student_weights" and world > 1:
+        return f"it acts on one process, this run has {world}: their gradients are reduced in fp32"
+    if flag == "fold_clip" and world > 1 and step_mode == "graphed":
+        return ("with several processes the CUDA-graph step clips and updates around its gradient all-reduce, "
+                "without the fold")
+    if flag == "fold_clip" and getattr(args, "half_student_weights", False) and world == 1 and precision == "bf16":
+        return "--half_student_weights' update applies the clip itself"  # fast_update.py: that form goes first
+    return None
+
+
 def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]:
     """One line per A/B flag that is set but cannot act on this run (``step_mode``: reference | fast | graphed;
-    the precision is ``args.precision``, default reference)."""
+    the precision is ``args.precision``, default reference; the processes ``args.world_size``, default 1)."""
     precision = getattr(args, "precision", "reference")
     lines = []
     for flag, (families, cuda) in FLAG_SCOPES.items():
@@ -70,7 +88,7 @@ def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]
         if (families and family not in families) or (cuda and device_type != "cuda") or step_mode == "reference":
             lines.append(f"--{flag} has no effect on this run (it acts on {_needs(families, cuda)})")
             continue
-        why = _moot_at_precision(flag, precision, device_type)
+        why = _moot_at_precision(flag, precision, device_type) or _moot_in_job(flag, args, precision, step_mode)
         if why:
             lines.append(f"--{flag} has no effect on this run ({why})")
     for old, off in RETIRED_OPT_INS.items():

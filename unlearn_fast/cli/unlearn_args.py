@@ -211,7 +211,8 @@ def add_fast_path_opt_ins(p: argparse.ArgumentParser) -> None:
                      help="fast/graphed steps on a GPU without loss scaling (--precision bf16 or fp32): the gradient "
                           "clip's scale done inside the fused AdamW step instead of a pass of its own")
     opt.add_argument("--half_student_weights", action="store_true",
-                     help="fast/graphed steps with --precision bf16: the student's Linear / conv weights kept as bf16 "
+                     help="fast/graphed steps with --precision bf16 (on the CPU also reference, whose student runs "
+                          "in bf16 there): the student's Linear / conv weights kept as bf16 "
                           "copies that one multi-tensor AdamW kernel writes, so no step casts weights or gradients "
                           "between fp32 and bf16 (the fp32 weights stay the ones saved and resumed; one process)")
 

@@ -508,8 +508,12 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     with _silenced(not ctx.is_main):  # only rank 0 prints notices
         mode = resolve_step_mode(args.step, device, loss_type, args.accum_iter, args.forget_per_batch is not None,
                                  world_size=world)
-        for line in idle_flags(args, getattr(model, "family", ""), device.type, mode):
+        idle = idle_flags(args, getattr(model, "family", ""), device.type, mode)
+        for line in idle:
             print(f"unlearn_fast: {line}")
+        # an update form named idle is not handed to the setup, which would say so again at the first step
+        acting = {f: getattr(args, f, False) and not any(line.startswith(f"--{f} ") for line in idle)
+                  for f in ("fold_clip", "half_student_weights")}
         if loss_type is None and args.forget_alpha == 0:
             print("unlearn_fast: --forget_alpha 0.0 (the reference's default): the forget term has no weight, so "
                   "nothing is forgotten; the paper's runs use e.g. --forget_alpha 0.2")
@@ -525,8 +529,7 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
                         visible_patch_embed=not getattr(args, "full_patch_embed", False),
                         tokenizer_channels_last=not getattr(args, "nchw_tokenizer", False),
                         fuse_block_norms=not getattr(args, "unfused_block_norms", False),
-                        fold_clip=getattr(args, "fold_clip", False),
-                        half_student_weights=getattr(args, "half_student_weights", False),
+                        fold_clip=acting["fold_clip"], half_student_weights=acting["half_student_weights"],
                         fast=mode != "reference",
                         capturable=mode == "graphed", teacher=teacher)
     if args.share_tokenizer and ctx.is_main and mode != "reference" and not tokenizer_shared_exactly(setup) \

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..ops.adamw_with_copies import AddressTables
-from .folded_clip import can_fold_clip, folded_clip_update
+from .folded_clip import fold_clip_active, folded_clip_update
 from .half_student import half_student_active, half_student_update
 from .step_reference import optimizer_update
 from .unlearn_setup import UnlearnSetup
@@ -20,9 +20,10 @@ def fast_optimizer_update(setup: UnlearnSetup, copy_tables: Optional[AddressTabl
     """The update of the fast and graphed steps: :func:`half_student_update` after a step through the bf16-weight
     student copy (``copy_tables``: a CUDA graph's own address tables), else :func:`folded_clip_update` where
     :func:`can_fold_clip`, else :func:`optimizer_update`. No host sync (CUDA-graph capturable)."""
+    fold = fold_clip_active(setup)  # asked first: it names itself off once, beside the half student too
     if setup.half_student is not None and half_student_active(setup):
         half_student_update(setup, copy_tables)
-    elif can_fold_clip(setup):
+    elif fold:
         folded_clip_update(setup)
     else:
         optimizer_update(setup)

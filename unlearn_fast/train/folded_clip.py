@@ -8,22 +8,51 @@ gradient per update (MAE-L, 303 M fp32 gradients: 1.2 GB, ~0.45 ms on an H100 by
 Arithmetic: ``g / (1/c)`` in place of ``g * c``, the same to within one rounding, and exact when nothing is
 clipped (c = 1). Only where the update has no loss scaling (``--precision bf16`` / ``fp32``: GradScaler's own
 ``grad_scale`` would collide) and the optimizer is the fused one (CUDA); elsewhere the fast steps run the reference's
-update (:mod:`.fast_update` chooses).
+update (:mod:`.fast_update` chooses) and :func:`fold_clip_active` says why once.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .half_student import half_student_blocker
 from .optimizer import clip_coefficient
 from .unlearn_setup import UnlearnSetup
+
+_said = set()
+
+
+def fold_clip_blocker(setup: UnlearnSetup) -> Optional[str]:
+    """None where the knob is on and the fold can serve ``setup``; else why not ("off": the knob)."""
+    if not getattr(setup, "fold_clip", False):
+        return "off"
+    if setup.half_student is not None and half_student_blocker(setup) is None:  # fast_update.py: that form first
+        return "half_student_weights is on, and its update applies the clip itself"
+    if setup.grad_clip is None:
+        return "there is no clip to fold (grad_clip is None)"
+    if setup.scaler.is_enabled():
+        return "the update scales the loss, and GradScaler's own grad_scale takes the place the clip would fold into"
+    if not all(g.get("fused") for g in setup.optimizer.param_groups):
+        return ("the optimizer is not torch's fused AdamW, whose grad_scale the clip folds into (on a GPU "
+                "build_setup(..., fast=True) makes it)")
+    if not hasattr(torch.nn.utils, "get_total_norm"):
+        return "this torch has no torch.nn.utils.get_total_norm (2.6 or newer)"
+    return None
 
 
 def can_fold_clip(setup: UnlearnSetup) -> bool:
     """Whether ``setup``'s fast update folds the clip into the fused optimizer step (:func:`folded_clip_update`)."""
-    opt = setup.optimizer
-    return (bool(getattr(setup, "fold_clip", False)) and setup.grad_clip is not None
-            and not setup.scaler.is_enabled() and all(g.get("fused") for g in opt.param_groups)
-            and hasattr(torch.nn.utils, "get_total_norm"))
+    return fold_clip_blocker(setup) is None
+
+
+def fold_clip_active(setup: UnlearnSetup) -> bool:
+    """:func:`can_fold_clip`, with a notice once (from rank 0) where the knob is on but cannot be honoured."""
+    reason = fold_clip_blocker(setup)
+    if reason not in (None, "off") and reason not in _said and getattr(setup, "rank", 0) == 0:
+        _said.add(reason)
+        print(f"unlearn_fast: fold_clip is off for this run: {reason}")
+    return reason is None
 
 
 def folded_clip_update(setup: UnlearnSetup) -> None:
@@ -46,4 +75,4 @@ def folded_clip_update(setup: UnlearnSetup) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-__all__ = ["can_fold_clip", "folded_clip_update"]
+__all__ = ["fold_clip_blocker", "can_fold_clip", "fold_clip_active", "folded_clip_update"]

@@ -24,7 +24,9 @@ the masters' ``.grad`` in fp32 (where ``zero_grad``, checkpoints and the next mi
 
 The copy follows the student as the bf16 teacher copy does (half_teacher.py): weights written in place outside
 this update are rounded again before the next forward (not writes through ``.data``, which bump no version
-counter); a new student, optimizer, parameter storage, parameter group or trainable set makes a new copy; each
+counter); a new student, optimizer, parameter storage, parameter group or trainable set makes a new copy (weights
+that require grad outside the optimizer stay fp32 in it; with no Linear / conv weight left to train the knob is
+off, said once, until one trains again); each
 module runs in its student module's train / eval mode and with its hooks. torch's optimizer hooks see the other
 parameters' step (the copied weights are updated by the kernel). A CUDA graph needs its own
 :class:`AddressTables` (:meth:`HalfStudent.new_tables`), written after capture.
@@ -38,7 +40,8 @@ import torch
 from torch import nn
 
 from ..ops.adamw_with_copies import AddressTables, adamw_with_copies_, grad_sum_of_squares, is_dense
-from .half_teacher import refuse_in_capture, tensor_storages, tensor_versions, with_half_gemm_weights
+from .half_teacher import (_GEMM_MODULES, _GEMM_PARAMS, refuse_in_capture, tensor_storages, tensor_versions,
+                           with_half_gemm_weights)
 from .optimizer import clip_coefficient
 from .precision import student_dtype
 
@@ -49,8 +52,8 @@ def half_student_blocker(setup) -> Optional[str]:
     """None where the knob is on and the half student can serve ``setup``; else why not ("off": the knob)."""
     if not getattr(setup, "half_student_weights", False):
         return "off"
-    if not isinstance(setup.student, nn.Module):
-        return "the student is a multi-rank wrapper (DDP): its gradients are reduced by DDP or the flat buffer"
+    if not isinstance(setup.student, nn.Module):  # a DDPStudent
+        return "it acts on one process, this run has several: their gradients are reduced in fp32"
     if student_dtype(setup.precision, setup.device) != torch.bfloat16 or setup.scaler.is_enabled():
         return "it needs the student in bf16 autocast without loss scaling (--precision bf16)"
     if setup.loss_type is not None:
@@ -70,13 +73,26 @@ def half_student_blocker(setup) -> Optional[str]:
 
 
 def half_student_active(setup) -> bool:
-    """Whether the fast step runs the half student for ``setup`` (a notice once when the knob is on but cannot be
-    honoured)."""
+    """Whether the fast step runs the half student for ``setup`` (a notice once, from rank 0, when the knob is on but
+    cannot be honoured)."""
     reason = half_student_blocker(setup)
-    if reason is not None and reason != "off" and reason not in _said:
+    if reason != "off":
+        _say_off(setup, reason)
+    return reason is None
+
+
+def _say_off(setup, reason: Optional[str]) -> None:
+    # rank 0 alone: every rank declines it alike, one line for the run
+    if reason is not None and reason not in _said and getattr(setup, "rank", 0) == 0:
         _said.add(reason)
         print(f"unlearn_fast: half_student_weights is off for this run: {reason}")
-    return reason is None
+
+
+def _holds_gemm_weights(student: nn.Module, optimizer) -> bool:
+    """Whether a copy would hold anything: a trainable Linear / conv weight or bias that the optimizer updates."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return any(isinstance(m, _GEMM_MODULES) and t is not None and t.requires_grad and id(t) in held
+               for m in student.modules() for n, t in m._parameters.items() if n in _GEMM_PARAMS)
 
 
 class HalfStudent:
@@ -86,12 +102,17 @@ class HalfStudent:
 
     def __init__(self, student: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
         group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        module = with_half_gemm_weights(student, dtype, trainable=True)
+        # weights that require grad outside the optimizer (unfrozen mid-run) stay the student's own fp32 tensors in
+        # the copy, their gradients on them and never applied, as without the copy: not copied while marked frozen
+        outside = [p for p in student.parameters() if p.requires_grad and id(p) not in group_of]
+        for p in outside:
+            p.requires_grad_(False)
+        try:
+            module = with_half_gemm_weights(student, dtype, trainable=True)
+        finally:
+            for p in outside:
+                p.requires_grad_(True)
         pairs = module._half_gemm_pairs
-        missing = [i for i, (m, _) in enumerate(pairs) if id(m) not in group_of]
-        if missing:
-            raise ValueError(f"{len(missing)} trainable Linear / conv weights of the student are not in the optimizer: "
-                             "their bf16 copies would get gradients nobody applies")
         if not pairs:
             raise ValueError("the student has no trainable Linear / conv weight: nothing to keep in bf16")
         gapped = [i for i, (m, _) in enumerate(pairs) if not is_dense(m)]
@@ -171,10 +192,15 @@ def step_student(setup) -> nn.Module:
     half = setup.half_student
     changed = "the student's weights, trainable set or optimizer"
     if half is None or not half.follows(setup.student, setup.optimizer):
-        refuse_in_capture("a new bf16 student copy", changed)
+        copying = _holds_gemm_weights(setup.student, setup.optimizer)  # (every Linear / conv frozen mid-run: none)
+        if half is not None or copying:
+            refuse_in_capture("a new bf16 student copy", changed)
         if half is not None:
             half.take_gradients()  # a pending accumulation stays with the masters
         setup.half_student = None  # the old copy's memory goes before the new one is made
+        if not copying:  # checked again each step (no copy made) until a Linear / conv weight trains again
+            _say_off(setup, "no trainable Linear / conv weight is in the optimizer: nothing to keep in bf16")
+            return setup.student
         setup.half_student = half = HalfStudent(setup.student, setup.optimizer)
     elif tensor_versions(half.masters) != half.versions:
         refuse_in_capture("re-rounding the bf16 student copy", changed)
