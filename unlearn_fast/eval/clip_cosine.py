@@ -12,7 +12,6 @@ from text files as float64 and does not normalise again).
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..train.checkpoint import new_file_mode
+from ..train.checkpoint import atomic_write_with
 from .layout import ImagePair
 from .preprocess import open_rgb
 
@@ -106,23 +105,6 @@ def clip_cosine_for_pairs(pairs: Sequence[ImagePair], model: torch.nn.Module, pr
     return (paired_cosine_mean(gen, original_embeddings, normalize=given), gen, np.asarray(original_embeddings))
 
 
-def _replace_atomically(path: str, write) -> None:
-    """``write(binary file)`` into a temp file beside ``path``, then ``os.replace``: never a torn file at ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_embeddings(path: str, embeddings: np.ndarray, names: Sequence[str] | None = None) -> None:
     """Save [N, D] embeddings: ``.txt`` as the reference's ``np.savetxt``, else ``.npy`` (+ names in ``.names``).
 
@@ -133,11 +115,11 @@ def save_embeddings(path: str, embeddings: np.ndarray, names: Sequence[str] | No
         raise ValueError(f"{len(names)} names for {embeddings.shape[0]} embeddings")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".txt"):
-        _replace_atomically(path, lambda f: np.savetxt(f, embeddings))
+        atomic_write_with(path, lambda f: np.savetxt(f, embeddings))
     else:
-        _replace_atomically(path, lambda f: np.save(f, embeddings))
+        atomic_write_with(path, lambda f: np.save(f, embeddings))
     if names is not None:
-        _replace_atomically(path + ".names", lambda f: f.write("".join(n + "\n" for n in names).encode("utf-8")))
+        atomic_write_with(path + ".names", lambda f: f.write("".join(n + "\n" for n in names).encode("utf-8")))
 
 
 def load_embeddings(path: str) -> np.ndarray:

@@ -24,9 +24,8 @@ import json
 import math
 import os
 import re
-import tempfile
 
-from ..train.checkpoint import new_file_mode
+from ..train.checkpoint import atomic_write_text
 from ..train.run_outputs import check_creatable_dir, opt_yaml_objects
 
 __all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number",
@@ -377,14 +376,5 @@ def write_report(run_dir: str, out_html: str | None = None, *, title: str | None
     folder = os.path.dirname(os.path.abspath(out_html))
     check_creatable_dir(folder, "the report's folder")  # one clear error, not FileExistsError from makedirs
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, out_html)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(out_html, page)
     return out_html

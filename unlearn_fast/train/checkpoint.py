@@ -56,7 +56,7 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _write_atomically(path: str, write) -> None:
+def atomic_write_with(path: str, write) -> None:
     """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. On any failure the
     temporary file is removed and ``path`` is untouched; an OSError becomes an OutputWriteError."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -80,17 +80,17 @@ def _write_atomically(path: str, write) -> None:
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    _write_atomically(path, lambda fh: torch.save(obj, fh))
+    atomic_write_with(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    _write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write_with(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically (an encoded image, for instance)."""
-    _write_atomically(path, lambda fh: fh.write(data))
+    atomic_write_with(path, lambda fh: fh.write(data))
 
 
 def atomic_append_text(path: str, text: str) -> None:
@@ -100,7 +100,7 @@ def atomic_append_text(path: str, text: str) -> None:
     if os.path.exists(path):
         with open(path, "rb") as fh:
             old = fh.read()
-    _write_atomically(path, lambda fh: fh.write(old + text.encode("utf-8")))
+    atomic_write_with(path, lambda fh: fh.write(old + text.encode("utf-8")))
 
 
 def atomic_link_or_copy(src: str, dst: str) -> None:
@@ -115,7 +115,7 @@ def atomic_link_or_copy(src: str, dst: str) -> None:
     except OSError:
         with open(src, "rb") as fh:
             data = fh.read()
-        _write_atomically(dst, lambda out: out.write(data))
+        atomic_write_with(dst, lambda out: out.write(data))
         return
     try:
         os.replace(tmp, dst)
@@ -130,7 +130,7 @@ def atomic_link_or_copy(src: str, dst: str) -> None:
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})  # bytes
-    _write_atomically(path, lambda fh: fh.write(data))
+    atomic_write_with(path, lambda fh: fh.write(data))
 
 
 def load_checkpoint_file(path: str) -> dict:
