@@ -9,8 +9,11 @@ same subsets. Plain Python lists of paths; no tensors.
     items = select_unlearning_files("../dataset/imagenet1k/train", forget, retain)  # [(path, ±100.0)]
 
 Generalisation: the reference hard-codes its 100 forget classes and 800 proxy classes in the formulas
-(`100·n`, `/800`). Here those numbers are the actual number of forget classes and of proxy class folders,
-which gives the reference's counts on the reference split.
+(`100·n`, `/800`). Here those numbers are the actual number of forget classes and of proxy class folders.
+On the reference split (the 200 ImageNet-R classes) the reference's own rules apply, so its numbers come out
+whatever else the tree holds: only folders named `n*` are proxy classes (its `glob(data_path/n*/)`), and each
+gives ceil(ratio·100·n/800) files, also on a partial ImageNet copy or one with empty class folders.
+A folder that cannot be read is an error for a forget or retain class and an empty proxy class (as glob).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .seeding import derive_seed
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 FORGET_LABEL = -100.0  # the reference's label for forget rows
 RETAIN_LABEL = 100.0   # retain and proxy rows
+REFERENCE_PROXY_CLASSES = 800  # ImageNet-1K minus the 200 ImageNet-R classes: the reference's `/800.0`
 
 Item = tuple[str, float]
 
@@ -92,11 +96,15 @@ def list_class_folders(root) -> list[str]:
 
 
 def list_images(folder, recursive: bool = False) -> list[str]:
-    """Sorted image paths in `folder` (sorted so the seeded shuffle sees the same order on every machine)."""
+    """Sorted image paths in `folder` (sorted so the seeded shuffle sees the same order on every machine).
+    A folder that cannot be listed is a ValueError naming it."""
     folder = str(folder)
     if not recursive:
-        with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+        except OSError as exc:
+            raise ValueError(f"cannot read the image folder {folder}: {exc.strerror or exc}") from None
         return [os.path.join(folder, name) for name in names]
     paths = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -160,7 +168,12 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
                                          [os.path.join(root, c) for c in forget_classes])
         else:
             taken = set(forget_classes) | set(retain_classes)
-            proxy = _take_folder_proxy(root, [c for c in folders if c not in taken], wanted_total, seed)
+            others = [c for c in folders if c not in taken]
+            divisor = None
+            if _is_reference_split(forget_classes, retain_classes):
+                # the reference's classes are glob(data_path/n*/), and it divides by 800 whatever the tree holds
+                others, divisor = [c for c in others if c.startswith("n")], REFERENCE_PROXY_CLASSES
+            proxy = _take_folder_proxy(root, others, wanted_total, seed, divisor)
     if not retain and not proxy:
         raise ValueError("the retain set is empty: give retain classes with retainset_ratio > 0, "
                          "or a proxy with opendata_to_forget_ratio > 0")
@@ -184,7 +197,8 @@ def select_unlearning_files(root, forget_classes: Sequence[str], retain_classes:
     forget: first `num_image_per_class` of each forget class. retain: first
     ceil(num_image_per_class * retainset_ratio) of each retain class. proxy (only when
     opendata_to_forget_ratio > 0): with `proxy_root` None, every other class folder under `root` gives
-    ceil(ratio * F * n / P) files (F forget classes, P proxy folders; the reference's 100 * n / 800);
+    ceil(ratio * F * n / P) files (F forget classes, P proxy folders with images; on the reference split
+    the reference's rule: the other `n*` folders, ceil(ratio * 100 * n / 800) each);
     with `proxy_root` (COCO-style, searched recursively) ceil(ratio * F * n) files in total (a proxy_root
     that holds forget-class images is refused; a ratio so large that the count overflows takes every file).
     Then retain is repeated to max(|proxy|, |forget|) and forget is repeated, shuffled and cut to
@@ -307,13 +321,29 @@ def _take_per_class(root: str, classes: list[str], count: int, seed: int) -> lis
     return out
 
 
-def _take_folder_proxy(root: str, proxy_classes: list[str], wanted_total: float, seed: int) -> list[str]:
-    per_class_files = {c: list_images(os.path.join(root, c)) for c in proxy_classes}
-    per_class_files = {c: f for c, f in per_class_files.items() if f}  # stray empty folders are not classes
+def _is_reference_split(forget_classes, retain_classes) -> bool:
+    forget, retain = reference_class_split()
+    return set(forget_classes) == set(forget) and set(retain_classes) == set(retain)
+
+
+def _readable_images(folder: str) -> list[str]:
+    """The folder's images, or none if it cannot be read (the reference's glob skips such folders)."""
+    try:
+        return list_images(folder)
+    except ValueError:
+        return []
+
+
+def _take_folder_proxy(root: str, proxy_classes: list[str], wanted_total: float, seed: int,
+                       divisor: int | None = None) -> list[str]:
+    """ceil(wanted_total / divisor) files from each proxy class; divisor None: the number of proxy folders
+    with images (stray empty folders are not classes)."""
+    per_class_files = {c: _readable_images(os.path.join(root, c)) for c in proxy_classes}
+    per_class_files = {c: f for c, f in per_class_files.items() if f}
     if not per_class_files:
         raise ValueError(f"opendata_to_forget_ratio > 0 but {root} has no other class folders with images "
                          "to use as the proxy; give proxy_root (e.g. COCO) or set the ratio to 0")
-    count = _ceil_count(wanted_total / len(per_class_files))
+    count = _ceil_count(wanted_total / (divisor or len(per_class_files)))
     out: list[str] = []
     for cls, files in per_class_files.items():
         out += seeded_shuffle(files, seed, "class", cls)[:count]
