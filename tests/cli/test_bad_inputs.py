@@ -213,8 +213,8 @@ def test_resume_mid_epoch_with_other_batching_is_refused(good, tmp_path, capsys)
 
 
 def test_use_coco_without_a_ratio_says_it_takes_no_proxy(good, tmp_path, capsys):
-    """The reference crashes on --use_coco with no --opendata_to_forget_ratio; here the run takes no proxy images
-    and says so (the flag still narrows the crop scale)."""
+    """--use_coco with no --opendata_to_forget_ratio: the run takes no proxy images, as the reference (which reads
+    None as 0.0), and says so (the flag still narrows the crop scale)."""
     from types import SimpleNamespace
     from unlearn_fast.cli.unlearn_command import select_data
     coco = tmp_path / "coco"

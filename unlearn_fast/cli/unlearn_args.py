@@ -85,7 +85,8 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
     g.add_argument("--opendata_to_forget_ratio", type=_none_or_float, default=None,
                    help="proxy retain images = ratio x forget images (F forget classes x num_image_per_class): from "
                         "every class folder of --data_path that is neither forget nor retain (ceil(ratio*F*n/P) from "
-                        "each of the P folders), or with --use_coco from --proxy_path; None or 0 = no proxy")
+                        "each of the P folders; on the reference split the other n* folders and P = 800, as the "
+                        "reference), or with --use_coco from --proxy_path; None or 0 = no proxy")
     g.add_argument("--num_image_per_class", type=int, default=120, help="forget images per forget class")
     g.add_argument("--retainset_ratio", type=float, default=1.0,
                    help="retain images per retain class = ceil(num_image_per_class * ratio); 0 = proxy only")

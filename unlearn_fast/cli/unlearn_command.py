@@ -437,7 +437,7 @@ def select_data(args, classes=None):
     proxy_root = None
     if args.use_coco:
         proxy_root = args.proxy_path or reference_coco_root(args.data_path)
-        if not args.opendata_to_forget_ratio:  # the reference crashes on None here; we train without a proxy
+        if not args.opendata_to_forget_ratio:  # as the reference (None -> 0.0): no proxy, said so here
             print("unlearn_fast: notice: --use_coco without --opendata_to_forget_ratio takes no proxy images "
                   "(it still narrows the crop scale to (0.2, 0.5), as the reference's --use_coco)", flush=True)
     items = select_unlearning_files(args.data_path, forget, retain, args.num_image_per_class, args.retainset_ratio,
