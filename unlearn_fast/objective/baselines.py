@@ -35,13 +35,21 @@ def check_weighting(weighting: str) -> None:
 
 
 def split_token_loss(loss_tok: torch.Tensor, weight: torch.Tensor, is_forget: torch.Tensor):
-    """(retain, forget) = Σ loss·weight over each class's rows / Σ weight over the WHOLE batch."""
+    """(retain, forget) = Σ loss·weight over each class's rows / Σ weight over the WHOLE batch.
+
+    fp32 math (fp64 for fp64 input). A batch with no weighted token is refused: the reference's 0/0 would stop
+    the run as a NaN loss, and a clamped denominator would train on a zero loss (weight decay alone). Reading
+    that total costs one host sync (the baseline step syncs on ``loss.item()`` anyway)."""
     if loss_tok.shape != weight.shape:
         raise ValueError(f"loss_tok {tuple(loss_tok.shape)} and weight {tuple(weight.shape)} differ in shape")
-    w = weight.float()
-    denom = w.sum().clamp_min(1e-12)
+    acc = torch.promote_types(loss_tok.dtype, torch.float32)
+    w = weight.to(acc)
+    denom = w.sum()
+    if not bool(denom > 0):
+        raise ValueError("no token of the batch is scored (the task weight is 0 everywhere, e.g. MAE --mask_ratio "
+                         "0 hides no patch): MAX LOSS / NOISY LABEL average over the hidden tokens")
     f = forget_mask(is_forget, loss_tok.shape[0], loss_tok.device).view(-1, *([1] * (loss_tok.dim() - 1)))
-    lw = loss_tok.float() * w
+    lw = loss_tok.to(acc) * w
     return torch.where(f, 0.0, lw).sum() / denom, torch.where(f, lw, 0.0).sum() / denom
 
 
@@ -61,10 +69,16 @@ def noisy_label_loss(loss_tok_clean: torch.Tensor, loss_tok_noisy: torch.Tensor,
 
 
 def random_encoder_target(guide: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """RANDOM ENCODER target: randn·std(guide) + mean(guide), scalar stats over the whole guide."""
-    dev = generator.device if generator is not None else guide.device  # draw where the generator lives
-    z = torch.randn(guide.shape, generator=generator, device=dev, dtype=guide.dtype).to(guide.device)
-    return z * guide.std() + guide.mean()
+    """RANDOM ENCODER target: randn·std(guide) + mean(guide), scalar stats (unbiased std) over the whole guide.
+
+    A constant, as the reference draws it under no_grad; drawn and scaled in fp32 (fp64 for fp64), whatever the
+    guide's precision (the reference's guide is the fp32 teacher's)."""
+    g = guide.detach()
+    acc = torch.promote_types(g.dtype, torch.float32)
+    dev = generator.device if generator is not None else g.device  # draw where the generator lives
+    z = torch.randn(g.shape, generator=generator, device=dev, dtype=acc).to(g.device)
+    g = g.to(acc)
+    return z * g.std() + g.mean()
 
 
 def random_encoder_loss(latent: torch.Tensor, guide: torch.Tensor, noise_target: torch.Tensor,
@@ -72,6 +86,7 @@ def random_encoder_loss(latent: torch.Tensor, guide: torch.Tensor, noise_target:
                         weighting: str = "reference") -> UnlearnLoss:
     """RANDOM ENCODER (``encoder_noise``): L_R to the teacher guide, L_F to a random target."""
     check_weighting(weighting)
+    guide, noise_target = guide.detach(), noise_target.detach()  # teacher outputs: constants (reference: no_grad)
     r, f = retain_forget_l2_loss(latent, guide, noise_target, is_forget)
     if weighting == "reference":  # (1+s) on both terms: the forget term acts on retain rows
         f, _ = retain_forget_l2_loss(latent, noise_target, noise_target, is_forget)
@@ -82,8 +97,10 @@ def tile_retain_rows(teacher_out: torch.Tensor, is_forget: torch.Tensor,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The teacher outputs of the retain rows, tiled to the batch length (randn if there is none).
 
-    Host-syncs to count the retain rows, as the reference does (baselines are not on the fast path).
+    Host-syncs to count the retain rows, as the reference does (baselines are not on the fast path). A constant,
+    as the reference builds it under no_grad.
     """
+    teacher_out = teacher_out.detach()
     n = teacher_out.shape[0]
     retain = teacher_out[~forget_mask(is_forget, n, teacher_out.device)]
     if retain.shape[0] == 0:
@@ -100,6 +117,7 @@ def retain_label_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, is_f
     """RETAIN LABEL (``learn_others``): outputs match the teacher on retain rows; forget rows are pulled
     to (tiled) teacher outputs of retain rows. Per-sample MSE over all non-batch dims."""
     check_weighting(weighting)
+    teacher_out = teacher_out.detach()  # a constant (reference: no_grad)
     updated = tile_retain_rows(teacher_out, is_forget, generator)
     r, f = retain_forget_l2_loss(student_out, teacher_out, updated, is_forget)
     if weighting == "reference":
