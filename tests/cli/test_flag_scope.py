@@ -168,3 +168,14 @@ def test_cli_half_student_weights_trains_as_without_them(tmp_path, capsys, monke
     assert moved > 0  # the step trained something
     with open(os.path.join(runs["half"], "opt.yaml")) as fh:
         assert json.load(fh)["half_student_weights"] is True
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--loss_type", "max_full_model_loss", "--retain_alpha", "0.5"], ["--retain_alpha "]),
+    (["--loss_type", "full_model_noise", "--baseline_weighting", "corrected"], ["--baseline_weighting corrected "]),
+    (["--loss_type", "encoder_noise", "--retain_alpha", "0.5", "--baseline_weighting", "corrected"], []),  # both act
+    (["--loss_type", "max_full_model_loss"], []),  # defaults: nothing asked
+])
+def test_baseline_flags_their_loss_does_not_read_are_named(argv, named):
+    lines = idle_flags(build_parser(baseline=True).parse_args(argv), "mage", "cpu", "reference")
+    assert [line.split("has no effect")[0] for line in lines] == named

@@ -26,6 +26,8 @@ FLAG_SCOPES = {
 }
 # opt-in flags whose forms became the defaults (H100, 2026-11-27) -> the flag that now turns them off
 RETIRED_OPT_INS = {"channels_last_tokenizer": "nchw_tokenizer", "fused_block_norms": "unfused_block_norms"}
+# baselines whose loss is the reference's token cross-entropy: retain_alpha and the (1+s) weighting play no part
+TOKEN_LOSS_BASELINES = ("max_full_model_loss", "full_model_noise")
 # task-transform flags read by one family only: a value changed from its default on another family is named
 FAMILY_VALUE_FLAGS = {"mask_ratio": "mae", "mask_ratio_min": "mage", "mask_ratio_max": "mage",
                       "mask_ratio_mu": "mage", "mask_ratio_std": "mage"}
@@ -91,6 +93,14 @@ def idle_flags(args, family: str, device_type: str, step_mode: str) -> List[str]
         why = _moot_at_precision(flag, precision, device_type) or _moot_in_job(flag, args, precision, step_mode)
         if why:
             lines.append(f"--{flag} has no effect on this run ({why})")
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type in TOKEN_LOSS_BASELINES:  # the reference's own math: neither flag appears in it
+        if getattr(args, "retain_alpha", 1.0) != 1.0:
+            lines.append(f"--retain_alpha has no effect on this run (--loss_type {loss_type} weights only its forget "
+                         "term, as the reference)")
+        if getattr(args, "baseline_weighting", "reference") != "reference":
+            lines.append(f"--baseline_weighting {args.baseline_weighting} has no effect on this run (--loss_type "
+                         f"{loss_type} has no (1+s) weighting to correct)")
     for old, off in RETIRED_OPT_INS.items():
         if getattr(args, old, False):
             lines.append(f"--{old} is the default now (--{off} turns it off)")

@@ -60,7 +60,9 @@ def add_reference_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="epochs of linear warmup from 0 (per iteration), then a half-cosine to min_lr")
     g.add_argument("--forget_alpha", type=float, default=0.0,
                    help="weight of the forget term (reference default 0.0 forgets nothing; the README uses 0.2)")
-    g.add_argument("--retain_alpha", type=float, default=1.0, help="weight of the retain term")
+    g.add_argument("--retain_alpha", type=float, default=1.0,
+                   help="weight of the retain term (baselines max_full_model_loss / full_model_noise: unused, as the "
+                        "reference)")
     if baseline:
         g.add_argument("--loss_type", type=str, required=True, choices=LOSS_TYPES,
                        help="max_full_model_loss (MAX LOSS), full_model_noise (NOISY LABEL), "
