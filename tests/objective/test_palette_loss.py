@@ -204,3 +204,14 @@ def test_random_encoder_names_a_bad_map_argument():
         palette_random_encoder_targets(ft[0], is_forget)
     with pytest.raises(ValueError, match="number of student and teacher maps"):
         palette_random_encoder_loss(fs, ft[:2], is_forget, 0.1)
+
+
+def test_random_encoder_targets_are_constants_of_the_teacher_maps():
+    """A teacher map that requires grad (a direct caller's) gets no gradient through the random targets' draw or
+    statistics: the reference computes the teacher under no_grad."""
+    from unlearn_fast.objective.palette_loss import palette_random_encoder_targets
+    ft = torch.randn(3, 2, 4, 4, requires_grad=True)
+    is_forget = torch.tensor([True, False, True])
+    (target,) = palette_random_encoder_targets([ft], is_forget, torch.Generator().manual_seed(0))
+    assert not target.requires_grad
+    assert torch.equal(target[1], ft.detach()[1])  # the retain row keeps the teacher's map

@@ -148,6 +148,7 @@ def palette_random_encoder_targets(features_teacher: Sequence[torch.Tensor], is_
                         f"{type(features_teacher).__name__}")
     out = []
     for ft in features_teacher:
+        ft = ft.detach()  # the teacher's maps are constants (the reference computes them under no_grad)
         f = _check_is_forget(is_forget, ft.shape[0], ft.device).view(-1, *([1] * (ft.dim() - 1)))
         dev = generator.device if generator is not None else ft.device
         z = torch.randn(ft.shape, generator=generator, device=dev, dtype=ft.dtype).to(ft.device)
