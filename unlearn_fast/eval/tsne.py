@@ -14,8 +14,9 @@ early exaggeration 4, random init, no PCA):
   so pictures differ in detail. The iteration argument is
   ``max_iter`` (sklearn >= 1.5) or ``n_iter`` (older); the installed version is checked.
 
+``"reference"`` is the default (what ``tsne_visual.py`` computes; 200 points take about a second);
 ``"auto"`` uses sklearn when installed, else the reference backend. matplotlib is imported only by
-:func:`plot_tsne` (a clear ImportError if it is missing).
+:func:`plot_tsne` (a clear ImportError if it is missing). The figure is the reference's: 8 x 6 in, font size 20.
 """
 from __future__ import annotations
 
@@ -148,8 +149,9 @@ def _check_memory(n: int) -> None:
 
 
 def tsne_embed(x, *, perplexity: float = 20.0, n_iter: int = 1000, learning_rate: float = 500.0,
-               early_exaggeration: float = 4.0, seed: int = 0, backend: str = "auto") -> np.ndarray:
-    """2-D t-SNE of x [N, D] (numpy or torch); backend "auto" | "sklearn" | "reference"."""
+               early_exaggeration: float = 4.0, seed: int = 0, backend: str = "reference") -> np.ndarray:
+    """2-D t-SNE of x [N, D] (numpy or torch); backend "reference" (tsne_visual.py's algorithm) | "sklearn" |
+    "auto" (sklearn when installed)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().double().numpy()
     x = np.asarray(x, dtype=np.float64)
@@ -193,20 +195,21 @@ def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
     if points.ndim != 2 or points.shape[1] != 2 or labels.shape != (points.shape[0],):
         raise ValueError(f"need points [N, 2] and labels [N], got {points.shape} and {labels.shape}")
     markers, colors = ["s", "s", "x", "x"], ["red", "blue", "green", "#ED7D31"]
-    fig, ax = plt.subplots(figsize=(8, 6))
-    for i, name in enumerate(label_names):
-        sel = labels == i
-        if sel.any():
-            ax.scatter(points[sel, 0], points[sel, 1], s=160, marker=markers[i % 4], color=colors[i % 4],
-                       label=name, linewidths=4 if markers[i % 4] == "x" else 1)
-    ax.legend()
-    ax.grid(True)
-    ax.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_stem)), exist_ok=True)
-    png, pdf = out_stem + ".png", out_stem + ".pdf"
-    fig.savefig(png)
-    fig.savefig(pdf)
+    with plt.rc_context({"font.size": 20}):  # tsne_visual.py's rcParams, without changing the caller's
+        fig, ax = plt.subplots(figsize=(8, 6))
+        for i, name in enumerate(label_names):
+            sel = labels == i
+            if sel.any():
+                ax.scatter(points[sel, 0], points[sel, 1], s=160, marker=markers[i % 4], color=colors[i % 4],
+                           label=name, linewidths=4 if markers[i % 4] == "x" else 1)
+        ax.legend()
+        ax.grid(True)
+        ax.set_title(title)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(out_stem)), exist_ok=True)
+        png, pdf = out_stem + ".png", out_stem + ".pdf"
+        fig.savefig(png)
+        fig.savefig(pdf)
     plt.close(fig)
     return png, pdf
 
@@ -219,25 +222,37 @@ def _find_one(folder: str, stem_pattern: str) -> str:
     raise FileNotFoundError(f"no embedding file {stem_pattern}.npy or .txt in {folder}")
 
 
+def _find_originals(ckpt_folder: str, original_folder: str | None, split: str) -> str:
+    """The originals' embeddings: ``original_<split>_clip_norm_5k.*`` (what run_clip_eval writes) in
+    ``original_folder`` or ``ckpt_folder``; else the reference's ``<split>_clip_norm_5k.*`` in ``original_folder``,
+    by default ``./pretrained/`` (tsne_visual.py's place). Never ``<ckpt_folder>/<split>_clip_norm_5k``: there
+    clip_embed.py ``--scan_mode 0`` keeps embeddings of the generated images."""
+    ours, reference = original_folder or ckpt_folder, original_folder or "pretrained"
+    for folder, stem in ((ours, f"original_{split}_clip_norm_5k"), (reference, f"{split}_clip_norm_5k")):
+        try:
+            return _find_one(folder, stem)
+        except FileNotFoundError:
+            pass
+    raise FileNotFoundError(f"no embeddings of the original {split} images: neither original_{split}_clip_norm_5k"
+                            f".npy/.txt in {ours} (eval --clip) nor {split}_clip_norm_5k.npy/.txt in {reference} "
+                            "(clip_embed.py); pass the folder with --original_folder")
+
+
 def run_tsne(ckpt_folder: str, *, original_folder: str | None = None, crop_size: int = 8, stride: int = 100,
              out_stem: str = "vqgan_mask_ratio_tsne", title: str = "(b) VQ-GAN", seed: int = 0,
-             backend: str = "auto") -> tuple[str, str]:
+             backend: str = "reference") -> tuple[str, str]:
     """T-SNE figure from the CLIP embeddings that :func:`run_clip_eval` (or the reference) wrote.
 
-    Reads ``<ckpt_folder>/*_<crop_size>_{forget,retain}_clip_norm_5k.{npy,txt}`` and the originals'
-    ``{original_}{forget,retain}_clip_norm_5k.*`` (from ``original_folder``, default ``ckpt_folder``), keeps
-    every ``stride``-th row, and writes ``<out_stem>.png`` and ``.pdf``. Returns the two paths.
+    Reads ``<ckpt_folder>/*_<crop_size>_{forget,retain}_clip_norm_5k.{npy,txt}`` and the originals' (see
+    :func:`_find_originals`: ``<ckpt_folder>/original_*``, else ``./pretrained/{forget,retain}_clip_norm_5k.*``
+    as tsne_visual.py), keeps every ``stride``-th row, and writes ``<out_stem>.png`` and ``.pdf``.
+    Returns the two paths.
     """
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     check_creatable_dir(os.path.dirname(os.path.abspath(out_stem)), "the T-SNE figure's folder")  # before the work
-    original_folder = original_folder or ckpt_folder
     paths = [_find_one(ckpt_folder, f"*_{crop_size}_{split}_clip_norm_5k") for split in ("forget", "retain")]
-    for split in ("forget", "retain"):
-        try:
-            paths.append(_find_one(original_folder, f"original_{split}_clip_norm_5k"))
-        except FileNotFoundError:
-            paths.append(_find_one(original_folder, f"{split}_clip_norm_5k"))  # the reference's pretrained/ name
+    paths += [_find_originals(ckpt_folder, original_folder, split) for split in ("forget", "retain")]
     sets = [load_embeddings(p) for p in paths]
     dims = {p: s.shape[1] for p, s in zip(paths, sets)}
     if len(set(dims.values())) > 1:

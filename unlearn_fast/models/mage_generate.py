@@ -35,8 +35,8 @@ Re-masking uses ranks, so exactly the scheduled number of tokens is re-masked ev
 Files: ``<out>/<retain|forget>/<wnid>/<mode>_<r>_<orig name>``, JPEG quality 95 via PIL (the format follows the
 name's extension as with cv2: PNG for ``.png`` names),
 ``floor(clip(x * 255))``. ``channel_order="bgr"`` (default) reproduces the reference, which wrote RGB
-arrays through cv2 so its files are R/B swapped; ``"rgb"`` writes true colours. JPEG bytes differ from
-cv2's encoder (same quality, a different libjpeg setup).
+arrays through cv2 so its files are R/B swapped; ``"rgb"`` writes true colours. The JPEG files are
+byte-identical to ``cv2.imwrite``'s (checked with opencv-python 4.10: baseline, quality-95 tables, 4:2:0 chroma).
 """
 from __future__ import annotations
 
