@@ -249,3 +249,19 @@ def test_outpaint_files_are_the_names_eval_py_and_clip_embed_py_glob(tmp_path):
         assert len(hits) == 1 and layout.generated_prefix("outpaint", k) == f"outpaint_{k / 16.0}_"
     for k in (4, 8):
         assert sum(fnmatch.fnmatchcase(r, f"forget/*/outpaint_{k / 16.0}_*.JPEG") for r in rel) == 1
+
+
+def test_the_official_scripts_short_and_unused_flags_are_accepted(monkeypatch):
+    """eval.py's ``-d`` (its --dst) and tsne_visual.py's --ratio / --cuda parse as in the official scripts."""
+    import unlearn_fast.cli.tools as tools
+    import unlearn_fast.eval.tsne as tsne_mod
+    seen = {}
+    monkeypatch.setattr(tsne_mod, "run_tsne", lambda folder, **kw: seen.update(folder=folder, **kw) or ("a", "b"))
+    assert tools.tsne_main(["--ckpt_folder", "F", "--ratio", "65", "--cuda", "1", "--crop_size", "8"]) == 0
+    assert seen["folder"] == "F" and seen["crop_size"] == 8
+
+def test_eval_takes_d_as_its_dst(tmp_path, capsys):
+    missing = str(tmp_path / "generated")
+    rc = main(["eval", "-d", missing, "--task", "inpaint"])
+    err = capsys.readouterr().err
+    assert rc == 2 and missing in err and "unrecognized" not in err and "required" not in err, err

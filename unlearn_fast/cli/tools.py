@@ -176,7 +176,7 @@ def eval_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast eval", formatter_class=DefaultsHelpFormatter,
                                 description="FID/IS (eval.py) or CLIP cosine (clip_embed.py) of a generated folder; "
                                             "the results are printed and appended to the reference's CSV in --csv_dir")
-    p.add_argument("--dst", required=True, help="generated folder: <ckpt>-<task>/ for MAGE; for Palette the "
+    p.add_argument("-d", "--dst", required=True, help="generated folder: <ckpt>-<task>/ for MAGE; for Palette the "
                                                  "<ckpt without .pth>/ folder or its results/test/0/<mask_ratio>/")
     p.add_argument("--task", default="inpaint", choices=("inpaint", "outpaint"), help="MAGE: what --dst holds")
     p.add_argument("--data_root", default=None,
@@ -262,10 +262,16 @@ def tsne_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast tsne", description="T-SNE of CLIP embeddings (tsne_visual.py)",
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt_folder", required=True, help="a generated folder that 'eval --clip' embedded")
-    p.add_argument("--original_folder", default=None, help="where {forget,retain}_clip_norm_5k.* of the originals are")
+    p.add_argument("--original_folder", default=None,
+                   help="where {forget,retain}_clip_norm_5k.* of the originals are (default: <ckpt_folder>/original_*, "
+                        "then ./pretrained/ as tsne_visual.py)")
     p.add_argument("--crop_size", type=int, default=8)
     p.add_argument("--stride", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    # tsne_visual.py's other flags, accepted so that its command lines run: --ratio is read nowhere there, --cuda
+    # picks its tensor device (here the t-SNE runs in float64 on the CPU: 200 points take about a second)
+    p.add_argument("--ratio", type=int, default=65, help="unused (as tsne_visual.py)")
+    p.add_argument("--cuda", type=int, default=1, help="unused: the t-SNE runs on the CPU")
     a = p.parse_args(argv)
     from ..eval.tsne import run_tsne
     png, pdf = run_tsne(a.ckpt_folder, original_folder=a.original_folder, crop_size=a.crop_size, stride=a.stride,
