@@ -8,8 +8,12 @@ The N predictions are cut, in the order given, into ``splits`` consecutive parts
 
 and the result is ``(mean_k score_k, std_k score_k)`` with the population std (ddof 0). Like
 ``scipy.stats.entropy``, each row and p(y) are renormalised to sum 1 before the KL, and 0·log 0 = 0.
-Because the splits follow the order of the rows, the score depends on that order; the reference used glob
-order (MAGE) or an unseeded shuffle (Palette); `run_eval` uses sorted file order.
+Because the splits follow the order of the rows, the score depends on that order. MAGE's eval.py keeps glob
+order (class by class, as `run_eval`'s sorted order). Palette's eval365.py shuffles the list first
+(``random.shuffle``, unseeded), so each split mixes all classes; class-sorted rows would give each split only a
+few classes and a far lower score (5,000 images of 50 classes: each split of 500 sees 5 of them).
+``shuffle_seed`` (e.g. ``PALETTE_SHUFFLE_SEED``) permutes the rows with a seeded generator first: the
+reference's shuffle, reproducible.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["inception_score_from_probs", "split_kl_scores"]
+__all__ = ["inception_score_from_probs", "split_kl_scores", "PALETTE_SHUFFLE_SEED"]
+
+PALETTE_SHUFFLE_SEED = 0  # stands in for eval365.py's unseeded random.shuffle
 
 
 def _as_probs(probs: Any) -> np.ndarray:
@@ -33,11 +39,18 @@ def _as_probs(probs: Any) -> np.ndarray:
     return p
 
 
-def split_kl_scores(probs: Any, splits: int = 10) -> np.ndarray:
-    """Per-split scores exp(mean KL(p(y|x) || p(y))) as a float64 array [splits]."""
+def split_kl_scores(probs: Any, splits: int = 10, shuffle_seed: int | None = None) -> np.ndarray:
+    """Per-split scores exp(mean KL(p(y|x) || p(y))) as a float64 array [splits].
+
+    ``shuffle_seed``: permute the rows with ``numpy.random.default_rng(shuffle_seed)`` before splitting (Palette);
+    None keeps the given order (MAGE)."""
     p = _as_probs(probs)
-    if not isinstance(splits, (int, np.integer)) or splits < 1:
+    if not isinstance(splits, (int, np.integer)) or isinstance(splits, bool) or splits < 1:
         raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    if shuffle_seed is not None:
+        if not isinstance(shuffle_seed, (int, np.integer)) or isinstance(shuffle_seed, bool) or shuffle_seed < 0:
+            raise ValueError(f"shuffle_seed must be a non-negative integer or None, got {shuffle_seed!r}")
+        p = p[np.random.default_rng(int(shuffle_seed)).permutation(p.shape[0])]  # [N, K], rows mixed
     n = p.shape[0]
     if n < splits:
         raise ValueError(f"need at least one prediction per split: N={n} < splits={splits}")
@@ -55,7 +68,8 @@ def split_kl_scores(probs: Any, splits: int = 10) -> np.ndarray:
     return scores
 
 
-def inception_score_from_probs(probs: Any, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) Inception Score of class probabilities ``probs`` [N, K] (numpy or torch), over ``splits``."""
-    scores = split_kl_scores(probs, splits)
+def inception_score_from_probs(probs: Any, splits: int = 10, shuffle_seed: int | None = None) -> tuple[float, float]:
+    """(mean, std) Inception Score of class probabilities ``probs`` [N, K] (numpy or torch), over ``splits``;
+    ``shuffle_seed`` as in :func:`split_kl_scores`."""
+    scores = split_kl_scores(probs, splits, shuffle_seed)
     return float(np.mean(scores)), float(np.std(scores))

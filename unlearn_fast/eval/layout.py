@@ -19,6 +19,8 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
+from ..train.data_split import IMAGE_EXTENSIONS  # what palette-test reads, and keeps in its output names
+
 __all__ = [
     "SPLITS", "TASKS", "ratio_of", "generated_prefix", "eval_modes", "clip_modes", "generated_path",
     "original_name", "ImagePair", "collect_mage_pairs", "read_class_list", "palette_split_classes",
@@ -175,7 +177,8 @@ def palette_results_dir(dst: str, mask_ratio: float = 0.5) -> str:
 
 def collect_palette_pairs(dst: str, classes: list[str], *, mask_ratio: float = 0.5,
                           original_root: str | None = None, check_originals: bool = True) -> list[ImagePair]:
-    """``Out_<tag>_Places365*.jpg`` of the given classes, each paired with its original by name.
+    """``Out_<tag>_Places365*.jpg`` of the given classes (or another image extension palette-test kept from its
+    data: .jpeg / .png / .bmp / .webp, any case), each paired with its original by name.
 
     ``dst`` is the checkpoint folder (``<dst>/results/test/0/<mask_ratio:.2f>`` holds the images) or that
     results folder itself.
@@ -197,9 +200,9 @@ def collect_palette_pairs(dst: str, classes: list[str], *, mask_ratio: float = 0
     pairs = []
     for cls in classes:
         tag = cls.replace("/", "_")  # "/a/airfield" -> "_a_airfield"
-        pattern = f"Out{tag}_Places365*.jpg"
+        pattern = f"Out{tag}_Places365*"
         for fname in files:
-            if fnmatch.fnmatchcase(fname, pattern):
+            if fnmatch.fnmatchcase(fname, pattern) and fname.lower().endswith(IMAGE_EXTENSIONS):
                 name = fname[len("Out_"):]
                 original = (os.path.join(results, "GT_" + name) if original_root is None
                             else os.path.join(original_root, cls.lstrip("/"), name))

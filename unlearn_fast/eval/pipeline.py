@@ -27,7 +27,7 @@ from .feature_extractors import (load_cleanfid_inception, load_clip_visual, load
                                  load_torchvision_inception)
 from .frechet import METHODS as FID_METHODS
 from .frechet import fid_from_features
-from .inception_score import inception_score_from_probs
+from .inception_score import PALETTE_SHUFFLE_SEED, inception_score_from_probs
 from .preprocess import cleanfid_input, mage_is_input, places365_is_input, upsample_for_inception
 
 __all__ = ["cleanfid_features", "classifier_probs", "originals_root", "run_eval", "run_clip_eval", "run_palette_eval",
@@ -196,7 +196,8 @@ def classifier_probs(paths: Sequence[str], model: torch.nn.Module, load: Callabl
 
 
 def _fid_is(pairs, *, fid_model, is_model, is_load, is_upsample: bool, generated_bgr: bool, splits: int,
-            original_cache: dict, batch_size: int, num_workers: int, device, fid_method: str) -> dict:
+            original_cache: dict, batch_size: int, num_workers: int, device, fid_method: str,
+            is_shuffle_seed: int | None = None) -> dict:
     gen_paths = [p.generated for p in pairs]
     todo = [p.original for p in pairs if p.original not in original_cache]
     if todo:
@@ -208,7 +209,7 @@ def _fid_is(pairs, *, fid_model, is_model, is_load, is_upsample: bool, generated
                                   num_workers=num_workers, device=device)
     probs = classifier_probs(gen_paths, is_model, is_load, upsample_to_299=is_upsample, batch_size=batch_size,
                              num_workers=num_workers, device=device)
-    is_mean, is_std = inception_score_from_probs(probs, splits=splits)
+    is_mean, is_std = inception_score_from_probs(probs, splits=splits, shuffle_seed=is_shuffle_seed)
     return {"fid": fid_from_features(orig_feats, gen_feats, method=fid_method), "is_mean": is_mean,
             "is_std": is_std, "n": len(pairs)}
 
@@ -314,7 +315,8 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
 
     class_list: the path of ``class.txt`` (lines 0-49 retain, 50-99 forget). ``is_model="places365"`` is the
     reference's ResNet-50 Places365 IS; ``"inception"`` is its fallback (torchvision Inception on the same
-    224 crops); the reference fell back silently on any error, here the choice is explicit.
+    224 crops); the reference fell back silently on any error, here the choice is explicit. The IS splits mix
+    the classes as eval365.py's shuffle does, with a fixed seed (its shuffle is unseeded).
     ``allow_pickle`` lets the classifier checkpoint be unpickled in full (trusted files only; the original
     ``resnet50_places365.pth.tar`` may need it if it is in torch's legacy format).
     """
@@ -340,7 +342,8 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
     for split in layout.SPLITS:
         row[split] = _fid_is(plan[split], fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
                              is_upsample=False, generated_bgr=False, splits=splits, original_cache={},
-                             batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
+                             batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method,
+                             is_shuffle_seed=PALETTE_SHUFFLE_SEED)  # eval365.py shuffles (unseeded) before its IS
     r, f = row["retain"], row["forget"]
     csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(None)), [csv_rows.fid_is_row(
         dst, r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
