@@ -35,7 +35,7 @@ from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.run_outputs import opt_yaml_objects
 from ..train.seeding import derive_seed
-from .help_format import DefaultsHelpFormatter
+from .help_format import DefaultsHelpFormatter, short_usage_errors
 from .unlearn_command import build_model, class_lists, resolve_device, select_data
 
 AUDIT_FILE = "forget_audit.json"
@@ -45,6 +45,10 @@ def read_run_args(run_dir: str) -> dict:
     """The last JSON object of ``RUN_DIR/opt.yaml`` (the file is appended once per start of the run)."""
     path = os.path.join(run_dir, "opt.yaml")
     if not os.path.isfile(path):
+        inside = runs_inside(run_dir)
+        if inside:  # the --output_dir the run was given: its run directory is one level down
+            raise ValueError(f"{run_dir} is not an unlearning run directory (no opt.yaml) but holds {len(inside)}: "
+                             f"pass one, e.g. the newest: unlearn-fast audit {inside[-1]}")
         raise ValueError(f"{run_dir} is not an unlearning run directory (no opt.yaml)")
     try:
         with open(path, encoding="utf-8") as fh:
@@ -58,6 +62,17 @@ def read_run_args(run_dir: str) -> dict:
     if not isinstance(last, dict):
         raise ValueError(f"{path} holds no argument dictionary")
     return last
+
+
+def runs_inside(folder: str) -> List[str]:
+    """The run directories (folders holding an opt.yaml) directly inside ``folder``, oldest first (by the
+    opt.yaml's modification time; run names end in their start time)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n, "opt.yaml"))]
+    return sorted(found, key=lambda d: (os.path.getmtime(os.path.join(d, "opt.yaml")), d))
 
 
 def latest_checkpoint(run_dir: str) -> str:
@@ -103,14 +118,19 @@ def run_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, 
                               "mask_ratio": 0.75, **saved})
     if data_path:
         args.data_path = data_path
+    given = {"teacher": teacher, "checkpoint": checkpoint}  # the flags the user passed
     teacher = teacher or saved.get("teacher_checkpoint")
     if not teacher:
         raise ValueError(f"{run_dir}/opt.yaml records no teacher checkpoint (the run started from random "
                          "weights?); pass --teacher")
     checkpoint = checkpoint or latest_checkpoint(run_dir)
     for what, path in (("teacher", teacher), ("checkpoint", checkpoint)):
-        if not os.path.isfile(path):
-            raise ValueError(f"{what} file not found: {path} (pass --{what})")
+        if os.path.isfile(path):
+            continue
+        if given[what]:
+            raise ValueError(f"--{what} {path}: {what} file not found")
+        where = f" (recorded in {run_dir}/opt.yaml; pass --teacher where it is now)" if what == "teacher" else ""
+        raise ValueError(f"{what} file not found: {path}{where}")
 
     forget_classes, retain_classes = class_lists(args)
     items = select_data(args, (forget_classes, retain_classes))  # the run's training list, from its flags and seed
@@ -174,10 +194,12 @@ def format_audit(result: dict) -> str:
 
 
 def audit_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn-fast audit", formatter_class=DefaultsHelpFormatter,
-                                description="forget audit (membership AUC) of a run, before and after unlearning; "
-                                            "writes RUN_DIR/forget_audit.json (replacing an earlier audit's)")
-    p.add_argument("run_dir")
+    p = short_usage_errors(argparse.ArgumentParser(
+        prog="unlearn-fast audit", formatter_class=DefaultsHelpFormatter,
+        description="forget audit (membership AUC) of a run, before and after unlearning; writes "
+                    "RUN_DIR/forget_audit.json (replacing an earlier audit's)"))
+    p.add_argument("run_dir", help="the run directory an unlearn / baseline run printed ('writing to ...'), inside "
+                                   "its --output_dir: the folder with opt.yaml and checkpoint-<e>.pth")
     p.add_argument("--checkpoint", default=None, help="the unlearned model (default: the last checkpoint-<e>.pth); "
                    "a file of the trained parameters only (.safetensors, best.pth) is laid over the teacher")
     p.add_argument("--teacher", default=None, help="the original model (default: the run's teacher checkpoint)")
@@ -191,4 +213,4 @@ def audit_main(argv: List[str]) -> int:
     return 0
 
 
-__all__ = ["run_audit", "audit_main", "read_run_args", "format_audit", "load_audited_model", "AUDIT_FILE"]
+__all__ = ["run_audit", "audit_main", "read_run_args", "format_audit", "load_audited_model", "runs_inside", "AUDIT_FILE"]

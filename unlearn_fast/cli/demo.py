@@ -45,7 +45,7 @@ from ..train.seeding import derive_seed
 from ..train.trainer import STEP_MODES, resolve_step_mode, train_loop
 from ..train.unlearn_setup import build_setup
 from .demo_metrics import eval_noise_images, fixed_mask_draw, hidden_pixel_mask, set_metrics
-from .help_format import DefaultsHelpFormatter
+from .help_format import DefaultsHelpFormatter, short_usage_errors
 from .unlearn_command import resolve_device
 
 IMAGE_SIZE = 32
@@ -54,8 +54,9 @@ GRID_PER_SET = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unlearn-fast demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="unlearn-fast demo", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=DefaultsHelpFormatter)  # (the docstring's markup is no help text)
+    short_usage_errors(p)
     p.add_argument("--output_dir", default="./demo_output", help="metrics.json and grid.png go here")
     p.add_argument("--forget_digits", default="0,1,2,3,4", help="comma-separated digits to forget; the rest are retained")
     p.add_argument("--forget_alpha", type=float, default=0.3,
@@ -299,15 +300,25 @@ def run_demo(args) -> dict:
     # created only now (a failed or interrupted run leaves no empty folder); grid first, then metrics.json, each
     # through a temporary file: a metrics.json next to a grid.png always comes from one finished run
     os.makedirs(args.output_dir, exist_ok=True)
-    _write_grid(args.output_dir, held, tasks, grid_idx, recon_before, recon_after, model)
+    grid = _write_grid(args.output_dir, held, tasks, grid_idx, recon_before, recon_after, model)
     atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2))
     print_table(metrics)
     audit = metrics["forget_audit"]
     print(f"\nforget audit (membership AUC, trained vs held-out forget digits; 0.5 = no signal): "
           f"before {audit['before']['auc']:.3f}, after {audit['after']['auc']:.3f}")
-    print(f"\nunlearn_fast demo: wrote {os.path.join(args.output_dir, 'metrics.json')} and grid.png "
-          f"in {config['total_seconds']:.0f} s")
+    print("\n" + outputs_message(os.path.join(args.output_dir, "metrics.json"), grid, config["total_seconds"]))
     return metrics
+
+
+def outputs_message(metrics_path: str, grid_path: Optional[str], seconds: float) -> str:
+    """The demo's last lines: the files it wrote and how to read grid.png (the image itself has no labels)."""
+    text = f"unlearn_fast demo: wrote {metrics_path}" + (f" and {grid_path}" if grid_path else "") + \
+        f" in {seconds:.0f} s"
+    if grid_path:
+        text += (f"\n{os.path.basename(grid_path)}: one row per digit, {GRID_PER_SET} at most per set, forget "
+                 "digits first, then retain digits; columns: original, masked input (hidden patches grey), inpainted "
+                 "before unlearning, inpainted after")
+    return text
 
 
 @torch.no_grad()
@@ -320,7 +331,8 @@ def _grid_recon(model, held: torch.Tensor, task, rows: List[int], device) -> tor
     return out
 
 
-def _write_grid(out_dir, held, tasks, grid_idx, recon_before, recon_after, model) -> None:
+def _write_grid(out_dir, held, tasks, grid_idx, recon_before, recon_after, model) -> Optional[str]:
+    """Writes ``<out_dir>/grid.png``; returns its path (None: Pillow missing, no grid)."""
     cols = [[], [], [], []]
     for k in ("forget", "retain"):
         idx = torch.as_tensor(grid_idx[k], dtype=torch.long)
@@ -336,8 +348,10 @@ def _write_grid(out_dir, held, tasks, grid_idx, recon_before, recon_after, model
         save_grid(png, [torch.cat(c) for c in cols])
     except ImportError:
         print("unlearn_fast demo: Pillow is not installed; grid.png skipped")
-        return
-    atomic_write_bytes(os.path.join(out_dir, "grid.png"), png.getvalue())
+        return None
+    path = os.path.join(out_dir, "grid.png")
+    atomic_write_bytes(path, png.getvalue())
+    return path
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -346,4 +360,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-__all__ = ["main", "run_demo", "build_parser", "balanced_batches", "save_grid", "parse_digits"]
+__all__ = ["main", "run_demo", "build_parser", "balanced_batches", "save_grid", "parse_digits", "outputs_message"]

@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import shlex
 import sys
+import time
 from typing import List, Optional
 
 USAGE = """usage: unlearn-fast <command> [flags]
@@ -28,8 +31,10 @@ commands:
   audit        forget audit of a run: membership AUC of forget-class images, before vs after unlearning
   list-models  registered model names
 
-'unlearn-fast <command> --help' shows each command's flags.
+'unlearn-fast <command> --help' shows each command's flags; 'unlearn-fast --version' the version.
 """
+
+COMMANDS = re.findall(r"^  ([a-z][a-z-]+)\s", USAGE, flags=re.M)  # for "did you mean" on a misspelt command
 
 
 class UsageError(ValueError):
@@ -91,18 +96,24 @@ def _run(command: str, argv: List[str]) -> int:
         from .palette_command import palette_unlearn_main
         return palette_unlearn_main(_palette_model_flag(argv))
     if command in ("unlearn", "baseline"):
+        from .help_format import short_usage_errors
         from .unlearn_args import build_parser
         from .unlearn_command import run_unlearn
-        args = build_parser(baseline=command == "baseline", prog=f"unlearn-fast {command}").parse_args(argv)
-        run_unlearn(args, baseline=command == "baseline")
+        args = short_usage_errors(build_parser(baseline=command == "baseline", prog=f"unlearn-fast {command}")
+                                  ).parse_args(argv)
+        started = time.perf_counter()
+        run_dir = run_unlearn(args, baseline=command == "baseline")
+        _print_run_done(run_dir, time.perf_counter() - started, args)
         return 0
     if command == "demo":
         from .demo import main as demo_main
         return demo_main(argv)
     if command == "list-models":
         import argparse
-        argparse.ArgumentParser(prog="unlearn-fast list-models", description="print the registered model names, "
-                                "one per line (the values of --model)").parse_args(argv)  # --help; extras refused
+        from .help_format import short_usage_errors
+        short_usage_errors(argparse.ArgumentParser(
+            prog="unlearn-fast list-models", description="print the registered model names, one per line (the "
+            "values of --model)")).parse_args(argv)  # --help; extras refused
         from ..models import list_models
         print("\n".join(list_models()))
         return 0
@@ -115,7 +126,23 @@ def _run(command: str, argv: List[str]) -> int:
     if command in ("generate", "eval", "tsne", "report"):
         from . import tools
         return getattr(tools, f"{command}_main")(argv)
-    raise UsageError(f"unknown command {command!r}\n\n{USAGE}")
+    near = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+    raise UsageError(f"unknown command {command!r}" + (f" (did you mean '{near[0]}'?)" if near else "")
+                     + "; 'unlearn-fast --help' lists the commands")
+
+
+def _print_run_done(run_dir: Optional[str], seconds: float, args) -> None:
+    """The last line of a finished ``unlearn`` / ``baseline`` run (rank 0 only): where its files are and the
+    commands that read them, ready to copy."""
+    from ..train.distributed import env_ranks
+    if not run_dir or env_ranks(getattr(args, "dist_on_itp", False))[0] != 0 or not os.path.isdir(run_dir):
+        return
+    epochs = [int(m.group(1)) for n in os.listdir(run_dir) if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", n))]
+    last = f"checkpoint-{max(epochs)}.pth" if epochs else "no checkpoint"
+    quoted = shlex.quote(run_dir)
+    took = f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+    print(f"unlearn_fast: done in {took} s; {run_dir} holds log.txt and {last}; next: "
+          f"unlearn-fast audit {quoted}; unlearn-fast report {quoted}", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -124,6 +151,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # no command is a usage error: stderr, exit 2
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+        print(f"unlearn-fast {__version__}")
+        return 0
     from ..train.checkpoint import CheckpointError
     from ..train.step_reference import NonFiniteLossError
     try:
@@ -158,9 +189,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         signum = getattr(e, "signum", 2)  # RunStopped (SIGINT or SIGTERM during a run), else Ctrl-C
         if from_command_line:  # the process exits now: no teardown tracebacks of half-built DataLoader workers
             sys.unraisablehook = lambda unraisable: None
-        trains = argv[0] in ("unlearn", "baseline", "palette-unlearn")  # the commands that write checkpoints
+        # unlearn / baseline already said what is left (the checkpoint to --resume, or the run directory removed);
+        # palette-unlearn: only a signal during its run (its handlers installed) can follow a checkpoint, and a
+        # Ctrl-C before it started has written nothing to speak of
+        trained = argv[0] == "palette-unlearn" and hasattr(e, "signum")
         print(f"unlearn-fast: {'terminated' if signum == 15 else 'interrupted'}"
-              + ("; checkpoints written so far are intact" if trains else ""), file=sys.stderr)
+              + ("; checkpoints written so far are intact" if trained else ""), file=sys.stderr)
         return 128 + signum
 
 
