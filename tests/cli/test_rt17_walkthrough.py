@@ -219,3 +219,20 @@ def test_demo_output_names_both_files_and_explains_the_grid(tmp_path):
     for words in ("forget digits first", "original", "masked", "before unlearning", "after"):
         assert words in second
     assert demo.outputs_message(metrics, None, 3.0) == f"unlearn_fast demo: wrote {metrics} in 3 s"  # no Pillow
+
+
+def test_report_refuses_a_folder_that_is_no_run_and_names_the_runs_inside(tmp_path, capsys):
+    """`unlearn-fast report DATA` wrote an empty report.html into the image folder and exited 0; the --output_dir
+    of a run is named with its run inside."""
+    from unlearn_fast.cli.main import main
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)
+    assert main(["report", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and "nothing to report" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "report.html").exists()
+    run = tmp_path / "out" / "class_img1k_run"
+    run.mkdir(parents=True)
+    (run / "opt.yaml").write_text("{}")
+    assert main(["report", str(tmp_path / "out")]) == 2
+    assert f"e.g. the newest: unlearn-fast report {run}" in capsys.readouterr().err

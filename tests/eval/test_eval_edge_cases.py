@@ -232,6 +232,7 @@ def test_run_paint_takes_a_one_pass_generator(tmp_path):
 def test_report_skips_a_folder_named_png_and_refuses_a_folder_as_output(tmp_path, capsys):
     (tmp_path / "grid.png").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "real.png")
+    (tmp_path / "opt.yaml").write_text("{}")  # a run directory (report refuses a folder that is none)
     path = write_report(str(tmp_path))
     page = open(path).read()
     assert "real.png" in page and 'alt="grid.png"' not in page

@@ -162,6 +162,7 @@ def test_report_survives_undecodable_and_oversized_values(tmp_path, capsys):
 
 def test_report_out_under_a_file_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "opt.yaml").write_text("{}")  # a run directory (report refuses a folder that is none)
     out = tmp_path / "afile" / "report.html"
     with pytest.raises(ValueError, match="afile is not a folder: it exists and is a file"):  # before: FileExistsError
         write_report(str(tmp_path), str(out))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 from typing import List
@@ -280,6 +281,10 @@ def tsne_main(argv: List[str]) -> int:
     return 0
 
 
+# what makes a folder reportable: an unlearning run's flags / log, the demo's metrics, a Palette run's config / log
+REPORTED_FILES = ("opt.yaml", "log.txt", "metrics.json", "config.json", "train.log")
+
+
 def report_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast report", description="one self-contained HTML page for a run: "
                                 "its flags, log curves, --eval_every table, audit table and PNGs")
@@ -289,6 +294,13 @@ def report_main(argv: List[str]) -> int:
     from ..eval.report import write_report
     if not os.path.isdir(a.run_dir):
         raise ValueError(f"not a run directory: {a.run_dir}")
+    if not any(os.path.isfile(os.path.join(a.run_dir, f)) for f in REPORTED_FILES):
+        from .audit_command import runs_inside
+        inside = runs_inside(a.run_dir)
+        hint = (f"; it holds {len(inside)} run(s), e.g. the newest: unlearn-fast report {shlex.quote(inside[-1])}"
+                if inside else "")
+        raise ValueError(f"{a.run_dir} is not a run directory (none of {', '.join(REPORTED_FILES)}): nothing to "
+                         f"report{hint}")
     if a.out is not None and os.path.isdir(a.out):
         raise ValueError(f"--out is a folder, not an .html file: {a.out}")
     path = write_report(a.run_dir, a.out)
