@@ -236,3 +236,14 @@ def test_report_refuses_a_folder_that_is_no_run_and_names_the_runs_inside(tmp_pa
     (run / "opt.yaml").write_text("{}")
     assert main(["report", str(tmp_path / "out")]) == 2
     assert f"e.g. the newest: unlearn-fast report {run}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_that_is_a_file_says_so(tmp_path, below):
+    from unlearn_fast.train.run_outputs import check_output_dir, create_run_dir
+    (tmp_path / "e1").write_text("x")
+    path = str(tmp_path / "e1" / "sub") if below else str(tmp_path / "e1")
+    says = "is a file, not a folder" if below else "it exists and is a file"
+    for call in (lambda: check_output_dir(path), lambda: create_run_dir(path, lambda: "run")):
+        with pytest.raises(ValueError, match=says):
+            call()

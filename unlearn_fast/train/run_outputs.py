@@ -43,13 +43,25 @@ def check_creatable_dir(path: str, flag_name: str) -> None:
         raise ValueError(f"{flag_name} {path} is not writable ({existing} is read-only)")
 
 
+def _why_not_a_folder(path: str, error: OSError) -> str:
+    """makedirs' reason in words: "File exists" for a path that is a file says which file."""
+    if os.path.isfile(path):
+        return "it exists and is a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isfile(parent):
+        return f"{parent} is a file, not a folder"
+    return error.strerror or str(error)
+
+
 def check_output_dir(path: str) -> None:
     """Fail early, with a clear message, on an output folder that cannot be written (creates it: see also
     :func:`check_creatable_dir`)."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create output directory {path!r}: {e.strerror}") from None
+        raise ValueError(f"cannot create output directory {path!r}: {_why_not_a_folder(path, e)}") from None
     probe = os.path.join(path, ".write-test")
     try:
         with open(probe, "wb") as fh:
@@ -78,7 +90,8 @@ def create_run_dir(output_dir: str, name) -> str:
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create output directory {output_dir!r}: {e.strerror}") from None
+        raise ValueError(f"cannot create output directory {output_dir!r}: {_why_not_a_folder(output_dir, e)}") \
+            from None
     for _ in range(RUN_DIR_NAME_TRIES):
         taken = name()
         path = os.path.join(output_dir, taken)
