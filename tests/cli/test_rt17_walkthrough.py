@@ -247,3 +247,19 @@ def test_an_output_dir_that_is_a_file_says_so(tmp_path, below):
     for call in (lambda: check_output_dir(path), lambda: create_run_dir(path, lambda: "run")):
         with pytest.raises(ValueError, match=says):
             call()
+
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
+    """--epochs 2 with the default --warmup_epochs 5: the lr only ramps up (to ~40 % of its peak); said once."""
+    from tests.helpers import make_class_tree, micro_unlearn_argv, save_random_pretrained
+    from unlearn_fast.cli.main import main
+    data = make_class_tree(tmp_path / "data", ("cat", "dog", "bird"), 2, seed=0)
+    pre = save_random_pretrained(tmp_path / "pre.pth")
+    argv = micro_unlearn_argv(data, pre, tmp_path / "out", "--max_steps_per_epoch", "1", per_class=2, batch=4,
+                              epochs=2, warmup=5)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("--warmup_epochs 5 >= --epochs 2: the learning rate only ramps up and ends near 40%") == 1
+    assert main(micro_unlearn_argv(data, pre, tmp_path / "out2", "--max_steps_per_epoch", "1", per_class=2, batch=4,
+                                   epochs=2, warmup=1)) == 0
+    assert "--warmup_epochs" not in capsys.readouterr().out

@@ -517,6 +517,10 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
         if loss_type is None and args.forget_alpha == 0:
             print("unlearn_fast: --forget_alpha 0.0 (the reference's default): the forget term has no weight, so "
                   "nothing is forgotten; the paper's runs use e.g. --forget_alpha 0.2")
+        if 0 < args.epochs <= args.warmup_epochs:  # the schedule never leaves its linear ramp
+            print(f"unlearn_fast: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate "
+                  f"only ramps up and ends near {args.epochs / args.warmup_epochs:.0%} of lr {lr:.3g} (the reference's "
+                  "schedule; lower --warmup_epochs to reach the peak)")
     setup = build_setup(model, device, lr=lr, weight_decay=args.weight_decay, precision=args.precision,
                         retain_alpha=args.retain_alpha, forget_alpha=args.forget_alpha,
                         noise_type=getattr(args, "noise_type", "normal"), grad_clip=args.grad_clip,
