@@ -52,7 +52,7 @@ def test_resume_from_another_architecture_keeps_the_model_hint(make_mae_micro, t
     state = make_mae_micro().state_dict()
     state["pos_embed"] = torch.zeros(1, 3, state["pos_embed"].shape[-1])  # a mis-shaped key among all keys
     torch.save({"model": state}, path)
-    with pytest.raises(CheckpointError, match="Is --model"):
+    with pytest.raises(CheckpointError, match="is --model the architecture"):
         load_training_state(argparse.Namespace(resume=path, teacher=None), make_mae_micro())
 
 

@@ -182,3 +182,18 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o666 & ~umask
+
+
+def test_a_mismatch_leads_with_what_fits(make_mae_micro):
+    """The conclusion first: an MAE file made for another image size names the --input_size it needs; a file of
+    another registered architecture names the --model it fits (models built on the meta device)."""
+    import unlearn_fast
+    small = make_mae_micro().state_dict()
+    wide = unlearn_fast.create_model("mae_micro", img_size=64)
+    with pytest.raises(CheckpointError, match=r"does not fit model MaskedAutoencoderViT: its position tables are "
+                                              r"for 32-pixel images: pass --input_size 32; 2 shape mismatches"):
+        load_model_state(wide, small, "run.pth")
+    default_micro = unlearn_fast.create_model("mae_micro").state_dict()
+    with pytest.raises(CheckpointError, match=r"does not fit model MaskedGenerativeEncoderViT: the file fits "
+                                              r"--model mae_micro \(at its default --input_size\); "):
+        load_model_state(unlearn_fast.create_model("mage_micro"), default_micro, "mae.pth")

@@ -149,6 +149,36 @@ def model_state_from(ckpt: dict, path: str = "") -> dict:
     return state
 
 
+_POSITION_TABLES = ("pos_embed", "decoder_pos_embed")
+
+
+def _what_fits(model: nn.Module, state: dict) -> str:
+    """The conclusion a mismatch leads to, said first: the image size an MAE's position tables were made for,
+    or the registered models whose state dict the file fits (each built on the meta device: no memory)."""
+    own = model.state_dict()
+    shapes_differ = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if (own.keys() == state.keys() and shapes_differ and set(shapes_differ) <= set(_POSITION_TABLES)
+            and isinstance(patch, int)):
+        grid = math.isqrt(max(state["pos_embed"].shape[1] - 1, 0))
+        if grid * grid == state["pos_embed"].shape[1] - 1:
+            return f"its position tables are for {grid * patch}-pixel images: pass --input_size {grid * patch}"
+    from ..models import create_model, list_models
+    fits = []
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                candidate = create_model(name).state_dict()
+        except Exception:  # a model that cannot be built without arguments fits nothing here
+            continue
+        if candidate.keys() == state.keys() and all(tuple(v.shape) == tuple(state[k].shape)
+                                                     for k, v in candidate.items()):
+            fits.append(name)
+    if fits:
+        return f"the file fits --model {' / '.join(fits[:3])} (at its default --input_size)"
+    return "is --model the architecture this checkpoint was trained with?"
+
+
 def load_model_state(model: nn.Module, state: dict, path: str = "", strict: bool = True) -> None:
     """Strict load with one readable message listing missing, unexpected and mis-shaped keys (non-strict:
     only mis-shaped keys are errors)."""
@@ -156,8 +186,8 @@ def load_model_state(model: nn.Module, state: dict, path: str = "", strict: bool
     if not strict:
         parts = [p for p in parts if "shape mismatches" in p]
     if parts:
-        raise CheckpointError(f"checkpoint {path!r} does not fit model {type(model).__name__}: " + "; ".join(parts)
-                              + ". Is --model the architecture this checkpoint was trained with?")
+        raise CheckpointError(f"checkpoint {path!r} does not fit model {type(model).__name__}: "
+                              f"{_what_fits(model, state)}; " + "; ".join(parts))
     unusable = unusable_tensors(state)
     if unusable:
         raise CheckpointError(f"checkpoint {path!r}: {unusable}")
