@@ -150,3 +150,24 @@ def test_reference_split_is_recognised_by_its_classes_not_their_order(tmp_path):
     c = select_unlearning_subsets(root, forget[1:], retain, 8, 1.0, 2.0, seed=0)
     assert Counter(map(_cls, c.proxy)) == {**{f"n9{i:07d}": 25 for i in range(3)}, forget[0]: 3}
     assert data_split.REFERENCE_PROXY_CLASSES == 800
+
+
+def test_missing_class_folders_say_what_the_data_folder_holds(tmp_path):
+    """The usual layout mistakes: the classes one level down (pass that folder), loose images, other classes."""
+    from PIL import Image
+
+    from tests.helpers import make_class_tree
+    from unlearn_fast.train.data_split import select_unlearning_files
+    args = (["cat"], ["bird"], 2, 1.0, None, None, 0)
+    make_class_tree(tmp_path / "nested" / "train", ("cat", "bird"), 2, seed=0)
+    with pytest.raises(ValueError, match=r"not found under .*nested: cat, bird; they are in .*train: pass "
+                                         r"--data_path .*nested/train"):
+        select_unlearning_files(str(tmp_path / "nested"), *args)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(ValueError, match="it holds loose images: the layout is DIR/<class>/<image>"):
+        select_unlearning_files(str(loose), *args)
+    make_class_tree(tmp_path / "other", ("dog", "fish"), 1, seed=1)
+    with pytest.raises(ValueError, match="its class folders are: dog, fish"):
+        select_unlearning_files(str(tmp_path / "other"), *args)

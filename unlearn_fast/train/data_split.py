@@ -151,8 +151,9 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
     folders = list_class_folders(root)
     absent = [c for c in forget_classes + retain_classes if c not in set(folders)]
     if absent:
-        raise ValueError(f"class folder(s) not found under {root}: {', '.join(absent[:5])}"
-                         + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise ValueError(f"class folder(s) not found under {root}: {', '.join(absent[:5])}{more}"
+                         + _layout_hint(root, folders, absent))
 
     folder_proxy = open_ratio > 0 and proxy_root is None
     _refuse_aliased_forget_folders(root, forget_classes, [c for c in folders if c not in set(forget_classes)]
@@ -185,6 +186,25 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
     pool = forget * math.ceil(target_forget / len(forget))
     forget = seeded_shuffle(pool, seed, "forget_oversample")[:target_forget]
     return UnlearnSubsets(forget, retain, proxy)
+
+
+def _layout_hint(root: str, folders: list, absent: list) -> str:
+    """What the data folder holds instead: the class folders one level down (pass that folder), loose images (the
+    layout is DIR/<class>/<image>), or the class folders that are there."""
+    def inside(folder):
+        try:
+            return set(list_class_folders(os.path.join(root, folder)))
+        except OSError:  # an unreadable sub-folder holds no hint
+            return set()
+    nested = [os.path.join(root, f) for f in folders if set(absent) <= inside(f)]
+    if nested:
+        return f"; they are in {nested[0]}: pass --data_path {nested[0]}"
+    if not folders and any(is_image_file(e.name) for e in os.scandir(root) if e.is_file()):
+        return "; it holds loose images: the layout is DIR/<class>/<image>"
+    if folders:
+        shown = ", ".join(folders[:8]) + (f" and {len(folders) - 8} more" if len(folders) > 8 else "")
+        return f"; its class folders are: {shown}"
+    return "; it holds no class folder (the layout is DIR/<class>/<image>)"
 
 
 def select_unlearning_files(root, forget_classes: Sequence[str], retain_classes: Sequence[str],
