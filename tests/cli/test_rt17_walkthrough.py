@@ -263,3 +263,14 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
     assert main(micro_unlearn_argv(data, pre, tmp_path / "out2", "--max_steps_per_epoch", "1", per_class=2, batch=4,
                                    epochs=2, warmup=1)) == 0
     assert "--warmup_epochs" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "tsne", "report", "palette-unlearn", "palette-test"])
+def test_every_command_gives_a_misspelt_flag_one_line(command, capsys):
+    from unlearn_fast.cli.main import main
+    with pytest.raises(SystemExit) as done:
+        main([command, "--no_such_flagg", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # one line (the required flags' error comes first where a command has some), with where to look
+    assert done.value.code == 2 and len(err) == 1 and f"unlearn-fast {command}: error: " in err[0], err
+    assert f"'unlearn-fast {command} --help' lists every flag" in err[0], err

@@ -49,6 +49,7 @@ from ..train.palette_trainer import (PALETTE_STEP_MODES, PaletteRunLog, check_pa
 from ..train.distributed import env_ranks
 from ..train.run_outputs import create_run_dir
 from ..train.seeding import step_generator
+from .help_format import short_usage_errors
 from .palette_config import load_palette_config, resolve_palette_job
 from .unlearn_args import ReferenceAbbrevParser
 from .unlearn_command import stop_signals, loader_batches, resolve_device
@@ -489,14 +490,15 @@ def _one_process(command: str) -> None:
 
 
 def palette_unlearn_main(argv: Optional[List[str]] = None) -> int:
-    args = build_palette_parser("unlearn-fast palette-unlearn").parse_args(argv)
+    args = short_usage_errors(build_palette_parser("unlearn-fast palette-unlearn")).parse_args(argv)
     _one_process("palette-unlearn")
     run_palette_unlearn(args)
     return 0
 
 
 def palette_test_main(argv: Optional[List[str]] = None) -> int:
-    args = build_palette_parser("unlearn-fast palette-test", default_phase="test").parse_args(argv)
+    parser = short_usage_errors(build_palette_parser("unlearn-fast palette-test", default_phase="test"))
+    args = parser.parse_args(argv)
     _need(args.phase == "test", "palette-test samples the test set; use palette-unlearn -p train to unlearn")
     _one_process("palette-test")
     run_palette_test(args)

@@ -23,7 +23,7 @@ from typing import List
 
 import torch
 
-from .help_format import DefaultsHelpFormatter
+from .help_format import DefaultsHelpFormatter, short_usage_errors
 
 
 def _device(spec: str) -> torch.device:
@@ -111,7 +111,7 @@ def generate_main(argv: List[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed, reset for every image")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    a = short_usage_errors(p).parse_args(argv)
     from ..models import create_model
     from ..models.mage_generate import paint_settings, run_paint
     from ..train.checkpoint import load_checkpoint_file, load_model_state, model_state_from
@@ -199,7 +199,7 @@ def eval_main(argv: List[str]) -> int:
     p.add_argument("--batch_size", type=int, default=32, help="images per feature-extractor batch")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
-    a = p.parse_args(argv)
+    a = short_usage_errors(p).parse_args(argv)
     from ..eval import csv_rows, pipeline
     dev = _device(a.device)
     if not os.path.isdir(a.dst):
@@ -273,7 +273,7 @@ def tsne_main(argv: List[str]) -> int:
     # picks its tensor device (here the t-SNE runs in float64 on the CPU: 200 points take about a second)
     p.add_argument("--ratio", type=int, default=65, help="unused (as tsne_visual.py)")
     p.add_argument("--cuda", type=int, default=1, help="unused: the t-SNE runs on the CPU")
-    a = p.parse_args(argv)
+    a = short_usage_errors(p).parse_args(argv)
     from ..eval.tsne import run_tsne
     png, pdf = run_tsne(a.ckpt_folder, original_folder=a.original_folder, crop_size=a.crop_size, stride=a.stride,
                         seed=a.seed)
@@ -290,7 +290,7 @@ def report_main(argv: List[str]) -> int:
                                 "its flags, log curves, --eval_every table, audit table and PNGs")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="default: <run_dir>/report.html")
-    a = p.parse_args(argv)
+    a = short_usage_errors(p).parse_args(argv)
     from ..eval.report import write_report
     if not os.path.isdir(a.run_dir):
         raise ValueError(f"not a run directory: {a.run_dir}")
