@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 import unlearn_fast
 from unlearn_fast.cli.flag_scope import FLAG_SCOPES, idle_flags
 from unlearn_fast.cli.main import main
-from unlearn_fast.train import fast_update, folded_clip
+from unlearn_fast.train import fast_update, folded_clip, unlearn_setup
 from unlearn_fast.train import half_student as hs
 from unlearn_fast.train.checkpoint import read_checkpoint
 from unlearn_fast.train.step_fast import fast_step
@@ -62,9 +62,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _fresh_notices(monkeypatch):
     """The once-per-process notices start unsaid in every test (an earlier test may have said them)."""
-    monkeypatch.setattr(hs, "_said", set())
-    if hasattr(folded_clip, "_said"):
-        monkeypatch.setattr(folded_clip, "_said", set())
+    monkeypatch.setattr(unlearn_setup, "_knobs_said", set())
 
 
 def _ns(precision="bf16", world_size=1, **set_flags):

@@ -18,9 +18,7 @@ import torch
 
 from .half_student import half_student_blocker
 from .optimizer import clip_coefficient
-from .unlearn_setup import UnlearnSetup
-
-_said = set()
+from .unlearn_setup import UnlearnSetup, say_knob_off
 
 
 def fold_clip_blocker(setup: UnlearnSetup) -> Optional[str]:
@@ -49,9 +47,8 @@ def can_fold_clip(setup: UnlearnSetup) -> bool:
 def fold_clip_active(setup: UnlearnSetup) -> bool:
     """:func:`can_fold_clip`, with a notice once (from rank 0) where the knob is on but cannot be honoured."""
     reason = fold_clip_blocker(setup)
-    if reason not in (None, "off") and reason not in _said and getattr(setup, "rank", 0) == 0:
-        _said.add(reason)
-        print(f"unlearn_fast: fold_clip is off for this run: {reason}")
+    if reason not in (None, "off"):
+        say_knob_off(setup, "fold_clip", reason)
     return reason is None
 
 

@@ -44,8 +44,7 @@ from .half_teacher import (_GEMM_MODULES, _GEMM_PARAMS, refuse_in_capture, tenso
                            with_half_gemm_weights)
 from .optimizer import clip_coefficient
 from .precision import student_dtype
-
-_said = set()
+from .unlearn_setup import say_knob_off
 
 
 def half_student_blocker(setup) -> Optional[str]:
@@ -76,16 +75,9 @@ def half_student_active(setup) -> bool:
     """Whether the fast step runs the half student for ``setup`` (a notice once, from rank 0, when the knob is on but
     cannot be honoured)."""
     reason = half_student_blocker(setup)
-    if reason != "off":
-        _say_off(setup, reason)
+    if reason not in (None, "off"):
+        say_knob_off(setup, "half_student_weights", reason)
     return reason is None
-
-
-def _say_off(setup, reason: Optional[str]) -> None:
-    # rank 0 alone: every rank declines it alike, one line for the run
-    if reason is not None and reason not in _said and getattr(setup, "rank", 0) == 0:
-        _said.add(reason)
-        print(f"unlearn_fast: half_student_weights is off for this run: {reason}")
 
 
 def _holds_gemm_weights(student: nn.Module, optimizer) -> bool:
@@ -199,7 +191,8 @@ def step_student(setup) -> nn.Module:
             half.take_gradients()  # a pending accumulation stays with the masters
         setup.half_student = None  # the old copy's memory goes before the new one is made
         if not copying:  # checked again each step (no copy made) until a Linear / conv weight trains again
-            _say_off(setup, "no trainable Linear / conv weight is in the optimizer: nothing to keep in bf16")
+            say_knob_off(setup, "half_student_weights",
+                         "no trainable Linear / conv weight is in the optimizer: nothing to keep in bf16")
             return setup.student
         setup.half_student = half = HalfStudent(setup.student, setup.optimizer)
     elif tensor_versions(half.masters) != half.versions:

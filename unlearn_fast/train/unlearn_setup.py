@@ -179,3 +179,14 @@ def build_setup(model: nn.Module, device, lr: float = 1e-4, weight_decay: float 
                         fold_clip=bool(fold_clip), half_student_weights=bool(half_student_weights),
                         defer_branch_bias=bool(defer_branch_bias),
                         trainable=[p for _, p in named])
+
+
+_knobs_said = set()  # (knob, reason) pairs already printed in this process
+
+
+def say_knob_off(setup, knob: str, reason: str) -> None:
+    """An opt-in knob of ``setup`` that is on but cannot be honoured: one line, once per (knob, reason), from rank 0
+    alone (every rank declines it alike)."""
+    if (knob, reason) not in _knobs_said and getattr(setup, "rank", 0) == 0:
+        _knobs_said.add((knob, reason))
+        print(f"unlearn_fast: {knob} is off for this run: {reason}")
