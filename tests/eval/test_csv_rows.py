@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from unlearn_fast.eval import csv_rows
+from unlearn_fast.train.checkpoint import OutputWriteError
 
 
 def reference_print(path, metric):
@@ -80,7 +81,7 @@ def test_failed_replace_leaves_the_old_file_intact(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
     monkeypatch.setattr(csv_rows.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputWriteError, match="x.csv: disk full"):  # names the file
         csv_rows.append_rows_atomic(path, ["new\t2.0\n"])
     assert path.read_text() == "keep\t1.0\n"
     assert os.listdir(tmp_path) == ["x.csv"]

@@ -184,6 +184,22 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o666 & ~umask
 
 
+def test_appending_to_a_log_behaves_as_open_a_for_links_and_modes(tmp_path):
+    """log.txt through a link, or made private by its owner: the reference's open(path, "a") writes into the
+    link's target and keeps the file's mode; before, the link became a plain file and the mode 0644."""
+    from unlearn_fast.train.checkpoint import atomic_append_text
+    target = tmp_path / "shared" / "log.txt"
+    target.parent.mkdir()
+    target.write_text("a\n")
+    os.chmod(target, 0o600)
+    link = tmp_path / "log.txt"
+    link.symlink_to(target)
+    atomic_append_text(str(link), "b\n")
+    assert link.is_symlink() and target.read_text() == "a\nb\n"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert sorted(os.listdir(target.parent)) == ["log.txt"]
+
+
 def test_a_mismatch_leads_with_what_fits(make_mae_micro):
     """The conclusion first: an MAE file made for another image size names the --input_size it needs; a file of
     another registered architecture names the --model it fits (models built on the meta device)."""

@@ -22,11 +22,10 @@ link gets the rows in its target (the link stays), as with the reference's ``ope
 from __future__ import annotations
 
 import os
-import tempfile
 from numbers import Real
 from typing import Iterable, Sequence
 
-from ..train.checkpoint import new_file_mode
+from ..train.checkpoint import atomic_append_text
 from .layout import generated_prefix
 
 __all__ = [
@@ -84,33 +83,14 @@ def clip_row_name(img_folder: str, mode: str, k: int) -> str:
 
 
 def append_rows_atomic(path: str | os.PathLike, rows: Iterable[str]) -> None:
-    """Append ``rows`` (each ending in "\\n") to ``path``: write old + new to a temp file, then ``os.replace``."""
+    """Append ``rows`` (each ending in "\\n") to ``path`` (its folder made if missing), atomically."""
     rows = list(rows)
     for row in rows:
         if not isinstance(row, str) or not row.endswith("\n") or "\n" in row[:-1]:
             raise ValueError(f"each row must be one line ending in a newline, got {row!r}")
-    path = os.path.realpath(os.fspath(path))  # a linked CSV: append to its target, as open(path, "a") would
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    old = b""
-    mode = None
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            old = f.read()
-        mode = os.stat(path).st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(old)
-            f.write("".join(rows).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode if mode is not None else new_file_mode())  # as open(path, "a") would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_append_text(path, "".join(rows))
 
 
 def read_rows(path: str | os.PathLike) -> list[list[str]]:

@@ -56,15 +56,17 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_with(path: str, write) -> None:
+def atomic_write_with(path: str, write, mode: Optional[int] = None) -> None:
     """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. On any failure the
-    temporary file is removed and ``path`` is untouched; an OSError becomes an OutputWriteError."""
+    temporary file is removed and ``path`` is untouched; an OSError becomes an OutputWriteError. The file
+    gets ``mode``, by default the one a new file of ``open(path, "w")`` gets."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), new_file_mode())  # readable as the reference's torch.save output is
+            # readable as the reference's torch.save output is (mkstemp's files are 0600)
+            os.fchmod(fh.fileno(), new_file_mode() if mode is None else mode)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -95,12 +97,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_append_text(path: str, text: str) -> None:
     """Append ``text`` by rewriting the whole file atomically (for small files such as log.txt): a kill
-    leaves the file as it was before or after the append, never with half a line."""
-    old = b""
+    leaves the file as it was before or after the append, never with half a line. As ``open(path, "a")``:
+    a linked file gets the text in its target (the link stays) and an existing file keeps its mode."""
+    path = os.path.realpath(path)
+    old, mode = b"", None
     if os.path.exists(path):
         with open(path, "rb") as fh:
             old = fh.read()
-    atomic_write_with(path, lambda fh: fh.write(old + text.encode("utf-8")))
+        mode = os.stat(path).st_mode & 0o777
+    atomic_write_with(path, lambda fh: fh.write(old + text.encode("utf-8")), mode=mode)
 
 
 def atomic_link_or_copy(src: str, dst: str) -> None:
