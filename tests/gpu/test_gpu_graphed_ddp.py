@@ -189,3 +189,17 @@ def test_trainer_runs_the_graphed_step_under_ddp(nccl_one_rank, all_reduce_in_gr
     for key in ("train_loss", "train_retain_l2_loss", "train_forget_l2_loss"):
         assert h_multi[0][key] == pytest.approx(h_single[0][key], rel=TOL[precision])
         assert h_multi[0][key] == pytest.approx(h_eager[0][key], rel=TOL[precision])
+
+
+def test_graphed_ddp_names_half_student_weights_off_and_runs(nccl_one_rank, capsys):
+    """The bf16 student copies act on one process: the multi-rank graphed step names the knob off (one line)
+    and trains as without it, where it raised before."""
+    from unlearn_fast.train import unlearn_setup
+    unlearn_setup._knobs_said.clear()
+    s = _setups("bf16", 1)[0]
+    s.half_student_weights = True
+    s.student = DDPStudent(s.student, nccl_one_rank, seed=s.seed)
+    s.student.use_flat_grads()
+    step = GraphedUnlearnStep(s, N, NF, SHAPE, noise_seed=NOISE_SEED, dist=nccl_one_rank)
+    assert "half_student_weights is off for this run: it acts on one process" in capsys.readouterr().out
+    assert s.half_student is None and step.copy_tables is None

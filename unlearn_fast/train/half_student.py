@@ -47,12 +47,15 @@ from .precision import student_dtype
 from .unlearn_setup import say_knob_off
 
 
+ONE_PROCESS_ONLY = "it acts on one process, this run has several: their gradients are reduced in fp32"
+
+
 def half_student_blocker(setup) -> Optional[str]:
     """None where the knob is on and the half student can serve ``setup``; else why not ("off": the knob)."""
     if not getattr(setup, "half_student_weights", False):
         return "off"
     if not isinstance(setup.student, nn.Module):  # a DDPStudent
-        return "it acts on one process, this run has several: their gradients are reduced in fp32"
+        return ONE_PROCESS_ONLY
     if student_dtype(setup.precision, setup.device) != torch.bfloat16 or setup.scaler.is_enabled():
         return "it needs the student in bf16 autocast without loss scaling (--precision bf16)"
     if setup.loss_type is not None:

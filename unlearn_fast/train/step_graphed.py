@@ -32,7 +32,7 @@ from ..ops import sample_batch_noise
 from .distributed import DistContext, all_reduce_mean_
 from .flat_grads import FlatGrads, flat_grads_update, split_fast_step, trainable_named_parameters
 from .fast_update import fast_optimizer_update
-from .half_student import step_student
+from .half_student import ONE_PROCESS_ONLY, step_student
 from .half_teacher import step_teacher
 from .lr_schedule import set_lr
 from .seeding import seed_step_globals, step_generator
@@ -40,7 +40,7 @@ from .step_fast import fast_step, student_and_teacher
 from .teacher_guides import front_ends_match
 from .teacher_stream import teacher_stream_for
 from .step_reference import check_step_inputs
-from .unlearn_setup import UnlearnSetup
+from .unlearn_setup import UnlearnSetup, say_knob_off
 
 
 class GraphedUnlearnStep:
@@ -86,9 +86,9 @@ class GraphedUnlearnStep:
         self.side = torch.cuda.Stream(device=dev)
         teacher_stream_for(setup)  # made now, never during a capture
         step_teacher(setup)  # likewise the bf16-weight teacher copy: its casts must run, not be captured
-        if dist is not None and setup.half_student_weights:
-            raise ValueError("half_student_weights is for a single process: the multi-rank graphed step reduces "
-                             "fp32 gradients in one flat buffer")
+        if dist is not None and setup.half_student_weights:  # named off, as every opt-in form that cannot act
+            say_knob_off(setup, "half_student_weights", ONE_PROCESS_ONLY)
+            setup.half_student_weights = False
         step_student(setup)  # and the bf16-weight student copy, with the graph's own address tables
         self.copy_tables = setup.half_student.new_tables() if setup.half_student is not None else None
         front_ends_match(setup.student, setup.teacher)  # and the frozen-weight comparison (host syncs)
