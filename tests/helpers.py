@@ -262,22 +262,25 @@ import json, sys
 import importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-module, kernel, signature, constexprs, options = json.loads(sys.argv[1])
+module, kernel, signature, constexprs, options, divisible = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
-src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+names = list(signature)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 sys.stdout.write(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"])
 """
 
 
-def offline_ptx(module: str, kernel: str, signature: dict, constexprs: dict, **options) -> str:
+def offline_ptx(module: str, kernel: str, signature: dict, constexprs: dict, divisible_by_16=(), **options) -> str:
     """The PTX of Triton kernel ``module.kernel`` compiled for an H100 (sm_90) without a GPU (Triton's bundled
-    ptxas), in a subprocess: the test session's Triton is in interpreter mode (conftest.py). Skips the test where
-    this Triton cannot compile for CUDA offline."""
+    ptxas), in a subprocess: the test session's Triton is in interpreter mode (conftest.py). ``divisible_by_16``:
+    the arguments a real launch specialises as multiples of 16 (torch's allocations, sizes such as 3·224²·N), which
+    decide vector widths and layouts. Skips the test where this Triton cannot compile for CUDA offline."""
     import json
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps([module, kernel, signature, constexprs, options])
+    args = json.dumps([module, kernel, signature, constexprs, options, list(divisible_by_16)])
     out = subprocess.run([sys.executable, "-c", _OFFLINE_PTX_PROBE, args], capture_output=True, text=True, env=env,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if out.returncode != 0:

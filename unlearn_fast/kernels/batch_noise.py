@@ -114,10 +114,10 @@ def _approx(x, INSTRUCTION: tl.constexpr):
 def _normal_pair_approx(u1, u2):
     """``tl.randn4x``'s Box-Muller pair ``(r cos t, r sin t)``, ``r = sqrt(-2 ln max(u1, 1e-7))``, ``t = 2 pi u2``,
     with the hardware's cos / sin approximations in place of libdevice's exact ones (the draw was compute-bound at
-    52 % of bandwidth on the H100, run 3; the kernel's sm_90 PTX falls from 1239 to 526 instructions per thread of 8
-    elements, the exact functions' large-argument reduction, never taken for angles below 2 pi, among them). The
-    angle is taken as ``2 pi (u2 - 1/2)`` in [-pi, pi), where the approximations' absolute error is about 2^-20.5,
-    with both results negated (cos(t - pi) = -cos t, sin(t - pi) = -sin t): z within 1e-5 of the exact pair
+    52 % of bandwidth on the H100, run 3; the kernel's sm_90 PTX as launched falls from 1152 to 435 instructions per
+    thread of 8 elements, the exact functions' large-argument reduction, never taken for angles below 2 pi, among
+    them). The angle is taken as ``2 pi (u2 - 1/2)`` in [-pi, pi), where the approximations' absolute error is about
+    2^-20.5, with both results negated (cos(t - pi) = -cos t, sin(t - pi) = -sin t): z within 1e-5 of the exact pair
     (r <= 5.7; fp32 roundings of the angle and radius included). The logarithm stays exact: the hardware's lg2 has
     an absolute error near 1, which r = sqrt(-2 ln u1) would magnify for u1 near 1."""
     u1 = tl.maximum(1.0e-7, u1)
