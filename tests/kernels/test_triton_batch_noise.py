@@ -72,10 +72,12 @@ def test_draws_follow_the_documented_philox_keying(device, seed, step):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (2, 3, 64, 65)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (2, 3, 64, 65), (2, 3, 32, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_batch_mean_std_matches_torch_fp64(device, shape, dtype):
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(shape, generator=g) * 3 - 0.5).to(dtype)  # 2*3*64*65 = 24960 elements: 7 blocks
+    # 2*3*64*65 = 24960 elements: 7 blocks, the last one partial; 2*3*32*64 = 3 whole blocks (the unmasked kernel)
+    x = (torch.rand(shape, generator=g) * 3 - 0.5).to(dtype)
     mean, std = batch_mean_std(x.to(device))
     assert mean.shape == () and std.shape == () and mean.dtype == std.dtype == torch.float32
     assert mean.device.type == std.device.type == device
@@ -89,10 +91,11 @@ def assert_rel(actual, expected, rtol):
     assert abs(a - e) <= rtol * abs(e), f"{a} vs {e} (rel err {abs(a - e) / abs(e):.3g} > {rtol})"
 
 
-def test_batch_mean_std_is_stable_with_a_large_offset(device):
+@pytest.mark.parametrize("row", [4099, 4096])  # partial blocks, whole blocks
+def test_batch_mean_std_is_stable_with_a_large_offset(device, row):
     # a naive E[x^2] - E[x]^2 in fp32 would lose every digit here (std/mean ~ 3e-5)
     g = torch.Generator().manual_seed(1)
-    x = 1000.0 + 0.03 * torch.randn(3, 4099, generator=g)
+    x = 1000.0 + 0.03 * torch.randn(3, row, generator=g)
     mean, std = batch_mean_std(x.to(device))
     assert_rel(mean, x.double().mean(), 1e-6)
     assert_rel(std, x.double().std(), 5e-5)

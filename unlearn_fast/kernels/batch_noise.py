@@ -61,15 +61,21 @@ IntOrTensor = Union[int, torch.Tensor]
 
 
 @triton.jit
-def _batch_moments_forward_kernel(x_ptr, partial_ptr, numel, n_blocks, BLOCK: tl.constexpr):
-    # one block -> (mean, M2) in fp32, stored at partial[0, pid] and partial[1, pid]; its count is implied
+def _batch_moments_forward_kernel(x_ptr, partial_ptr, numel, n_blocks, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    # one block -> (mean, M2) in fp32, stored at partial[0, pid] and partial[1, pid]; its count is implied.
+    # EVEN (numel a multiple of BLOCK, as 3·224²·N and 3·256²·N are): no masks, so two block reductions, not three
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    count = tl.sum(mask.to(tl.float32), axis=0)
-    mean = tl.sum(x, axis=0) / count
-    dev = tl.where(mask, x - mean, 0.0)
+    if EVEN:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        mean = tl.sum(x, axis=0) / BLOCK
+        dev = x - mean
+    else:
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(numel - pid.to(tl.int64) * BLOCK, BLOCK).to(tl.float32)  # as the combine counts it
+        mean = tl.sum(x, axis=0) / count
+        dev = tl.where(mask, x - mean, 0.0)
     tl.store(partial_ptr + pid, mean)
     tl.store(partial_ptr + n_blocks + pid, tl.sum(dev * dev, axis=0))
 
@@ -207,7 +213,8 @@ def _block_moments(flat: torch.Tensor) -> torch.Tensor:
     numel = flat.numel()
     n_blocks = triton.cdiv(numel, _MOMENT_BLOCK)
     partial = torch.empty((2, n_blocks), device=flat.device, dtype=torch.float32)  # [mean; M2] per block
-    _batch_moments_forward_kernel[(n_blocks,)](flat, partial, numel, n_blocks, BLOCK=_MOMENT_BLOCK, num_warps=8)
+    _batch_moments_forward_kernel[(n_blocks,)](flat, partial, numel, n_blocks, BLOCK=_MOMENT_BLOCK,
+                                               EVEN=numel % _MOMENT_BLOCK == 0, num_warps=8)
     return partial
 
 
