@@ -1,4 +1,4 @@
-"""The epoch loop: lr schedule per iteration, the chosen step, progress bar, log.txt, checkpoints.
+"""The epoch loop: each batch checked, lr schedule per iteration, the chosen step, progress bar, log.txt, checkpoints.
 
 Exact resume: nothing in a step depends on generator state carried from earlier steps. Task draws,
 noise and dropout come from generators seeded by (seed, rank, step) at every step, the lr is a function
@@ -19,6 +19,7 @@ import torch
 from .checkpoint import accumulated_grads, atomic_link_or_copy, save_unlearn_checkpoint
 from .device_prefetch import DevicePrefetcher
 from .distributed import DDPStudent, DistContext, all_reduce_mean_
+from .loop_inputs import check_output_dir_for_run, checked_batches
 from .lr_schedule import lr_at, set_lr
 from .progress import progress_bar
 from .run_outputs import append_log_line
@@ -27,7 +28,7 @@ from .step_baseline import baseline_step
 from .step_fast import fast_step
 from .step_graphed import GraphedUnlearnStep
 from .step_reference import NonFiniteLossError, reference_step
-from .unlearn_setup import UnlearnSetup
+from .unlearn_setup import UnlearnSetup, check_int, check_real
 
 STEP_MODES = ("auto", "reference", "fast", "graphed")
 
@@ -127,11 +128,25 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
                dist: Optional[DistContext] = None, all_reduce_in_graph: bool = False,
                on_checkpoint: Optional[Callable[[str], None]] = None,
                optimizer_layout: Optional[list] = None) -> List[dict]:
-    """Run epochs ``start_epoch .. epochs-1``. ``epoch_batches(epoch)`` yields ``(images, labels)`` with labels
-    ±100 (forget < 100, as the reference); for ``start_epoch`` it must skip the first ``start_step_in_epoch``
-    batches, and give the epoch's remaining batches (one that ends early is a ValueError, raised before the
-    epoch's log line and checkpoint). Returns the per-epoch stats written to ``log.txt``.
+    """Run epochs ``start_epoch .. epochs-1`` of ``steps_per_epoch`` steps each, and return the per-epoch stats
+    (also written to ``log.txt``).
 
+    ``setup``: from :func:`~unlearn_fast.train.unlearn_setup.build_setup`. ``epoch_batches(epoch)`` returns an
+    iterable of ``(images, labels)`` batches: ``images`` a float tensor [N, C, H, W] in the model's range ([0, 1]
+    for MAE and MAGE, not normalised), ``labels`` [N] of -100 (forget) / +100 (retain) as the reference (int or
+    float; or a bool mask, True = forget; a label in [0, 100) or NaN is refused). Each batch is checked before its
+    step, with the epoch and step in the error. At most ``steps_per_epoch`` batches are read per epoch; for
+    ``start_epoch`` it must skip the first ``start_step_in_epoch`` batches and give the remaining ones (one that
+    ends early is a ValueError, raised before the epoch's log line and checkpoint). An exception of
+    ``epoch_batches`` itself (the user's data error) is raised as it is, with a note naming the epoch and step;
+    the checkpoints written before it are kept. ``lr`` (> 0): the peak of the schedule (linear warmup over
+    ``warmup_epochs``, then a half-cosine to ``min_lr`` at ``epochs``), set every ``accum_iter`` steps.
+    ``step_mode``: 'fast' (default), 'reference' or 'graphed' (CUDA; see :func:`resolve_step_mode`).
+
+    ``output_dir``: also write ``log.txt`` (one JSON line per epoch) and ``checkpoint-{epoch}.pth`` /
+    ``.safetensors`` after every epoch (``save_every_epoch``); made if missing. A run from its start refuses a
+    folder that already holds a run's log.txt or checkpoints (a resumed one, ``start_epoch`` or
+    ``start_step_in_epoch`` > 0, writes on into it).
     ``save_every_steps``: also keep ``checkpoint-last.pth`` = the state after every N-th step (at an
     optimizer update) and after every epoch, with the position and ``epoch_progress`` (the running log
     sums) that a resumed run passes back in. ``dist``: several ranks (the student a :class:`DDPStudent`);
@@ -140,16 +155,31 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
     inside the first one). ``on_checkpoint(path)``: called after each checkpoint file is complete (the newest
     one is what a stopped run resumes from). ``optimizer_layout``: parameter names per AdamW group that the
     checkpoints' optimizer state is saved in (the reference's whole-model optimizer, so that its loader reads
-    them; see ``optimizer_state_in_layout``).
+    them; see ``optimizer_state_in_layout``). ``on_epoch_end(epoch, stats)``: called after each epoch's outputs.
     """
+    if not isinstance(setup, UnlearnSetup):
+        raise TypeError(f"setup must be the UnlearnSetup of build_setup(model, device, ...), got "
+                        f"{type(setup).__name__}")
+    if not callable(epoch_batches):
+        raise TypeError("epoch_batches must be a function of the epoch that returns its (images, labels) batches "
+                        f"(e.g. lambda epoch: loader), got {type(epoch_batches).__name__}")
+    steps_per_epoch = check_int(steps_per_epoch, "steps_per_epoch", 0)
     if steps_per_epoch < 1:
-        raise ValueError("the data gives no full batch: lower --batch_size or add images")
-    if save_every_steps is not None and save_every_steps < 1:
-        raise ValueError(f"--save_every_steps must be >= 1, got {save_every_steps}")
-    if start_epoch < 0:  # a negative epoch would train at a negative lr (warmup of a negative fraction)
-        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
-    if not 0 <= start_step_in_epoch < steps_per_epoch:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (the data gives no full batch: lower "
+                         "--batch_size or add images)")
+    # a negative epoch would train at a negative lr (warmup of a negative fraction)
+    start_epoch, epochs = check_int(start_epoch, "start_epoch", 0), check_int(epochs, "epochs", None)
+    if epochs <= start_epoch:
+        raise ValueError(f"epochs must be > start_epoch ({start_epoch}), got {epochs}: nothing to train (epochs is "
+                         "the total count; the last epoch trained is epochs - 1)")
+    start_step_in_epoch = check_int(start_step_in_epoch, "start_step_in_epoch", 0)
+    if start_step_in_epoch >= steps_per_epoch:
         raise ValueError(f"start_step_in_epoch must be in [0, {steps_per_epoch}), got {start_step_in_epoch}")
+    lr = check_real(lr, "lr", 0.0, above=True)  # a negative lr ascends the loss; NaN poisons the weights
+    min_lr, warmup_epochs = check_real(min_lr, "min_lr", 0.0), check_real(warmup_epochs, "warmup_epochs", 0.0)
+    readback_every = check_int(readback_every, "readback_every", 1)
+    if save_every_steps is not None:
+        save_every_steps = check_int(save_every_steps, "--save_every_steps", 1)
     dist = dist if dist is not None and dist.enabled else None
     is_main = dist is None or dist.is_main
     ddp = setup.student if isinstance(setup.student, DDPStudent) else None
@@ -163,7 +193,11 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
         step_mode = "reference"
     writes = output_dir is not None and is_main
     if writes:  # made now, not found missing at the first checkpoint an epoch later
-        os.makedirs(output_dir, exist_ok=True)
+        output_dir = check_output_dir_for_run(output_dir, fresh=start_epoch == 0 and start_step_in_epoch == 0)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create output_dir {output_dir!r}: {e.strerror}") from None
     # the rank's Philox key for the fused noise, the same in the eager and the graphed step (which always
     # draws Philox noise: keyed by setup.seed when no noise_seed is given)
     noise_key = None if noise_seed is None else philox_noise_key(noise_seed, setup.rank)
@@ -210,31 +244,36 @@ def train_loop(setup: UnlearnSetup, epoch_batches: Callable[[int], Iterable], st
             setup.optimizer.zero_grad(set_to_none=True)
         lr_now = float(setup.optimizer.param_groups[0]["lr"])  # the reference logs the optimizer's lr
         # fast/graphed steps on a GPU: batch k+1's images are copied beside step k (device_prefetch.py)
-        batches = DevicePrefetcher(epoch_batches(epoch), setup.device, limit=steps_per_epoch - first,
+        source = checked_batches(epoch_batches, epoch, first, steps_per_epoch, setup.student.image_range,
+                                 output_dir if writes else None)
+        batches = DevicePrefetcher(source, setup.device, limit=steps_per_epoch - first,
                                    enabled=step_mode != "reference")
         try:  # the bar is closed however the epoch ends, so a stop message starts on its own line
             taken = 0  # batches of this epoch run by this call
-            for it, (images, labels) in enumerate(batches, start=first):  # the limit ends it at steps_per_epoch
+            for it, (images, is_forget) in enumerate(batches, start=first):  # the limit ends it at steps_per_epoch
                 taken += 1
                 step = epoch * steps_per_epoch + it
                 cur_lr = lr_at(it / steps_per_epoch + epoch, lr, min_lr, warmup_epochs, epochs)
                 if it % accum == 0:
                     set_lr(setup.optimizer, cur_lr)
                     lr_now = cur_lr
-                is_forget = labels < 100  # s = +1 iff label >= 100 (reference)
                 update = (it + 1) % accum == 0
                 if ddp is not None:
                     ddp.begin_step(step)
                 sync = ddp.no_sync() if ddp is not None and not update else contextlib.nullcontext()
-                with sync:
-                    if graphed is not None:
-                        graphed(images, is_forget, step, cur_lr)
-                        out = None
-                    elif step_mode == "reference":
-                        fn = baseline_step if setup.loss_type is not None else reference_step
-                        out = fn(setup, images, is_forget, step, update)
-                    else:
-                        out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_key)
+                try:
+                    with sync:
+                        if graphed is not None:
+                            graphed(images, is_forget, step, cur_lr)
+                            out = None
+                        elif step_mode == "reference":
+                            fn = baseline_step if setup.loss_type is not None else reference_step
+                            out = fn(setup, images, is_forget, step, update)
+                        else:
+                            out = fast_step(setup, images, is_forget, step, update, noise_seed=noise_key)
+                except (ValueError, TypeError) as e:  # e.g. the model refusing a batch's image size: say where
+                    e.add_note(f"unlearn_fast: raised by the batch of step {it} of epoch {epoch} (global step {step})")
+                    raise
                 meter.add(out, lr_now)
                 images_seen += images.shape[0]
                 last = it == steps_per_epoch - 1
