@@ -276,3 +276,10 @@ def test_state_dict_errors_name_the_problem():
         load_state_dict_strict(model, {"module." + k: v for k, v in state.items()}, "ddp file")
     with pytest.raises(ValueError, match="1 unexpected keys \\(1\\)"):  # a non-str key: was a TypeError in join
         load_state_dict_strict(model, {**state, 1: torch.zeros(1)}, "file")
+
+
+def test_a_seed_passed_in_the_generator_place_names_the_keywords():
+    """sample_batch_noise(x, "normal", 3): the third place is a torch.Generator; seed/step are keywords."""
+    from unlearn_fast.ops import sample_batch_noise
+    with pytest.raises(TypeError, match=r"got int \(the counter-based draw takes keywords: .*seed=\.\.\., step="):
+        sample_batch_noise(torch.rand(2, 3, 4, 4), "normal", 3)

@@ -112,7 +112,9 @@ def sample_batch_noise(images: torch.Tensor, kind: str = "normal", generator: Op
         raise ValueError(f"the clamp range must have low <= high, got low={low}, high={high}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            hint = (" (the counter-based draw takes keywords: sample_batch_noise(images, kind, seed=..., step=...))"
+                    if isinstance(generator, numbers.Integral) else "")
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}{hint}")
         if generator.device.type != images.device.type:
             raise ValueError(f"generator is on {generator.device}, images on {images.device}")
     if seed is None:
