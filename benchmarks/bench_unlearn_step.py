@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from step_harness import (CPU_CONFIGS, GPU_CONFIGS, batch_for, base_model, benchmark_steps, make_runner,
-                          peak_memory_mb, record_row, reference_seconds)
+                          peak_memory_mb, peak_memory_of, record_row, reference_seconds, reset_peak_memory)
 
 CPU_STEPS, CPU_WARMUP = 9, 2  # medians of 9: 3 steps gave ratios that moved by 0.3 between runs
 GPU_STEPS, GPU_WARMUP = 8, 4
@@ -24,9 +24,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def _bench(benchmark, cfg, variant, steps, warmup):
     if cfg.model.startswith("mage"):
         pytest.importorskip("unlearn_fast.models.mage")
-    if cfg.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     ref = reference_seconds(cfg, steps, warmup)
+    reset_peak_memory(cfg.device)  # after the reference timing: the row's peak is its own variant's
     med = benchmark_steps(benchmark, make_runner(cfg, variant), cfg.device, steps, warmup)
     batch = batch_for(cfg, base_model(cfg))[0].shape[0]
     benchmark.extra_info.update({
@@ -34,6 +33,7 @@ def _bench(benchmark, cfg, variant, steps, warmup):
         "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
         "reference_step_s": ref, "step_s": med, "steps_per_s": 1.0 / med, "images_per_s": batch / med,
         "speedup_vs_reference": ref / med, "peak_memory_mb": peak_memory_mb(cfg.device),
+        "peak_memory_of": peak_memory_of(cfg.device),
     })
     record_row(benchmark.name, med, dict(benchmark.extra_info))
 

@@ -6,17 +6,18 @@
 # GPU_CHECK_BUDGET seconds (default 350, inside the 6 minutes issue 3 allows; a longer lease can give more):
 # each phase has a cap and gets at most what is left, so a slow phase costs the last ones (the serial-teacher
 # A/B first, then the extension's own tests), never the whole run. Order: what the open targets need first.
-# Files written (19; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
+# Files written (20; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT): log.txt,
 #   build.txt (toolchain facts + build log), csrc.txt, bench_gpu.json, bench_rows.jsonl, bench_update_forms.json,
-#   bench_variants_mage.json, bench_variants_mae.json, bench_ops.json, bench_serial.json, bench_compiled.json,
-#   precision.json, profile.txt, profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json,
-#   profile_step.txt/.json, summary.txt
+#   bench_deferred_bias.json, bench_variants_mage.json, bench_variants_mae.json, bench_ops.json, bench_serial.json,
+#   bench_compiled.json, precision.json, profile.txt, profile_group_norm.json, profile_add_layer_norm.json,
+#   profile_residual_pool.json, profile_step.txt/.json, summary.txt. A previous run's files in $OUT move to
+#   $OUT/previous-<time>/ first; the build and probes use a scratch folder of $TMPDIR, removed at the end.
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check BUDGET_DEFAULT=350
 source "$(dirname "$0")/gpu_common.sh"
 
 phase "environment"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+{ run_for 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  run_for 60 python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 } >>"$LOG" 2>&1
 
 phase "GPU tests, the extension (CPU + CUDA sources) building beside them"

@@ -7,7 +7,7 @@
 # Files (13; the device tool returns 8: point OUT elsewhere and tar it into the tool's $OUT, as for gpu_check.sh):
 # log.txt, build.txt (toolchain facts + build log), csrc.txt, bench_mage.json, bench_mae.json, bench_compiled.json,
 # profile_group_norm.json, profile_add_layer_norm.json, profile_residual_pool.json, profile_step.txt/.json, summary.txt,
-# bench_rows.jsonl
+# bench_rows.jsonl (a previous run's files in $OUT move to $OUT/previous-<time>/ first)
 OUT_DEFAULT=/tmp/unlearn_fast_gpu_check_quick BUDGET_DEFAULT=420  # each phase: its cap or what is left
 source "$(dirname "$0")/gpu_common.sh"
 

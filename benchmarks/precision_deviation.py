@@ -5,13 +5,15 @@
 From one initial model and the same batches and seeds, runs the fast step for ``--steps`` steps at
 reference precision, at bf16, and at fp32, and reports relative differences (‖a−b‖/‖b‖) of the first-step
 losses, of the teacher guide, and of the weight change after the last step. The reference-vs-fp32
-numbers are the yardstick: the reference itself already differs from exact fp32 by that much.
+numbers are the yardstick: the reference itself already differs from exact fp32 by that much. ``--device cuda``
+without a GPU says so in one line and exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import sys
 
 import torch
 
@@ -52,21 +54,31 @@ def run(model_name: str, device: str, steps: int, batch: int):
             "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "results": results}
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default="mae_vit_base_patch16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    ap.add_argument("--model", default="mae_vit_base_patch16", help="an MAE or MAGE model")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    models = [m for m in unlearn_fast.list_models() if m.startswith(("mae", "mage"))]  # build_setup's families
+    if a.model not in models:
+        ap.error(f"unknown --model {a.model!r}; an MAE or MAGE model: {', '.join(models)}")
+    if a.steps < 1 or a.batch < 1:
+        ap.error(f"--steps and --batch must be at least 1 (got --steps {a.steps} --batch {a.batch})")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("precision_deviation: --device cuda needs a CUDA GPU and this machine has none (--device cpu runs "
+              "here)", file=sys.stderr)
+        return 1
     res = run(a.model, a.device, a.steps, a.batch)
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
         with open(a.out, "w") as fh:
             fh.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

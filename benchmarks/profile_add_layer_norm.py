@@ -6,7 +6,7 @@ whether ``--fused_block_norms`` becomes the default.
 
     python3 benchmarks/profile_add_layer_norm.py --out /tmp/aln.json
 
-Needs CUDA; prints a one-line reason and exits 0 without it.
+Needs CUDA; without it, says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _cases(n, t, d):
 def main(argv=None) -> int:
     a = profile_args("profile_add_layer_norm", argv)
     if a is None:
-        return 0
+        return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for n, t, d in SHAPES:
         cases, forward_bytes = _cases(n, t, d)

@@ -6,7 +6,7 @@ statistics then output, write the output once), to tune the channels_last kernel
 
     python3 benchmarks/profile_group_norm.py --out /tmp/gn.json
 
-Needs CUDA; prints a one-line reason and exits 0 without it.
+Needs CUDA; without it, says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _cases(x, weight, bias):
 def main(argv=None) -> int:
     a = profile_args("profile_group_norm", argv)
     if a is None:
-        return 0
+        return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for n, c, side in SHAPES:
         x = torch.randn(n, c, side, side, device="cuda", dtype=torch.bfloat16)

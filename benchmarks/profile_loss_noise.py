@@ -8,7 +8,7 @@ For each op (fused loss forward+backward at 64x129x768 fp32, batch noise at 64x3
   what the kernels alone cost, i.e. the op's floor inside the CUDA-graph step; ``graph_GB_per_s`` and
   ``of_3_TB_per_s``: that time over the fewest bytes the op must move (the ">= 80 % of bandwidth" target);
 - the torch.profiler table of the eager call (CUDA kernels and CPU ops), to name the overhead.
-Needs CUDA; prints a one-line reason and exits 0 without it.
+Needs CUDA; without it, says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -103,12 +103,13 @@ def graph_rows(cases: dict, reps: int, nbytes=None) -> dict:
 
 
 def profile_args(name: str, argv):
-    """The parsed ``--out`` of a GPU profile script, or None (after one line saying so) without a CUDA device."""
+    """The parsed ``--out`` of a GPU profile script, or None (after one line on stderr saying so: the caller exits 1)
+    without a CUDA device."""
     p = argparse.ArgumentParser(prog=name)
     p.add_argument("--out", default=None, help="write the report here too")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print(f"{name}: no CUDA device; nothing to profile")
+        print(f"{name}: needs a CUDA GPU and this machine has none; nothing profiled", file=sys.stderr)
         return None
     return a
 
@@ -132,7 +133,7 @@ def emit(text: str, out) -> None:
 def main(argv=None) -> int:
     a = profile_args("profile_loss_noise", argv)
     if a is None:
-        return 0
+        return 1
     from unlearn_fast.ops import retain_forget_l2_loss, sample_batch_noise
     from unlearn_fast.ops.backend import choose_backend
 

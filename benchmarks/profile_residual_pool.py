@@ -5,7 +5,7 @@ fused pass's fewest bytes (read a and b, write the pooled quarter), for the ``sp
 
     python3 benchmarks/profile_residual_pool.py --out /tmp/pool.json
 
-Needs CUDA; prints a one-line reason and exits 0 without it.
+Needs CUDA; without it, says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _rows(n: int, c: int, side: int, layout: str) -> dict:
 def main(argv=None) -> int:
     a = profile_args("profile_residual_pool", argv)
     if a is None:
-        return 0
+        return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for n, c, side in SHAPES:
         for layout in ("nchw", "nhwc"):

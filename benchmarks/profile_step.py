@@ -8,8 +8,8 @@ at the variant's precision: the CUDA-graph step replays the same kernels) is run
 then ``--steps`` steps under torch.profiler. It writes the summed CUDA kernel time per step split into
 categories (convolution, GEMM, attention, normalisation, unlearn_fast's Triton kernels, elementwise/other),
 the rate of the GEMM kernels (the profiler's FLOP count of the matrix-product ops over the GEMM kernels' time)
-and the top kernels, so a step that misses its target names what bounds it. Needs CUDA; prints a one-line
-reason and exits 0 without it.
+and the top kernels, so a step that misses its target names what bounds it. Needs CUDA; without it, says so in
+one line and exits 1 (a misspelt --configs / --variants entry is named first, exit 2).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from step_harness import GPU_CONFIGS, batch_for, setup_for_variant
+from step_harness import GPU_CONFIGS, batch_for, setup_for_variant, variant_words
 from unlearn_fast.train.lr_schedule import set_lr
 from unlearn_fast.train.step_fast import fast_step
 from unlearn_fast.train.step_reference import reference_step
@@ -48,6 +48,20 @@ def category(name: str) -> str:
         if any(k in name for k in keys):
             return cat
     return "elementwise/other"
+
+
+def variant_problem(variant: str):
+    """None for a variant this script profiles (``reference``, ``fast``, ``fast_bf16``, either fast one followed by
+    :data:`step_harness.VARIANT_WORDS`), else what is wrong with it."""
+    if variant == "reference":
+        return None
+    if variant not in ("fast", "fast_bf16") and not variant.startswith("fast_"):
+        return f"unknown variant {variant!r}: reference, fast, fast_bf16 or one of those + _<word>"
+    try:
+        variant_words(variant)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def eager_runner(cfg, variant: str):
@@ -122,14 +136,20 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="reference,fast,fast_bf16")
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_step: needs a CUDA GPU; nothing measured")
-        return 0
-    torch.backends.cudnn.benchmark = True  # as the benchmarks and the reference trainer
-    results = []
+    # names checked before anything runs: a misspelt variant raised inside the loop after the profiles before it
+    # (and one without "fast" profiled the reference step under its name)
     for cfg_name in args.configs.split(","):
         if cfg_name not in GPU_CONFIGS:
-            raise SystemExit(f"unknown --configs entry {cfg_name!r}; valid: {', '.join(GPU_CONFIGS)}")
+            ap.error(f"unknown --configs entry {cfg_name!r}; valid: {', '.join(GPU_CONFIGS)}")
+    for variant in args.variants.split(","):
+        problem = variant_problem(variant)
+        if problem:
+            ap.error(f"--variants: {problem}")
+    if not torch.cuda.is_available():
+        print("profile_step: needs a CUDA GPU and this machine has none; nothing measured", file=sys.stderr)
+        return 1
+    torch.backends.cudnn.benchmark = True  # as the benchmarks and the reference trainer
+    results = []
     with open(args.out, "w") as f, contextlib.redirect_stdout(f):
         for cfg_name in args.configs.split(","):
             for variant in args.variants.split(","):

@@ -3,6 +3,7 @@ reference-semantics baseline of each configuration measured once per process (sa
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import os
@@ -214,7 +215,38 @@ def record_row(name: str, median_s: float, extra_info: dict) -> None:
             fh.write(json.dumps({"name": name, "median_s": median_s, "extra_info": extra_info}) + "\n")
 
 
+_cpu_peak_reset = False  # whether this process's peak resident memory was reset (Linux /proc/self/clear_refs)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Open a row's peak-memory window: call it after the reference timing, before the row's own steps (earlier
+    rows' and the reference's objects collected first, so their memory is not the row's)."""
+    global _cpu_peak_reset
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the process's peak resident set
+        _cpu_peak_reset = True
+    except OSError:
+        _cpu_peak_reset = False
+
+
 def peak_memory_mb(device: str) -> float:
+    """The peak since :func:`reset_peak_memory`: on a GPU the CUDA allocator's (tensors only), on the CPU the whole
+    process's resident set (Linux; NaN where it cannot be reset)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
+    if _cpu_peak_reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_memory_of(device: str) -> str:
+    """What :func:`peak_memory_mb` measures on ``device`` (for a row's extra_info)."""
+    return "torch.cuda.max_memory_allocated" if device == "cuda" else "process peak resident set (VmHWM)"

@@ -12,17 +12,26 @@ import sys
 
 def load(path) -> dict:
     """A pytest-benchmark JSON file, or a ``.jsonl`` of recorded rows in the same form (``benchmarks`` with
-    ``name``, ``stats.median``, ``extra_info``)."""
+    ``name``, ``stats.median``, ``extra_info``; ``unreadable``: how many of its lines were not a whole row, e.g.
+    the last one of a run killed while writing it)."""
     with open(path) as fh:
         if not path.endswith(".jsonl"):
             return json.load(fh)
-        recorded = [json.loads(line) for line in fh if line.strip()]
-    return {"benchmarks": [{"name": r["name"], "stats": {"median": r["median_s"]}, "extra_info": r["extra_info"]}
-                           for r in recorded]}
+        lines = [line for line in fh if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+            rows.append({"name": r["name"], "stats": {"median": float(r["median_s"])},
+                         "extra_info": r.get("extra_info") or {}})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return {"benchmarks": rows, "unreadable": len(lines) - len(rows)}
 
 
-def rows(path, skip=frozenset()):
-    for b in load(path).get("benchmarks", []):
+def rows(data: dict, skip=frozenset()):
+    """(name, median ms, x ref, images/s, GB/s, peak MB, device) of each benchmark of a :func:`load` result."""
+    for b in data.get("benchmarks", []):
         if b["name"] in skip:
             continue
         e = b.get("extra_info", {})
@@ -70,10 +79,14 @@ def main(paths):
         if p.endswith(".jsonl") and not os.path.exists(p):
             continue  # no step benchmark ran
         try:
-            listed = list(rows(p, skip=shown if p.endswith(".jsonl") else frozenset()))
-        except (OSError, ValueError) as e:
-            print(f"# {p}: {e}")
+            data = load(p)
+            listed = list(rows(data, skip=shown if p.endswith(".jsonl") else frozenset()))
+        except (OSError, ValueError) as e:  # an empty file: pytest-benchmark opens it first, fills it at the end
+            print(f"# {p}: {e or 'empty'}" + (" (empty: its group was cut before it ended?)"
+                                               if os.path.exists(p) and not os.path.getsize(p) else ""))
             continue
+        if data.get("unreadable"):
+            print(f"# {p}: {data['unreadable']} unreadable line(s) skipped (a row cut mid-write?)")
         if p.endswith(".jsonl") and listed:
             print(f"# recorded as they ended, in no JSON file (a group cut short?): {p}")
         for name, ms, sp, ips, gbs, mem, dev in listed:
