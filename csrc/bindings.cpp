@@ -6,24 +6,36 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "unlearn_fast_ops.h"
 
-// Argument errors are pybind11's own ValueError / TypeError, thrown and caught inside this module: they need
-// no exception translator from torch. Tried because the first c10::ValueError of tests/csrc crashed the GPU
-// image's process (torch 2.11, its own gcc; H100, 2026-11-27); the tests still crashed there with these
-// (not reproducible elsewhere), so the cause lies deeper: see benchmarks/RESULTS.md.
+// Argument errors are set on the interpreter (PyErr_SetString) and leave as pybind11::error_already_set, which
+// the dispatcher compiled into this module catches first and restores: no exception translator runs. Any other
+// C++ exception (pybind11::value_error included) goes through the translators in the pybind11 internals this
+// module shares with torch._C: all of them (pybind11's default one too) are torch's copies, compiled into
+// libtorch_python.so, which rethrow our exception object there. That is the one step of the error path where
+// code of another compiler handles it; on the GPU image (torch 2.11, the extension built by its own gcc)
+// the first argument error crashed the process, with c10::ValueError (H100 run 1) and with
+// pybind11::value_error (runs 2, 3), not reproducible elsewhere: see benchmarks/RESULTS.md.
 #define UF_CHECK_VALUE(cond, ...) \
   do {                            \
-    if (!(cond)) throw pybind11::value_error(c10::str(__VA_ARGS__)); \
+    if (!(cond)) ::unlearn_fast::raise_python(PyExc_ValueError, c10::str(__VA_ARGS__)); \
   } while (0)
 #define UF_CHECK_TYPE(cond, ...) \
   do {                           \
-    if (!(cond)) throw pybind11::type_error(c10::str(__VA_ARGS__)); \
+    if (!(cond)) ::unlearn_fast::raise_python(PyExc_TypeError, c10::str(__VA_ARGS__)); \
   } while (0)
 
 namespace unlearn_fast {
+
+// Sets the Python exception and unwinds to the dispatcher (the GIL is held: the bound functions never drop it).
+[[noreturn]] void raise_python(PyObject* type, const std::string& message) {
+  PyErr_SetString(type, message.c_str());
+  throw pybind11::error_already_set();
+}
+
 namespace {
 
 // The implementations' own c10 value/type errors (CPU row-index check, launch limits), raised the same way.
@@ -32,9 +44,9 @@ auto raise_as_python(F&& run) -> decltype(run()) {
   try {
     return run();
   } catch (const c10::ValueError& e) {
-    throw pybind11::value_error(e.what_without_backtrace());
+    raise_python(PyExc_ValueError, e.what_without_backtrace());
   } catch (const c10::TypeError& e) {
-    throw pybind11::type_error(e.what_without_backtrace());
+    raise_python(PyExc_TypeError, e.what_without_backtrace());
   }
 }
 
@@ -55,6 +67,15 @@ void check_device_supported(const char* op, const at::Tensor& t) {
                  "without CUDA kernels; rebuild with UNLEARN_FAST_CUDA=1 pip install --no-build-isolation -e .");
 }
 
+// The kernels read one plain strided buffer: sparse, sparse-compressed, MKL-DNN and nested tensors have none
+// (their sizes() / contiguous() throw from deep inside torch, or a nested one reads as one flat buffer).
+// Checked first for every tensor argument, before its sizes are read.
+void check_dense(const char* op, const std::string& name, const at::Tensor& t) {
+  UF_CHECK_TYPE(!t.is_nested(), op, ": ", name, " must be a dense (strided) tensor, got a nested tensor");
+  UF_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got a ", t.layout(),
+                " tensor");
+}
+
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& latent) {
   UF_CHECK_VALUE(t.device() == latent.device(), op, ": ", name, " is on ", t.device(), " but latent is on ",
                  latent.device());
@@ -63,10 +84,14 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 // A target table [rows, T, D]; None or any tensor with no elements means "no rows".
 at::Tensor checked_table(const char* name, const std::optional<at::Tensor>& table, const at::Tensor& latent) {
   constexpr const char* op = "retain_forget_l2_forward";
-  if (!table.has_value() || !table->defined() || table->numel() == 0) {
+  if (!table.has_value() || !table->defined()) {
     return at::Tensor();
   }
   const at::Tensor& t = *table;
+  check_dense(op, name, t);
+  if (t.numel() == 0) {
+    return at::Tensor();
+  }
   UF_CHECK_VALUE(t.dim() == 3 && t.size(1) == latent.size(1) && t.size(2) == latent.size(2), op, ": ", name,
                  " must be [rows, T, D] with T, D = ", latent.size(1), ", ", latent.size(2), " (the latent's), "
                  "got ", t.sizes());
@@ -79,6 +104,7 @@ at::Tensor checked_table(const char* name, const std::optional<at::Tensor>& tabl
 at::Tensor checked_norm_param(const char* name, const at::Tensor& p, const at::Tensor& latent) {
   constexpr const char* op = "retain_forget_l2_forward";
   const int64_t d = latent.size(2);
+  check_dense(op, name, p);
   UF_CHECK_VALUE(p.dim() == 1 && p.size(0) == d, op, ": ", name, " must be [D] with D = ", d, ", got ",
                  p.sizes());
   UF_CHECK_TYPE(at::isFloatingType(p.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
@@ -95,17 +121,20 @@ std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward(
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias, double eps,
     double grad_scale, bool compute_grad) {
   constexpr const char* op = "retain_forget_l2_forward";
+  check_dense(op, "latent", latent);
   UF_CHECK_VALUE(latent.dim() == 3, op, ": latent must be [N, T, D], got ", latent.sizes());
   UF_CHECK_TYPE(is_half_single(latent.scalar_type()), op, ": latent dtype must be float32, float16 or "
                 "bfloat16, got ", latent.scalar_type());
   check_device_supported(op, latent);
   const int64_t n = latent.size(0);
 
+  check_dense(op, "row_is_forget", row_is_forget);
   UF_CHECK_VALUE(row_is_forget.dim() == 1 && row_is_forget.size(0) == n, op, ": row_is_forget must be [N] "
                  "with N = ", n, ", got ", row_is_forget.sizes());
   UF_CHECK_TYPE(row_is_forget.scalar_type() == at::kBool, op, ": row_is_forget must be bool, got ",
                 row_is_forget.scalar_type());
   check_same_device(op, "row_is_forget", row_is_forget, latent);
+  check_dense(op, "row_index", row_index);
   UF_CHECK_VALUE(row_index.dim() == 1 && row_index.size(0) == n, op, ": row_index must be [N] with N = ", n,
                  ", got ", row_index.sizes());
   UF_CHECK_TYPE(row_index.scalar_type() == at::kLong || row_index.scalar_type() == at::kInt, op,
@@ -157,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> retain_forget_l2_forward(
 std::tuple<at::Tensor, at::Tensor> batch_mean_std(const at::Tensor& x) {
   constexpr const char* op = "batch_mean_std";
   UF_CHECK_VALUE(x.defined(), op, ": x is undefined");
+  check_dense(op, "x", x);
   UF_CHECK_TYPE(is_half_single(x.scalar_type()) || x.scalar_type() == at::kDouble, op, ": x dtype must be "
                 "float32, float64, float16 or bfloat16, got ", x.scalar_type());
   check_device_supported(op, x);
@@ -176,8 +206,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward(const std::
   UF_CHECK_VALUE(!students.empty() && students.size() == teachers.size(), op, ": need the same non-zero number "
                  "of student and teacher maps, got ", students.size(), " and ", teachers.size());
   UF_CHECK_VALUE(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+  for (size_t k = 0; k < students.size(); ++k) {  // before any map's sizes are read
+    UF_CHECK_VALUE(students[k].defined() && teachers[k].defined(), op, ": map ", k, " is undefined");
+    check_dense(op, c10::str("map ", k, ": the student"), students[k]);
+    check_dense(op, c10::str("map ", k, ": the teacher"), teachers[k]);
+  }
   const at::Tensor& first = students[0];
-  UF_CHECK_VALUE(first.defined() && first.dim() >= 1, op, ": map 0 must be a tensor [N, ...]");
+  UF_CHECK_VALUE(first.dim() >= 1, op, ": map 0 must be a tensor [N, ...]");
   check_device_supported(op, first);
   MultiMapL2Args args;
   args.n = first.size(0);
@@ -186,7 +221,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_map_l2_forward(const std::
   for (size_t k = 0; k < students.size(); ++k) {
     const at::Tensor& s = students[k];
     const at::Tensor& t = teachers[k];
-    UF_CHECK_VALUE(s.defined() && t.defined(), op, ": map ", k, " is undefined");
     UF_CHECK_VALUE(s.sizes() == t.sizes() && s.dim() >= 1, op, ": map ", k, ": student ", s.sizes(),
                    " and teacher ", t.sizes(), " must have the same shape [N, ...]");
     UF_CHECK_VALUE(s.size(0) == args.n, op, ": map ", k, " has N = ", s.size(0), ", map 0 has N = ", args.n);

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -84,6 +85,23 @@ def test_one_and_zero_elements(device):
 def test_bad_inputs_raise_clear_errors(bad, error, message):
     with pytest.raises(error, match=message):
         EXT.batch_mean_std(bad)
+
+
+def _not_dense(kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns when a CSR or nested tensor is made (beta)
+        if kind == "nested":
+            return torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+        return torch.randn(5, 3).to_sparse() if kind == "Sparse" else torch.randn(5, 3).to_sparse_csr()
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["Sparse", "SparseCsr", "nested"])
+def test_sparse_or_nested_input_raises_a_clear_type_error(kind):
+    # before: sparse raised torch's "unsupported memory format option Contiguous", nested was read as one
+    # flat buffer and returned moments of it
+    with pytest.raises(TypeError, match=rf"batch_mean_std: x must be a dense \(strided\) tensor, got a {kind} tensor"):
+        EXT.batch_mean_std(_not_dense(kind))
 
 
 def _run_python(code: str, **env):

@@ -11,6 +11,8 @@ Tolerances (extension output vs the fp64 restatement on the *same* input values)
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -107,3 +109,24 @@ def test_bad_inputs():
         EXT.multi_map_l2_forward([x.double() for x in s], [x.double() for x in t], 2.0, True)
     with pytest.raises(ValueError, match="finite"):
         EXT.multi_map_l2_forward(s, t, float("nan"), True)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("map_index", [0, 1])
+def test_sparse_maps_raise_a_clear_type_error(which, map_index):
+    # before: torch's "unsupported memory format option Contiguous" from inside the binding
+    s = _maps(2, [(3, 5), (2, 2, 2)], torch.float32, 8, "cpu")
+    t = _maps(2, [(3, 5), (2, 2, 2)], torch.float32, 9, "cpu")
+    (s if which == "student" else t)[map_index] = (s if which == "student" else t)[map_index].to_sparse()
+    with pytest.raises(TypeError, match=rf"multi_map_l2_forward: map {map_index}: the {which} must be a dense "
+                                        r"\(strided\) tensor, got a Sparse tensor"):
+        EXT.multi_map_l2_forward(s, t, 2.0, True)
+
+
+def test_nested_map_raises_a_clear_type_error():
+    # before: "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype: torch warns on creation
+        nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(3, 3)])
+    with pytest.raises(TypeError, match=r"map 0: the student must be a dense \(strided\) tensor, got a nested"):
+        EXT.multi_map_l2_forward([nested], [nested.clone()], 2.0, True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 TRITON_IMPORT_ERROR = None
 
 try:
+    from .interpreter_compat import patch_interpreter_index
+    patch_interpreter_index()  # before any kernel runs: triton < 3.7's interpreter on numpy >= 2.4
     from .batch_noise import NOISE_KINDS, batch_mean_std, philox_batch_noise, philox_standard_normal
     from .retain_forget_l2 import (MAX_NORM_D, MAX_ROWS, rank_within_class, retain_forget_l2_backward, retain_forget_l2_forward,
                                    retain_forget_l2_loss_forward)
