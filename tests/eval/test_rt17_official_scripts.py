@@ -87,7 +87,9 @@ def test_reference_backend_is_tsne_visual_step_by_step():
     np.testing.assert_allclose(tsne.tsne_reference(x, n_iter=130, seed=7, learning_rate=10.0), want, rtol=0,
                                atol=1e-12)
     want = official_tsne(x, y0, 12)
-    np.testing.assert_allclose(tsne.tsne_reference(x, n_iter=12, seed=7), want, rtol=0, atol=1e-9)
+    # at the reference step the rounding of the machine's BLAS (1e-16) grows ~1e7-fold in 12 iterations (1.35e-9
+    # measured on an AVX2-only EPYC); learning rate 490 for 500, or 11 iterations, move it by ~9-11
+    np.testing.assert_allclose(tsne.tsne_reference(x, n_iter=12, seed=7), want, rtol=0, atol=1e-7)
 
 
 def test_finding_default_backend_is_the_reference_algorithm(tmp_path, monkeypatch):
