@@ -18,7 +18,8 @@ A run writes what the reference writes: ``<base_dir>/<run name>/`` (train) or ``
 config.json, train.log / test.log (the reference's logger format) and the config's path folders (code, tb_logger,
 results, checkpoint); test images go to ``results/test/0/<mask_ratio:.2f>/`` ({GT_,Process_,Out_,Mask_}<name>),
 which appears only once every image is written (``<mask_ratio>.partial/`` until then; a test that stops leaves it
-so named). No tensorboard events are written (tb_logger/ stays empty).
+so named, with its finished batches, and the same command continues it). No tensorboard events are written
+(tb_logger/ stays empty).
 
 The flags pick the approach (``--fix_decoder 1``: Ours; see unlearn_fast.train.palette_steps for the table).
 Which config keys are read, and their defaults: unlearn_fast.cli.palette_config. Everything that can be
@@ -29,8 +30,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
 import shutil
+import signal
+import sys
 from typing import List, Optional
 
 import torch
@@ -47,9 +52,14 @@ from ..train.palette_trainer import (PALETTE_STEP_MODES, PaletteRunLog, check_pa
                                      palette_run_dir_name, palette_train_loop, read_palette_resume,
                                      restore_palette_training, write_config_json)
 from ..train.distributed import env_ranks
+from ..train.checkpoint import atomic_append_text
+from ..train.image_datasets import BadImageError, verify_images
+from ..train.progress import progress_bar
 from ..train.run_outputs import create_run_dir
 from ..train.seeding import step_generator
 from .help_format import short_usage_errors
+from .tools import (check_unfinished, error_with, finish_unfinished, listing_sha256, one_line_bad_images,
+                    open_unfinished, remove_stale_temporaries, stop_line)
 from .palette_config import load_palette_config, resolve_palette_job
 from .unlearn_args import ReferenceAbbrevParser
 from .unlearn_command import stop_signals, loader_batches, resolve_device
@@ -357,17 +367,32 @@ def palette_test_root(ckpt: str) -> str:
     return ckpt[:-len(".pth")] if ckpt.endswith(".pth") else ckpt
 
 
-def check_test_result_dir(result_dir: str) -> str:
+def check_test_result_dir(result_dir: str, record: Optional[dict] = None) -> str:
     """The folder the images are sampled into (``<result_dir>.partial``, renamed to ``result_dir`` once every
-    image is written), after checking that neither holds an earlier test's images."""
+    image is written), after checking that ``result_dir`` holds no earlier test's images and that an existing
+    ``.partial`` is a stopped palette-test of the same ``record`` (which this run continues), never another's."""
     staging = result_dir + ".partial"
     _need(not (os.path.isdir(result_dir) and os.listdir(result_dir)) and not os.path.isfile(result_dir),
           f"{result_dir} already holds the results of an earlier palette-test of this checkpoint; move or delete it "
           "to sample again")
-    _need(not os.path.lexists(staging),
-          f"{staging} exists: an earlier palette-test of this checkpoint was interrupted (or one is running now); "
-          "delete it to sample again")
+    if os.path.lexists(staging) and record is not None:
+        check_unfinished(staging, record, "palette-test")
     return staging
+
+
+def palette_test_record(job, network, n_steps: int, device, items) -> dict:
+    """What makes a palette-test's images, keyed by what sets it: a rerun continues a stopped test only when every
+    entry is equal. The network by content (the loaded weights and noise schedule: another checkpoint, or the
+    same file rewritten by a later epoch, differs); the noise of batch i is drawn from (seed, i), so the batch
+    size must stay, and a CUDA generator draws other numbers than the CPU's."""
+    weights = hashlib.sha256()
+    for key, tensor in network.state_dict().items():
+        weights.update(key.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {"command": "unlearn-fast palette-test", "--ckpt": weights.hexdigest(), "seed": job.seed,
+            "batch size": job.batch_size, "image size": list(job.image_size), "mask ratio": job.mask_ratio,
+            "sample_num": job.sample_num, "--steps": n_steps, "device": torch.device(device).type,
+            "test images": [len(items), listing_sha256((os.path.basename(p), p) for p, _ in items)]}
 
 
 def run_palette_test(args) -> str:
@@ -377,7 +402,9 @@ def run_palette_test(args) -> str:
     reference's opening lines, then ``test/mae``, ``epoch``, ``iters``), the config's path folders (code,
     tb_logger, results, checkpoint) and the images. The images are sampled into ``<mask_ratio>.partial/`` and
     the folder takes its final name only when all are written: a test that stops (Ctrl-C, SIGTERM, an error)
-    leaves no folder that looks complete."""
+    leaves no folder that looks complete, and the same command continues it from its first unfinished batch
+    (the images and test/mae are those of an uninterrupted test). Raises ``RunStopped`` (a KeyboardInterrupt)
+    after saying what was kept when a signal stops it."""
     cfg = load_palette_config(args.config)
     job = resolve_palette_job(cfg, "test", source=args.config, batch=args.batch, data_root=args.data_root,
                               num_workers=args.num_workers, seed=args.seed, debug=args.debug)
@@ -388,32 +415,37 @@ def run_palette_test(args) -> str:
     classes = read_class_list(find_class_list(args.class_list, job.data_root))
     items = debug_subset(job, select_places365_test(job.data_root, classes, job.number_img_per_class))
     items = items[:args.max_images]
+    try:
+        verify_images(items)  # a bad file fails now, not after hours of sampling the batches before it
+    except BadImageError as e:
+        raise BadImageError(one_line_bad_images(e, "palette-test")) from None
     network = _build_network(job, "test")
     load_network_file(network, args.ckpt, test=True)
-    network.to(device).eval()
     _need(job.sample_num < network.num_timesteps,
           f"sample_num {job.sample_num} must be smaller than the number of timesteps {network.num_timesteps}")
     _need(args.steps is None or 1 <= args.steps <= network.num_timesteps,
           f"--steps must be in [1, {network.num_timesteps}], got {args.steps}")
+    n_steps = args.steps or network.num_timesteps
+    record = palette_test_record(job, network, n_steps, device, items)  # hashed on the host, before the move
+    network.to(device).eval()
     dataset = PaletteInpaintDataset(items, job.image_size, seed=job.seed, mask_mode="center",
                                     mask_ratio=job.mask_ratio)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=job.batch_size, shuffle=False,
-                                         num_workers=job.num_workers, pin_memory=device.type == "cuda")
     root = palette_test_root(args.ckpt)
     result_dir = os.path.join(root, job.folders["results"], "test", "0", f"{job.mask_ratio:.2f}")
-    staging = check_test_result_dir(result_dir)
+    staging = check_test_result_dir(result_dir, record)
+    continuing = os.path.isdir(staging)
     _need(not os.path.isfile(root), f"cannot create the result folder {result_dir} (<--ckpt without .pth>/results/"
                                     f"...): {root} is a file")
     make_run_folders(root, job.folders)  # a ValueError naming the folder, e.g. on a read-only disk
     try:
-        os.makedirs(os.path.dirname(staging), exist_ok=True)
-        os.mkdir(staging)  # exclusive: a second palette-test of this checkpoint stops here
-    except FileExistsError:
-        check_test_result_dir(result_dir)
-        raise
+        lock = open_unfinished(staging, record, "palette-test")
     except OSError as e:
-        raise ValueError(f"cannot create the result folder {staging}: {e.strerror}") from None
-    n_steps = args.steps or network.num_timesteps
+        raise ValueError(f"cannot create the result folder {staging}: {e.strerror or e}") from None
+    batches = [list(range(i, min(i + job.batch_size, len(items)))) for i in range(0, len(items), job.batch_size)]
+    done = read_done_batches(staging)
+    todo = [b for b in range(len(batches)) if b not in done]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[batches[b] for b in todo],
+                                         num_workers=job.num_workers, pin_memory=device.type == "cuda")
     written = dict(config_with_batch(cfg, args.batch, "test", args.gpu_ids), name=job.opt_name, phase="test",
                    distributed=False)
     written["unlearn_fast"] = dict(ckpt=os.path.abspath(args.ckpt), seed=job.seed, device=str(device),
@@ -421,66 +453,94 @@ def run_palette_test(args) -> str:
                                    timesteps=network.num_timesteps, images=len(items), data_root=job.data_root,
                                    max_images=args.max_images, result_dir=os.path.abspath(result_dir))
     log = PaletteRunLog(os.path.join(root, "test.log"))
-    try:
-        write_config_json(root, written)
-        log_run_start(log, root, "test", len(items))
-        if n_steps < network.num_timesteps:
-            log.info(f"--steps {n_steps}: the sampler stops after {n_steps} of {network.num_timesteps} steps "
-                     "(timing/smoke only: the images are not finished samples)")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, {n_steps} steps, "
-          f"device {device} -> {result_dir}")
-    done, mae_sum, n_batches = 0, 0.0, 0
-    with stop_signals():
+    n_done = sum(done[b][0] for b in done)
+    with stop_signals():  # SIGINT / SIGTERM raise here, so the batches sampled so far are reported (exit 130 / 143)
         try:
-            done, mae_sum, n_batches = _sample_test_set(args, job, network, device, loader, staging, len(items))
+            write_config_json(root, written)
+            log_run_start(log, root, "test", len(items))
+            if n_steps < network.num_timesteps:
+                log.info(f"--steps {n_steps}: the sampler stops after {n_steps} of {network.num_timesteps} steps "
+                         "(timing/smoke only: the images are not finished samples)")
+            if continuing:
+                line = (f"continuing the stopped palette-test in {staging}: {n_done} of {len(items)} images are "
+                        f"there, {len(todo)} of {len(batches)} batches to go")
+                log.info(line)
+                print(f"unlearn_fast: {line}", flush=True)
+            print(f"unlearn_fast: sampling {len(items)} test images, batch {job.batch_size}, {n_steps} steps, "
+                  f"device {device} -> {result_dir}", flush=True)
+            remove_stale_temporaries(staging)
+            _sample_test_set(args, job, network, device, loader, staging, todo, len(items), n_done)
         except BaseException as e:
-            why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped ({type(e).__name__})"
-            done = len([n for n in os.listdir(staging) if n.startswith("Out_")]) if os.path.isdir(staging) else 0
-            msg = (f"palette-test {why}: {done} of {len(items)} images were written to {staging} (incomplete; "
-                   "delete it before sampling again)")
-            log.info(msg)
-            print(f"unlearn_fast: {msg}", flush=True)
+            os.close(lock)
+            n_kept = sum(n for n, _ in read_done_batches(staging).values())
+            if not n_kept:  # nothing to keep: a rerun needs no cleaning up
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            kept = (f"{n_kept} of {len(items)} images are kept in {staging}; run the same command again to "
+                    "continue")
+            why = (f"stopped ({type(e).__name__})" if not isinstance(e, KeyboardInterrupt) else "was terminated"
+                   if getattr(e, "signum", None) == signal.SIGTERM else "was interrupted")
+            log.info(f"palette-test {why}: {kept}")
+            if isinstance(e, KeyboardInterrupt):
+                e.said_exit_code = stop_line("palette-test", e, kept)  # palette_test_main returns it: one line
+                raise
+            if isinstance(e, (OSError, ValueError)):  # a full disk, a test image gone since the start
+                raise error_with(e, kept) from None
+            print(f"unlearn_fast: palette-test {why}: {kept}", file=sys.stderr, flush=True)
             raise
-        if os.path.isdir(result_dir):
-            os.rmdir(result_dir)  # an empty folder of that name (checked above)
-        os.rename(staging, result_dir)  # all images written: the folder takes its final name
-    log.value("test/mae", mae_sum / max(n_batches, 1))
+        done = read_done_batches(staging)
+        finish_unfinished(staging, result_dir, lock, (PALETTE_TEST_BATCHES,))  # all written: the final name
+    mae = sum(m for _, m in done.values()) / max(len(done), 1)
+    n_images = sum(n for n, _ in done.values())
+    log.value("test/mae", mae)
     log.value("epoch", 0)
-    log.value("iters", done)
-    print(f"unlearn_fast: test/mae {mae_sum / max(n_batches, 1):.5f}; {done} images in {result_dir}")
+    log.value("iters", n_images)
+    print(f"unlearn_fast: test/mae {mae:.5f}; {n_images} images in {result_dir}")
     return result_dir
 
 
-def _sample_test_set(args, job, network, device, loader, out_dir: str, n_items: int):
-    """Sample every batch into ``out_dir``; returns (images, sum of per-batch mean |gt - output|, batches), the
-    reference's test/mae (``nn.L1Loss`` per batch, averaged over batches)."""
-    bar = None
-    if not args.no_progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n_items, desc="palette-test", dynamic_ncols=True, leave=False)
-        except ImportError:
-            pass
-    done, mae_sum, n_batches = 0, 0.0, 0
+PALETTE_TEST_BATCHES = ".unlearn_fast_batches.jsonl"  # in the .partial folder: one line per finished batch
+
+
+def read_done_batches(staging: str) -> dict:
+    """{batch index: (images, mean |gt - output|)} of the batches a palette-test finished in ``staging``."""
+    done = {}
     try:
-        for i, (sample, _labels) in enumerate(loader_batches(loader)):
+        with open(os.path.join(staging, PALETTE_TEST_BATCHES), encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                    done[int(entry["batch"])] = (int(entry["images"]), float(entry["mae"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return done
+
+
+def _sample_test_set(args, job, network, device, loader, out_dir: str, todo, n_items: int, n_done: int) -> None:
+    """Sample the batches ``todo`` (indices into the test set's batches) into ``out_dir``; each finished batch is
+    recorded with its mean |gt - output| (the reference's test/mae is ``nn.L1Loss`` per batch, averaged over the
+    batches), after its images, so a rerun skips exactly the batches whose images are all written."""
+    bar = progress_bar(n_items, not args.no_progress, "palette-test")
+    if bar is not None and n_done:
+        bar.update(n_done)
+        bar.refresh()  # shown now, not at the next redraw
+    try:
+        for i, (sample, _labels) in zip(todo, loader_batches(loader)):
             gt, mask, y_cond = (sample[k].to(device) for k in ("gt_image", "mask", "cond_image"))
             g = step_generator(job.seed, 0, i, "noise", device)
             output, visuals = palette_restore(network, y_cond, gt, mask, sample_num=job.sample_num, generator=g,
                                               steps=args.steps)
-            mae_sum += torch.nn.functional.l1_loss(output.float(), gt.float()).item()
-            n_batches += 1
+            mae = torch.nn.functional.l1_loss(output.float(), gt.float()).item()
             write_restoration_images(out_dir, list(sample["path"]), gt.cpu(), visuals.cpu(), mask.cpu())
-            done += gt.shape[0]
+            atomic_append_text(os.path.join(out_dir, PALETTE_TEST_BATCHES),
+                               json.dumps({"batch": i, "images": gt.shape[0], "mae": mae}) + "\n")
             if bar is not None:
                 bar.update(gt.shape[0])
     finally:
         if bar is not None:
             bar.close()
-    return done, mae_sum, n_batches
 
 
 def _one_process(command: str) -> None:
@@ -501,7 +561,12 @@ def palette_test_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _need(args.phase == "test", "palette-test samples the test set; use palette-unlearn -p train to unlearn")
     _one_process("palette-test")
-    run_palette_test(args)
+    try:
+        run_palette_test(args)
+    except KeyboardInterrupt as e:
+        if getattr(e, "said_exit_code", None) is None:
+            raise
+        return e.said_exit_code  # 130 / 143; what was kept is said
     return 0
 
 

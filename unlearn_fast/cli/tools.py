@@ -9,20 +9,29 @@
     unlearn-fast report out/run/
 Weights are read from local files only (flags, environment variables or ./pretrained/); a missing file
 is named with the flag that points to it. ``generate`` writes into ``<output>.partial/`` and renames it to
-``<output>`` once every image is written: a stopped run leaves no folder that ``eval`` would take for complete,
-and an ``<output>`` that already holds files is never written into.
+``<output>`` once every image is written: a stopped run leaves no folder that ``eval`` would take for complete
+(``eval`` refuses the ``.partial`` one), and an ``<output>`` that already holds files is never written into. The
+``.partial`` folder holds a record of what makes the images (the checkpoint's sha256, the flags, the test images):
+the same command continues a stopped generate; another checkpoint or other flags are refused, never mixed in.
+A stop (Ctrl-C, SIGTERM: exit 130 / 143) or a failed write is one line saying what was kept and how to go on.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import shlex
 import shutil
+import signal
 import sys
-from typing import List
+from typing import List, Optional
 
 import torch
 
+from ..eval.layout import UNFINISHED_RECORD
+from ..train.checkpoint import atomic_write_text
 from .help_format import DefaultsHelpFormatter, short_usage_errors
 
 
@@ -68,30 +77,186 @@ class _TestBatches:
                 self.bar.update(len(chunk))
 
 
-def _count_files(folder: str) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder))
+def count_images(folder: str) -> int:
+    """Files under ``folder`` that a later eval would see (not the hidden record or temporary files)."""
+    return sum(1 for _, _, files in os.walk(folder) for f in files if not f.startswith("."))
 
 
-def generate_staging_dir(out: str) -> str:
-    """``<out>.partial``, the folder ``generate`` writes into, after checking that neither it nor ``out``
-    holds an earlier run's files (an image folder that mixes two runs would be evaluated as one)."""
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing_sha256(entries) -> str:
+    """One digest of the test images (``(name, path)`` pairs): their names and sizes, in order."""
+    return hashlib.sha256("".join(f"{name}\t{os.path.getsize(path)}\n" for name, path in entries).encode()
+                          ).hexdigest()
+
+
+def generate_record(a, items) -> dict:
+    """What makes a generate's images, keyed by the flag that sets it: a rerun continues a stopped generate only
+    when every entry is equal (the checkpoint by content, so one rewritten in place is another checkpoint)."""
+    return {"command": "unlearn-fast generate", "--ckpt_path": file_sha256(a.ckpt_path),
+            "--vqgan_ckpt": file_sha256(a.vqgan_ckpt) if a.vqgan_ckpt else None, "--model": a.model,
+            "--input_size": a.input_size, "--task": a.task, "--seed": a.seed, "--channel_order": a.channel_order,
+            "test images": [len(items), listing_sha256((f"{s}/{w}/{n}", p) for p, s, w, n in items)]}
+
+
+def record_difference(old: dict, new: dict) -> Optional[str]:
+    """How ``new`` differs from the stopped run's ``old`` record, in words; None when equal."""
+    for key, value in new.items():
+        if old.get(key) == value:
+            continue
+        if key == "command":
+            return f"another command ({old.get(key)})"
+        if key == "test images":
+            return "other test images (other data flags, or files that changed since)"
+        if key.startswith("--") and isinstance(value, str) and len(value) == 64:  # a file's sha256
+            return f"another {key} (its content differs)"
+        return f"another {key} ({old.get(key)} then, {value} now)"
+    return None
+
+
+def check_unfinished(staging: str, record: dict, command: str) -> None:
+    """``staging`` (which exists) must be a stopped ``command`` with this ``record``: then this run continues it;
+    anything else is refused, never mixed in."""
+    start_over = f"delete {staging} to start over"
+    old = read_unfinished_record(staging)
+    if old is None:
+        raise ValueError(f"{staging} exists but holds no record of the {command} that wrote it (an older "
+                         f"unlearn-fast, or one starting now); {start_over}")
+    differs = record_difference(old, record)
+    if differs is not None:
+        raise ValueError(f"{staging} holds the images of a stopped {command}, and this one differs: {differs}; "
+                         f"rerun the stopped command to continue it, or {start_over}")
+
+
+def generate_staging_dir(out: str, record: Optional[dict] = None) -> str:
+    """``<out>.partial``, the folder ``generate`` writes into, after checking that ``out`` holds no earlier run's
+    files (an image folder that mixes two runs would be evaluated as one) and that an existing ``<out>.partial``
+    is a stopped generate of the same ``record`` (which this run continues), never another's."""
     out = os.path.normpath(out)
+    if out.endswith(".partial"):  # eval takes such a folder for an unfinished one
+        raise ValueError(f"--output {out} ends in .partial, the mark of an unfinished output; pass another --output")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"the output {out} exists and is not a folder; pass another --output")
     if os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"{out} already holds {_count_files(out)} files (an earlier generate?); move or delete it, "
+        held = sum(len(files) for _, _, files in os.walk(out))
+        raise ValueError(f"{out} already holds {held} files (an earlier generate?); move or delete it, "
                          "or pass another --output, to generate again")
     staging = out + ".partial"
-    if os.path.lexists(staging):
-        raise ValueError(f"{staging} exists: an earlier generate into {out} was stopped (or one is running now); "
-                         "delete it to generate again")
+    if os.path.lexists(staging) and record is not None:
+        check_unfinished(staging, record, "generate")
     return staging
+
+
+def read_unfinished_record(staging: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(staging, UNFINISHED_RECORD), encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def open_unfinished(staging: str, record: dict, command: str) -> int:
+    """Create ``staging`` with its ``record`` (unless a stopped run's is there), then lock the folder for this run:
+    a second run of the same job finds it locked and stops. Signals wait meanwhile, so the folder never exists
+    without its record. Returns the folder's descriptor (closing it releases the lock)."""
+    with signals_held():
+        if not os.path.isdir(staging):
+            os.makedirs(os.path.dirname(os.path.abspath(staging)), exist_ok=True)
+            try:
+                os.mkdir(staging)  # exclusive: another run of the same job stops here or at the lock
+            except FileExistsError:
+                raise ValueError(f"{staging} appeared while this {command} started: another {command} is running "
+                                 "into it; wait for it to finish") from None
+            try:
+                atomic_write_text(os.path.join(staging, UNFINISHED_RECORD), json.dumps(record, indent=1) + "\n")
+            except BaseException:  # a full disk: no folder left that a rerun would refuse
+                os.rmdir(staging)
+                raise
+        fd = os.open(staging, os.O_RDONLY)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"another {command} is running into {staging} now; wait for it to finish, or stop it and "
+                             "run this command again to continue its images") from None
+    return fd
+
+
+def finish_unfinished(staging: str, final: str, lock_fd: int, bookkeeping=()) -> None:
+    """Every image is written: ``staging`` takes its final name, without its record and the ``bookkeeping`` files
+    (signals wait: no half step)."""
+    with signals_held():
+        for name in (*bookkeeping, UNFINISHED_RECORD):
+            os.unlink(os.path.join(staging, name))
+        os.close(lock_fd)
+        if os.path.isdir(final):  # an empty folder (checked before): the complete one takes its place
+            os.rmdir(final)
+        os.replace(staging, final)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT / SIGTERM wait until the block is done (where blocking signals exists)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _written(path: str) -> bool:
+    """An image a stopped generate finished: renamed into place whole (0 bytes: a crash before the disk had it)."""
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def remove_stale_temporaries(staging: str) -> None:
+    """The hidden temporary file of an image whose write a kill cut short."""
+    for folder, _, files in os.walk(staging):
+        for f in files:
+            if f.startswith(".") and ".tmp-" in f:
+                os.unlink(os.path.join(folder, f))
+
+
+def stop_line(command: str, e: KeyboardInterrupt, kept: str) -> int:
+    """Print the one line of a run stopped by Ctrl-C / SIGTERM (what is kept, how to go on); the exit code."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"unlearn-fast {command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; {kept}",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def error_with(e: BaseException, kept: str) -> BaseException:
+    """An OSError / ValueError (a full disk, an image gone) as one line that ends with what is kept."""
+    if isinstance(e, OSError):
+        return OSError(f"{e}; {kept} once that is fixed")
+    return ValueError(f"{e}; {kept}")
+
+
+def one_line_bad_images(e: Exception, command: str) -> str:
+    """verify_images' report (a count, then one line per file) as one line."""
+    head, *files = str(e).splitlines()
+    more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+    return f"{head.rstrip(':')}, e.g. {files[0] if files else '?'}{more}; fix or remove them, then run {command} again"
 
 
 def generate_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="unlearn-fast generate", formatter_class=DefaultsHelpFormatter,
                                 description="MAGE inpaint/outpaint of the test set (reference testpaint.py), batched. "
-                                            "The images go to <output>.partial/ until every one is written")
+                                            "The images go to <output>.partial/ until every one is written; a "
+                                            "stopped generate is continued by the same command")
     p.add_argument("--task", required=True, choices=("inpaint", "outpaint"))
     p.add_argument("--ckpt_path", required=True, help="checkpoint-{epoch}.pth (or a pretrained MAGE checkpoint)")
     p.add_argument("--model", default="mage_vit_base_patch16", help="the architecture of --ckpt_path")
@@ -113,11 +278,12 @@ def generate_main(argv: List[str]) -> int:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = short_usage_errors(p).parse_args(argv)
     from ..models import create_model
-    from ..models.mage_generate import paint_settings, run_paint
+    from ..models.mage_generate import paint_file_name, paint_settings, run_paint
     from ..train.checkpoint import load_checkpoint_file, load_model_state, model_state_from
     from ..train.data_split import parse_class_list, reference_class_split
-    from ..train.image_datasets import verify_images
+    from ..train.image_datasets import BadImageError, verify_images
     from ..train.progress import progress_bar
+    from .unlearn_command import stop_signals
     if not os.path.isfile(a.ckpt_path):
         raise ValueError(f"--ckpt_path not found: {a.ckpt_path}")
     if a.vqgan_ckpt and not os.path.isfile(a.vqgan_ckpt):
@@ -129,10 +295,15 @@ def generate_main(argv: List[str]) -> int:
         forget, retain = parse_class_list(a.forget_classes or ""), parse_class_list(a.retain_classes or "")
     else:
         forget, retain = reference_class_split()
-    out = a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}"
-    staging = generate_staging_dir(out)
+    out = os.path.normpath(a.output or os.path.splitext(a.ckpt_path)[0] + f"-{a.task}")
+    generate_staging_dir(out)  # a filled output fails before the test images are read
     items = _test_items(a.data_root, forget, retain, a.per_class)
-    verify_images([path for path, *_ in items])  # a bad file fails now, not after hours of writing images
+    try:
+        verify_images([path for path, *_ in items])  # a bad file fails now, not after hours of writing images
+    except BadImageError as e:
+        raise BadImageError(one_line_bad_images(e, "generate")) from None
+    record = generate_record(a, items)
+    staging = generate_staging_dir(out, record)  # a stopped generate of this job is continued; another's refused
     dev = _device(a.device)
     model = create_model(a.model, img_size=a.input_size)
     if a.vqgan_ckpt:
@@ -140,36 +311,47 @@ def generate_main(argv: List[str]) -> int:
         load_vqgan_checkpoint(model, a.vqgan_ckpt)
     load_model_state(model, model_state_from(load_checkpoint_file(a.ckpt_path), a.ckpt_path), a.ckpt_path)
     model.to(dev).eval()
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(staging)), exist_ok=True)
-        os.mkdir(staging)  # exclusive: a second generate into the same output stops here
-    except FileExistsError:
-        generate_staging_dir(out)  # names what is there
-        raise
-    n_settings = len(paint_settings(a.task))
-    print(f"unlearn-fast generate: {len(items)} test images x {n_settings} {a.task} settings = "
-          f"{len(items) * n_settings} images, batch {a.batch_size}, device {dev} -> {out}", flush=True)
-    bar = progress_bar(len(items), not a.no_progress, f"generate {a.task}")
-    try:
-        paths = run_paint(model, _TestBatches(items, a.input_size, a.batch_size, bar), staging, a.task, seed=a.seed,
+    settings = paint_settings(a.task)
+    total = len(items) * len(settings)
+    continuing = os.path.isdir(staging)
+    with stop_signals():  # SIGTERM too raises here (a batch job's kill), so what was written is reported
+        lock = open_unfinished(staging, record, "generate")
+        try:
+            remove_stale_temporaries(staging)
+            todo = [item for item in items if not all(_written(os.path.join(
+                staging, item[1], item[2], paint_file_name(mode, ratio, item[3]))) for mode, ratio in settings)]
+            had = count_images(staging)
+            if continuing:
+                print(f"unlearn-fast generate: continuing the stopped generate in {staging}: {had} of {total} "
+                      f"images are there, {len(todo)} of {len(items)} test images to go", flush=True)
+            print(f"unlearn-fast generate: {len(items)} test images x {len(settings)} {a.task} settings = {total} "
+                  f"images, batch {a.batch_size}, device {dev} -> {out}", flush=True)
+            bar = progress_bar(len(items), not a.no_progress, f"generate {a.task}")
+            if bar is not None and len(todo) < len(items):
+                bar.update(len(items) - len(todo))
+                bar.refresh()  # shown now, not at the next redraw
+            try:
+                run_paint(model, _TestBatches(todo, a.input_size, a.batch_size, bar), staging, a.task, seed=a.seed,
                           channel_order=a.channel_order)
-    except BaseException as e:
-        if bar is not None:
-            bar.close()
-        written = _count_files(staging)
-        if not written:  # nothing to keep: a rerun needs no cleaning up
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped ({type(e).__name__})"
-            print(f"unlearn-fast generate {why}: {written} images were written to {staging} (incomplete; delete it "
-                  "to generate again)", file=sys.stderr, flush=True)
-        raise
-    if bar is not None:
-        bar.close()
-    if os.path.isdir(out):  # an empty folder (checked above): the complete one takes its place
-        os.rmdir(out)
-    os.replace(staging, out)
-    print(f"unlearn-fast generate: wrote {len(paths)} images under {out}")
+            finally:
+                if bar is not None:
+                    bar.close()
+        except BaseException as e:
+            os.close(lock)
+            written = count_images(staging)
+            if not written:  # nothing to keep: a rerun needs no cleaning up
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            kept = f"{written} of {total} images are kept in {staging}; run the same command again to continue"
+            if isinstance(e, KeyboardInterrupt):
+                return stop_line("generate", e, kept)
+            if isinstance(e, (OSError, ValueError)):  # a full disk, a test image gone or broken since the start
+                raise error_with(e, kept) from None
+            print(f"unlearn-fast generate stopped ({type(e).__name__}): {kept}", file=sys.stderr, flush=True)
+            raise
+        finish_unfinished(staging, out, lock)
+    print(f"unlearn-fast generate: wrote {total} images under {out}"
+          + (f" ({total - had} by this run)" if continuing else ""))
     return 0
 
 
@@ -199,8 +381,10 @@ def eval_main(argv: List[str]) -> int:
     p.add_argument("--batch_size", type=int, default=32, help="images per feature-extractor batch")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding the images")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:N, or auto")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = short_usage_errors(p).parse_args(argv)
-    from ..eval import csv_rows, pipeline
+    from ..eval import csv_rows, layout, pipeline
+    from .unlearn_command import stop_signals
     dev = _device(a.device)
     if not os.path.isdir(a.dst):
         raise ValueError(f"--dst is not a folder: {a.dst}")
@@ -210,28 +394,43 @@ def eval_main(argv: List[str]) -> int:
         raise ValueError(f"--splits must be >= 1, got {a.splits}")
     if a.palette_class_list and not os.path.isfile(a.palette_class_list):
         raise ValueError(f"--palette_class_list not found: {a.palette_class_list}")
-    if a.palette_class_list and a.clip:
-        rows = pipeline.run_palette_clip_eval(a.dst, a.palette_class_list, a.data_root, mask_ratio=a.mask_ratio,
-                                       clip_weights=a.clip_weights, csv_dir=a.csv_dir, device=dev,
-                                       batch_size=a.batch_size)
-    elif a.palette_class_list:
-        rows = pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
-                                  cleanfid_weights=a.cleanfid_inception, places365_weights=a.places365_weights,
-                                  inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
-                                  batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits)
-    elif a.clip:
-        rows = pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights, csv_dir=a.csv_dir,
-                               device=dev, batch_size=a.batch_size, name_pattern=a.name_pattern)
-    else:
-        rows = pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
-                          inception_weights=a.inception_weights, csv_dir=a.csv_dir, device=dev,
-                          batch_size=a.batch_size, num_workers=a.num_workers, splits=a.splits,
-                          name_pattern=a.name_pattern)
     task = None if a.palette_class_list else a.task
     csv_name = csv_rows.clip_cosine_csv_name(task) if a.clip else csv_rows.fid_is_csv_name(task)
+    csv_path = os.path.join(a.csv_dir, csv_name)
+    appended, expected = [], 1 if a.palette_class_list else len(
+        (layout.clip_modes if a.clip else layout.eval_modes)(a.task))
+    shared = dict(csv_dir=a.csv_dir, device=dev, batch_size=a.batch_size, progress=not a.no_progress,
+                  on_row=appended.append)
+    try:
+        with stop_signals():  # SIGTERM too raises here, so the rows appended so far are reported
+            if a.palette_class_list and a.clip:
+                rows = pipeline.run_palette_clip_eval(a.dst, a.palette_class_list, a.data_root, mask_ratio=a.mask_ratio,
+                                                      clip_weights=a.clip_weights, **shared)
+            elif a.palette_class_list:
+                rows = pipeline.run_palette_eval(a.dst, a.palette_class_list, mask_ratio=a.mask_ratio,
+                                                 cleanfid_weights=a.cleanfid_inception,
+                                                 places365_weights=a.places365_weights,
+                                                 inception_weights=a.inception_weights, num_workers=a.num_workers,
+                                                 splits=a.splits, **shared)
+            elif a.clip:
+                rows = pipeline.run_clip_eval(a.dst, a.task, a.data_root, clip_weights=a.clip_weights,
+                                              name_pattern=a.name_pattern, **shared)
+            else:
+                rows = pipeline.run_eval(a.dst, a.task, a.data_root, cleanfid_weights=a.cleanfid_inception,
+                                         inception_weights=a.inception_weights, num_workers=a.num_workers,
+                                         splits=a.splits, name_pattern=a.name_pattern, **shared)
+    except (KeyboardInterrupt, OSError, ValueError) as e:
+        if not appended and not isinstance(e, KeyboardInterrupt):
+            raise  # nothing appended: the error alone says it
+        names = ", ".join(os.path.basename(os.path.normpath(str(r["name"]))) or str(r["name"]) for r in appended)
+        kept = (f"{len(appended)} of {expected} rows were appended to {csv_path}" + (f" ({names})" if names else "")
+                + "; a rerun evaluates every setting again and appends its rows anew")
+        if isinstance(e, KeyboardInterrupt):
+            return stop_line("eval", e, kept)
+        raise (OSError if isinstance(e, OSError) else ValueError)(f"{e}; {kept}") from None
     rows = rows if isinstance(rows, list) else [rows]
     print(format_eval_rows(rows, a.dst))
-    print(f"unlearn-fast eval: appended {len(rows)} row(s) to {os.path.join(a.csv_dir, csv_name)}")
+    print(f"unlearn-fast eval: appended {len(rows)} row(s) to {csv_path}")
     return 0
 
 

@@ -70,8 +70,9 @@ def _load_batch(paths: Sequence[str], preprocess: Callable, bgr_on_disk: bool,
 @torch.no_grad()
 def embed_images(paths: Sequence[str], model: torch.nn.Module, preprocess: Callable, *, bgr_on_disk: bool,
                  flip_after_preprocess: bool = True, batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> np.ndarray:
-    """L2-normalised embeddings float32 [N, D] of the image files ``paths`` (``model``: CLIP visual tower)."""
+                 device: str | torch.device = "cpu", bar=None) -> np.ndarray:
+    """L2-normalised embeddings float32 [N, D] of the image files ``paths`` (``model``: CLIP visual tower);
+    ``bar`` (a progress bar) advances by each batch's images."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -82,6 +83,8 @@ def embed_images(paths: Sequence[str], model: torch.nn.Module, preprocess: Calla
         x = _load_batch(paths[start:start + batch_size], preprocess, bgr_on_disk, flip_after_preprocess)
         feats = model(x.to(device)).float()  # [B, D]
         out.append((feats / feats.norm(dim=-1, keepdim=True)).cpu())
+        if bar is not None:
+            bar.update(x.shape[0])
     if not out:
         raise ValueError("no images to embed")
     return torch.cat(out).numpy()

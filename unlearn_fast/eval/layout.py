@@ -24,13 +24,27 @@ from ..train.data_split import IMAGE_EXTENSIONS  # what palette-test reads, and 
 __all__ = [
     "SPLITS", "TASKS", "ratio_of", "generated_prefix", "eval_modes", "clip_modes", "generated_path",
     "original_name", "ImagePair", "collect_mage_pairs", "read_class_list", "palette_split_classes",
-    "palette_results_dir", "collect_palette_pairs", "check_nonempty_files",
+    "palette_results_dir", "collect_palette_pairs", "check_nonempty_files", "UNFINISHED_RECORD", "refuse_unfinished",
 ]
+
+# in the folder ``generate`` / ``palette-test`` write into (``<output>.partial``) until every image is there: what
+# made the images, so that a rerun continues only the same job; and the mark eval refuses
+UNFINISHED_RECORD = ".unlearn_fast_unfinished.json"
 
 SPLITS = ("retain", "forget")
 TASKS = ("inpaint", "outpaint")
 _EVAL_MODES = {"inpaint": [("center", 4), ("center", 8)], "outpaint": [("outpaint", k) for k in range(1, 14)]}
 _CLIP_MODES = {"inpaint": [("center", 4), ("center", 8)], "outpaint": [("outpaint", 4), ("outpaint", 8)]}
+
+
+def refuse_unfinished(folder: str) -> None:
+    """ValueError for the folder of a generate or palette-test that has not finished (stopped, or running): its
+    metrics would silently be those of part of the test set."""
+    folder = os.path.normpath(folder)
+    if os.path.isfile(os.path.join(folder, UNFINISHED_RECORD)) or folder.endswith(".partial"):
+        done = folder[:-len(".partial")] if folder.endswith(".partial") else "the folder it is renamed to"
+        raise ValueError(f"{folder} holds the images of an unfinished generate or palette-test (stopped, or still "
+                         f"running); run that command again to finish it, then evaluate {done}")
 
 
 def _check_task(task: str) -> None:
@@ -191,6 +205,8 @@ def collect_palette_pairs(dst: str, classes: list[str], *, mask_ratio: float = 0
     if not os.path.isdir(results):
         if os.path.isdir(dst) and any(f.startswith("Out_") for f in os.listdir(dst)):
             results = dst  # dst is the results folder itself (what palette-test prints)
+        elif os.path.isdir(results + ".partial"):
+            refuse_unfinished(results + ".partial")
         else:
             raise FileNotFoundError(f"no Palette results: neither {results} nor {dst} holds Out_ images")
     listing = sorted(os.listdir(results))

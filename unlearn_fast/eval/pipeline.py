@@ -12,6 +12,7 @@ Deliberate differences from the reference scripts (numbers are the same up to fl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..train.progress import progress_bar
 from ..train.run_outputs import check_creatable_dir
 from . import csv_rows, layout
 from .clip_cosine import embed_images, paired_cosine_mean, save_embeddings
@@ -169,19 +171,40 @@ class _BgrLoader:  # a picklable partial, so DataLoader workers can use it
         return self.fn(path, bgr_on_disk=self.bgr_on_disk)
 
 
+def _advance(bar, n: int) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+@contextlib.contextmanager
+def _images_bar(total: int, progress: bool, desc: str):
+    """The progress bar of a run's image passes (closed however the run ends), or None."""
+    bar = progress_bar(total, progress, desc)
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @torch.no_grad()
 def cleanfid_features(paths: Sequence[str], extractor: torch.nn.Module, *, bgr_on_disk: bool,
-                      batch_size: int = 32, num_workers: int = 0, device=None) -> np.ndarray:
-    """clean-fid features float32 [N, D] of image files (clean resize to 299, then the torchscript Inception)."""
+                      batch_size: int = 32, num_workers: int = 0, device=None, bar=None) -> np.ndarray:
+    """clean-fid features float32 [N, D] of image files (clean resize to 299, then the torchscript Inception);
+    ``bar`` (a progress bar) advances by each batch's images."""
     dev = _device(device)
     load = _BgrLoader(cleanfid_input, bgr_on_disk)
-    return np.concatenate([extractor(x.to(dev)).float().cpu().numpy()
-                           for x in _batches(paths, load, batch_size, num_workers)])
+    out = []
+    for x in _batches(paths, load, batch_size, num_workers):
+        out.append(extractor(x.to(dev)).float().cpu().numpy())
+        _advance(bar, x.shape[0])
+    return np.concatenate(out)
 
 
 @torch.no_grad()
 def classifier_probs(paths: Sequence[str], model: torch.nn.Module, load: Callable[[str], torch.Tensor], *,
-                     upsample_to_299: bool, batch_size: int = 32, num_workers: int = 0, device=None) -> np.ndarray:
+                     upsample_to_299: bool, batch_size: int = 32, num_workers: int = 0, device=None,
+                     bar=None) -> np.ndarray:
     """Softmax class probabilities float64 [N, K] of image files (the Inception Score's p(y|x))."""
     dev = _device(device)
     out = []
@@ -192,23 +215,24 @@ def classifier_probs(paths: Sequence[str], model: torch.nn.Module, load: Callabl
         logits = model(x)
         logits = logits.logits if hasattr(logits, "logits") else logits  # InceptionOutputs in train mode
         out.append(torch.softmax(logits.float(), dim=-1).double().cpu().numpy())
+        _advance(bar, x.shape[0])
     return np.concatenate(out)
 
 
 def _fid_is(pairs, *, fid_model, is_model, is_load, is_upsample: bool, generated_bgr: bool, splits: int,
             original_cache: dict, batch_size: int, num_workers: int, device, fid_method: str,
-            is_shuffle_seed: int | None = None) -> dict:
+            is_shuffle_seed: int | None = None, bar=None) -> dict:
     gen_paths = [p.generated for p in pairs]
     todo = [p.original for p in pairs if p.original not in original_cache]
     if todo:
         feats = cleanfid_features(todo, fid_model, bgr_on_disk=False, batch_size=batch_size,
-                                  num_workers=num_workers, device=device)
+                                  num_workers=num_workers, device=device, bar=bar)
         original_cache.update(zip(todo, feats))
     orig_feats = np.stack([original_cache[p.original] for p in pairs])
     gen_feats = cleanfid_features(gen_paths, fid_model, bgr_on_disk=generated_bgr, batch_size=batch_size,
-                                  num_workers=num_workers, device=device)
+                                  num_workers=num_workers, device=device, bar=bar)
     probs = classifier_probs(gen_paths, is_model, is_load, upsample_to_299=is_upsample, batch_size=batch_size,
-                             num_workers=num_workers, device=device)
+                             num_workers=num_workers, device=device, bar=bar)
     is_mean, is_std = inception_score_from_probs(probs, splits=splits, shuffle_seed=is_shuffle_seed)
     return {"fid": fid_from_features(orig_feats, gen_feats, method=fid_method), "is_mean": is_mean,
             "is_std": is_std, "n": len(pairs)}
@@ -218,7 +242,8 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
              inception_weights: str | None = None, csv_dir: str = ".", device=None, batch_size: int = 32,
              num_workers: int = 0, splits: int = 10, generated_bgr: bool = True, fid_method: str = "auto",
              modes: Sequence[tuple[str, int]] | None = None, allow_pickle: bool = False,
-             name_pattern: str = "ILSVRC2012_*.JPEG") -> list[dict]:
+             name_pattern: str = "ILSVRC2012_*.JPEG", progress: bool = False,
+             on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """FID and IS of a MAGE generation folder, one ``fid_is_eval_{task}.csv`` row per (mode, ratio).
 
     dst: the ``<ckpt>-<task>/`` folder with ``retain/`` and ``forget/``; data_root: the ImageNet ``val/``
@@ -230,9 +255,11 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     ``name_pattern``: the original file names to evaluate (the reference glob; other data: e.g. ``"*"``).
     Every (mode, ratio) folder is listed and checked (originals present, at least ``splits`` images, no
     empty files; flags in range) before any image is featurised. Rows are appended to
-    ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio).
+    ``<csv_dir>/fid_is_eval_{task}.csv`` after each (mode, ratio), and then passed to ``on_row``. ``progress``: a
+    bar of the images featurised. The folder of an unfinished generate (``<output>.partial``) is refused.
     Returns the rows as dicts {"name", "retain": {"fid", "is_mean", "is_std", "n"}, "forget": {...}}.
     """
+    layout.refuse_unfinished(dst)
     _check_run_args(batch_size=batch_size, num_workers=num_workers, splits=splits, fid_method=fid_method)
     modes = list(modes) if modes is not None else layout.eval_modes(task)
     _check_row_names(csv_rows.fid_is_row_name(dst, mode, k) for mode, k in modes)
@@ -244,31 +271,39 @@ def run_eval(dst: str, task: str, data_root: str, *, cleanfid_weights: str | Non
     is_load = _BgrLoader(mage_is_input, generated_bgr)
     cache: dict = {}
     results = []
-    for mode, k in modes:
-        row = {"name": csv_rows.fid_is_row_name(dst, mode, k)}
-        for split in layout.SPLITS:
-            row[split] = _fid_is(plan[(mode, k)][split], fid_model=fid_model, is_model=is_model, is_load=is_load,
-                                 is_upsample=True, generated_bgr=generated_bgr, splits=splits, original_cache=cache,
-                                 batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method)
-        r, f = row["retain"], row["forget"]
-        csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(task)), [csv_rows.fid_is_row(
-            row["name"], r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
-        results.append(row)
+    all_pairs = [p for per_split in plan.values() for pairs in per_split.values() for p in pairs]
+    total = 2 * len(all_pairs) + len({p.original for p in all_pairs})  # FID + IS of each image, originals once
+    with _images_bar(total, progress, f"eval {task}") as bar:
+        for mode, k in modes:
+            row = {"name": csv_rows.fid_is_row_name(dst, mode, k)}
+            for split in layout.SPLITS:
+                row[split] = _fid_is(plan[(mode, k)][split], fid_model=fid_model, is_model=is_model, is_load=is_load,
+                                     is_upsample=True, generated_bgr=generated_bgr, splits=splits,
+                                     original_cache=cache, batch_size=batch_size, num_workers=num_workers, device=dev,
+                                     fid_method=fid_method, bar=bar)
+            r, f = row["retain"], row["forget"]
+            csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(task)), [csv_rows.fid_is_row(
+                row["name"], r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
+            results.append(row)
+            if on_row is not None:
+                on_row(row)
     return results
 
 
 def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: str | None = None,
                   csv_dir: str = ".", device=None, batch_size: int = 64, generated_bgr: bool = True,
                   embeddings_format: str = "npy", modes: Sequence[tuple[str, int]] | None = None,
-                  name_pattern: str = "ILSVRC2012_*.JPEG") -> list[dict]:
+                  name_pattern: str = "ILSVRC2012_*.JPEG", progress: bool = False,
+                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """CLIP cosine of a MAGE generation folder, one ``clip_cosine_{task}.csv`` row per (mode, k in {4, 8}).
 
     data_root: the ImageNet ``val/`` folder, or the ImageNet root as clip_embed.py takes it (``<root>/val/``).
 
     Embeddings are written for the T-SNE: ``<img_folder>/<mode>_<k>_{retain,forget}_clip_norm_5k.<fmt>``
     and the originals' ``<img_folder>/original_{retain,forget}_clip_norm_5k.<fmt>`` (fmt ``npy`` or ``txt``).
-    Returns rows {"name", "retain": cosine, "forget": cosine}.
+    ``progress`` and ``on_row`` as in :func:`run_eval`. Returns rows {"name", "retain": cosine, "forget": cosine}.
     """
+    layout.refuse_unfinished(img_folder)
     if embeddings_format not in ("npy", "txt"):
         raise ValueError(f"embeddings_format must be 'npy' or 'txt', got {embeddings_format!r}")
     _check_run_args(batch_size=batch_size)
@@ -283,26 +318,30 @@ def run_clip_eval(img_folder: str, task: str, data_root: str, *, clip_weights: s
     plan = _mage_plan(img_folder, data_root, modes, name_pattern, None)
     cache: dict[str, np.ndarray] = {}  # original path -> embedding
     results = []
-    for mode, k in modes:
-        row = {"name": csv_rows.clip_row_name(img_folder, mode, k)}
-        for split in layout.SPLITS:
-            pairs = plan[(mode, k)][split]
-            todo = [p.original for p in pairs if p.original not in cache]
-            if todo:
-                cache.update(zip(todo, embed_images(todo, model, preprocess, bgr_on_disk=False,
-                                                    batch_size=batch_size, device=dev)))
-            orig = np.stack([cache[p.original] for p in pairs])
-            gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
-                               batch_size=batch_size, device=dev)
-            row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
-            names = [f"{p.folder}/{p.name}" for p in pairs]
-            save_embeddings(os.path.join(img_folder, f"{mode}_{k}_{split}_clip_norm_5k.{embeddings_format}"),
-                            gen, names)
-            save_embeddings(os.path.join(img_folder, f"original_{split}_clip_norm_5k.{embeddings_format}"),
-                            orig, names)
-        csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(task)),
-                                    [csv_rows.clip_cosine_row(row["name"], row["retain"], row["forget"])])
-        results.append(row)
+    all_pairs = [p for per_split in plan.values() for pairs in per_split.values() for p in pairs]
+    with _images_bar(len(all_pairs) + len({p.original for p in all_pairs}), progress, f"eval --clip {task}") as bar:
+        for mode, k in modes:
+            row = {"name": csv_rows.clip_row_name(img_folder, mode, k)}
+            for split in layout.SPLITS:
+                pairs = plan[(mode, k)][split]
+                todo = [p.original for p in pairs if p.original not in cache]
+                if todo:
+                    cache.update(zip(todo, embed_images(todo, model, preprocess, bgr_on_disk=False,
+                                                        batch_size=batch_size, device=dev, bar=bar)))
+                orig = np.stack([cache[p.original] for p in pairs])
+                gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=generated_bgr,
+                                   batch_size=batch_size, device=dev, bar=bar)
+                row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
+                names = [f"{p.folder}/{p.name}" for p in pairs]
+                save_embeddings(os.path.join(img_folder, f"{mode}_{k}_{split}_clip_norm_5k.{embeddings_format}"),
+                                gen, names)
+                save_embeddings(os.path.join(img_folder, f"original_{split}_clip_norm_5k.{embeddings_format}"),
+                                orig, names)
+            csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(task)),
+                                        [csv_rows.clip_cosine_row(row["name"], row["retain"], row["forget"])])
+            results.append(row)
+            if on_row is not None:
+                on_row(row)
     return results
 
 
@@ -310,7 +349,8 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
                      places365_weights: str | None = None, inception_weights: str | None = None,
                      is_model: str = "places365", csv_dir: str = ".", device=None, batch_size: int = 32,
                      num_workers: int = 0, splits: int = 10, fid_method: str = "auto",
-                     allow_pickle: bool = False) -> dict:
+                     allow_pickle: bool = False, progress: bool = False,
+                     on_row: Callable[[dict], None] | None = None) -> dict:
     """FID (Out_ vs GT_) and IS of a Palette test folder; appends one row to ``<csv_dir>/fid_is_eval.csv``.
 
     class_list: the path of ``class.txt`` (lines 0-49 retain, 50-99 forget). ``is_model="places365"`` is the
@@ -318,8 +358,10 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
     224 crops); the reference fell back silently on any error, here the choice is explicit. The IS splits mix
     the classes as eval365.py's shuffle does, with a fixed seed (its shuffle is unseeded).
     ``allow_pickle`` lets the classifier checkpoint be unpickled in full (trusted files only; the original
-    ``resnet50_places365.pth.tar`` may need it if it is in torch's legacy format).
+    ``resnet50_places365.pth.tar`` may need it if it is in torch's legacy format). ``progress`` and ``on_row`` as
+    in :func:`run_eval`.
     """
+    layout.refuse_unfinished(dst)
     if is_model not in ("places365", "inception"):
         raise ValueError(f"is_model must be 'places365' or 'inception', got {is_model!r}")
     _check_run_args(batch_size=batch_size, num_workers=num_workers, splits=splits, fid_method=fid_method)
@@ -339,21 +381,27 @@ def run_palette_eval(dst: str, class_list: str, *, mask_ratio: float = 0.5, clea
                   if is_model == "places365"
                   else load_torchvision_inception(inception_weights, device=dev, allow_pickle=allow_pickle))
     row = {"name": dst}
-    for split in layout.SPLITS:
-        row[split] = _fid_is(plan[split], fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
-                             is_upsample=False, generated_bgr=False, splits=splits, original_cache={},
-                             batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method,
-                             is_shuffle_seed=PALETTE_SHUFFLE_SEED)  # eval365.py shuffles (unseeded) before its IS
+    with _images_bar(3 * sum(len(pairs) for pairs in plan.values()), progress, "eval palette") as bar:
+        for split in layout.SPLITS:
+            row[split] = _fid_is(plan[split], fid_model=fid_model, is_model=classifier, is_load=places365_is_input,
+                                 is_upsample=False, generated_bgr=False, splits=splits, original_cache={},
+                                 batch_size=batch_size, num_workers=num_workers, device=dev, fid_method=fid_method,
+                                 is_shuffle_seed=PALETTE_SHUFFLE_SEED, bar=bar)  # eval365.py shuffles (unseeded)
     r, f = row["retain"], row["forget"]
     csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.fid_is_csv_name(None)), [csv_rows.fid_is_row(
         dst, r["fid"], (r["is_mean"], r["is_std"]), f["fid"], (f["is_mean"], f["is_std"]))])
+    if on_row is not None:
+        on_row(row)
     return row
 
 
 def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_ratio: float = 0.5,
                           clip_weights: str | None = None, csv_dir: str = ".", device=None,
-                          batch_size: int = 64) -> dict:
-    """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row."""
+                          batch_size: int = 64, progress: bool = False,
+                          on_row: Callable[[dict], None] | None = None) -> dict:
+    """CLIP cosine of Palette Out_ images vs the ``<data_root>/val_256`` originals; one ``clip_cosine.csv`` row.
+    ``progress`` and ``on_row`` as in :func:`run_eval`."""
+    layout.refuse_unfinished(dst)
     _check_run_args(batch_size=batch_size)
     _check_row_names([dst])
     _check_csv_target(csv_dir, csv_rows.clip_cosine_csv_name(None))
@@ -369,14 +417,17 @@ def run_palette_clip_eval(dst: str, class_list: str, data_root: str, *, mask_rat
     dev = _device(device)
     model, preprocess = load_clip_visual(clip_weights, device=dev)
     row = {"name": dst}
-    for split in layout.SPLITS:
-        pairs = plan[split]
-        gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=False,
-                           batch_size=batch_size, device=dev)
-        orig = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
-                            batch_size=batch_size, device=dev)
-        row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
-        save_embeddings(os.path.join(dst, f"{split}_clip_norm.npy"), gen, [p.name for p in pairs])
+    with _images_bar(2 * sum(len(pairs) for pairs in plan.values()), progress, "eval --clip palette") as bar:
+        for split in layout.SPLITS:
+            pairs = plan[split]
+            gen = embed_images([p.generated for p in pairs], model, preprocess, bgr_on_disk=False,
+                               batch_size=batch_size, device=dev, bar=bar)
+            orig = embed_images([p.original for p in pairs], model, preprocess, bgr_on_disk=False,
+                                batch_size=batch_size, device=dev, bar=bar)
+            row[split] = paired_cosine_mean(gen, orig, normalize=False)  # unit rows: the raw dot, as the reference
+            save_embeddings(os.path.join(dst, f"{split}_clip_norm.npy"), gen, [p.name for p in pairs])
     csv_rows.append_rows_atomic(os.path.join(csv_dir, csv_rows.clip_cosine_csv_name(None)),
                                 [csv_rows.clip_cosine_row(dst, row["retain"], row["forget"])])
+    if on_row is not None:
+        on_row(row)
     return row

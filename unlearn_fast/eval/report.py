@@ -315,8 +315,11 @@ def _settings_section(settings: dict, keys=None) -> str:
 def _images_section(pngs: list[str]) -> str:
     out = ["<h2>Images</h2>"]
     for path in pngs:
-        with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode("ascii")
+        try:
+            with open(path, "rb") as f:
+                data = base64.b64encode(f.read()).decode("ascii")
+        except FileNotFoundError:  # removed since the listing (a run being cleaned up): nothing to show
+            continue
         name = os.path.basename(path)
         out.append(f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{data}">'
                    f"<figcaption>{_esc(name)}</figcaption></figure>")
@@ -359,8 +362,8 @@ def render_report(run_dir: str, *, title: str | None = None) -> str:
     audit_path = os.path.join(run_dir, "forget_audit.json")
     if os.path.isfile(audit_path):
         body.append(_audit_section(audit_path))
-    pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)
-                  if f.lower().endswith(".png") and os.path.isfile(os.path.join(run_dir, f)))
+    pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)  # not hidden: a temporary file is half one
+                  if f.lower().endswith(".png") and not f.startswith(".") and os.path.isfile(os.path.join(run_dir, f)))
     if pngs:
         body.append(_images_section(pngs))
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

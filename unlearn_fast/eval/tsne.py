@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..train.checkpoint import atomic_write_with
 from ..train.run_outputs import check_creatable_dir
 from .clip_cosine import load_embeddings
 
@@ -208,9 +209,11 @@ def plot_tsne(points: np.ndarray, labels: Sequence[int], out_stem: str, *,
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(out_stem)), exist_ok=True)
         png, pdf = out_stem + ".png", out_stem + ".pdf"
-        fig.savefig(png)
-        fig.savefig(pdf)
-    plt.close(fig)
+        try:
+            for path, fmt in ((png, "png"), (pdf, "pdf")):  # whole or not at all; a failed write names the file
+                atomic_write_with(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt))
+        finally:
+            plt.close(fig)
     return png, pdf
 
 

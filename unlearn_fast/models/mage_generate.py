@@ -33,9 +33,9 @@ categorical draw) from that generator; the random streams differ from the refere
 Re-masking uses ranks, so exactly the scheduled number of tokens is re-masked even with ties.
 
 Files: ``<out>/<retain|forget>/<wnid>/<mode>_<r>_<orig name>``, JPEG quality 95 via PIL (the format follows the
-name's extension as with cv2: PNG for ``.png`` names),
-``floor(clip(x * 255))``. ``channel_order="bgr"`` (default) reproduces the reference, which wrote RGB
-arrays through cv2 so its files are R/B swapped; ``"rgb"`` writes true colours. The JPEG files are
+name's extension as with cv2: PNG for ``.png`` names), ``floor(clip(x * 255))``, each written whole or not at all
+(under a hidden temporary name, then renamed). ``channel_order="bgr"`` (default) reproduces the reference,
+which wrote RGB arrays through cv2 so its files are R/B swapped; ``"rgb"`` writes true colours. The JPEG files are
 byte-identical to ``cv2.imwrite``'s (checked with opencv-python 4.10: baseline, quality-95 tables, 4:2:0 chroma).
 """
 from __future__ import annotations
@@ -240,6 +240,23 @@ def paint_file_name(mode: str, ratio: float, orig_name: str) -> str:
     return f"{mode}_{ratio}_{base}"
 
 
+def save_image_atomic(image, path: str, fmt: str, **params) -> None:
+    """PIL ``image.save(path)`` through a hidden temporary file renamed over ``path``: a stop or a full disk in the
+    middle of a write leaves no file under an image's name (a later eval would count half an image). An OSError
+    names the file."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format=fmt, **params)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write image {path}: {e.strerror or e}") from None
+        raise
+
+
 def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str], wnids: Sequence[str],
                         names: Sequence[str], mode: str, ratio: float, channel_order: str = "bgr",
                         quality: int = 95) -> List[str]:
@@ -273,7 +290,7 @@ def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str
         path = os.path.join(folder, fname)
         # the format follows the extension, as cv2.imwrite does (ImageNet's .JPEG: JPEG quality 95)
         extra = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
-        Image.fromarray(np.ascontiguousarray(a)).save(path, format=fmt, **extra)
+        save_image_atomic(Image.fromarray(np.ascontiguousarray(a)), path, fmt, **extra)
         paths.append(path)
     return paths
 
@@ -300,5 +317,5 @@ def run_paint(model, batches: Iterable, out_dir: str, task: str, seed: int = 0, 
 
 
 __all__ = ["paint_settings", "pixel_mask", "token_mask_from_pixels", "gaussian_blur", "soft_composite_mask",
-           "mage_decode_tokens", "paint_batch", "paint_file_name", "write_paint_outputs", "run_paint",
-           "INPAINT_RATIOS", "OUTPAINT_RATIOS", "IMAGENET_MEAN"]
+           "mage_decode_tokens", "paint_batch", "paint_file_name", "save_image_atomic", "write_paint_outputs",
+           "run_paint", "INPAINT_RATIOS", "OUTPAINT_RATIOS", "IMAGENET_MEAN"]

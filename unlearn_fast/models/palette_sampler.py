@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .mage_generate import save_image_atomic
 from .palette import Network
 
 
@@ -134,6 +135,7 @@ def write_restoration_images(result_dir: str, names: Sequence[str], gt: torch.Te
     paths = []
     for fname, tensor in restoration_images(names, gt, visuals, mask):
         path = os.path.join(result_dir, fname)
-        Image.fromarray(tensor_to_uint8(tensor)).save(path)
+        # whole or not at all: a stopped test leaves no half image that a later eval would count
+        save_image_atomic(Image.fromarray(tensor_to_uint8(tensor)), path, known[os.path.splitext(fname)[1].lower()])
         paths.append(path)
     return paths
