@@ -14,7 +14,7 @@ from unlearn_fast.cli import demo
 from unlearn_fast.cli.main import main
 from unlearn_fast.eval import digit_classifier as dc
 from unlearn_fast.train import digits as dg
-from unlearn_fast.train.checkpoint import OutputWriteError
+from unlearn_fast.atomic_files import OutputWriteError
 from unlearn_fast.train.pretrain_mae import PretrainConfig, load_or_pretrain_mae
 from tests.helpers import needs_digits
 

@@ -11,7 +11,8 @@ import torch
 from unlearn_fast.cli import demo
 from unlearn_fast.cli.main import main
 from unlearn_fast.cli.unlearn_command import load_training_state
-from unlearn_fast.train.checkpoint import CheckpointError, atomic_save_safetensors
+from unlearn_fast.atomic_files import atomic_save_safetensors
+from unlearn_fast.train.checkpoint import CheckpointError
 
 
 def _trained_only(model) -> dict:

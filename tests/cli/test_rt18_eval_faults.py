@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import unlearn_fast.cli.tools as tools
+import unlearn_fast.cli.unfinished_output as unfinished_output
 import unlearn_fast.models.mage_generate as mage_generate
 from unlearn_fast.cli.main import main
 from unlearn_fast.eval import pipeline
@@ -300,15 +300,15 @@ def test_eval_sigterm_exits_143_with_one_line(eval_tree, capsys):
 
 
 def test_eval_disk_full_at_the_csv_write_keeps_the_earlier_rows(eval_tree, monkeypatch, capsys):
-    from unlearn_fast.train import checkpoint
-    real, writes = checkpoint.atomic_write_with, []
+    from unlearn_fast import atomic_files
+    real, writes = atomic_files.atomic_write_with, []
 
     def write(path, fn, mode=None):
         writes.append(path)
         if len(writes) == 2:
-            raise checkpoint.OutputWriteError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
+            raise atomic_files.OutputWriteError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
         return real(path, fn, mode=mode)
-    monkeypatch.setattr(checkpoint, "atomic_write_with", write)
+    monkeypatch.setattr(atomic_files, "atomic_write_with", write)
     assert main(_eval_argv(eval_tree)) == 2
     line = _one_line(capsys.readouterr().err)
     assert "No space left on device" in line and "fid_is_eval_inpaint.csv" in line
@@ -537,11 +537,11 @@ def test_report_skips_half_written_temporaries_and_figures_gone_since_the_listin
 
 def test_generate_disk_full_at_the_record_leaves_no_folder_a_rerun_would_refuse(gen_data, tmp_path, fast_paint,
                                                                                 monkeypatch, capsys):
-    from unlearn_fast.train.checkpoint import OutputWriteError
+    from unlearn_fast.atomic_files import OutputWriteError
 
     def full(path, text):
         raise OutputWriteError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
-    monkeypatch.setattr(tools, "atomic_write_text", full)
+    monkeypatch.setattr(unfinished_output, "atomic_write_text", full)
     out = tmp_path / "out"
     assert main(_gen_argv(gen_data, out)) == 2
     assert "No space left on device" in _one_line(capsys.readouterr().err)

@@ -14,12 +14,13 @@ import time
 import pytest
 import torch
 
-import unlearn_fast.train.checkpoint as checkpoint_mod
+import unlearn_fast.atomic_files as atomic_files
 import unlearn_fast.train.run_outputs as run_outputs
 import unlearn_fast.train.trainer as trainer
+from unlearn_fast.atomic_files import atomic_link_or_copy
 from unlearn_fast.cli import unlearn_command
 from unlearn_fast.cli.main import main
-from unlearn_fast.train.checkpoint import atomic_link_or_copy, load_checkpoint_file, resume_position
+from unlearn_fast.train.checkpoint import load_checkpoint_file, resume_position
 from unlearn_fast.train.run_outputs import create_run_dir
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
@@ -108,7 +109,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_names_it(finished, tmp
                 f.write(b"partial")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(checkpoint_mod.torch, "save", save)
+    monkeypatch.setattr(atomic_files.torch, "save", save)
     out = tmp_path / "full_disk"
     assert main(_args(data, pretrained, out)) == 2
     err = capsys.readouterr().err
@@ -240,7 +241,7 @@ def test_stop_between_link_and_rename_leaves_no_temporary_file(tmp_path, monkeyp
 
     def interrupted(a, b):
         raise KeyboardInterrupt
-    monkeypatch.setattr(checkpoint_mod.os, "replace", interrupted)
+    monkeypatch.setattr(atomic_files.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         atomic_link_or_copy(str(src), str(dst))
     monkeypatch.undo()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from unlearn_fast.eval import csv_rows
-from unlearn_fast.train.checkpoint import OutputWriteError
+from unlearn_fast.atomic_files import OutputWriteError
 
 
 def reference_print(path, metric):

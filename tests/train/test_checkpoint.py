@@ -9,9 +9,9 @@ import stat
 import pytest
 import torch
 
-from unlearn_fast.train.checkpoint import (CheckpointError, args_as_dict, atomic_save, atomic_save_safetensors,
-                                           load_checkpoint_file, load_model_state, model_state_from,
-                                           save_unlearn_checkpoint)
+from unlearn_fast.atomic_files import atomic_save, atomic_save_safetensors
+from unlearn_fast.train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_file, load_model_state,
+                                           model_state_from, save_unlearn_checkpoint)
 from unlearn_fast.train.unlearn_setup import build_setup
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -172,7 +172,7 @@ def test_nan_or_meta_weights_are_refused_before_loading(make_mae_micro):
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
     """mkstemp makes 0600 files: checkpoints and logs were unreadable to the group where torch.save's are not."""
-    from unlearn_fast.train.checkpoint import atomic_save
+    from unlearn_fast.atomic_files import atomic_save
     old = os.umask(umask)
     try:
         atomic_save({"x": torch.zeros(1)}, str(tmp_path / "c.pth"))
@@ -187,7 +187,7 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
 def test_appending_to_a_log_behaves_as_open_a_for_links_and_modes(tmp_path):
     """log.txt through a link, or made private by its owner: the reference's open(path, "a") writes into the
     link's target and keeps the file's mode; before, the link became a plain file and the mode 0644."""
-    from unlearn_fast.train.checkpoint import atomic_append_text
+    from unlearn_fast.atomic_files import atomic_append_text
     target = tmp_path / "shared" / "log.txt"
     target.parent.mkdir()
     target.write_text("a\n")

@@ -79,7 +79,8 @@ def test_one_step_equals_the_step_without_the_copy(monkeypatch, model_name, back
 
 
 def test_eight_steps_stay_as_close_to_fp32_as_without_the_copy(make_mae_micro, monkeypatch):
-    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
+    # the twin: the interpreted kernel costs ~5 s a step here, and it equals the twin step by step (tests above)
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "torch")
     model = make_mae_micro()
     batches = _batches(8)
     runs = {name: _setup(model, half=h, precision=p) for name, h, p in

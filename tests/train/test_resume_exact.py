@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from unlearn_fast.cli.main import main
-from unlearn_fast.train.checkpoint import (OutputWriteError, load_checkpoint_file, restore_accumulated_grads,
-                                           resume_position)
+from unlearn_fast.atomic_files import OutputWriteError
+from unlearn_fast.train.checkpoint import load_checkpoint_file, restore_accumulated_grads, resume_position
 from unlearn_fast.train.trainer import train_loop
 from unlearn_fast.train.unlearn_setup import build_setup
 

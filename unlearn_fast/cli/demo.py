@@ -31,12 +31,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_write_bytes, atomic_write_text
 from ..eval.digit_classifier import load_or_train_digit_classifier
 from ..eval.domain_metrics import NOTE, domain_metrics_of_model
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import per_image_errors
 from ..train.balanced_sampler import BalancedUnlearnSampler
-from ..train.checkpoint import atomic_write_bytes, atomic_write_text
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import images_from_pixels, load_digits_5k, split_digits, unlearn_labels
 from ..train.pretrain_mae import PretrainConfig, load_or_pretrain_mae

@@ -40,6 +40,7 @@ from typing import List, Optional
 
 import torch
 
+from ..atomic_files import atomic_append_text
 from ..models.palette import SCHEDULE_BUFFERS, Network, load_palette_checkpoint
 from ..models.state_dict_io import read_checkpoint
 from ..models.palette_sampler import palette_restore, write_restoration_images
@@ -52,16 +53,16 @@ from ..train.palette_trainer import (PALETTE_STEP_MODES, PaletteRunLog, check_pa
                                      palette_run_dir_name, palette_train_loop, read_palette_resume,
                                      restore_palette_training, write_config_json)
 from ..train.distributed import env_ranks
-from ..train.checkpoint import atomic_append_text
 from ..train.image_datasets import BadImageError, verify_images
 from ..train.progress import progress_bar
 from ..train.run_outputs import create_run_dir
 from ..train.seeding import step_generator
 from .help_format import short_usage_errors
-from .tools import (check_unfinished, error_with, finish_unfinished, listing_sha256, one_line_bad_images,
-                    open_unfinished, remove_stale_temporaries, stop_line)
+from .tools import one_line_bad_images
 from .palette_config import load_palette_config, resolve_palette_job
 from .unlearn_args import ReferenceAbbrevParser
+from .unfinished_output import (check_unfinished, error_with, finish_unfinished, listing_sha256, open_unfinished,
+                                remove_stale_temporaries, stop_line)
 from .unlearn_command import stop_signals, loader_batches, resolve_device
 
 REFERENCE_CLASS_LIST = os.path.join("datasets", "place365", "flist", "class.txt")

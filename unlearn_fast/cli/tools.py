@@ -18,21 +18,17 @@ A stop (Ctrl-C, SIGTERM: exit 130 / 143) or a failed write is one line saying wh
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 from typing import List, Optional
 
 import torch
 
-from ..eval.layout import UNFINISHED_RECORD
-from ..train.checkpoint import atomic_write_text
 from .help_format import DefaultsHelpFormatter, short_usage_errors
+from .unfinished_output import (check_unfinished, count_images, error_with, file_sha256, finish_unfinished,
+                                listing_sha256, open_unfinished, remove_stale_temporaries, stop_line, written_whole)
 
 
 def _device(spec: str) -> torch.device:
@@ -77,25 +73,6 @@ class _TestBatches:
                 self.bar.update(len(chunk))
 
 
-def count_images(folder: str) -> int:
-    """Files under ``folder`` that a later eval would see (not the hidden record or temporary files)."""
-    return sum(1 for _, _, files in os.walk(folder) for f in files if not f.startswith("."))
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def listing_sha256(entries) -> str:
-    """One digest of the test images (``(name, path)`` pairs): their names and sizes, in order."""
-    return hashlib.sha256("".join(f"{name}\t{os.path.getsize(path)}\n" for name, path in entries).encode()
-                          ).hexdigest()
-
-
 def generate_record(a, items) -> dict:
     """What makes a generate's images, keyed by the flag that sets it: a rerun continues a stopped generate only
     when every entry is equal (the checkpoint by content, so one rewritten in place is another checkpoint)."""
@@ -103,35 +80,6 @@ def generate_record(a, items) -> dict:
             "--vqgan_ckpt": file_sha256(a.vqgan_ckpt) if a.vqgan_ckpt else None, "--model": a.model,
             "--input_size": a.input_size, "--task": a.task, "--seed": a.seed, "--channel_order": a.channel_order,
             "test images": [len(items), listing_sha256((f"{s}/{w}/{n}", p) for p, s, w, n in items)]}
-
-
-def record_difference(old: dict, new: dict) -> Optional[str]:
-    """How ``new`` differs from the stopped run's ``old`` record, in words; None when equal."""
-    for key, value in new.items():
-        if old.get(key) == value:
-            continue
-        if key == "command":
-            return f"another command ({old.get(key)})"
-        if key == "test images":
-            return "other test images (other data flags, or files that changed since)"
-        if key.startswith("--") and isinstance(value, str) and len(value) == 64:  # a file's sha256
-            return f"another {key} (its content differs)"
-        return f"another {key} ({old.get(key)} then, {value} now)"
-    return None
-
-
-def check_unfinished(staging: str, record: dict, command: str) -> None:
-    """``staging`` (which exists) must be a stopped ``command`` with this ``record``: then this run continues it;
-    anything else is refused, never mixed in."""
-    start_over = f"delete {staging} to start over"
-    old = read_unfinished_record(staging)
-    if old is None:
-        raise ValueError(f"{staging} exists but holds no record of the {command} that wrote it (an older "
-                         f"unlearn-fast, or one starting now); {start_over}")
-    differs = record_difference(old, record)
-    if differs is not None:
-        raise ValueError(f"{staging} holds the images of a stopped {command}, and this one differs: {differs}; "
-                         f"rerun the stopped command to continue it, or {start_over}")
 
 
 def generate_staging_dir(out: str, record: Optional[dict] = None) -> str:
@@ -151,98 +99,6 @@ def generate_staging_dir(out: str, record: Optional[dict] = None) -> str:
     if os.path.lexists(staging) and record is not None:
         check_unfinished(staging, record, "generate")
     return staging
-
-
-def read_unfinished_record(staging: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(staging, UNFINISHED_RECORD), encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def open_unfinished(staging: str, record: dict, command: str) -> int:
-    """Create ``staging`` with its ``record`` (unless a stopped run's is there), then lock the folder for this run:
-    a second run of the same job finds it locked and stops. Signals wait meanwhile, so the folder never exists
-    without its record. Returns the folder's descriptor (closing it releases the lock)."""
-    with signals_held():
-        if not os.path.isdir(staging):
-            os.makedirs(os.path.dirname(os.path.abspath(staging)), exist_ok=True)
-            try:
-                os.mkdir(staging)  # exclusive: another run of the same job stops here or at the lock
-            except FileExistsError:
-                raise ValueError(f"{staging} appeared while this {command} started: another {command} is running "
-                                 "into it; wait for it to finish") from None
-            try:
-                atomic_write_text(os.path.join(staging, UNFINISHED_RECORD), json.dumps(record, indent=1) + "\n")
-            except BaseException:  # a full disk: no folder left that a rerun would refuse
-                os.rmdir(staging)
-                raise
-        fd = os.open(staging, os.O_RDONLY)
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): no lock
-            pass
-        except OSError:
-            os.close(fd)
-            raise ValueError(f"another {command} is running into {staging} now; wait for it to finish, or stop it and "
-                             "run this command again to continue its images") from None
-    return fd
-
-
-def finish_unfinished(staging: str, final: str, lock_fd: int, bookkeeping=()) -> None:
-    """Every image is written: ``staging`` takes its final name, without its record and the ``bookkeeping`` files
-    (signals wait: no half step)."""
-    with signals_held():
-        for name in (*bookkeeping, UNFINISHED_RECORD):
-            os.unlink(os.path.join(staging, name))
-        os.close(lock_fd)
-        if os.path.isdir(final):  # an empty folder (checked before): the complete one takes its place
-            os.rmdir(final)
-        os.replace(staging, final)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT / SIGTERM wait until the block is done (where blocking signals exists)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-
-
-def _written(path: str) -> bool:
-    """An image a stopped generate finished: renamed into place whole (0 bytes: a crash before the disk had it)."""
-    return os.path.isfile(path) and os.path.getsize(path) > 0
-
-
-def remove_stale_temporaries(staging: str) -> None:
-    """The hidden temporary file of an image whose write a kill cut short."""
-    for folder, _, files in os.walk(staging):
-        for f in files:
-            if f.startswith(".") and ".tmp-" in f:
-                os.unlink(os.path.join(folder, f))
-
-
-def stop_line(command: str, e: KeyboardInterrupt, kept: str) -> int:
-    """Print the one line of a run stopped by Ctrl-C / SIGTERM (what is kept, how to go on); the exit code."""
-    signum = getattr(e, "signum", signal.SIGINT)
-    print(f"unlearn-fast {command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; {kept}",
-          file=sys.stderr, flush=True)
-    return 128 + signum
-
-
-def error_with(e: BaseException, kept: str) -> BaseException:
-    """An OSError / ValueError (a full disk, an image gone) as one line that ends with what is kept."""
-    if isinstance(e, OSError):
-        return OSError(f"{e}; {kept} once that is fixed")
-    return ValueError(f"{e}; {kept}")
 
 
 def one_line_bad_images(e: Exception, command: str) -> str:
@@ -318,7 +174,7 @@ def generate_main(argv: List[str]) -> int:
         lock = open_unfinished(staging, record, "generate")
         try:
             remove_stale_temporaries(staging)
-            todo = [item for item in items if not all(_written(os.path.join(
+            todo = [item for item in items if not all(written_whole(os.path.join(
                 staging, item[1], item[2], paint_file_name(mode, ratio, item[3]))) for mode, ratio in settings)]
             had = count_images(staging)
             if continuing:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..train.checkpoint import atomic_write_with
+from ..atomic_files import atomic_write_with
 from .layout import ImagePair
 from .preprocess import open_rgb
 

@@ -25,7 +25,7 @@ import os
 from numbers import Real
 from typing import Iterable, Sequence
 
-from ..train.checkpoint import atomic_append_text
+from ..atomic_files import atomic_append_text
 from .layout import generated_prefix
 
 __all__ = [

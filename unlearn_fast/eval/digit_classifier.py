@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.checkpoint import OutputWriteError, atomic_save
+from ..atomic_files import OutputWriteError, atomic_save
 from ..train.digits import cache_dir as default_cache_dir
 from ..train.digits import images_from_pixels, load_digits_5k, split_digits
 from ..train.pretrain_mae import check_cached_state, state_checksum

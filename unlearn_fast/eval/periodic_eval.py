@@ -44,8 +44,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from ..atomic_files import atomic_save
 from ..models.state_dict_io import read_checkpoint
-from ..train.checkpoint import atomic_save, load_model_state
+from ..train.checkpoint import load_model_state
 from .chunked import apply_in_chunks
 from ..train.seeding import derive_seed
 

@@ -15,17 +15,23 @@ Reads, all optional:
 - ``<run_dir>/opt.yaml``: the run's flags (the last start's), the ones that define the run as a table;
 - a Palette run folder: ``train.log``'s ``train/mse_loss`` lines as a curve, ``config.json``'s run settings.
 Every piece of text from those files is HTML-escaped. The page needs no network and no scripts.
+A file that cannot be read is named in the page and, through ``warn``, on stderr (``unlearn-fast report``);
+a damaged ``metrics.json`` is an error. A huge log is streamed, its curves thinned to ``MAX_CURVE_POINTS``
+(per bucket the lowest and highest value, so spikes stay) and its table cut to ``MAX_TABLE_ROWS``. The page is
+written atomically, and only over an earlier HTML page: a ``--out`` naming a run's log or flags is refused.
 """
 from __future__ import annotations
 
 import base64
+import collections
 import html
 import json
 import math
 import os
 import re
+import sys
 
-from ..train.checkpoint import atomic_write_text
+from ..atomic_files import atomic_write_text
 from ..train.run_outputs import check_creatable_dir, opt_yaml_objects
 
 __all__ = ["write_report", "render_report", "svg_line_chart", "read_log_lines", "format_number",
@@ -70,23 +76,59 @@ def _esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def read_log_lines(path: str) -> tuple[list[dict], int]:
-    """(records, number of unreadable lines) of a JSON-lines log; non-object lines count as unreadable."""
-    records, bad = [], 0
+MAX_LOG_LINE_CHARS = 1 << 20  # a longer "line" (a binary or corrupted file) is skipped as unreadable, not loaded
+MAX_CURVE_POINTS = 2000  # points drawn per curve: a huge log is thinned to min / max per bucket (spikes survive)
+MAX_TABLE_ROWS = 200  # rows of a log table shown (the first and the last half of them)
+MAX_EMBEDDED_IMAGE_BYTES = 32 << 20  # a larger PNG is named, not embedded (base64 makes it a third larger)
+
+
+def _iter_log(path: str):
+    """Each line of a JSON-lines log as its object, or None for an unreadable line (not JSON, not an object, or
+    longer than ``MAX_LOG_LINE_CHARS``); blank lines are skipped. Streamed: a huge log is never held whole."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        while True:
+            line = f.readline(MAX_LOG_LINE_CHARS)
+            if not line:
+                return
+            if len(line) >= MAX_LOG_LINE_CHARS and not line.endswith("\n"):  # too long: skip to its end
+                while line and not line.endswith("\n"):
+                    line = f.readline(MAX_LOG_LINE_CHARS)
+                yield None
+                continue
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                bad += 1
+                yield None
                 continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad += 1
+            yield rec if isinstance(rec, dict) else None
+
+
+def read_log_lines(path: str) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines) of a JSON-lines log; non-object lines, and lines longer than
+    ``MAX_LOG_LINE_CHARS``, count as unreadable."""
+    records, bad = [], 0
+    for rec in _iter_log(path):
+        if rec is None:
+            bad += 1
+        else:
+            records.append(rec)
     return records, bad
+
+
+def _thin(points: list[tuple[float, float]], most: int) -> list[tuple[float, float]]:
+    """At most ~``most`` of the x-sorted ``points``: per bucket of consecutive points its lowest and highest,
+    in x order, so that a spike or a dip stays visible."""
+    if len(points) <= most:
+        return points
+    buckets = most // 2
+    out = []
+    for b in range(buckets):
+        chunk = points[b * len(points) // buckets:(b + 1) * len(points) // buckets]
+        lo, hi = min(chunk, key=lambda p: p[1]), max(chunk, key=lambda p: p[1])
+        out += sorted({lo, hi})
+    return out
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -150,7 +192,7 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, 
                  f'{_esc(x_label)}</text>')
     for i, (name, pts) in enumerate(clean.items()):
         color = _COLORS[i % len(_COLORS)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in _thin(sorted(pts), MAX_CURVE_POINTS))
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
         if len(pts) == 1:
             parts.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
@@ -188,17 +230,23 @@ def _metrics_section(metrics: dict) -> str:
     return "".join(out)
 
 
-def _curves_section(records: list[dict], bad: int) -> str:
-    numeric = {}
-    for i, rec in enumerate(records):
+def _curves_section(records, bad: int = 0) -> str:
+    """``records``: log objects, or an iterator of them where None stands for an unreadable line (counted)."""
+    numeric, i, every_epoch = {}, 0, True
+    for rec in records:
+        if rec is None:
+            bad += 1
+            continue
         x = rec.get("epoch", i)
+        every_epoch = every_epoch and "epoch" in rec
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             x = i
+        i += 1
         for k, v in rec.items():
             if k == "epoch" or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             numeric.setdefault(k, []).append((x, v))
-    x_label = "epoch" if records and all("epoch" in r for r in records) else "log line"
+    x_label = "epoch" if i and every_epoch else "log line"
     groups = {"Losses": {k: v for k, v in numeric.items() if "loss" in k},
               "Learning rate": {k: v for k, v in numeric.items() if k.endswith("lr") or "_lr" in k}}
     used = set(groups["Losses"]) | set(groups["Learning rate"])
@@ -218,21 +266,35 @@ def _table(head: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _eval_section(records: list[dict], bad: int) -> str:
+def _eval_section(records, bad: int = 0) -> str:
+    """``records``: as :func:`_curves_section`'s; a huge log shows its first and last ``MAX_TABLE_ROWS // 2``."""
     keys = ["epoch", "retain_mse", "forget_mse", "retain_ratio", "forget_ratio", "forget_gap", "best"]
+    first, last, seen = [], collections.deque(maxlen=MAX_TABLE_ROWS // 2), 0
+    for rec in records:
+        if rec is None:
+            bad += 1
+            continue
+        seen += 1
+        (first if len(first) < MAX_TABLE_ROWS // 2 else last).append(rec)
+    left_out = max(0, seen - MAX_TABLE_ROWS)
+    records = first + list(last)
     rows = [[("before" if r.get("phase") == "before" else r.get(k, "—")) if k == "epoch" else r.get(k, "—")
              for k in keys] for r in records]
     out = ["<h2>Held-out evaluation (--eval_every)</h2>", _table(keys, rows)]
+    if left_out:
+        out.append(f'<p class="note">{left_out} rows left out (between row {MAX_TABLE_ROWS // 2} and the last '
+                   f'{MAX_TABLE_ROWS // 2}); eval_log.txt holds them all.</p>')
     if bad:
         out.append(f'<p class="note">{bad} unreadable line(s) in eval_log.txt were skipped.</p>')
     return "".join(out)
 
 
-def _audit_section(path: str) -> str:
+def _audit_section(path: str, warn) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             audit = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        warn(f"{path} is unreadable ({e}): the page says so in its place; rerun unlearn-fast audit to rewrite it")
         return f'<h2>Forget audit</h2><p class="note">{_esc(path)} is unreadable: {_esc(e)}</p>'
     rows = []
     for key, label in (("forget", "forget classes"), ("retain_control", "retain classes (control)")):
@@ -241,6 +303,9 @@ def _audit_section(path: str) -> str:
             b, a = part["before"], part["after"]
             rows.append([label, b.get("auc", "—"), a.get("auc", "—"), b.get("n_forget_train", "—"),
                          b.get("n_unseen", "—")])
+    if not rows:  # valid JSON of another shape: an empty table would read as an audit with no result
+        warn(f"{path} holds no audit numbers: rerun unlearn-fast audit to rewrite it")
+        return f'<h2>Forget audit</h2><p class="note">{_esc(path)} holds no audit numbers.</p>'
     note = ('<p class="note">AUC = P(a training image has a lower task error than an unseen image of the same '
             'classes); 0.5 means the model no longer tells them apart.</p>')
     config = audit.get("config") if isinstance(audit, dict) else None
@@ -263,13 +328,21 @@ _SETTING_KEYS = ("model", "input_size", "data_path", "forget_classes", "retain_c
 
 def read_run_settings(path: str) -> dict | None:
     """The last JSON object of ``opt.yaml`` (appended once per start of a run), or None if there is none."""
+    return _run_settings(path)[0]
+
+
+def _run_settings(path: str) -> tuple:
+    """(settings or None, why there are none: None when the file is missing or all is well)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, ValueError):
-        return None
-    objects, _ = opt_yaml_objects(text)  # a torn last start: keep the last complete one
-    return next((o for o in reversed(objects) if isinstance(o, dict)), None)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        return None, str(e)
+    objects, error = opt_yaml_objects(text)  # a torn last start: keep the last complete one
+    found = next((o for o in reversed(objects) if isinstance(o, dict)), None)
+    return found, (None if found is not None else str(error or "no JSON object in it"))
 
 
 _PALETTE_VALUE_LINE = re.compile(r" - INFO: (train/[\w/]+): (\S+)\s*$")
@@ -290,12 +363,15 @@ def read_palette_train_log(path: str) -> list[dict]:
     return records
 
 
-def _palette_settings(path: str) -> dict | None:
-    """The run settings unlearn_fast records in a Palette ``config.json`` (its ``unlearn_fast`` entry)."""
+def _palette_settings(path: str, warn=None) -> dict | None:
+    """The run settings unlearn_fast records in a Palette ``config.json`` (its ``unlearn_fast`` entry);
+    ``warn(why)`` when the file cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        if warn is not None:
+            warn(str(e))
         return None
     extra = config.get("unlearn_fast") if isinstance(config, dict) else None
     if not isinstance(extra, dict):
@@ -312,70 +388,114 @@ def _settings_section(settings: dict, keys=None) -> str:
     return f"<h2>Run settings ({source})</h2><table><tbody>{rows}</tbody></table>" if rows else ""
 
 
-def _images_section(pngs: list[str]) -> str:
+def _images_section(pngs: list[str], warn) -> str:
     out = ["<h2>Images</h2>"]
     for path in pngs:
+        name = os.path.basename(path)
         try:
+            size = os.path.getsize(path)
+            if size > MAX_EMBEDDED_IMAGE_BYTES:  # a page of hundreds of MB would not open: name it instead
+                warn(f"{path} ({size / 2**20:.0f} MB) is too large to embed: the page names it only")
+                out.append(f'<p class="note">{_esc(name)} ({size / 2**20:.0f} MB) is too large to embed; open it '
+                           "beside this page.</p>")
+                continue
             with open(path, "rb") as f:
                 data = base64.b64encode(f.read()).decode("ascii")
         except FileNotFoundError:  # removed since the listing (a run being cleaned up): nothing to show
             continue
-        name = os.path.basename(path)
         out.append(f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{data}">'
                    f"<figcaption>{_esc(name)}</figcaption></figure>")
     return "".join(out)
 
 
-def render_report(run_dir: str, *, title: str | None = None) -> str:
-    """The report page of ``run_dir`` as an HTML string (see module docstring)."""
+def _ignore(message: str) -> None:
+    pass
+
+
+def _print_warning(message: str) -> None:
+    print(f"unlearn-fast report: warning: {message}", file=sys.stderr, flush=True)
+
+
+def render_report(run_dir: str, *, title: str | None = None, warn=None) -> str:
+    """The report page of ``run_dir`` as an HTML string (see module docstring). ``warn(message)`` is called once
+    for each file that is left out of the page because it cannot be read (the page says so too)."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    title = title or f"unlearn_fast run: {os.path.basename(os.path.normpath(run_dir))}"
+    warn = warn or _ignore
+    title = title or f"unlearn_fast run: {os.path.basename(os.path.abspath(run_dir))}"  # abspath: "." has a name
     body = [f"<h1>{_esc(title)}</h1>", f'<p class="note">{_esc(os.path.abspath(run_dir))}</p>']
-    settings = read_run_settings(os.path.join(run_dir, "opt.yaml"))
+    opt_path = os.path.join(run_dir, "opt.yaml")
+    settings, unreadable = _run_settings(opt_path)
     if settings:
         body.append(_settings_section(settings))
+    elif unreadable:
+        warn(f"{opt_path} is unreadable ({unreadable}): the run settings are left out of the page")
+        body.append(f'<h2>Run settings</h2><p class="note">{_esc(opt_path)} is unreadable: {_esc(unreadable)}</p>')
     elif os.path.isfile(os.path.join(run_dir, "config.json")):  # a Palette run folder
-        palette = _palette_settings(os.path.join(run_dir, "config.json"))
+        config_path, problems = os.path.join(run_dir, "config.json"), []
+        palette = _palette_settings(config_path, problems.append)
         if palette:
             body.append(_settings_section(palette, keys=list(palette)))
+        elif problems:
+            warn(f"{config_path} is unreadable ({problems[0]}): the run settings are left out of the page")
+            body.append(f'<h2>Run settings</h2><p class="note">{_esc(config_path)} is unreadable: '
+                        f"{_esc(problems[0])}</p>")
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(metrics_path):
         try:
             with open(metrics_path, encoding="utf-8") as f:
                 metrics = json.load(f)
         except ValueError as e:  # json.JSONDecodeError or UnicodeDecodeError
-            raise ValueError(f"{metrics_path} is not valid JSON: {e}") from e
+            raise ValueError(f"{metrics_path} is not valid JSON: {e}; repair it, or move it aside to report the "
+                             "rest of the run") from None
         if not isinstance(metrics, dict):
-            raise ValueError(f"{metrics_path} must hold a JSON object")
+            raise ValueError(f"{metrics_path} must hold a JSON object; repair it, or move it aside to report the "
+                             "rest of the run")
         body.append(_metrics_section(metrics))
     log_path = os.path.join(run_dir, "log.txt")
     if os.path.isfile(log_path):
-        body.append(_curves_section(*read_log_lines(log_path)))
+        body.append(_curves_section(_iter_log(log_path)))
     elif os.path.isfile(os.path.join(run_dir, "train.log")):  # Palette: the reference's text log
         records = read_palette_train_log(os.path.join(run_dir, "train.log"))
         if records:
             body.append(_curves_section(records, 0))
     eval_path = os.path.join(run_dir, "eval_log.txt")
     if os.path.isfile(eval_path):
-        body.append(_eval_section(*read_log_lines(eval_path)))
+        body.append(_eval_section(_iter_log(eval_path)))
     audit_path = os.path.join(run_dir, "forget_audit.json")
     if os.path.isfile(audit_path):
-        body.append(_audit_section(audit_path))
+        body.append(_audit_section(audit_path, warn))
     pngs = sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)  # not hidden: a temporary file is half one
                   if f.lower().endswith(".png") and not f.startswith(".") and os.path.isfile(os.path.join(run_dir, f)))
     if pngs:
-        body.append(_images_section(pngs))
+        body.append(_images_section(pngs, warn))
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>" + "".join(body) + "</body></html>\n")
 
 
-def write_report(run_dir: str, out_html: str | None = None, *, title: str | None = None) -> str:
-    """Write the report of ``run_dir`` to ``out_html`` (default ``<run_dir>/report.html``); returns the path."""
-    page = render_report(run_dir, title=title)
+def _is_html_page(path: str) -> bool:
+    """Whether the existing file ``path`` may be replaced by a report: empty, or an HTML page (an earlier report)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    head = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return not head or head.startswith((b"<!doctype html", b"<html"))
+
+
+def write_report(run_dir: str, out_html: str | None = None, *, title: str | None = None,
+                 warn=_print_warning) -> str:
+    """Write the report of ``run_dir`` to ``out_html`` (default ``<run_dir>/report.html``) atomically; returns the
+    path. An existing file there is replaced only if it is an HTML page (a run's log or flags are never
+    overwritten). ``warn``: see :func:`render_report` (default: a line on stderr each)."""
     out_html = out_html or os.path.join(run_dir, "report.html")
     if os.path.isdir(out_html):
         raise ValueError(f"the report path is a folder, not an .html file: {out_html}")
+    if os.path.isfile(out_html) and not _is_html_page(out_html):
+        raise ValueError(f"{out_html} exists and is not an HTML page (a file of the run?): it is not overwritten; "
+                         "choose another --out")
+    page = render_report(run_dir, title=title, warn=warn)
     folder = os.path.dirname(os.path.abspath(out_html))
     check_creatable_dir(folder, "the report's folder")  # one clear error, not FileExistsError from makedirs
     os.makedirs(folder, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..train.checkpoint import atomic_write_with
+from ..atomic_files import atomic_write_with
 from ..train.run_outputs import check_creatable_dir
 from .clip_cosine import load_embeddings
 

@@ -38,8 +38,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..atomic_files import atomic_save, atomic_write_text
 from ..models.palette import Network, as_palette_batch, load_palette_checkpoint
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint_file
+from .checkpoint import CheckpointError, load_checkpoint_file
 from .palette_steps import WITH_TEACHER, PaletteSetup, approach_flags, palette_fast_step, palette_reference_step
 from .progress import progress_bar
 from .step_reference import NonFiniteLossError

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..atomic_files import OutputWriteError, atomic_save
 from ..models import create_model
-from .checkpoint import OutputWriteError, atomic_save
 from .lr_schedule import lr_at, set_lr
 from .optimizer import build_adamw
 from .progress import progress_bar

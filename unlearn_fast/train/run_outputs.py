@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 
-from .checkpoint import atomic_append_text
+from ..atomic_files import atomic_append_text
 
 
 def run_dir_name(args, baseline: bool = False) -> str:

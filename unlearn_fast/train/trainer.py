@@ -16,7 +16,8 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 
-from .checkpoint import accumulated_grads, atomic_link_or_copy, save_unlearn_checkpoint
+from ..atomic_files import atomic_link_or_copy
+from .checkpoint import accumulated_grads, save_unlearn_checkpoint
 from .device_prefetch import DevicePrefetcher
 from .distributed import DDPStudent, DistContext, all_reduce_mean_
 from .loop_inputs import check_output_dir_for_run, checked_batches
