@@ -356,3 +356,11 @@ def test_report_of_a_palette_run_with_a_damaged_config_says_so(tmp_path):
     page = render_report(str(tmp_path), warn=warnings.append)
     assert "config.json is unreadable" in page and len(warnings) == 1 and "config.json" in warnings[0]
     assert "train/mse_loss" in page  # the rest is still reported
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_report_names_a_missing_folder_or_a_file(tmp_path, capsys, kind):
+    target = tmp_path / "run"
+    if kind == "file":
+        target.write_text("not a folder")
+    fails_in_one_line(["report", str(target)], capsys, "does not exist" if kind == "missing" else "is a file")

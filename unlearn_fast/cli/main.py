@@ -155,8 +155,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .. import __version__
         print(f"unlearn-fast {__version__}")
         return 0
-    from ..train.checkpoint import CheckpointError
-    from ..train.step_reference import NonFiniteLossError
+    try:  # the first import of torch: seconds in which a Ctrl-C is otherwise a traceback from inside it
+        from ..train.checkpoint import CheckpointError
+        from ..train.step_reference import NonFiniteLossError
+    except KeyboardInterrupt:
+        print("unlearn-fast: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
     try:
         return _run(argv[0], argv[1:])
     except NonFiniteLossError as e:

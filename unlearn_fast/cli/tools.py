@@ -348,7 +348,8 @@ def report_main(argv: List[str]) -> int:
     a = short_usage_errors(p).parse_args(argv)
     from ..eval.report import write_report
     if not os.path.isdir(a.run_dir):
-        raise ValueError(f"not a run directory: {a.run_dir}")
+        what = "is a file" if os.path.exists(a.run_dir) else "does not exist"
+        raise ValueError(f"{a.run_dir} {what}: pass the run directory an unlearn or palette run printed")
     if not any(os.path.isfile(os.path.join(a.run_dir, f)) for f in REPORTED_FILES):
         from .audit_command import runs_inside
         inside = runs_inside(a.run_dir)
