@@ -52,7 +52,8 @@ def test_unlearn_end_to_end_writes_reference_outputs(data_dir, pretrained, tmp_p
     run = _run_dir(tmp_path)
     assert os.path.basename(run).startswith("class_img1k__numimg_4_None_55_ra_1_fa_20_l2wd_0.05_dr_ratio_1.0_open_None_normal_")
     names = set(os.listdir(run))
-    assert {"opt.yaml", "log.txt", "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-1.safetensors"} <= names
+    assert {"opt.yaml", "log.txt", "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-1.safetensors",
+            "data_split.json"} <= names
     lines = [json.loads(x) for x in open(os.path.join(run, "log.txt"))]
     assert [x["epoch"] for x in lines] == [0, 1]
     assert set(lines[0]) == {"train_lr", "train_retain_l2_loss", "train_forget_l2_loss", "train_loss", "epoch"}

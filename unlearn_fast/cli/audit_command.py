@@ -13,10 +13,14 @@ classes give the same numbers as a control (unlearning should leave them alone).
 MSE of the hidden pixels; MAGE, the cross-entropy of the hidden tokens (as ``--eval_every``).
 
 Everything comes from the run directory: ``opt.yaml`` (the run's flags, data split and teacher path) and its
-checkpoints; ``--data_path`` / ``--teacher`` override moved files. Writes ``RUN_DIR/forget_audit.json``
-(atomically) and prints a short table; ``unlearn-fast report`` shows it. Images are read ``AUDIT_CHUNK`` at a
-time (a progress bar on stderr; ``--no_progress``), so any ``--images`` fits in memory. A ``--checkpoint`` whose
-recorded flags choose other training images (another run's) is refused, as is one of another architecture.
+checkpoints; ``--data_path`` / ``--teacher`` override moved files. The training files are rebuilt from the flags and
+the data folder, then checked against the run's ``data_split.json`` (count and sha256 of each split's paths): a data
+folder that gives other files (images added or removed since the run) is refused, as its "forget_train" and "unseen"
+groups would be wrong; a run without that file (made before runs wrote it) is audited unchecked, said on stderr.
+Writes ``RUN_DIR/forget_audit.json`` (atomically) and prints a short table; ``unlearn-fast report`` shows it. Images
+are read ``AUDIT_CHUNK`` at a time (a progress bar on stderr; ``--no_progress``), so any ``--images`` fits in memory.
+A ``--checkpoint`` whose recorded flags choose other training images (another run's) is refused, as is one of another
+architecture.
 Everything is checked before the work; a run directory that cannot be written still gets the table printed.
 """
 from __future__ import annotations
@@ -36,14 +40,16 @@ from ..atomic_files import OutputWriteError, atomic_write_text
 from ..eval.forget_audit import forget_audit_summary
 from ..eval.periodic_eval import EVAL_CHUNK, per_image_errors
 from ..train.checkpoint import CheckpointError, load_checkpoint_file, load_model_state, model_state_from
-from ..train.data_split import FORGET_LABEL, seeded_shuffle
+from ..train.data_split import seeded_shuffle
 from ..train.holdout_split import select_holdout_files
 from ..train.image_datasets import load_eval_images
 from ..train.progress import progress_bar
-from ..train.run_outputs import opt_yaml_objects
+from ..train.run_outputs import (DATA_SPLIT_FILE, data_split_difference, data_split_record, opt_yaml_objects,
+                                 read_data_split)
 from ..train.seeding import derive_seed
 from .help_format import DefaultsHelpFormatter, short_usage_errors
-from .unlearn_command import build_model, class_lists, resolve_device, select_data, stop_signals
+from .unlearn_command import (build_model, class_lists, resolve_device, select_data, stop_signals,
+                              training_splits)
 
 AUDIT_FILE = "forget_audit.json"
 AUDIT_CHUNK = EVAL_CHUNK  # images read and scored at a time: host memory stays bounded for any --images
@@ -225,6 +231,22 @@ def _set_errors(models: dict, paths: List[str], input_size: int, seed: int, name
     return {when: torch.cat(e) for when, e in errors.items()}
 
 
+def check_training_files(run_dir: str, data_path: str, train: dict) -> bool:
+    """Whether the run recorded its training files (``data_split.json``); a ValueError when the files rebuilt from
+    its flags (``train``: {"forget": paths, "retain": paths}) under ``data_path`` are not those."""
+    recorded = read_data_split(run_dir)
+    if recorded is None:
+        return False
+    diff = data_split_difference(recorded, data_split_record(data_path, train))
+    if diff:
+        split, n_was, n_now = diff
+        raise ValueError(f"the {split} split's training files under {data_path} are not those the run recorded in "
+                         f"its {DATA_SPLIT_FILE}: {n_was} files recorded, {n_now} now"
+                         + (" (other files)" if n_was == n_now else "") + "; restore the folder as it was at the "
+                         "run, or pass --data_path pointing at the run's data")
+    return True
+
+
 def measure_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 64, device: str = "auto",
                   data_path: Optional[str] = None, teacher: Optional[str] = None, announce: bool = False,
                   progress: bool = False) -> dict:
@@ -271,10 +293,8 @@ def measure_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 
 
     forget_classes, retain_classes = class_lists(args)
     items = select_data(args, (forget_classes, retain_classes))  # the run's training list, from its flags and seed
-    train = {"forget": [p for p, lab in items if lab == FORGET_LABEL]}
-    retain_dirs = {os.path.abspath(os.path.join(args.data_path, c)) for c in retain_classes}
-    train["retain"] = [p for p, lab in items if lab != FORGET_LABEL
-                       and os.path.dirname(os.path.abspath(p)) in retain_dirs]  # not the proxy
+    train = training_splits(items, args.data_path, retain_classes)
+    checked = check_training_files(run_dir, args.data_path, train)
     held = select_holdout_files(args.data_path, forget_classes, retain_classes, exclude=[p for p, _ in items],
                                 per_set=images, seed=args.seed, need=())
     if not held.forget:  # the audit cannot free any: the run's own flags decided what it trained on
@@ -294,6 +314,10 @@ def measure_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 
     models = {"before": load_audited_model(args, teacher, teacher, named["teacher"]).to(dev).eval(),
               "after": load_audited_model(args, checkpoint, teacher, named["checkpoint"],
                                           saved if given["checkpoint"] else None).to(dev).eval()}
+    if not checked:  # said once, when the work starts (an error found before it stays the one line)
+        print(f"unlearn-fast audit: notice: {run_dir} has no {DATA_SPLIT_FILE} (a run made before runs recorded "
+              "their training files): the trained group is rebuilt from opt.yaml's flags and the data folder as it "
+              "is now, and cannot be checked", file=sys.stderr, flush=True)
     if announce:
         counts = ", ".join(f"{name} classes {len(seen)} trained + {len(unseen)} unseen"
                            for name, (seen, unseen) in sets.items())
@@ -324,8 +348,9 @@ def measure_audit(run_dir: str, checkpoint: Optional[str] = None, images: int = 
         result["retain_control_skipped"] = skipped
     result["config"] = {"run_dir": os.path.abspath(run_dir), "teacher": os.path.abspath(teacher),
                         "checkpoint": os.path.abspath(checkpoint), "model": args.model, "images_per_set": images,
-                        "seed": args.seed, "error": "per-image task error under fixed masks (MAE: hidden-pixel "
-                                                    "MSE; MAGE: hidden-token cross-entropy)",
+                        "seed": args.seed, "trained_files_checked": checked,  # against data_split.json
+                        "error": "per-image task error under fixed masks (MAE: hidden-pixel MSE; MAGE: hidden-token "
+                                 "cross-entropy)",
                         "auc": "P(a training image has a lower error than an unseen one); 0.5 = no signal"}
     return result
 

@@ -36,7 +36,7 @@ from ..train.balanced_sampler import BalancedUnlearnSampler, ReferenceShuffleBat
 from ..train.checkpoint import (CheckpointError, args_as_dict, load_checkpoint_file, load_model_state,
                                 model_state_from, optimizer_group_names, remap_optimizer_state,
                                 restore_accumulated_grads, resume_position)
-from ..train.data_split import (default_class_split, parse_class_list, reference_coco_root,
+from ..train.data_split import (FORGET_LABEL, default_class_split, parse_class_list, reference_coco_root,
                                 select_unlearning_files)
 from ..train.distributed import (DDPStudent, broadcast_object, check_same_on_all_ranks, cleanup_distributed, env_ranks,
                                  init_distributed, peer_failures_explained, rank_device)
@@ -45,7 +45,8 @@ from ..train.image_datasets import (BadImageError, UnlearnImageDataset, load_eva
                                     verify_images)
 from ..train.lr_schedule import base_lr, effective_batch_size
 from ..train.precision import student_dtype
-from ..train.run_outputs import create_run_dir, run_dir_name, write_opt_yaml
+from ..train.run_outputs import (create_run_dir, data_split_difference, data_split_record, read_data_split,
+                                 run_dir_name, write_data_split, write_opt_yaml)
 from ..train.step_fast import tokenizer_shared_exactly
 from ..train.teacher_guides import front_ends_match
 from ..train.token_agreement import token_disagreement
@@ -390,11 +391,11 @@ def loader_batches(loader):
         yield batch
 
 
-def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
+def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict, data_split=None):
     """Rank 0 creates the run directory (its name holds a timestamp; a folder of that name that exists, e.g.
     another run's started in the same second, is never shared: see ``create_run_dir``), checks that it can
-    write there and writes opt.yaml; every rank gets the same (path, created by this run, --output_dir created by
-    this run), or the same error."""
+    write there and writes opt.yaml and ``data_split`` (data_split.json, when given); every rank gets the same
+    (path, created by this run, --output_dir created by this run), or the same error."""
     outcome = None
     if ctx.is_main:
         run_dir = None
@@ -404,6 +405,8 @@ def prepare_run_dir(args, baseline: bool, ctx, args_dict: dict):
             # as the reference, whose args.output_dir and log_dir are the run directory when it dumps them
             args_dict["log_dir"] = args_dict["output_dir"] = run_dir
             write_opt_yaml(run_dir, args_dict)
+            if data_split is not None:
+                write_data_split(run_dir, data_split)
             outcome = ("ok", run_dir, True, made_output_dir)
         except BaseException as e:  # a bad folder (ValueError), or a signal while creating it
             if run_dir is not None:
@@ -445,6 +448,36 @@ def select_data(args, classes=None):
     if args.verify_images:
         verify_images(items)
     return items
+
+
+def training_splits(items, data_path: str, retain_classes) -> dict:
+    """{"forget": paths, "retain": paths} of a training list: the forget rows, and the retain rows from the retain
+    class folders (not the proxy's)."""
+    retain_dirs = {os.path.abspath(os.path.join(data_path, c)) for c in retain_classes}
+    return {"forget": [p for p, lab in items if lab == FORGET_LABEL],
+            "retain": [p for p, lab in items if lab != FORGET_LABEL
+                       and os.path.dirname(os.path.abspath(p)) in retain_dirs]}
+
+
+def carried_data_split(args, resume_ckpt, record: dict) -> dict:
+    """The data_split.json of a run: ``record`` (this run's files), except that a run continuing one of ours keeps
+    the interrupted run's record when the files differ (its model trained on those first), with a one-line
+    warning, as for changed data flags."""
+    if resume_ckpt is None or "unlearn_fast" not in resume_ckpt:
+        return record
+    try:
+        was = read_data_split(os.path.dirname(os.path.abspath(args.resume)))
+    except ValueError:  # a damaged record beside the checkpoint: this run's own is the best one left
+        return record
+    diff = was and data_split_difference(was, record)
+    if not diff:
+        return record
+    split, n_was, n_now = diff
+    print(f"unlearn_fast: warning: {args.resume} was trained on other {split} training files ({n_was} files "
+          f"recorded in its run's data_split.json, {n_now} under --data_path now"
+          + (", other files" if n_was == n_now else "") + "); the continued run is not the one the interrupted "
+          "run would have made, and its data_split.json keeps the interrupted run's record")
+    return was
 
 
 def run_unlearn(args, baseline: bool = False) -> str:
@@ -556,7 +589,11 @@ def _run_unlearn(args, baseline: bool, ctx, device) -> str:
     args_dict.update(teacher_checkpoint=os.path.abspath(teacher_source) if teacher_source else None,
                      lr=lr, lr_resolved=lr, eff_batch_size=eff, step_mode=mode, device_resolved=str(device),
                      world_size=world, start_epoch=start_epoch, distributed=ctx.enabled)
-    run_dir, created, made_output_dir = prepare_run_dir(args, baseline, ctx, args_dict)
+    data_split = None
+    if ctx.is_main:  # which files this run trains on (only rank 0 writes): the audit checks the data folder against it
+        data_split = carried_data_split(args, resume_ckpt, data_split_record(
+            args.data_path, training_splits(items, args.data_path, classes[1])))
+    run_dir, created, made_output_dir = prepare_run_dir(args, baseline, ctx, args_dict, data_split)
     saved = []  # checkpoint files of this run, oldest first
     try:  # from here on a failure or a signal removes a run directory that holds no checkpoint yet
         args.log_dir = run_dir  # the reference overwrites log_dir with the run directory
@@ -632,4 +669,4 @@ def _silenced(yes: bool):
 
 
 __all__ = ["run_unlearn", "stop_signals", "validate_args", "resolve_device", "class_lists", "select_data",
-           "build_model", "load_model_from"]
+           "training_splits", "build_model", "load_model_from"]

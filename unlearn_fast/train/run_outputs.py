@@ -1,12 +1,15 @@
-"""The run directory and its text files, named and formatted as the official trainer's (REFERENCE.md §1.7)."""
+"""The run directory and its text files, named and formatted as the official trainer's (REFERENCE.md §1.7), plus
+unlearn_fast's ``data_split.json``: a fingerprint of the files the run trained on, which the audit checks."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 
-from ..atomic_files import atomic_append_text
+from ..atomic_files import atomic_append_text, atomic_write_text
 
 
 def run_dir_name(args, baseline: bool = False) -> str:
@@ -139,3 +142,64 @@ def opt_yaml_objects(text: str) -> tuple:
 def append_log_line(output_dir: str, stats: dict) -> None:
     """One JSON line per epoch in ``log.txt``, appended atomically."""
     atomic_append_text(os.path.join(output_dir, "log.txt"), json.dumps(stats) + "\n")
+
+
+# unlearn_fast's own file beside opt.yaml (which keeps the reference's keys): which files the run trained on, so
+# that the audit can tell a data folder changed since the run from the one the run used
+DATA_SPLIT_FILE = "data_split.json"
+DATA_SPLITS = ("forget", "retain")
+_SHA256_OF = ("the split's distinct training files as paths relative to data_path ('/'-separated), sorted, each "
+              "followed by a newline, UTF-8")
+
+
+def _relative_paths(data_path: str, paths) -> list:
+    """The distinct ``paths`` relative to ``data_path``, '/'-separated and sorted: the same for a moved folder."""
+    return sorted({os.path.relpath(p, data_path).replace(os.sep, "/") for p in paths})
+
+
+def data_split_record(data_path: str, splits: dict) -> dict:
+    """What ``data_split.json`` holds for ``splits`` ({"forget": [path], "retain": [path]}, paths may repeat):
+    the data folder as given and, per split, the count of distinct files and a sha256 of their relative paths."""
+    record = {"data_path": data_path}
+    for name in DATA_SPLITS:
+        rel = _relative_paths(data_path, splits[name])
+        text = "".join(p + "\n" for p in rel).encode("utf-8", "surrogateescape")  # any Linux file name
+        record[name] = {"count": len(rel), "sha256": hashlib.sha256(text).hexdigest()}
+    record["sha256_of"] = _SHA256_OF
+    return record
+
+
+def write_data_split(output_dir: str, record: dict) -> None:
+    """``data_split.json`` (see :func:`data_split_record`), written atomically."""
+    atomic_write_text(os.path.join(output_dir, DATA_SPLIT_FILE), json.dumps(record, indent=2) + "\n")
+
+
+def read_data_split(run_dir: str):
+    """The ``data_split.json`` of ``run_dir``, or None for a run without one (made before the file existed). A
+    damaged file is a ValueError naming it."""
+    path = os.path.join(run_dir, DATA_SPLIT_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not readable ({getattr(e, 'strerror', None) or e}); restore it, or delete it "
+                         "to treat the run as one that did not record its training files") from None
+    def valid(entry):
+        return (isinstance(entry, dict) and isinstance(entry.get("count"), int)
+                and not isinstance(entry["count"], bool) and entry["count"] >= 0
+                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+    bad = [n for n in DATA_SPLITS if not (isinstance(record, dict) and valid(record.get(n)))]
+    if bad:
+        raise ValueError(f"{path} is damaged (no valid count and sha256 of the {bad[0]} split); restore it, or "
+                         "delete it to treat the run as one that did not record its training files")
+    return record
+
+
+def data_split_difference(recorded: dict, current: dict):
+    """The first split whose files differ, as ``(split, recorded count, current count)``; None when all match."""
+    for name in DATA_SPLITS:
+        if any(recorded[name][k] != current[name][k] for k in ("count", "sha256")):
+            return name, recorded[name]["count"], current[name]["count"]
+    return None
