@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from unlearn_fast import atomic_files
-from unlearn_fast.atomic_files import OutputWriteError, atomic_write_with
-from unlearn_fast.models.mage_generate import save_image_atomic
+from unlearn_fast.atomic_files import OutputWriteError, atomic_write_with, save_image_atomic
 
 
 def _counted_fsyncs(monkeypatch):

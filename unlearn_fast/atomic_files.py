@@ -136,5 +136,16 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None
     atomic_write_with(path, lambda fh: fh.write(data))
 
 
+def save_image_atomic(image, path: str, fmt: str, **params) -> None:
+    """A PIL ``image.save`` through :func:`atomic_write_with`: a stop or a full disk in the middle of a write leaves
+    no file under an image's name (a later eval would count half an image). No fsync per image (a resume takes an
+    empty file for an unwritten one). A failed write is an OSError naming the file."""
+    try:
+        atomic_write_with(path, lambda fh: image.save(fh, format=fmt, **params), durable=False)
+    except OutputWriteError as e:  # generate / palette-test tell a full disk (an OSError) from bad input
+        raise OSError(str(e)) from None
+
+
 __all__ = ["OutputWriteError", "new_file_mode", "atomic_write_with", "atomic_save", "atomic_write_text",
-           "atomic_write_bytes", "atomic_append_text", "atomic_link_or_copy", "atomic_save_safetensors"]
+           "atomic_write_bytes", "atomic_append_text", "atomic_link_or_copy", "atomic_save_safetensors",
+           "save_image_atomic"]

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic_files import OutputWriteError, atomic_write_with
+from ..atomic_files import save_image_atomic
 from .adapter import TaskDraw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -241,16 +241,6 @@ def paint_file_name(mode: str, ratio: float, orig_name: str) -> str:
     return f"{mode}_{ratio}_{base}"
 
 
-def save_image_atomic(image, path: str, fmt: str, **params) -> None:
-    """PIL ``image.save`` through :func:`atomic_write_with`: a stop or a full disk in the middle of a write leaves
-    no file under an image's name (a later eval would count half an image). No fsync per image (a resume takes an
-    empty file for an unwritten one). A failed write is an OSError naming the file."""
-    try:
-        atomic_write_with(path, lambda fh: image.save(fh, format=fmt, **params), durable=False)
-    except OutputWriteError as e:  # generate / palette-test tell a full disk (an OSError) from bad input
-        raise OSError(str(e)) from None
-
-
 def write_paint_outputs(images: torch.Tensor, out_dir: str, splits: Sequence[str], wnids: Sequence[str],
                         names: Sequence[str], mode: str, ratio: float, channel_order: str = "bgr",
                         quality: int = 95) -> List[str]:
@@ -311,5 +301,5 @@ def run_paint(model, batches: Iterable, out_dir: str, task: str, seed: int = 0, 
 
 
 __all__ = ["paint_settings", "pixel_mask", "token_mask_from_pixels", "gaussian_blur", "soft_composite_mask",
-           "mage_decode_tokens", "paint_batch", "paint_file_name", "save_image_atomic", "write_paint_outputs",
+           "mage_decode_tokens", "paint_batch", "paint_file_name", "write_paint_outputs",
            "run_paint", "INPAINT_RATIOS", "OUTPAINT_RATIOS", "IMAGENET_MEAN"]

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .mage_generate import save_image_atomic
+from ..atomic_files import save_image_atomic
 from .palette import Network
 
 
