@@ -83,8 +83,9 @@ def atomic_save(obj, path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    atomic_write_with(path, lambda fh: fh.write(text.encode("utf-8")))
+    """Replace ``path`` by ``text`` (UTF-8) atomically. A file name in ``text`` that is not UTF-8 (os.listdir gives
+    its bytes as surrogates) is written as its own bytes, as the shell would print it."""
+    atomic_write_with(path, lambda fh: fh.write(text.encode("utf-8", "surrogateescape")))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -102,7 +103,7 @@ def atomic_append_text(path: str, text: str) -> None:
         with open(path, "rb") as fh:
             old = fh.read()
         mode = os.stat(path).st_mode & 0o777
-    atomic_write_with(path, lambda fh: fh.write(old + text.encode("utf-8")), mode=mode)
+    atomic_write_with(path, lambda fh: fh.write(old + text.encode("utf-8", "surrogateescape")), mode=mode)
 
 
 def atomic_link_or_copy(src: str, dst: str) -> None:

@@ -166,8 +166,9 @@ def reduced_run(tmp_path_factory):
     args = demo.build_parser().parse_args(REDUCED + ["--output_dir", str(root / "out"),
                                                      "--cache_dir", str(root / "cache")])
     threads = torch.get_num_threads()
-    # the suite runs on one thread (conftest); nothing else runs beside this fixture, and its pretraining steps
-    # take ~79 ms on two threads against ~105 ms on one on a quiet 2-core machine
+    # the suite runs on one thread (conftest); this fixture's pretraining steps take ~79 ms on two threads against
+    # ~105 ms on one on a quiet 2-core machine, and with conftest's sleeping OpenMP waiters two threads stay ahead
+    # when another process runs beside it (332 vs 467 ms a batch-64 step beside one busy process)
     torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))
     try:
         metrics = demo.run_demo(args)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
 import re
@@ -145,8 +146,29 @@ def _print_run_done(run_dir: Optional[str], seconds: float, args) -> None:
           f"unlearn-fast audit {quoted}; unlearn-fast report {quoted}", flush=True)
 
 
+def _printable_output() -> None:
+    """stdout / stderr print any path and message: a UTF-8 locale (en_US.UTF-8, not C.UTF-8) gives stdout strict
+    errors, so printing a file name that is not UTF-8 (Linux names are bytes, os.listdir gives those as
+    surrogates) would raise UnicodeEncodeError in the middle of a run; such a name is written back as its own
+    bytes (surrogateescape, Python's choice in the C locale). In another encoding (latin-1, ASCII) what it cannot
+    hold ('±' in eval's table, a name's surrogates) is escaped. A stream the process started without (closed by
+    the launcher: Python sets it to None) goes to /dev/null, or the first progress bar would stop the run."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
+    for stream in (sys.stdout, sys.stderr):
+        if not hasattr(stream, "reconfigure") or not isinstance(getattr(stream, "encoding", None), str):
+            continue
+        if codecs.lookup(stream.encoding).name == "utf-8":
+            if stream.errors == "strict":
+                stream.reconfigure(errors="surrogateescape")
+        elif stream.errors != "backslashreplace":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from_command_line = argv is None
+    _printable_output()
     argv = _launcher_rank_after_command(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # no command is a usage error: stderr, exit 2

@@ -137,8 +137,11 @@ def add_fast_flags(p: argparse.ArgumentParser, baseline: bool) -> None:
                    help="balanced batches with exactly this many forget rows (static shapes for CUDA graphs); "
                         "default: the reference's random batch composition")
     g.add_argument("--forget_classes", type=str, default=None,
-                   help="comma-separated class-folder names to forget (default: the reference ImageNet split)")
-    g.add_argument("--retain_classes", type=str, default=None, help="comma-separated class-folder names to retain")
+                   help="comma-separated class-folder names to forget, or a text file of names, one per line (for "
+                        "names with a comma; '#' after a space starts a comment) (default: the reference ImageNet "
+                        "split)")
+    g.add_argument("--retain_classes", type=str, default=None,
+                   help="comma-separated class-folder names to retain, or a text file of names, one per line")
     g.add_argument("--proxy_path", type=str, default=None,
                    help="with --use_coco: the proxy image folder, searched recursively (default: "
                         "<data_path>/../../coco/train2017, as the reference); refused without --use_coco")

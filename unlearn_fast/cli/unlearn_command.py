@@ -484,6 +484,10 @@ def run_unlearn(args, baseline: bool = False) -> str:
     """Run the job (one process, or one rank of a torchrun job); returns the run directory."""
     apply_reference_resume_default(args, baseline)
     validate_args(args, baseline)
+    for flag in ("forget_classes", "retain_classes"):  # a class-list file as a path that works from any folder:
+        spec = getattr(args, flag)                      # the audit reads the names again from the run's opt.yaml
+        if spec and os.path.isfile(spec):
+            setattr(args, flag, os.path.abspath(spec))
     rank, world, local_rank = env_ranks(args.dist_on_itp)
     device = rank_device(args.device, local_rank, world)
     ctx = init_distributed(device, dist_url=args.dist_url, dist_on_itp=args.dist_on_itp)

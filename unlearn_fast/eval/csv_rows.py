@@ -17,10 +17,12 @@ Note the CLIP row names the prefix with the integer k (``center_4_``), not k/16:
 
 Appending is atomic: the old content plus the new rows go to a temporary file in the same folder, which
 then replaces the CSV with ``os.replace``, so a crash never leaves a half-written row. A CSV that is a symbolic
-link gets the rows in its target (the link stays), as with the reference's ``open(name, 'a+')``.
+link gets the rows in its target (the link stays), as with the reference's ``open(name, 'a+')``. Evals that append
+to one CSV at once take turns (an ``flock`` on it), so no row is lost, as with ``'a+'``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from numbers import Real
 from typing import Iterable, Sequence
@@ -90,10 +92,37 @@ def append_rows_atomic(path: str | os.PathLike, rows: Iterable[str]) -> None:
             raise ValueError(f"each row must be one line ending in a newline, got {row!r}")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_append_text(path, "".join(rows))
+    with _appending_alone(path):
+        atomic_append_text(path, "".join(rows))
+
+
+@contextlib.contextmanager
+def _appending_alone(path: str):
+    """An exclusive flock on the CSV ``path`` (created empty if missing) while rows are appended: two evals that
+    append to one CSV at once (checkpoints evaluated side by side into one --csv_dir) would each write the old
+    content plus their own rows, and the later rename would drop the other's (the reference's open('a+') keeps
+    both). The append replaces the file, so a waiter that wakes holding the replaced one locks the new one."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no lock
+        yield
+        return
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(path))  # still the CSV's current file
+            except FileNotFoundError:  # removed meanwhile: create it again
+                current = False
+            if current:
+                yield
+                return
+        finally:
+            os.close(fd)
 
 
 def read_rows(path: str | os.PathLike) -> list[list[str]]:
     """The cells of each line of a reference-format CSV (tab-separated, no header)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return [line.rstrip("\n").split("\t") for line in f if line.strip()]

@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import random
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -64,13 +65,14 @@ def default_class_split(root) -> tuple[list[str], list[str]]:
 
 
 def parse_class_list(spec: str) -> list[str]:
-    """Class names from 'a,b,c' or from a text file (one name per line, '#' comments)."""
+    """Class names from 'a,b,c' or from a text file (one name per line, so a name may hold a comma; '#' at the
+    start of a line or after a space starts a comment, so a name may hold a '#' too: 'b#ird')."""
     if os.path.isfile(spec):
         try:
             lines = Path(spec).read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as exc:
             raise ValueError(f"class list file {spec} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        names = [line.split("#", 1)[0].strip() for line in lines]
+        names = [re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip() for line in lines]
     else:
         names = [name.strip() for name in spec.split(",")]
     names = [name for name in names if name]
@@ -153,7 +155,8 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
     if absent:
         more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
         raise ValueError(f"class folder(s) not found under {root}: {', '.join(absent[:5])}{more}"
-                         + _layout_hint(root, folders, absent))
+                         + (_not_a_folder_hint(root, absent) or _comma_hint(folders, absent)
+                            or _layout_hint(root, folders, absent)))
 
     folder_proxy = open_ratio > 0 and proxy_root is None
     _refuse_aliased_forget_folders(root, forget_classes, [c for c in folders if c not in set(forget_classes)]
@@ -176,8 +179,8 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
                 others, divisor = [c for c in others if c.startswith("n")], REFERENCE_PROXY_CLASSES
             proxy = _take_folder_proxy(root, others, wanted_total, seed, divisor)
     if not retain and not proxy:
-        raise ValueError("the retain set is empty: give retain classes with retainset_ratio > 0, "
-                         "or a proxy with opendata_to_forget_ratio > 0")
+        raise ValueError("the retain set is empty: give retain classes with retainset_ratio (--retainset_ratio) > 0, "
+                         "or a proxy with opendata_to_forget_ratio (--opendata_to_forget_ratio) > 0")
 
     # Oversampling, as the reference: retain up to max(|proxy|, |forget|) by repetition (in order) ...
     retain = _repeat_to(retain, max(len(proxy), len(forget)))
@@ -186,6 +189,27 @@ def select_unlearning_subsets(root, forget_classes: Sequence[str], retain_classe
     pool = forget * math.ceil(target_forget / len(forget))
     forget = seeded_shuffle(pool, seed, "forget_oversample")[:target_forget]
     return UnlearnSubsets(forget, retain, proxy)
+
+
+def _not_a_folder_hint(root: str, absent: list) -> str:
+    """A requested class that `ls` shows but that is no folder: a link whose target is gone (a data drive that is
+    not mounted), or a file."""
+    for name in absent:
+        path = os.path.join(root, name)
+        if os.path.islink(path) and not os.path.exists(path):
+            return f"; {path} is a link to {os.readlink(path)}, which does not exist (a drive not mounted?)"
+        if os.path.lexists(path) and not os.path.isdir(path):
+            return f"; {path} is a file, not a class folder"
+    return ""
+
+
+def _comma_hint(folders: list, absent: list) -> str:
+    """A class folder with a comma in its name, which a comma-separated list splits into names not found."""
+    split = [f for f in folders if "," in f and any(part.strip() in absent for part in f.split(","))]
+    if not split:
+        return ""
+    return (f"; the class folder {split[0]!r} has a comma in its name, which the comma-separated list splits: list "
+            "the class names in a text file, one per line, and pass the file's path instead")
 
 
 def _layout_hint(root: str, folders: list, absent: list) -> str:
@@ -361,8 +385,9 @@ def _take_folder_proxy(root: str, proxy_classes: list[str], wanted_total: float,
     per_class_files = {c: _readable_images(os.path.join(root, c)) for c in proxy_classes}
     per_class_files = {c: f for c, f in per_class_files.items() if f}
     if not per_class_files:
-        raise ValueError(f"opendata_to_forget_ratio > 0 but {root} has no other class folders with images "
-                         "to use as the proxy; give proxy_root (e.g. COCO) or set the ratio to 0")
+        raise ValueError(f"opendata_to_forget_ratio (--opendata_to_forget_ratio) > 0 but {root} has no other class "
+                         "folders with images to use as the proxy; give proxy_root (--use_coco --proxy_path DIR, "
+                         "e.g. COCO) or set the ratio to 0")
     count = _ceil_count(wanted_total / (divisor or len(per_class_files)))
     out: list[str] = []
     for cls, files in per_class_files.items():

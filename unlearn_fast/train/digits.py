@@ -46,11 +46,11 @@ def digits_csv_path() -> Path:
 
 
 def cache_dir(folder=None) -> Path:
-    """The cache folder: ``folder`` (``~`` expanded) when given, else $UNLEARN_FAST_CACHE, else
-    ~/.cache/unlearn_fast."""
+    """The cache folder: ``folder`` when given, else $UNLEARN_FAST_CACHE, else ~/.cache/unlearn_fast (``~``
+    expanded in each: a quoted "~/c" in a Dockerfile or systemd unit is not expanded by a shell)."""
     if folder:
         return Path(os.path.expanduser(str(folder)))
-    return Path(os.environ.get("UNLEARN_FAST_CACHE") or Path.home() / ".cache" / "unlearn_fast")
+    return Path(os.path.expanduser(os.environ.get("UNLEARN_FAST_CACHE") or "~/.cache/unlearn_fast"))
 
 
 def digits_cache_path(folder=None) -> Path:

@@ -74,7 +74,8 @@ class PaletteRunLog:
             return
         now = time.time()
         stamp = time.strftime("%y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
-        with open(self.path, "a") as fh:
+        # UTF-8 whatever the locale; a run folder whose name is not UTF-8 is logged as its own bytes
+        with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(f"{stamp} - INFO: {message}\n")
 
     def value(self, key: str, value) -> None:
