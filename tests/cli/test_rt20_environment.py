@@ -13,10 +13,7 @@ import os
 import sys
 import threading
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import unlearn_fast
 from unlearn_fast.cli.main import main
@@ -25,36 +22,26 @@ from unlearn_fast.train.data_split import parse_class_list
 from unlearn_fast.train.digits import cache_dir, digits_cache_path
 from unlearn_fast.train.palette_trainer import PaletteRunLog
 
+from tests.helpers import make_class_tree, micro_unlearn_argv, only_run_dir, save_random_pretrained
+
 LATIN1 = os.fsdecode(b"caf\xe9")  # a name that is not UTF-8: "\udce9" in Python
 
 
-def _tree(root, classes, per_class=3):
-    rng = np.random.default_rng(0)
-    for c in classes:
-        os.makedirs(os.path.join(root, c))
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{i}.png"))
-    return str(root)
+def _tree(root, classes):
+    return make_class_tree(root, classes, per_class=3, seed=0)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "pretrained.pth"
-    torch.save({"model": unlearn_fast.create_model("mae_micro").state_dict()}, path)
-    return str(path)
+    return save_random_pretrained(tmp_path_factory.mktemp("ckpt") / "pretrained.pth")
 
 
 def _args(data, out, forget, retain, pretrained, *extra):
-    return ["unlearn", "--model", "mae_micro", "--input_size", "32", "--data_path", str(data), "--forget_classes",
-            forget, "--retain_classes", retain, "--num_image_per_class", "2", "--batch_size", "2", "--epochs", "1",
-            "--max_steps_per_epoch", "1", "--warmup_epochs", "0", "--num_workers", "0", "--output_dir", str(out),
-            "--device", "cpu", "--no_progress", "--resume", pretrained, *extra]
+    return micro_unlearn_argv(data, pretrained, out, "--max_steps_per_epoch", "1", *extra, forget=forget,
+                              retain=retain, per_class=2, batch=2)
 
 
-def _run_dir(out):
-    (d,) = [os.path.join(out, x) for x in os.listdir(out)]
-    return d
+_run_dir = only_run_dir
 
 
 @pytest.mark.parametrize("encoding,errors", [("utf-8", "strict"), ("ascii", "surrogateescape")])
