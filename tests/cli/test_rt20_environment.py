@@ -15,7 +15,6 @@ import threading
 
 import pytest
 
-import unlearn_fast
 from unlearn_fast.cli.main import main
 from unlearn_fast.eval.csv_rows import append_rows_atomic, fid_is_row, read_rows
 from unlearn_fast.train.data_split import parse_class_list
